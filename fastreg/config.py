@@ -1,0 +1,235 @@
+"""Typed configuration: one dataclass per config group, registered in hydra's ConfigStore.
+
+Hydra composes YAML from configs/ onto these schemas, so a misspelled key or a wrong type is an
+error at compose time. `to_config(cfg)` turns the composed DictConfig into dataclasses, which runs
+every `__post_init__` check below; the rest of the code only sees validated dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{key} must be > 0, got {value}")
+
+
+HEAD_KINDS = ("linear", "mlp2", "simreg4", "seed", "mlp")
+
+
+@dataclass
+class HeadConfig:
+    """The student's head, one instance per teacher; used in distillation only, dropped on export.
+
+    d = student width, D = teacher width:
+      linear   Linear(d,D)
+      mlp2     Linear(d,2d)-BN-ReLU-Linear(2d,D)
+      simreg4  Linear(d,2d)-BN-ReLU-Linear(2d,d)-Linear(d,2d)-BN-ReLU-Linear(2d,D)  (SimReg's official head)
+      seed     Linear(d,d)-ReLU-Linear(d,D)                                           (SEED's student MLP)
+      mlp      Linear layers through `hidden`, with BN and/or ReLU between them as `bn`/`relu` say
+    """
+
+    kind: str = "simreg4"
+    hidden: List[int] = field(default_factory=list)  # mlp only: hidden widths, e.g. [1024, 512]
+    bn: bool = True  # mlp only: BatchNorm1d after every hidden Linear
+    relu: bool = True  # mlp only: ReLU after every hidden Linear (after BN)
+    impl: str = "eager"  # eager | triton (fused kernels, issue 4)
+
+    def __post_init__(self) -> None:
+        _check_choice("head.kind", self.kind, HEAD_KINDS)
+        _check_choice("head.impl", self.impl, ("eager",))
+        if self.kind == "mlp" and not self.hidden:
+            raise ValueError("head.kind=mlp needs head.hidden, e.g. head.hidden=[1024,512]")
+        if self.kind != "mlp" and self.hidden:
+            raise ValueError(f"head.hidden is only used by head.kind=mlp, not {self.kind!r}")
+
+
+TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "dino", "dinov2")
+
+
+@dataclass
+class TeacherConfig:
+    """A frozen teacher. Its output is the pooled backbone feature (SimReg) unless `projection`."""
+
+    arch: str = "resnet50"
+    # Path to the teacher's weights. "random" builds an untrained teacher: benchmarks and tests only.
+    checkpoint: Optional[str] = None
+    format: str = "auto"  # checkpoint layout; auto detects it from the key names
+    projection: bool = False  # regress the projection head's output (SEED on MoCo) where the checkpoint has one
+    momentum_encoder: bool = False  # MoCo v3: load module.momentum_encoder instead of module.base_encoder
+    weight: float = 1.0  # weight of this teacher's loss in the weighted mean over teachers
+    head: Optional[HeadConfig] = None  # this teacher's head; None uses the global `head`
+    name: Optional[str] = None  # label in logs and metrics; defaults to arch (made unique)
+
+    def __post_init__(self) -> None:
+        _check_choice("teacher.format", self.format, TEACHER_FORMATS)
+        _check_positive("teacher.weight", self.weight)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet18"
+
+
+@dataclass
+class LossConfig:
+    """simreg: mean_b ||s/|s| - t/|t|||^2.  seed: cross-entropy of similarity distributions over a queue.
+    mse: mean_b ||s - t||^2 (no normalization)."""
+
+    name: str = "simreg"
+    # Subtract a running mean of the teacher features before regressing them (DINO-style centering).
+    # Off in the papers' recipes. Helps when post-ReLU teacher features share one dominant direction.
+    center_teacher: bool = False
+    center_momentum: float = 0.9  # center <- m*center + (1-m)*batch_mean; closer to 1 = slower
+    queue_size: int = 65536  # seed: teacher embeddings kept; a multiple of the global batch
+    tau_s: float = 0.2  # seed: student temperature
+    tau_t: float = 1e-4  # seed: teacher temperature; 1e-4 makes p_t almost one-hot on the positive
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.name", self.name, ("simreg", "seed", "mse"))
+        _check_positive("loss.tau_s", self.tau_s)
+        _check_positive("loss.tau_t", self.tau_t)
+        _check_positive("loss.queue_size", self.queue_size)
+        if not 0 <= self.center_momentum < 1:
+            raise ValueError(f"loss.center_momentum must be in [0, 1), got {self.center_momentum}")
+
+
+@dataclass
+class DataConfig:
+    loader: str = "torchvision"  # torchvision (ImageFolder + PIL) | synthetic (random tensors on device)
+    root: Optional[str] = None  # training ImageFolder (class subfolders of images)
+    val_root: Optional[str] = None  # labelled ImageFolder for k-NN evaluation; None skips evaluation
+    knn_train_root: Optional[str] = None  # k-NN memory bank; None uses `root`
+    crop_size: int = 224
+    scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range (SimReg: weak)
+    batch_size: int = 256  # per process; lr scales with the global batch (batch_size x world size)
+    workers: int = 8  # DataLoader workers per process; ~ CPU cores / GPUs
+    synthetic_batches: int = 50  # synthetic: batches per epoch
+    synthetic_classes: int = 10  # synthetic: number of random labels
+
+    def __post_init__(self) -> None:
+        _check_choice("data.loader", self.loader, ("torchvision", "synthetic"))
+        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.crop_size", self.crop_size)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"data.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+
+
+OPTIMIZERS = ("sgd", "lars", "lamb", "apex_sgd", "apex_lamb")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    base_lr: float = 0.05  # lr at a global batch of 256; the run uses base_lr * global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warmup from 0, then cosine to min_lr, both per iteration
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        _check_positive("optim.base_lr", self.base_lr)
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 130
+    precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast dtype of teacher and student
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the student and heads
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    seed: int = 0
+    deterministic: bool = False  # bitwise-reproducible kernels (slower); needed for exact resume checks
+    log_every: int = 50  # iterations between logged metrics (the only host syncs in the loop)
+    eval_every: int = 0  # epochs between k-NN evaluations; 0 = only at the end
+    resume: str = "auto"  # auto: latest complete checkpoint in out_dir | none | path/to/checkpoint.pt
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tensorboard
+    keep_checkpoints: int = 2  # newest per-epoch checkpoints kept; older ones are deleted after a save
+    progress: bool = True  # rich progress bar (rank 0)
+
+    def __post_init__(self) -> None:
+        _check_positive("trainer.epochs", self.epochs)
+        _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
+        _check_positive("trainer.log_every", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20  # k-NN: neighbours voting (cosine similarity, weighted by exp(sim / knn_t))
+    knn_t: float = 0.07
+    batch_size: int = 256
+    workers: int = 8
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"  # run name; the output directory is runs/<name> unless hydra.run.dir is set
+    teacher: Optional[TeacherConfig] = None  # one teacher (the teacher= group) ...
+    teachers: List[TeacherConfig] = field(default_factory=list)  # ... or several; replaces `teacher`
+    student: StudentConfig = field(default_factory=StudentConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: bool = False  # build the embedded demo's data and teacher first (experiment=demo)
+
+    def __post_init__(self) -> None:
+        self._teacher_keys = [f"teachers.{i}" for i in range(len(self.teachers))] or ["teacher"]
+        if not self.teachers:
+            if self.teacher is None:
+                raise ValueError("no teacher: pick one with teacher=<arch> or list several under teachers:")
+            self.teachers = [self.teacher]
+        self.teacher = None
+        _name_teachers(self.teachers)
+        for t in self.teachers:
+            if t.head is None:
+                t.head = self.head
+        self._check_required()
+
+    def _check_required(self) -> None:
+        """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""
+        for key, t in zip(self._teacher_keys, self.teachers):
+            if t.checkpoint is None:
+                raise ValueError(
+                    f"{key}.checkpoint is not set (teacher {t.name!r}): pass {key}.checkpoint=/path/to/weights.pth "
+                    f"(or {key}.checkpoint=random for an untrained teacher in benchmarks)"
+                )
+        if self.data.loader != "synthetic" and self.data.root is None and not self.demo:
+            raise ValueError(f"data.root is not set: pass data.root=/path/to/ImageFolder (loader={self.data.loader})")
+
+
+def _name_teachers(teachers: List[TeacherConfig]) -> None:
+    """Give every teacher a unique label: its name, else its arch, suffixed by its index on a clash."""
+    labels = [t.name or t.arch for t in teachers]
+    for i, t in enumerate(teachers):
+        t.name = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]}_{i}"
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and validate a composed config into dataclasses (runs every __post_init__)."""
+    return OmegaConf.to_object(cfg)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+
+
+register_configs()

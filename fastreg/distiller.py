@@ -1,0 +1,88 @@
+"""The Distiller: teachers, student, heads and losses in one module, images -> loss.
+
+    s = student(x)                                   # (B, d) pooled feature
+    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x
+                         L_i = loss_i(head_i(s), t_i)
+    L = sum_i w_i L_i / sum_i w_i
+
+The trainer only sees `loss, metrics = distiller(images)`; it never knows the loss or the teachers.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fastreg.config import TrainConfig
+from fastreg.heads import build_head
+from fastreg.losses import build_loss
+from fastreg.students import Student
+from fastreg.teachers import Teacher, build_teacher
+
+
+class StudentWithHeads(nn.Module):
+    """The trained part. DDP and torch.compile wrap this, never the frozen teachers."""
+
+    def __init__(self, student: Student, heads: nn.ModuleList):
+        super().__init__()
+        self.student, self.heads = student, heads
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        s = self.student(images)  # (B, d)
+        return [head(s) for head in self.heads]  # [(B, D_i)]
+
+
+class Distiller(nn.Module):
+    def __init__(self, teachers: list[Teacher], student: Student, heads: list[nn.Module],
+                 losses: list[nn.Module], weights: list[float], amp_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        self.model = StudentWithHeads(student, nn.ModuleList(heads))
+        self.losses = nn.ModuleList(losses)
+        self.weights = [w / sum(weights) for w in weights]
+        self.amp_dtype = amp_dtype
+        self.wrap(lambda m: m)
+
+    @property
+    def student(self) -> Student:
+        return self.model.student
+
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the trained part through fn(model), e.g. DDP or torch.compile; state_dict keys don't change."""
+        self.__dict__["_run_model"] = fn(self.model)  # not a registered submodule: no duplicate keys
+
+    def autocast(self, device_type: str):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images (B, 3, H, W) -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
+        with self.autocast(images.device.type):
+            preds = self._run_model(images)
+        total, metrics = images.new_zeros((), dtype=torch.float32), {}
+        for teacher, pred, loss_fn, w in zip(self.teachers, preds, self.losses, self.weights):
+            target = teacher(images)  # the very same tensor the student saw; (B, D) fp32
+            loss, cos = loss_fn(pred.float(), target)
+            total = total + w * loss
+            metrics[f"loss/{teacher.name}"], metrics[f"cos/{teacher.name}"] = loss.detach(), cos
+        return total, metrics
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def build_distiller(cfg: TrainConfig, device: torch.device) -> Distiller:
+    amp_dtype = AMP_DTYPES[cfg.trainer.precision]
+    teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
+    student = Student(cfg.student.arch)
+    heads = [build_head(t.head, student.dim, teacher.dim) for t, teacher in zip(cfg.teachers, teachers)]
+    losses = [build_loss(cfg.loss, teacher.dim) for teacher in teachers]
+    distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    distiller.model.to(device, memory_format=memory_format)
+    distiller.losses.to(device)
+    return distiller

@@ -1,0 +1,103 @@
+"""Distillation losses. Each maps (student prediction (B, D), teacher feature (B, D)) to
+(scalar loss, mean cosine similarity); buffers (SEED's queue, the teacher center) live here, so they
+are saved in checkpoints with the heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastreg.config import LossConfig
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) per rank -> (world*B, D), rank order; identity without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def normalized_regression(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """SimReg: mean_b || s_b/|s_b| - t_b/|t_b| ||^2 = mean_b (2 - 2 cos(s_b, t_b))."""
+    return (F.normalize(s, dim=1) - F.normalize(t, dim=1)).pow(2).sum(1).mean()
+
+
+class TeacherCenter(nn.Module):
+    """A running mean of the teacher's features, subtracted from them (DINO-style centering).
+
+    Post-ReLU teacher features often share one dominant direction; without centering the student first
+    learns that mean direction, which carries no information about the image.
+    """
+
+    def __init__(self, dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t - self.center
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor) -> None:
+        batch_mean = all_gather(t).mean(0)  # the same center on every rank
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+
+
+class RegressionLoss(nn.Module):
+    """simreg (normalized) or mse (raw) regression of the teacher feature, optionally centered."""
+
+    def __init__(self, cfg: LossConfig, dim: int):
+        super().__init__()
+        self.normalized = cfg.name == "simreg"
+        self.center = TeacherCenter(dim, cfg.center_momentum) if cfg.center_teacher else None
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = self.center(t) if self.center is not None else t
+        if self.normalized:
+            loss = normalized_regression(s, target)
+        else:
+            loss = (s - target).pow(2).sum(1).mean()
+        if self.center is not None and self.training:
+            self.center.update(t)  # after the loss: this batch's target used the previous center
+        return loss, F.cosine_similarity(s.detach(), target, dim=1).mean()
+
+
+class SEEDLoss(nn.Module):
+    """SEED: the student matches the teacher's similarity distribution over a queue of teacher embeddings.
+
+    p_t = softmax([t.t, t.Q] / tau_t), log p_s = log_softmax([s.t, s.Q] / tau_s), L = -mean_b sum_k p_t log p_s,
+    with s, t, Q L2-normalized and the teacher's own embedding prepended as the positive.
+    """
+
+    def __init__(self, cfg: LossConfig, dim: int):
+        super().__init__()
+        self.tau_s, self.tau_t = cfg.tau_s, cfg.tau_t
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))  # (K, D)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        queue = self.queue.clone()  # autograd keeps Q for ds; the in-place enqueue below must not change it
+        logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / self.tau_s  # (B, 1+K)
+        logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1) / self.tau_t  # (B, 1+K)
+        loss = -(logits_t.softmax(1) * logits_s.log_softmax(1)).sum(1).mean()
+        if self.training:
+            self.enqueue(t)
+        return loss, (s.detach() * t).sum(1).mean()
+
+    @torch.no_grad()
+    def enqueue(self, t: torch.Tensor) -> None:
+        """Replace the oldest entries by every rank's teacher embeddings (ring buffer)."""
+        keys = all_gather(t)[-self.queue.shape[0]:]  # (world*B, D), at most K of them
+        idx = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
+        self.queue[idx] = keys
+        self.ptr.copy_((self.ptr + keys.shape[0]) % self.queue.shape[0])
+
+
+def build_loss(cfg: LossConfig, dim: int) -> nn.Module:
+    return SEEDLoss(cfg, dim) if cfg.name == "seed" else RegressionLoss(cfg, dim)

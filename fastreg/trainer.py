@@ -1,0 +1,319 @@
+"""The training loop: AMP, DDP, per-iteration schedule, logging, checkpoints, k-NN evaluation.
+
+    for epoch:
+        for images in loader.epoch(epoch):          # one weakly augmented view, on device
+            loss = distiller(images)                # every teacher and the student see `images`
+            backward; optimizer step; lr(step)      # warmup, then cosine, per iteration
+        checkpoint (atomic); k-NN every eval_every epochs
+
+No host sync inside the step except at logging steps: the non-finite check accumulates on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastreg import checkpoint as ckpt
+from fastreg.config import OptimConfig, TrainConfig
+from fastreg.distiller import build_distiller
+from fastreg.pipelines import build_loader
+
+log = logging.getLogger(__name__)
+
+
+# ============ distributed set-up ============
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Seed per (seed, epoch, rank): each epoch's randomness is fixed, so a resumed run repeats it exactly."""
+    s = (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def set_deterministic(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = not on
+
+
+# ============ optimizer and schedule ============
+
+def build_optimizer(cfg: OptimConfig, params: list, lr: float, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer and the name of the implementation that runs (logged)."""
+    kw = dict(lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        fused = device.type == "cuda"
+        return torch.optim.SGD(params, momentum=cfg.momentum, fused=fused, **kw), f"torch.optim.SGD(fused={fused})"
+    if cfg.name in ("lars", "lamb"):
+        from timm.optim import Lamb, Lars
+
+        if cfg.name == "lars":
+            return Lars(params, momentum=cfg.momentum, **kw), "timm.optim.Lars"
+        return Lamb(params, **kw), "timm.optim.Lamb"
+    return build_apex_optimizer(cfg, params, kw)
+
+
+def build_apex_optimizer(cfg: OptimConfig, params: list, kw: dict) -> tuple[torch.optim.Optimizer, str]:
+    try:  # NVIDIA apex, built from source; the PyPI package named "apex" is unrelated and has no optimizers
+        from apex.optimizers import FusedLAMB, FusedSGD
+    except ImportError as e:
+        raise RuntimeError(
+            f"optim={cfg.name} needs NVIDIA apex (github.com/NVIDIA/apex, built with --cuda_ext), which is not "
+            f"importable here ({e}); use optim=sgd, optim=lars or optim=lamb instead"
+        ) from e
+    if cfg.name == "apex_sgd":
+        return FusedSGD(params, momentum=cfg.momentum, **kw), "apex.optimizers.FusedSGD"
+    return FusedLAMB(params, **kw), "apex.optimizers.FusedLAMB"
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
+    """Linear warmup from 0 to peak, then cosine from peak to min_lr, per iteration."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ============ logging (rank 0) ============
+
+class MetricsLog:
+    """JSONL lines and TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def make_progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+        TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+# ============ the trainer ============
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        t = cfg.trainer
+        set_deterministic(t.deterministic)
+        self.rank, self.world, self.device = setup_distributed(t.device)
+        self.is_main = self.rank == 0
+        self.out_dir = Path(t.out_dir)
+        if not self.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # only rank 0 logs
+        else:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            attach_log_file(self.out_dir / "train.log")
+        self.config_dict = dataclasses.asdict(cfg)
+        self.commit = ckpt.git_commit()
+
+        seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
+        self.distiller = build_distiller(cfg, self.device)
+        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device)
+        self.global_batch = cfg.data.batch_size * self.world
+        self.peak_lr = cfg.optim.base_lr * self.global_batch / 256
+        self.total_steps = t.epochs * len(self.loader)
+        self.warmup_steps = round(cfg.optim.warmup_epochs * len(self.loader))
+        params = [p for p in self.distiller.model.parameters() if p.requires_grad]
+        self.optimizer, self.optimizer_impl = build_optimizer(cfg.optim, params, self.peak_lr, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.epoch, self.step = 0, 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.resume()
+        self.wrap_model()
+        self.metrics_log = MetricsLog(self.out_dir, self.is_main)
+
+    def wrap_model(self) -> None:
+        def wrap(model):
+            if self.world > 1:
+                model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            return torch.compile(model) if self.cfg.trainer.compile else model
+
+        self.distiller.wrap(wrap)
+
+    # ---- checkpoints ----
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.distiller.student.backbone.state_dict(),
+            "heads": self.distiller.model.heads.state_dict(),
+            "loss": self.distiller.losses.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "step": self.step,
+            "rng": ckpt.rng_state(),
+            "config": self.config_dict, "commit": self.commit,
+        }
+
+    def save(self) -> None:
+        self.check_finite()  # never write a checkpoint of a diverged model
+        if self.is_main:
+            path = ckpt.checkpoint_path(self.out_dir, self.epoch)
+            ckpt.atomic_save(self.state_dict(), path)
+            ckpt.prune(self.out_dir, self.cfg.trainer.keep_checkpoints)
+            log.info("saved %s", path)
+
+    def resume(self) -> None:
+        path = ckpt.find_resume(self.cfg.trainer.resume, self.out_dir)
+        if path is None:
+            return
+        state = ckpt.load(path)
+        ckpt.compare_configs(state["config"], self.config_dict, path)
+        self.distiller.student.backbone.load_state_dict(state["student"])
+        self.distiller.model.heads.load_state_dict(state["heads"])
+        self.distiller.losses.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s (epoch %d, step %d, written at commit %s)", path, self.epoch, self.step,
+                 state["commit"])
+
+    # ---- the loop ----
+
+    def fit(self) -> dict[str, float]:
+        self.log_startup()
+        results: dict[str, float] = {}
+        with make_progress(self.is_main and self.cfg.trainer.progress) as progress:
+            for epoch in range(self.epoch, self.cfg.trainer.epochs):
+                self.train_epoch(epoch, progress)
+                self.epoch = epoch + 1
+                self.save()
+                if self.eval_due():
+                    results = self.evaluate()
+        self.metrics_log.close()
+        return results
+
+    def train_epoch(self, epoch: int, progress) -> None:
+        seed_everything(self.cfg.trainer.seed, epoch, self.rank)
+        self.distiller.train()
+        task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", total=len(self.loader),
+                                 loss="-", lr="-", ips="-")
+        tic, tic_step = time.perf_counter(), self.step
+        for images, _ in self.loader.epoch(epoch):
+            lr = self.set_lr()
+            loss, metrics = self.distiller(images)
+            self.nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no sync
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            if self.step % self.cfg.trainer.log_every == 0:
+                ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
+                self.log_step(loss, metrics, lr, ips, progress, task)
+                tic, tic_step = time.perf_counter(), self.step
+            progress.advance(task)
+
+    def set_lr(self) -> float:
+        o = self.cfg.optim
+        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def log_step(self, loss, metrics, lr: float, ips: float, progress, task) -> None:
+        self.check_finite()
+        values = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}, "lr": lr, "img_per_s": ips,
+                  "epoch": self.step / len(self.loader)}
+        self.metrics_log.write(self.step, values)
+        progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}")
+
+    def check_finite(self) -> None:
+        if self.nonfinite.item():  # a host sync: only at logging steps and epoch ends
+            raise FloatingPointError(
+                f"the loss became NaN or inf at or before step {self.step} (epoch {self.epoch + 1}); the last "
+                f"checkpoint in {self.out_dir} is intact. Lower optim.base_lr, add warmup (optim.warmup_epochs), "
+                "or use trainer.precision=bf16/fp32"
+            )
+
+    # ---- evaluation ----
+
+    def eval_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        last = self.epoch == self.cfg.trainer.epochs
+        return self.cfg.data.val_root is not None and (last or (every > 0 and self.epoch % every == 0))
+
+    def evaluate(self) -> dict[str, float]:
+        """k-NN of the student's pooled feature (rank 0; the others wait at the barrier)."""
+        results: dict[str, float] = {}
+        if self.is_main:
+            from fastreg.eval import knn_eval
+
+            d, e = self.cfg.data, self.cfg.eval
+            student = self.distiller.student
+            student.eval()
+            results = knn_eval(student, d.knn_train_root or d.root, d.val_root, d.crop_size, e.batch_size,
+                               e.workers, self.device, e.knn_k, e.knn_t, amp_dtype=self.distiller.amp_dtype)
+            student.train()
+            log.info("epoch %d k-NN: %s", self.epoch, json.dumps(results))
+            self.metrics_log.write(self.step, {f"eval/{k}": v for k, v in results.items()})
+        if dist.is_initialized():
+            dist.barrier()
+        return results
+
+    def log_startup(self) -> None:
+        if not self.is_main:
+            return
+        log.info("fastreg commit %s", self.commit)
+        log.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.create(self.config_dict)))
+        log.info("device %s, world size %d, loader %s (%d batches/epoch), optimizer %s, peak lr %.4g "
+                 "(global batch %d)", self.device, self.world, self.loader.name, len(self.loader),
+                 self.optimizer_impl, self.peak_lr, self.global_batch)
+
+
+def attach_log_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)

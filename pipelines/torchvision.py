@@ -1,0 +1,84 @@
+"""The reference loader: torchvision ImageFolder, PIL decode, DataLoader workers (SimReg's own pipeline).
+
+Training views are SimReg's weak augmentation: RandomResizedCrop(scale=data.scale) + horizontal flip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import datasets, transforms as T
+
+from fastreg.config import DataConfig
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+
+def image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
+    """ImageFolder with errors that name the folder and say what is expected."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {path} does not exist: pass data.root= an ImageFolder (class subfolders)")
+    try:
+        return datasets.ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as e:  # no class folders, or no images in them
+        raise FileNotFoundError(f"{path} is not an ImageFolder with images in class subfolders: {e}") from e
+
+
+def train_transform(cfg: DataConfig) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(crop_size: int) -> T.Compose:
+    """Resize 256, center crop 224 (scaled for other crop sizes)."""
+    return T.Compose([
+        T.Resize(round(crop_size * 256 / 224)),
+        T.CenterCrop(crop_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_loader(root: str, crop_size: int, batch_size: int, workers: int) -> DataLoader:
+    """Every image once, in order, no augmentation: k-NN, the linear probe and eval during training."""
+    ds = image_folder(root, eval_transform(crop_size))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+class TorchvisionLoader:
+    name = "torchvision"
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device):
+        self.dataset = image_folder(cfg.root, train_transform(cfg))
+        # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
+        self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        self.cfg, self.rank, self.seed, self.device = cfg, rank, seed, device
+        if len(self) == 0:
+            raise ValueError(
+                f"{cfg.root} has {len(self.dataset)} images: fewer than one batch of {cfg.batch_size} per process "
+                f"across {world_size} process(es); lower data.batch_size"
+            )
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.cfg.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        # Workers seed their augmentation RNG from this generator: the same epoch gives the same views,
+        # so a run resumed at an epoch boundary sees exactly what the uninterrupted run saw.
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1_009 + self.rank)
+        loader = DataLoader(
+            self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", generator=g,
+            persistent_workers=False,
+        )
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield images, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from torch import nn
+
+from fastreg.config import HeadConfig
+from fastreg.heads import build_head
+
+
+def layout(head: nn.Sequential) -> list:
+    return [(type(m).__name__, getattr(m, "in_features", getattr(m, "num_features", None)),
+             getattr(m, "out_features", None)) for m in head]
+
+
+def test_simreg4_is_the_official_head():
+    d, D = 512, 2048
+    assert layout(build_head(HeadConfig(kind="simreg4"), d, D)) == [
+        ("Linear", d, 2 * d), ("BatchNorm1d", 2 * d, None), ("ReLU", None, None), ("Linear", 2 * d, d),
+        ("Linear", d, 2 * d), ("BatchNorm1d", 2 * d, None), ("ReLU", None, None), ("Linear", 2 * d, D),
+    ]
+
+
+def test_seed_linear_mlp2_heads():
+    assert layout(build_head(HeadConfig(kind="seed"), 64, 128)) == [
+        ("Linear", 64, 64), ("ReLU", None, None), ("Linear", 64, 128)]
+    assert layout(build_head(HeadConfig(kind="linear"), 64, 128)) == [("Linear", 64, 128)]
+    assert layout(build_head(HeadConfig(kind="mlp2"), 64, 10)) == [
+        ("Linear", 64, 128), ("BatchNorm1d", 128, None), ("ReLU", None, None), ("Linear", 128, 10)]
+
+
+def test_generic_mlp_switches():
+    head = build_head(HeadConfig(kind="mlp", hidden=[32, 16], bn=False, relu=True), 8, 4)
+    assert layout(head) == [("Linear", 8, 32), ("ReLU", None, None), ("Linear", 32, 16), ("ReLU", None, None),
+                            ("Linear", 16, 4)]
+    assert head(torch.randn(5, 8)).shape == (5, 4)
+
+
+def test_bad_head_config():
+    with pytest.raises(ValueError, match="head.hidden"):
+        HeadConfig(kind="mlp")
+    with pytest.raises(ValueError, match="head.kind"):
+        HeadConfig(kind="mlp3")

@@ -1,0 +1,101 @@
+"""Loss math against closed forms and hand-computed float64 references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastreg.config import LossConfig
+from fastreg.losses import RegressionLoss, SEEDLoss, normalized_regression
+
+
+def test_normalized_regression_is_two_minus_two_cos():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 13, generator=g, dtype=torch.float64), torch.randn(7, 13, generator=g, dtype=torch.float64)
+    cos = (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))
+    assert torch.allclose(normalized_regression(s, t), (2 - 2 * cos).mean())
+
+
+def test_simreg_closed_form_values():
+    s = torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 2.0], [5.0, 0.0]], dtype=torch.float64)  # orthogonal -> 2, parallel -> 0
+    loss, cos = RegressionLoss(LossConfig(name="simreg"), 2)(s, t)
+    assert loss.item() == pytest.approx(1.0)
+    assert cos.item() == pytest.approx(0.5)
+
+
+def test_mse_is_unnormalized():
+    s = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[4.0, 6.0]], dtype=torch.float64)
+    loss, _ = RegressionLoss(LossConfig(name="mse"), 2)(s, t)
+    assert loss.item() == pytest.approx(9 + 16)
+
+
+def test_centered_regression_uses_previous_center_then_updates():
+    loss_fn = RegressionLoss(LossConfig(name="simreg", center_teacher=True, center_momentum=0.75), 3).double()
+    loss_fn.center.center.copy_(torch.tensor([1.0, 1.0, 1.0]))
+    s = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.randn(4, 3, dtype=torch.float64) + 1
+    loss, _ = loss_fn(s, t)
+    assert loss.item() == pytest.approx(normalized_regression(s, t - 1).item())
+    expected = 0.75 * torch.ones(3, dtype=torch.float64) + 0.25 * t.mean(0)
+    assert torch.allclose(loss_fn.center.center, expected)
+
+
+def test_center_frozen_in_eval_mode():
+    loss_fn = RegressionLoss(LossConfig(name="simreg", center_teacher=True), 3).eval()
+    loss_fn(torch.randn(4, 3), torch.randn(4, 3))
+    assert torch.equal(loss_fn.center.center, torch.zeros(3))
+
+
+def seed_reference(s, t, queue, tau_s, tau_t):
+    """SEED's loss written out with python loops and math.exp: 3 samples, 4 queue entries."""
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    total = 0.0
+    for sb, tb in zip(s, t):
+        sb, tb = unit(sb), unit(tb)
+        keys = [tb] + [unit(q) for q in queue]  # the teacher's own embedding first
+        zt = [dot(tb, k) / tau_t for k in keys]
+        zs = [dot(sb, k) / tau_s for k in keys]
+        mt, ms = max(zt), max(zs)
+        pt = [math.exp(z - mt) for z in zt]
+        pt = [p / sum(pt) for p in pt]
+        log_norm = ms + math.log(sum(math.exp(z - ms) for z in zs))
+        total += -sum(p * (z - log_norm) for p, z in zip(pt, zs))
+    return total / len(s)
+
+
+@pytest.mark.parametrize("tau_t", [0.5, 1e-4])
+def test_seed_loss_hand_computed_float64(tau_t):
+    s = [[1.0, 2.0, 0.5], [-1.0, 0.3, 2.0], [0.2, -0.7, 1.1]]
+    t = [[0.9, 1.5, 0.0], [-0.5, 0.5, 1.0], [1.0, -1.0, 0.3]]
+    queue = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.3, -1.0], [-1.0, 0.2, 0.4]]
+    loss_fn = SEEDLoss(LossConfig(name="seed", queue_size=4, tau_s=0.2, tau_t=tau_t), 3).double().eval()
+    loss_fn.queue.copy_(F.normalize(torch.tensor(queue, dtype=torch.float64), dim=1))
+    loss, _ = loss_fn(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64))
+    assert loss.item() == pytest.approx(seed_reference(s, t, queue, 0.2, tau_t), rel=1e-12)
+
+
+def test_seed_enqueues_teacher_after_the_loss_and_wraps():
+    loss_fn = SEEDLoss(LossConfig(name="seed", queue_size=5), 3).double()
+    old = loss_fn.queue.clone()
+    s = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 3, dtype=torch.float64)
+    loss, _ = loss_fn(s, t)
+    loss_fn_ref = SEEDLoss(LossConfig(name="seed", queue_size=5), 3).double().eval()
+    loss_fn_ref.queue.copy_(old)
+    assert torch.equal(loss, loss_fn_ref(s, t)[0])  # the loss used the queue before the update
+    loss.backward()  # the in-place enqueue did not break autograd
+    assert s.grad is not None
+    assert torch.allclose(loss_fn.queue[:3], F.normalize(t, dim=1)) and torch.equal(loss_fn.queue[3:], old[3:])
+    t2 = torch.randn(3, 3, dtype=torch.float64)
+    loss_fn(s.detach(), t2)  # ptr 3 -> rows 3, 4, 0
+    assert torch.allclose(loss_fn.queue[[3, 4, 0]], F.normalize(t2, dim=1))
+    assert loss_fn.ptr.item() == 1
