@@ -1,0 +1,83 @@
+"""Every config composes and validates; typos and bad values fail with messages naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+import fastreg.configs
+from fastreg.config import to_config
+
+CONFIGS = Path(fastreg.configs.__file__).parent
+BASE = ["teacher.checkpoint=random", "data.root=/data/train", "trainer.out_dir=/tmp/x"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def load(overrides: list[str]):
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        return to_config(compose("config", overrides=overrides))
+
+
+@pytest.mark.parametrize("group", ["teacher", "student", "head", "loss", "data", "optim"])
+def test_every_group_option_composes(group):
+    for option in options(group):
+        cfg = load(BASE + ["experiment=none", f"{group}={option}"])
+        assert cfg.teachers and cfg.student.arch
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(experiment):
+    overrides = ["trainer.out_dir=/tmp/x", "data.root=/data/train", f"experiment={experiment}"]
+    if experiment == "simreg_multi":
+        overrides += ["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"]
+    elif experiment != "demo":
+        overrides += ["teacher.checkpoint=random"]
+    cfg = load(overrides)
+    assert cfg.name == ("custom" if experiment == "none" else experiment)
+    assert all(t.head is not None and t.name for t in cfg.teachers)
+
+
+def test_paper_recipes():
+    cfg = load(BASE + ["experiment=simreg_r50_r18"])
+    assert (cfg.optim.base_lr, cfg.trainer.epochs, cfg.head.kind, cfg.loss.name) == (0.05, 130, "simreg4", "simreg")
+    assert cfg.teachers[0].format == "moco" and not cfg.loss.center_teacher
+    cfg = load(BASE + ["experiment=seed_r50_effb0"])
+    assert (cfg.optim.base_lr, cfg.optim.warmup_epochs, cfg.trainer.epochs) == (0.03, 5, 200)
+    assert (cfg.loss.queue_size, cfg.loss.tau_s, cfg.loss.tau_t) == (65536, 0.2, 1e-4)
+    assert cfg.teachers[0].projection and cfg.head.kind == "seed"
+
+
+def test_multi_teacher_names_and_heads():
+    cfg = load(["trainer.out_dir=/tmp/x", "data.root=/d", "experiment=simreg_multi",
+                "teachers.0.checkpoint=random", "teachers.1.checkpoint=random", "teachers.1.weight=3"])
+    assert [t.name for t in cfg.teachers] == ["mocov2", "dino"]
+    assert [t.weight for t in cfg.teachers] == [1.0, 3.0]
+
+
+def test_misspelled_override_fails_clearly():
+    with pytest.raises(ConfigCompositionException, match="epocs"):
+        load(BASE + ["trainer.epocs=3"])
+    with pytest.raises(ConfigCompositionException, match="resnet1800"):
+        load(BASE + ["student=resnet1800"])
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ValueError, match="loss.name"):
+        load(BASE + ["loss.name=simregg"])
+    with pytest.raises(ValueError, match="trainer.precision"):
+        load(BASE + ["trainer.precision=fp8"])
+    with pytest.raises(ValueError, match="data.scale"):
+        load(BASE + ["data.scale=[0.5,0.2]"])
+
+
+def test_missing_required_values():
+    with pytest.raises(ValueError, match="teacher.checkpoint"):
+        load(["experiment=none", "data.root=/d", "trainer.out_dir=/tmp/x"])
+    with pytest.raises(ValueError, match="teachers.1.checkpoint"):
+        load(["experiment=simreg_multi", "data.root=/d", "trainer.out_dir=/tmp/x", "teachers.0.checkpoint=random"])
+    with pytest.raises(ValueError, match="data.root"):
+        load(["experiment=none", "teacher.checkpoint=random", "trainer.out_dir=/tmp/x"])
