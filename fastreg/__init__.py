@@ -1,0 +1,1 @@
+"""fastreg: distill large frozen self-supervised teachers into small fast students (SimReg, SEED)."""
