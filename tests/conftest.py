@@ -1,9 +1,13 @@
 import os
 
-import pytest
-import torch
+# Tests run tiny models: intra-op threads only spin against each other (and against other processes) on
+# the 2-core CI machine, so every test and every subprocess it starts uses one thread.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,131 @@
+"""Export a trained student: its backbone alone, as a plain state_dict with torchvision's key names.
+
+    python -m fastreg.export runs/r18/ckpt_epoch0130.pt resnet18_simreg.pt
+
+The heads, loss state (SEED's queue), optimizer, scaler and RNG state of the trainer checkpoint are
+dropped. For torchvision archs the weights are checked before anything is written: they must load
+into `torchvision.models.<arch>()` with the classifier's keys (fc.* or classifier.*) as the only
+missing ones, so `model.load_state_dict(sd, strict=False)` is all a user needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torchvision
+
+from fastreg.checkpoint import atomic_save
+from fastreg.students import STUDENTS, Student
+
+TORCHVISION_ARCHS = frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A dict loaded with weights_only=True, or an error saying why the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on a file that is not a torch checkpoint
+        raise ValueError(f"{path} is not a torch checkpoint readable with weights_only=True ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a trainer checkpoint or a state_dict")
+    return obj
+
+
+def checkpoint_arch(ckpt: dict, path: str | Path) -> str:
+    """config.student.arch of a trainer checkpoint."""
+    arch = ((ckpt.get("config") or {}).get("student") or {}).get("arch")
+    if arch not in STUDENTS:
+        raise ValueError(f"{path}: config.student.arch={arch!r} is not one of {', '.join(STUDENTS)}")
+    return arch
+
+
+def _short(keys: list[str], n: int = 12) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_keys(state_dict: dict, arch: str) -> None:
+    """Raise ValueError unless `state_dict` is a whole `arch` backbone.
+
+    torchvision archs: it must load into torchvision.models.<arch>() with only the classifier (the
+    model's last child: fc for ResNets, classifier for MobileNet/EfficientNet) missing and nothing
+    unexpected. Other archs (the demo CNNs): it must load strictly into Student(arch).backbone.
+    """
+    if arch in TORCHVISION_ARCHS:
+        reference = torchvision.models.get_model(arch)
+        classifier = list(reference.named_children())[-1][0]
+    else:
+        reference, classifier = Student(arch).backbone, None
+    try:
+        missing, unexpected = reference.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape mismatch raises even with strict=False
+        raise ValueError(f"the student weights do not fit {arch}: {e}") from e
+    missing = [k for k in missing if classifier is None or not k.startswith(f"{classifier}.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"the student weights do not fit {arch}: missing keys [{_short(missing)}], unexpected keys [{_short(unexpected)}]"
+        )
+
+
+def student_state_dict(checkpoint_path: str | Path) -> tuple[dict, str]:
+    """(state_dict, arch) of a trainer checkpoint's student backbone, checked by check_keys."""
+    ckpt = read_checkpoint(checkpoint_path)
+    if "student" not in ckpt:
+        raise ValueError(
+            f"{checkpoint_path} is not a trainer checkpoint: it has no 'student' entry (keys: {_short(sorted(map(str, ckpt)))})"
+        )
+    arch = checkpoint_arch(ckpt, checkpoint_path)
+    state_dict = ckpt["student"]
+    check_keys(state_dict, arch)
+    return state_dict, arch
+
+
+def export_student(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+    """Write the student backbone of a trainer checkpoint alone, atomically; returns the written path."""
+    state_dict, _ = student_state_dict(checkpoint_path)
+    return _write(state_dict, out_path)
+
+
+def _write(state_dict: dict, out_path: str | Path) -> Path:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state_dict, out)
+    return out
+
+
+def load_hint(arch: str, path: Path) -> str:
+    """Python lines that load an exported `arch` student from `path`."""
+    load = f"sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
+    if arch not in TORCHVISION_ARCHS:
+        return f"import torch\nfrom fastreg.students import Student\n{load}\nmodel = Student({arch!r}).backbone\nmodel.load_state_dict(sd)"
+    classifier = list(torchvision.models.get_model(arch).named_children())[-1][0]
+    return (
+        f"import torch, torchvision\n{load}\nmodel = torchvision.models.{arch}()\n"
+        f"model.load_state_dict(sd, strict=False)  # only {classifier}.* is missing\n"
+        f"model.{classifier} = torch.nn.Identity()  # pooled {STUDENTS[arch][1]}-d features"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastreg.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="trainer checkpoint (ckpt_epochNNNN.pt)")
+    parser.add_argument("out", help="where to write the student's state_dict (.pt)")
+    args = parser.parse_args(argv)
+    try:
+        state_dict, arch = student_state_dict(args.checkpoint)
+        out = _write(state_dict, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    n_params = sum(t.numel() for t in state_dict.values() if isinstance(t, torch.Tensor))
+    print(f"wrote {out}: {arch} backbone, {len(state_dict)} tensors, {n_params / 1e6:.2f}M values")
+    print("load it with:\n" + "\n".join(f"  {line}" for line in load_hint(arch, out).splitlines()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""fastreg.export: the student backbone alone, loadable into torchvision with only the classifier missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fastreg.export import export_student, main
+from fastreg.students import Student
+
+
+
+def _trained_student(arch: str, seed: int = 0) -> Student:
+    """A Student whose weights and BN statistics differ from a fresh init (as after training)."""
+    student = Student(arch)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in student.backbone.state_dict().items():  # tensors share the model's storage
+            if t.is_floating_point():
+                t.add_(0.01 * torch.randn(t.shape, generator=g))
+                if name.endswith("running_var"):
+                    t.abs_()
+    return student.eval()
+
+
+def _trainer_checkpoint(student: Student, path) -> None:
+    """What the trainer writes: the backbone under 'student' plus state export must drop."""
+    torch.save(
+        {
+            "student": student.backbone.state_dict(),
+            "heads": {"resnet50": {"0.weight": torch.randn(4, 4)}},
+            "loss": {"queue": torch.randn(8, 4)},
+            "optimizer": {"state": {}, "param_groups": []},
+            "scaler": None,
+            "epoch": 3,
+            "step": 300,
+            "rng": {},
+            "config": {"student": {"arch": student.arch}, "data": {"crop_size": 224}},
+            "commit": "abc123",
+        },
+        path,
+    )
+
+
+@pytest.mark.parametrize("arch, classifier", [("resnet18", "fc"), ("mobilenet_v3_large", "classifier")])
+def test_export_round_trip_into_torchvision(tmp_path, arch, classifier):
+    student = _trained_student(arch)
+    _trainer_checkpoint(student, tmp_path / "ckpt.pt")
+
+    out = export_student(tmp_path / "ckpt.pt", tmp_path / "out" / "student.pt")
+
+    sd = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(sd) == set(student.backbone.state_dict())  # backbone only: heads, queue, optimizer dropped
+    model = getattr(torchvision.models, arch)()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    classifier_keys = {k for k in model.state_dict() if k.startswith(f"{classifier}.")}
+    assert set(missing) == classifier_keys and classifier_keys and unexpected == []
+    setattr(model, classifier, nn.Identity())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), student(x))
+    assert [p.name for p in out.parent.iterdir()] == ["student.pt"]  # no temporary file left behind
+
+
+def test_resnet18_missing_keys_are_exactly_fc(tmp_path):
+    _trainer_checkpoint(_trained_student("resnet18"), tmp_path / "ckpt.pt")
+    sd = torch.load(export_student(tmp_path / "ckpt.pt", tmp_path / "s.pt"), weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_export_demo_cnn_loads_strictly_into_student(tmp_path):
+    student = _trained_student("cnn_tiny")
+    _trainer_checkpoint(student, tmp_path / "ckpt.pt")
+    sd = torch.load(export_student(tmp_path / "ckpt.pt", tmp_path / "s.pt"), weights_only=True)
+    fresh = Student("cnn_tiny").backbone
+    fresh.load_state_dict(sd)  # strict
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), student(x))
+
+
+def test_checkpoint_without_student_is_a_clear_error(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a trainer checkpoint: it has no 'student' entry"):
+        export_student(tmp_path / "bad.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_student(tmp_path / "nope.pt", tmp_path / "out.pt")
+
+
+def test_wrong_keys_are_named_and_nothing_is_written(tmp_path):
+    student = Student("resnet18")
+    ckpt = {"student": {f"module.{k}": v for k, v in student.backbone.state_dict().items()},
+            "config": {"student": {"arch": "resnet18"}}}  # a DDP-prefixed state_dict
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight"):
+        export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cli_prints_what_it_wrote_and_how_to_load(tmp_path):
+    _trainer_checkpoint(Student("resnet18"), tmp_path / "ckpt.pt")
+    run = subprocess.run(
+        [sys.executable, "-m", "fastreg.export", str(tmp_path / "ckpt.pt"), str(tmp_path / "r18.pt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {tmp_path / 'r18.pt'}: resnet18 backbone" in run.stdout
+    assert "torchvision.models.resnet18()" in run.stdout and "strict=False" in run.stdout
+    assert (tmp_path / "r18.pt").is_file()
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "list.pt"), str(tmp_path / "out.pt")])
+    assert str(exit_.value) == f"error: {tmp_path / 'list.pt'} holds a list, not a trainer checkpoint or a state_dict"
