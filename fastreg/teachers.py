@@ -1,0 +1,372 @@
+"""Frozen teachers: the registry of architectures, and the checkpoint layouts they load from.
+
+A teacher maps images (B, 3, H, W) to a float32 feature (B, dim): the pooled backbone feature (SimReg), or
+with `teacher.projection=true` the output of the checkpoint's own projection head (SEED on MoCo/SwAV).
+
+Every SSL repository saves its weights in its own layout (prefixes, heads, a second encoder). The layout is
+detected from the key names, or set with `teacher.format=`. Backbone keys are then matched exactly. A
+missing, unexpected or mis-shaped backbone key is an error. Everything else the checkpoint holds (heads,
+prototypes, predictors, momentum encoders) is logged as ignored. DINO's own loader uses strict=False and
+only prints, so a wrong layout would silently distill a random teacher (DESIGN.md, Pitfalls: Checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
+
+import timm
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from fastreg.config import TEACHER_FORMATS, TeacherConfig
+from fastreg.students import SmallCNN
+
+log = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architectures
+
+
+class ResNet50Wide(tvm.ResNet):
+    """SimCLR-v1's ResNet-50 (x2, x4): every channel count, stem included, is `width` times torchvision's.
+
+    torchvision's wide_resnet50_2 widens only the bottleneck's inner 3x3 and still outputs 2048; SimCLR (and
+    SwAV's w2/w4) widen everything, so the pooled feature is 2048 * width. The module names are torchvision's,
+    so checkpoints from the SimCLR converter (tonylins/simclr-converter, `{"state_dict": ...}`) load as is.
+    """
+
+    def __init__(self, width: int):
+        self.width = width  # read by _make_layer, which ResNet.__init__ calls
+        super().__init__(tvm.resnet.Bottleneck, [3, 4, 6, 3])
+        # ResNet.__init__ hard-codes a 64-channel stem: widen it as well
+        self.conv1 = nn.Conv2d(3, 64 * width, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet.__init__
+        self.bn1 = nn.BatchNorm2d(64 * width)
+        self.fc = nn.Identity()
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # layer1: its input is the widened stem, not ResNet's 64 channels
+            self.inplanes = 64 * self.width
+        return super()._make_layer(block, planes * self.width, blocks, stride, dilate)
+
+
+def _no_fc(model: nn.Module) -> nn.Module:
+    model.fc = nn.Identity()  # forward() now ends at the pooled, flattened feature
+    return model
+
+
+def _vit(name: str) -> nn.Module:
+    # num_classes=0: the output is the CLS token after the final norm. dynamic_img_size resamples the position
+    # embedding to the input's patch grid, so DINOv2 (trained at 518 px: 37x37 patches, the pos-embed's shape
+    # in its checkpoints) takes 224 px crops, and every ViT takes any data.crop_size.
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+class TeacherArch(NamedTuple):
+    build: Callable[[], nn.Module]  # a classifier-free backbone: (B, 3, H, W) -> (B, dim)
+    dim: int  # width of the pooled feature
+    conv: bool  # a conv net: stored and run channels_last
+
+
+TEACHERS: Dict[str, TeacherArch] = {
+    "resnet50": TeacherArch(lambda: _no_fc(tvm.resnet50()), 2048, True),
+    "resnet101": TeacherArch(lambda: _no_fc(tvm.resnet101()), 2048, True),
+    "resnet152": TeacherArch(lambda: _no_fc(tvm.resnet152()), 2048, True),
+    "wide_resnet50_2": TeacherArch(lambda: _no_fc(tvm.wide_resnet50_2()), 2048, True),
+    "resnet50x2": TeacherArch(lambda: ResNet50Wide(2), 4096, True),
+    "resnet50x4": TeacherArch(lambda: ResNet50Wide(4), 8192, True),
+    "vit_small_patch16": TeacherArch(lambda: _vit("vit_small_patch16_224"), 384, False),  # DINO ViT-S/16
+    "vit_base_patch16": TeacherArch(lambda: _vit("vit_base_patch16_224"), 768, False),  # DINO ViT-B/16
+    "vit_small_patch14_dinov2": TeacherArch(lambda: _vit("vit_small_patch14_dinov2"), 384, False),
+    "vit_base_patch14_dinov2": TeacherArch(lambda: _vit("vit_base_patch14_dinov2"), 768, False),
+    "cnn_small": TeacherArch(lambda: SmallCNN((32, 64, 128)), 128, True),  # the embedded demo's teacher
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one format keeps the backbone's keys (every key has had a DDP `module.` stripped)."""
+
+    prefixes: tuple[str, ...]  # the backbone's key prefix: the first one some key starts with ("" = plain keys)
+    projection: tuple[str, ...] = ()  # sub-prefixes under the backbone prefix that hold the projection head
+    ignored: tuple[str, ...] = ()  # sub-prefixes under it that are heads or classifiers, not backbone
+
+
+_CLASSIFIERS = ("fc.", "head.")  # torchvision's and timm's classifier
+
+LAYOUTS: Dict[str, Layout] = {
+    "torchvision": Layout(("",), ignored=_CLASSIFIERS),
+    # MoCo v1/v2: encoder_q's fc is its projection (v1: one Linear; v2: fc.0-ReLU-fc.2, 2048-2048-128).
+    # encoder_k (the momentum copy) and the queue lie outside and are ignored.
+    "moco": Layout(("encoder_q.",), projection=("fc.",)),
+    # MoCo v3: projector in fc (ResNet) or head (ViT); predictor and momentum_encoder lie outside.
+    "mocov3": Layout(("base_encoder.",), projection=("fc.", "head.")),
+    "swav": Layout(("",), projection=("projection_head.",), ignored=("prototypes",)),
+    # BYOL and Barlow Twins conversions: plain keys. SimSiam: encoder.*, its projector in encoder.fc.
+    "byol": Layout(("encoder.", ""), projection=("fc.",), ignored=("predictor.",)),
+    # DINO full checkpoints: the teacher entry, backbone.* next to head.* (the DINO head); released weights: plain
+    "dino": Layout(("backbone.", ""), ignored=_CLASSIFIERS),
+    # DINOv2's hub weights use timm's names; mask_token is used only by its iBOT loss
+    "dinov2": Layout(("backbone.", ""), ignored=("mask_token",) + _CLASSIFIERS),
+}
+_MOMENTUM_PREFIX = {"moco": "encoder_k.", "mocov3": "momentum_encoder."}  # teacher.momentum_encoder=true
+
+# Auto-detection, first hit wins: prefixed layouts are unambiguous; DINOv2 differs from a plain ViT by its mask_token
+_MARKERS = (
+    ("moco", ("encoder_q.", "encoder_k.")),
+    ("mocov3", ("base_encoder.", "momentum_encoder.")),
+    ("swav", ("prototypes", "projection_head.")),
+    ("dinov2", ("mask_token", "backbone.mask_token")),
+    ("dino", ("backbone.",)),
+)
+_FORMAT_HINT = f"set the layout with teacher.format=<{'|'.join(f for f in TEACHER_FORMATS if f != 'auto')}>"
+
+
+def _first(keys: List[str], n: int = 20) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _unwrap(ckpt):
+    """The state_dict inside the common containers. DINO's full checkpoints hold `teacher` next to `student`:
+    the teacher (the EMA) is the one to distill."""
+    while isinstance(ckpt, dict):
+        inner = next((ckpt[k] for k in ("teacher", "state_dict", "model") if isinstance(ckpt.get(k), dict)), None)
+        if inner is None:
+            return ckpt
+        ckpt = inner
+    return ckpt
+
+
+def read_state_dict(path: Union[str, Path]) -> StateDict:
+    """The tensors of a checkpoint file, out of their container and without DDP's `module.` prefix."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist (or is not a file)")
+    try:
+        # DINO's full checkpoints pickle their argparse args next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError ... depending on what the file is
+        raise ValueError(f"teacher checkpoint {path} is not a readable PyTorch checkpoint: {e}") from e
+    tensors = {}
+    if isinstance(ckpt, dict):
+        tensors = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        found = list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"teacher checkpoint {path} holds no state_dict (found: {found})")
+    return tensors
+
+
+def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Union[str, Path] = "") -> str:
+    """The layout of a checkpoint's keys (after `module.` is stripped): prefixed layouts by their prefixes, then
+    plain keys of the backbone itself (torchvision), then SimSiam's encoder + predictor (byol)."""
+    for fmt, prefixes in _MARKERS:
+        if any(k.startswith(prefixes) for k in keys):
+            return fmt
+    if any(k in model_keys for k in keys):
+        return "torchvision"
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("predictor.") for k in keys):
+        return "byol"
+    raise ValueError(
+        f"teacher checkpoint {path}: no known layout matches its keys ({_first(sorted(keys), 10)}); "
+        f"wrong teacher.arch, or {_FORMAT_HINT}"
+    )
+
+
+@dataclass
+class _Split:
+    """A checkpoint's keys sorted by what they are to the teacher; names are relative to their module."""
+
+    backbone: StateDict = field(default_factory=dict)
+    projection: StateDict = field(default_factory=dict)
+    ignored: Counter = field(default_factory=Counter)  # module name -> number of its keys ignored
+    unexpected: List[str] = field(default_factory=list)  # under the backbone prefix, yet not the backbone's
+
+
+def _split(weights: StateDict, layout: Layout, model_keys: Dict[str, torch.Tensor], keep_projection: bool) -> _Split:
+    prefix = next((p for p in layout.prefixes if any(k.startswith(p) for k in weights)), layout.prefixes[0])
+    proj = next((p for p in layout.projection if any(k.startswith(prefix + p) for k in weights)), None)
+    out = _Split()
+    for key, value in weights.items():
+        sub = key[len(prefix) :]
+        if not key.startswith(prefix):
+            out.ignored[key.split(".")[0]] += 1
+        elif proj and sub.startswith(proj):
+            if keep_projection:
+                out.projection[sub[len(proj) :]] = value
+            else:
+                out.ignored[prefix + proj.rstrip(".")] += 1
+        elif sub in model_keys:
+            out.backbone[sub] = value
+        elif sub.startswith(layout.ignored):
+            out.ignored[prefix + sub.split(".")[0]] += 1
+        else:
+            out.unexpected.append(key)
+    return out
+
+
+def _check_backbone(split: _Split, model_keys: Dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """Every backbone tensor must come from the checkpoint, with the model's shape."""
+    # Checkpoints older than torch 0.4.1 lack BatchNorm's num_batches_tracked: BN fills it in, eval never reads it
+    missing = [k for k in model_keys if k not in split.backbone and not k.endswith("num_batches_tracked")]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(model_keys[k].shape)}"
+        for k, v in split.backbone.items()
+        if v.shape != model_keys[k].shape
+    ]
+    problems = (
+        ("backbone keys are missing from the checkpoint", missing),
+        ("checkpoint keys are not in the backbone", split.unexpected),
+        ("tensors have the wrong shape (checkpoint vs model)", shapes),
+    )
+    for problem, keys in problems:
+        if keys:
+            raise ValueError(
+                f"{where} does not fit teacher.arch={arch}: {len(keys)} {problem}: {_first(keys)}. "
+                f"Check teacher.arch, or {_FORMAT_HINT}"
+            )
+
+
+def _projection_layer(params: StateDict) -> nn.Module:
+    if not params:  # MoCo/SwAV projectors keep their ReLUs between the layers that hold weights
+        return nn.ReLU()
+    if "running_mean" in params:  # MoCo v3's last BN has affine=False: no weight, no bias
+        return nn.BatchNorm1d(len(params["running_mean"]), affine="weight" in params)
+    out_dim, in_dim = params["weight"].shape
+    return nn.Linear(in_dim, out_dim, bias="bias" in params)
+
+
+def _build_projection(weights: StateDict, in_dim: int, where: str) -> nn.Sequential:
+    """The projection MLP, from its keys: `{i}.weight` etc. of a Linear or BatchNorm1d at index i of an
+    nn.Sequential, and a ReLU at every index without keys (MoCo v2 fc.1, MoCo v3, SwAV projection_head.2)."""
+    if not any(k.split(".")[0].isdigit() for k in weights):  # MoCo v1: fc is a single Linear
+        weights = {f"0.{k}": v for k, v in weights.items()}
+    try:
+        by_index = {int(k.split(".")[0]): {} for k in weights}
+        for k, v in weights.items():
+            i, name = k.split(".", 1)
+            by_index[int(i)][name] = v
+        with torch.device("meta"):  # shapes only: the checkpoint supplies every tensor
+            head = nn.Sequential(*(_projection_layer(by_index.get(i, {})) for i in range(max(by_index) + 1)))
+        head.load_state_dict(weights, assign=True)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{where}: cannot read its projection head as Linear/BatchNorm1d layers: {e}") from e
+    first = next(m for m in head if isinstance(m, nn.Linear))
+    if first.in_features != in_dim:
+        raise ValueError(f"{where}: the projection head takes {first.in_features}-d input, the backbone gives {in_dim}")
+    return head
+
+
+def _projection_dim(head: nn.Sequential) -> int:
+    last = [m for m in head if isinstance(m, (nn.Linear, nn.BatchNorm1d))][-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.num_features
+
+
+def _layout(fmt: str, momentum_encoder: bool) -> Layout:
+    if not momentum_encoder:
+        return LAYOUTS[fmt]
+    if fmt not in _MOMENTUM_PREFIX:
+        raise ValueError(f"teacher.momentum_encoder=true needs a MoCo checkpoint (format moco or mocov3), not {fmt}")
+    return replace(LAYOUTS[fmt], prefixes=(_MOMENTUM_PREFIX[fmt],))
+
+
+def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequential]]:
+    """(backbone, projection head or None) for `cfg`, with every tensor from `cfg.checkpoint`."""
+    arch, path = TEACHERS[cfg.arch], cfg.checkpoint
+    weights = read_state_dict(path)
+    with torch.device("meta"):  # shapes only: the checkpoint supplies every tensor, so skip the random init
+        backbone = arch.build()
+    model_keys = backbone.state_dict()  # name -> meta tensor (its shape)
+    fmt = detect_format(list(weights), model_keys, path) if cfg.format == "auto" else cfg.format
+    where = f"teacher checkpoint {path} (format {fmt}{', detected' if cfg.format == 'auto' else ''})"
+    split = _split(weights, _layout(fmt, cfg.momentum_encoder), model_keys, cfg.projection)
+    _check_backbone(split, model_keys, cfg.arch, where)
+    if cfg.projection and not split.projection:
+        raise ValueError(f"teacher.projection=true, but {where} has no projection head (other layouts: {_FORMAT_HINT})")
+    backbone.load_state_dict(split.backbone, assign=True)  # strict: the keys were checked above
+    leftover = [n for n, t in chain(backbone.named_parameters(), backbone.named_buffers()) if t.is_meta]
+    if leftover:  # a non-persistent buffer is never in a state_dict
+        raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {_first(leftover)}")
+    projection = _build_projection(split.projection, arch.dim, where) if cfg.projection else None
+    log.info("teacher %s: loaded %d backbone tensors from %s", cfg.name or cfg.arch, len(split.backbone), where)
+    if split.ignored:
+        names = ", ".join(f"{name} ({n})" for name, n in split.ignored.items())
+        n_ignored = sum(split.ignored.values())
+        log.info("teacher %s: ignored %d checkpoint keys, under: %s", cfg.name or cfg.arch, n_ignored, names)
+    return backbone, projection
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+class Teacher(nn.Module):
+    """A frozen backbone (and optional projection head): always in eval mode, no trainable parameters.
+
+    `train()` is a no-op, so a trainer calling `.train()` on the whole model cannot put the teacher's BN
+    into training mode (batch statistics, running-stat updates).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        backbone: nn.Module,
+        dim: int,
+        projection: Optional[nn.Module] = None,
+        amp_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.name, self.arch, self.dim = name, arch, dim
+        self.backbone, self.projection = backbone, projection
+        self.amp_dtype = amp_dtype  # autocast dtype, e.g. torch.bfloat16; None runs fp32
+        self.float().requires_grad_(False).eval()  # float: a checkpoint may hold fp16 tensors
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> (B, dim) float32, a plain tensor (no grad) usable in a loss with the student."""
+        amp = dict(device_type=images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        with torch.inference_mode(), torch.autocast(**amp):
+            feat = self.backbone(images)  # (B, D) pooled
+            if self.projection is not None:
+                feat = self.projection(feat)  # (B, D) -> (B, dim)
+        # Inference tensors cannot be saved for backward: copy out of inference mode, into a normal fp32 tensor
+        return feat.to(torch.float32, copy=True)
+
+
+def build_teacher(
+    cfg: TeacherConfig, amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+) -> Teacher:
+    """The frozen teacher that `cfg` describes, on `device`; `amp_dtype` is its autocast dtype (None: fp32)."""
+    if cfg.arch not in TEACHERS:
+        raise ValueError(f"teacher.arch={cfg.arch!r} is not one of {', '.join(TEACHERS)}")
+    if cfg.checkpoint is None:
+        raise ValueError(f"teacher.checkpoint is not set for teacher {cfg.name or cfg.arch!r} (a path, or random)")
+    arch, name = TEACHERS[cfg.arch], cfg.name or cfg.arch
+    if cfg.checkpoint == "random":
+        if cfg.projection:
+            raise ValueError(f"teacher {name!r}: teacher.projection=true needs a checkpoint with a projection head")
+        log.warning("teacher %s: checkpoint=random: %s is UNTRAINED, its features are noise", name, cfg.arch)
+        with torch.device(device):  # init on the device: on a GPU, resnet50x4's 375M parameters take no time
+            backbone, projection = arch.build(), None
+    else:
+        backbone, projection = _load_backbone(cfg)
+    dim = _projection_dim(projection) if projection is not None else arch.dim
+    teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
+    # channels_last: the layout the GPU loader already yields (DESIGN.md, data flow) and cuDNN's fastest for convs
+    return teacher.to(device, memory_format=torch.channels_last if arch.conv else torch.contiguous_format)
