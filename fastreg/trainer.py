@@ -160,7 +160,9 @@ class Trainer:
 
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.device)
-        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device)
+        memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device,
+                                   memory_format=memory_format)
         self.global_batch = cfg.data.batch_size * self.world
         self.peak_lr = cfg.optim.base_lr * self.global_batch / 256
         self.total_steps = t.epochs * len(self.loader)

@@ -1,7 +1,8 @@
 """Data pipelines. One front, `build_loader`, picks the loader named by `data.loader`.
 
 Every training loader has the same shape: `len(loader)` batches per epoch, and `loader.epoch(e)`
-yields (images, labels) already on the training device, images (B, 3, H, W) float, channels_last.
+yields (images, labels) already on the training device, images (B, 3, H, W) float in `memory_format`
+(channels_last unless trainer.channels_last=false).
 The trainer and the Distiller never know which loader runs.
 """
 
@@ -25,11 +26,13 @@ class Loader(Protocol):
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
+def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
+                 memory_format: torch.memory_format = torch.channels_last) -> Loader:
     if cfg.loader == "synthetic":
         from fastreg.pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(cfg, seed=seed + rank, device=device)
+        return SyntheticLoader(cfg, seed=seed + rank, device=device, memory_format=memory_format)
     from fastreg.pipelines.torchvision import TorchvisionLoader
 
-    return TorchvisionLoader(cfg, rank=rank, world_size=world_size, seed=seed, device=device)
+    return TorchvisionLoader(cfg, rank=rank, world_size=world_size, seed=seed, device=device,
+                             memory_format=memory_format)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms as T
 
 from fastreg.config import DataConfig
@@ -52,14 +52,34 @@ def eval_loader(root: str, crop_size: int, batch_size: int, workers: int) -> Dat
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
+class SeededViews(Dataset):
+    """Sample i's augmented view in epoch e is a function of (seed, e, i) alone.
+
+    So the views do not depend on the worker count, the rank or the order, and a run resumed at an epoch
+    boundary sees exactly what the uninterrupted run saw. The global RNG is left untouched.
+    """
+
+    def __init__(self, dataset: datasets.ImageFolder, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**63)
+            return self.dataset[i]
+
+
 class TorchvisionLoader:
     name = "torchvision"
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device):
-        self.dataset = image_folder(cfg.root, train_transform(cfg))
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
+                 memory_format: torch.memory_format):
+        self.dataset = SeededViews(image_folder(cfg.root, train_transform(cfg)), seed)
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-        self.cfg, self.rank, self.seed, self.device = cfg, rank, seed, device
+        self.cfg, self.device, self.memory_format = cfg, device, memory_format
         if len(self) == 0:
             raise ValueError(
                 f"{cfg.root} has {len(self.dataset)} images: fewer than one batch of {cfg.batch_size} per process "
@@ -71,14 +91,11 @@ class TorchvisionLoader:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
-        # Workers seed their augmentation RNG from this generator: the same epoch gives the same views,
-        # so a run resumed at an epoch boundary sees exactly what the uninterrupted run saw.
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1_009 + self.rank)
+        self.dataset.epoch = epoch  # workers are started below, so they copy this epoch
         loader = DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", generator=g,
-            persistent_workers=False,
+            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
         )
         for images, labels in loader:
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)

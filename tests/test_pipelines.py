@@ -1,0 +1,83 @@
+"""The torchvision reference loader and the synthetic loader behind one interface."""
+
+import pytest
+import torch
+from torchvision import transforms as T
+
+from fastreg.config import DataConfig
+from fastreg.pipelines import build_loader
+from fastreg.pipelines.torchvision import eval_loader, train_transform
+from helpers import make_image_folder
+
+CPU = torch.device("cpu")
+
+
+def loader(root, rank=0, world=1, **kw):
+    cfg = DataConfig(root=str(root), crop_size=24, batch_size=4, workers=0, **kw)
+    return build_loader(cfg, rank=rank, world_size=world, seed=0, device=CPU)
+
+
+def test_batches_are_channels_last_and_normalized(tmp_path):
+    ld = loader(make_image_folder(tmp_path, per_class=8))
+    assert ld.name == "torchvision" and len(ld) == 4
+    images, labels = next(iter(ld.epoch(0)))
+    assert images.shape == (4, 3, 24, 24) and images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.long and images.min() < 0  # ImageNet-normalized
+
+
+def test_ranks_see_disjoint_shards_covering_the_data(tmp_path):
+    root = make_image_folder(tmp_path, per_class=8)
+    shards = [list(loader(root, rank=r, world=2).sampler) for r in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(16))
+
+
+def test_same_epoch_same_views_new_epoch_new_views(tmp_path):
+    root = make_image_folder(tmp_path, per_class=8)
+    a = torch.cat([x for x, _ in loader(root).epoch(3)])
+    b = torch.cat([x for x, _ in loader(root).epoch(3)])
+    c = torch.cat([x for x, _ in loader(root).epoch(4)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_weak_augmentation_is_simregs():
+    ops = train_transform(DataConfig(root="x", crop_size=224)).transforms
+    rrc = ops[0]
+    assert isinstance(rrc, T.RandomResizedCrop) and rrc.scale == (0.2, 1.0) and rrc.size == (224, 224)
+    assert isinstance(ops[1], T.RandomHorizontalFlip) and ops[1].p == 0.5
+    assert not any(isinstance(op, (T.ColorJitter, T.RandomGrayscale, T.GaussianBlur)) for op in ops)
+
+
+def test_eval_loader_resizes_then_center_crops(tmp_path):
+    ld = eval_loader(str(make_image_folder(tmp_path, per_class=3, size=50)), crop_size=32, batch_size=8, workers=0)
+    ops = ld.dataset.transform.transforms
+    assert ops[0].size == round(32 * 256 / 224) and ops[1].size == (32, 32)
+    images, labels = next(iter(ld))
+    assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_synthetic_loader():
+    cfg = DataConfig(loader="synthetic", crop_size=16, batch_size=3, synthetic_batches=5)
+    ld = build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU)
+    batches = list(ld.epoch(0))
+    assert len(ld) == len(batches) == 5 and ld.name == "synthetic"
+    images, labels = batches[0]
+    assert images.shape == (3, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_folders_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        loader(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="class subfolders"):
+        loader(tmp_path / "empty")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        loader(make_image_folder(tmp_path / "small", classes=1, per_class=3))
+
+
+def test_views_do_not_depend_on_worker_count(tmp_path):
+    root = make_image_folder(tmp_path, per_class=8)
+    a = torch.cat([x for x, _ in loader(root).epoch(1)])
+    cfg = DataConfig(root=str(root), crop_size=24, batch_size=4, workers=2)
+    b = torch.cat([x for x, _ in build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU).epoch(1)])
+    assert torch.equal(a, b)
