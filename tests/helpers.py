@@ -28,7 +28,7 @@ def tiny_overrides(data_root: Path, out_dir: Path) -> list[str]:
     """A tiny CNN teacher (random weights) and student, fp32, deterministic."""
     return [
         "experiment=none", "teacher=cnn_small", "teacher.checkpoint=random", "student=cnn_tiny",
-        f"data.root={data_root}", "data.crop_size=32", "data.batch_size=8", "data.workers=0",
+        f"data.root={data_root}", "data.crop_size=32", "data.batch_size=8", "data.workers=0", "eval.workers=0",
         "optim.base_lr=2.0", "trainer.precision=fp32", "trainer.log_every=1", "trainer.progress=false",
         "trainer.deterministic=true", "trainer.device=cpu", f"trainer.out_dir={out_dir}",
     ]

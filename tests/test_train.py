@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_module
 
@@ -114,3 +115,22 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert "MAXDIFF 0.0" in proc.stdout
     assert "STEPS 4" in proc.stdout  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch
     assert (tmp_path / "run" / "ckpt_epoch0002.pt").exists()
+
+
+def test_divergence_stops_before_writing_a_checkpoint(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    overrides = tiny_overrides(data, tmp_path / "run") + ["loss=mse", "optim.base_lr=1e12", "trainer.log_every=100"]
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        train(compose_cfg(overrides))
+    assert not list((tmp_path / "run").glob("ckpt_*.pt"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
+    data = make_image_folder(tmp_path / "data")
+    overrides = tiny_overrides(data, tmp_path / "run") + [
+        f"trainer.precision={precision}", f"data.val_root={data}", "trainer.deterministic=false", "trainer.epochs=1"]
+    results = train(compose_cfg(overrides))
+    assert set(results) == {"knn", "nn1"} and 0 <= results["knn"] <= 100
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"eval/knn"' in lines

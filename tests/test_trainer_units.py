@@ -1,0 +1,72 @@
+"""Pieces of the trainer against closed forms: schedule, optimizers, checkpoints, divergence."""
+
+import math
+
+import pytest
+import torch
+
+from fastreg import checkpoint as ckpt
+from fastreg.config import OptimConfig
+from fastreg.trainer import build_optimizer, lr_at
+
+CPU = torch.device("cpu")
+
+
+def test_lr_warmup_then_cosine():
+    peak, warm, total = 0.4, 10, 110
+    assert lr_at(0, peak, warm, total, 0.0) == pytest.approx(0.04)
+    assert lr_at(9, peak, warm, total, 0.0) == pytest.approx(peak)
+    assert lr_at(10, peak, warm, total, 0.0) == pytest.approx(peak)
+    assert lr_at(60, peak, warm, total, 0.0) == pytest.approx(peak / 2)
+    assert lr_at(35, peak, warm, total, 0.01) == pytest.approx(0.01 + (peak - 0.01) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, peak, warm, total, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name,impl", [("sgd", "torch.optim.SGD(fused=False)"), ("lars", "timm.optim.Lars"),
+                                       ("lamb", "timm.optim.Lamb")])
+def test_optimizers(name, impl):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt, got = build_optimizer(OptimConfig(name=name), [p], 0.1, CPU)
+    assert got == impl
+    p.sum().backward()
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["apex_sgd", "apex_lamb"])
+def test_apex_without_nvidia_apex_is_a_clear_error(name):
+    with pytest.raises(RuntimeError, match="NVIDIA apex"):
+        build_optimizer(OptimConfig(name=name), [torch.nn.Parameter(torch.ones(1))], 0.1, CPU)
+
+
+def test_atomic_save_prune_and_find_latest(tmp_path):
+    for epoch in (1, 2, 3):
+        ckpt.atomic_save({"epoch": epoch}, ckpt.checkpoint_path(tmp_path, epoch))
+    (tmp_path / ".ckpt_epoch0004.pt.tmp123").write_bytes(b"half a checkpoint")  # a crash mid-save
+    ckpt.prune(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
+    latest = ckpt.find_resume("auto", tmp_path)
+    assert ckpt.load(latest)["epoch"] == 3
+    assert ckpt.find_resume("none", tmp_path) is None
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "ckpt_epoch0001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="ckpt_epoch0001.pt"):
+        ckpt.load(bad)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    saved = {"student": {"arch": "resnet18"}, "trainer": {"epochs": 10}}
+    ckpt.compare_configs(saved, {"student": {"arch": "resnet18"}, "trainer": {"epochs": 20}}, tmp_path)
+    with pytest.raises(ValueError, match="student"):
+        ckpt.compare_configs(saved, {"student": {"arch": "resnet34"}, "trainer": {"epochs": 10}}, tmp_path)
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    state = ckpt.rng_state()
+    ckpt.atomic_save(state, tmp_path / "rng.pt")
+    a = torch.rand(3)
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(a, torch.rand(3))
