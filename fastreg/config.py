@@ -153,6 +153,9 @@ class TrainerConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the student and heads
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    # CPU runs: intra-op threads; 0 keeps torch's default. Tiny models run fastest with 1 (on the 2-core CI
+    # machines 2 threads were 10x slower than 1 for the demo's CNNs).
+    cpu_threads: int = 0
     seed: int = 0
     deterministic: bool = False  # bitwise-reproducible kernels (slower); needed for exact resume checks
     log_every: int = 50  # iterations between logged metrics (the only host syncs in the loop)
@@ -167,6 +170,8 @@ class TrainerConfig:
         _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
         _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
         _check_positive("trainer.log_every", self.log_every)
+        if self.cpu_threads < 0:
+            raise ValueError(f"trainer.cpu_threads must be >= 0, got {self.cpu_threads}")
 
 
 @dataclass

@@ -148,6 +148,8 @@ class Trainer:
         t = cfg.trainer
         set_deterministic(t.deterministic)
         self.rank, self.world, self.device = setup_distributed(t.device)
+        if self.device.type == "cpu" and t.cpu_threads:
+            torch.set_num_threads(t.cpu_threads)
         self.is_main = self.rank == 0
         self.out_dir = Path(t.out_dir)
         if not self.is_main:
