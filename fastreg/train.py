@@ -9,6 +9,7 @@ Several GPUs (every rank gets the same output directory, runs/<name>):
 from __future__ import annotations
 
 import hydra
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fastreg.config import to_config
@@ -26,7 +27,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ dist.all_gather(gathered, params)
 if dist.get_rank() == 0:
     print("MAXDIFF", max((g - gathered[0]).abs().max().item() for g in gathered))
     print("STEPS", trainer.step)
+dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
 """
 
