@@ -194,7 +194,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    demo: bool = False  # build the embedded demo's data and teacher first (experiment=demo)
+    demo: bool = False  # experiment=demo: build (or reuse) the demo's data and teacher, and set their paths
 
     def __post_init__(self) -> None:
         self._teacher_keys = [f"teachers.{i}" for i in range(len(self.teachers))] or ["teacher"]
@@ -212,7 +212,7 @@ class TrainConfig:
     def _check_required(self) -> None:
         """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""
         for key, t in zip(self._teacher_keys, self.teachers):
-            if t.checkpoint is None:
+            if t.checkpoint is None and not self.demo:  # the demo trains its own teacher
                 raise ValueError(
                     f"{key}.checkpoint is not set (teacher {t.name!r}): pass {key}.checkpoint=/path/to/weights.pth "
                     f"(or {key}.checkpoint=random for an untrained teacher in benchmarks)"

@@ -1,0 +1,107 @@
+"""The embedded demo's data and teacher, built at a tiny size (3 source digits per class)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastreg import demo
+from fastreg.students import SmallCNN
+
+SPC = 3  # source digits per class: 1 val + 2 train sources -> 60 train and 20 val images
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+
+
+def _sources(root: Path, split: str) -> set[int]:
+    return {int(p.stem.split("_")[0]) for p in (root / split).rglob("*.jpg")}
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return demo.ensure_demo_data(tmp_path_factory.mktemp("cache"), sources_per_class=SPC)
+
+
+def test_image_folder_layout(small_root):
+    for split, views in (("train", demo.TRAIN_VIEWS * (SPC - 1)), ("val", demo.VAL_VIEWS)):
+        classes = sorted(p.name for p in (small_root / split).iterdir())
+        assert classes == [str(c) for c in range(10)]
+        for c in classes:
+            jpgs = sorted((small_root / split / c).glob("*.jpg"))
+            assert len(jpgs) == views
+            for p in jpgs:
+                with Image.open(p) as img:
+                    img.load()  # a full decode, not just the header
+                    assert img.format == "JPEG" and img.mode == "RGB" and img.size == (demo.SIZE, demo.SIZE)
+
+
+def test_val_digits_are_unseen_in_train(small_root):
+    train, val = _sources(small_root, "train"), _sources(small_root, "val")
+    assert len(train) == 10 * (SPC - 1) and len(val) == 10
+    assert not train & val
+
+
+def test_build_is_deterministic(small_root, tmp_path):
+    again = demo.ensure_demo_data(tmp_path, sources_per_class=SPC)
+    assert again != small_root
+    assert _files(again) == _files(small_root)
+
+
+def test_finished_build_is_reused(small_root, monkeypatch):
+    before = _files(small_root)
+    monkeypatch.setattr(demo, "render", lambda *a: pytest.fail("rebuilt a finished dataset"))
+    assert demo.ensure_demo_data(small_root.parent, sources_per_class=SPC) == small_root
+    assert _files(small_root) == before
+
+
+def test_leftover_temp_dir_is_not_reused(tmp_path):
+    # what a killed build leaves behind: a temporary sibling with part of the files
+    leftover = tmp_path / f".{demo.DATA_NAME}-spc{SPC}.tmp-killed"
+    (leftover / "train" / "0").mkdir(parents=True)
+    (leftover / "train" / "0" / "0000_0.jpg").write_bytes(b"truncated")
+    root = demo.ensure_demo_data(tmp_path, sources_per_class=SPC)
+    assert root.name == f"{demo.DATA_NAME}-spc{SPC}"
+    assert len(_files(root)) == 10 * (demo.TRAIN_VIEWS * (SPC - 1) + demo.VAL_VIEWS)
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    render, calls = demo.render, []
+
+    def interrupt_on_the_fifth(digit, rng):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return render(digit, rng)
+
+    monkeypatch.setattr(demo, "render", interrupt_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        demo.ensure_demo_data(tmp_path, sources_per_class=SPC)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_losing_the_publish_race_keeps_the_winner(tmp_path):
+    root, tmp = tmp_path / "data", tmp_path / "tmp"
+    (root / "train").mkdir(parents=True)
+    (tmp / "train").mkdir(parents=True)
+    demo._publish(tmp, root)  # root already published by another process: no error
+    with pytest.raises(OSError):
+        demo._publish(tmp_path / "missing", tmp_path / "other")
+
+
+def test_teacher_trains_and_is_cached(small_root, tmp_path, monkeypatch):
+    rng_before = torch.get_rng_state()
+    path = demo.ensure_demo_teacher(tmp_path, small_root, epochs=1)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG stream is untouched
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+    state = torch.load(path, weights_only=True)
+    model = SmallCNN((32, 64, 128), num_classes=10)
+    assert set(state) == set(model.state_dict()) and "fc.weight" in state
+    model.load_state_dict(state)  # strict
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+    monkeypatch.setattr(demo, "train_demo_teacher", lambda *a: pytest.fail("retrained a cached teacher"))
+    assert demo.ensure_demo_teacher(tmp_path, small_root, epochs=1) == path
