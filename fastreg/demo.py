@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.functional import pil_to_tensor
 
+from fastreg.checkpoint import atomic_save
 from fastreg.config import TrainConfig
 from fastreg.students import SmallCNN
 
@@ -298,19 +299,6 @@ def train_demo_teacher(data_root: Path, epochs: int = TEACHER_EPOCHS, batch_size
     return model.to(memory_format=torch.contiguous_format).state_dict()
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    """torch.save to a temporary sibling, fsync, then rename: `path` is either complete or absent."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def ensure_demo_teacher(cache_dir: Path, data_root: Path, epochs: int = TEACHER_EPOCHS) -> Path:
     """Train the demo teacher once on `data_root` and return the path of its cached state_dict.
 
@@ -320,7 +308,7 @@ def ensure_demo_teacher(cache_dir: Path, data_root: Path, epochs: int = TEACHER_
     path = Path(cache_dir) / f"teacher_cnn_small-{Path(data_root).name}-e{epochs}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(train_demo_teacher(data_root, epochs), path)
+        atomic_save(train_demo_teacher(data_root, epochs), path)
     return path
 
 
