@@ -45,7 +45,7 @@ VAL_FRACTION = 0.25  # of the source digits of each class; their views never app
 TRAIN_VIEWS = 3  # random renderings per training source digit: ~1,350 sources -> ~4,050 images
 VAL_VIEWS = 2  # ~450 sources -> ~900 images
 JPEG_QUALITY = 90
-TEACHER_EPOCHS = 6
+TEACHER_EPOCHS = 6  # 20-NN 84-89% over four seeds, ~1 min on 2 idle cores
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as everywhere in fastreg
 STD = (0.229, 0.224, 0.225)
 
@@ -214,6 +214,7 @@ def ensure_demo_data(cache_dir: Path, sources_per_class: Optional[int] = None) -
             _write_split(tmp, "train", splits["train"], TRAIN_VIEWS, progress)
             _write_split(tmp, "val", splits["val"], VAL_VIEWS, progress)
         _sync_tree(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
         _publish(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
@@ -278,7 +279,7 @@ def train_demo_teacher(data_root: Path, epochs: int = TEACHER_EPOCHS, batch_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         gen = torch.Generator().manual_seed(SEED)
-        model = _init_teacher().to(memory_format=torch.channels_last)  # ~15% faster convs on CPU too
+        model = _init_teacher().to(memory_format=torch.channels_last)  # ~25% faster convs on CPU too
         # drop_last spares BatchNorm a tiny last batch; min() keeps one batch on a tiny (test) dataset
         batch_size = min(batch_size, len(images))
         loader = DataLoader(TensorDataset(images, labels), batch_size, shuffle=True, drop_last=True, generator=gen)

@@ -101,7 +101,13 @@ def test_teacher_trains_and_is_cached(small_root, tmp_path, monkeypatch):
     model = SmallCNN((32, 64, 128), num_classes=10)
     assert set(state) == set(model.state_dict()) and "fc.weight" in state
     model.load_state_dict(state)  # strict
+    assert all(v.is_contiguous() for v in state.values())  # trained channels_last, saved in the plain layout
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
     monkeypatch.setattr(demo, "train_demo_teacher", lambda *a: pytest.fail("retrained a cached teacher"))
     assert demo.ensure_demo_teacher(tmp_path, small_root, epochs=1) == path
+
+
+def test_teacher_training_is_seeded(small_root):
+    a, b = (demo.train_demo_teacher(small_root, epochs=1) for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
