@@ -135,3 +135,12 @@ def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
     assert set(results) == {"knn", "nn1"} and 0 <= results["knn"] <= 100
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"eval/knn"' in lines
+
+
+def test_torch_compile_trains_and_saves_plain_keys(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.compile=true", "trainer.epochs=1",
+                                                                 "trainer.deterministic=false"]))
+    state = torch.load(tmp_path / "run" / "ckpt_epoch0001.pt", weights_only=True)
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state["student"])
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
