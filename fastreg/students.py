@@ -37,19 +37,19 @@ class SmallCNN(nn.Module):
         return self.fc(x)
 
 
-def _strip(model: nn.Module, attr: str) -> nn.Module:
+def strip_classifier(model: nn.Module, attr: str) -> nn.Module:
     setattr(model, attr, nn.Identity())  # forward() now ends at the pooled, flattened feature
     return model
 
 
 # name -> (builder of a classifier-free backbone, pooled feature width)
 STUDENTS: Dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "resnet18": (lambda: _strip(tvm.resnet18(), "fc"), 512),
-    "resnet34": (lambda: _strip(tvm.resnet34(), "fc"), 512),
-    "resnet50": (lambda: _strip(tvm.resnet50(), "fc"), 2048),
-    "mobilenet_v2": (lambda: _strip(tvm.mobilenet_v2(), "classifier"), 1280),
-    "mobilenet_v3_large": (lambda: _strip(tvm.mobilenet_v3_large(), "classifier"), 960),
-    "efficientnet_b0": (lambda: _strip(tvm.efficientnet_b0(), "classifier"), 1280),
+    "resnet18": (lambda: strip_classifier(tvm.resnet18(), "fc"), 512),
+    "resnet34": (lambda: strip_classifier(tvm.resnet34(), "fc"), 512),
+    "resnet50": (lambda: strip_classifier(tvm.resnet50(), "fc"), 2048),
+    "mobilenet_v2": (lambda: strip_classifier(tvm.mobilenet_v2(), "classifier"), 1280),
+    "mobilenet_v3_large": (lambda: strip_classifier(tvm.mobilenet_v3_large(), "classifier"), 960),
+    "efficientnet_b0": (lambda: strip_classifier(tvm.efficientnet_b0(), "classifier"), 1280),
     "cnn_tiny": (lambda: SmallCNN((16, 32, 64)), 64),
     "cnn_small": (lambda: SmallCNN((32, 64, 128)), 128),
 }

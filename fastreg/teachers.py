@@ -26,7 +26,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from fastreg.config import TEACHER_FORMATS, TeacherConfig
-from fastreg.students import SmallCNN
+from fastreg.students import SmallCNN, strip_classifier
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,6 @@ class ResNet50Wide(tvm.ResNet):
         return super()._make_layer(block, planes * self.width, blocks, stride, dilate)
 
 
-def _no_fc(model: nn.Module) -> nn.Module:
-    model.fc = nn.Identity()  # forward() now ends at the pooled, flattened feature
-    return model
-
-
 def _vit(name: str) -> nn.Module:
     # num_classes=0: the output is the CLS token after the final norm. dynamic_img_size resamples the position
     # embedding to the input's patch grid, so DINOv2 (trained at 518 px: 37x37 patches, the pos-embed's shape
@@ -79,10 +74,10 @@ class TeacherArch(NamedTuple):
 
 
 TEACHERS: Dict[str, TeacherArch] = {
-    "resnet50": TeacherArch(lambda: _no_fc(tvm.resnet50()), 2048, True),
-    "resnet101": TeacherArch(lambda: _no_fc(tvm.resnet101()), 2048, True),
-    "resnet152": TeacherArch(lambda: _no_fc(tvm.resnet152()), 2048, True),
-    "wide_resnet50_2": TeacherArch(lambda: _no_fc(tvm.wide_resnet50_2()), 2048, True),
+    "resnet50": TeacherArch(lambda: strip_classifier(tvm.resnet50(), "fc"), 2048, True),
+    "resnet101": TeacherArch(lambda: strip_classifier(tvm.resnet101(), "fc"), 2048, True),
+    "resnet152": TeacherArch(lambda: strip_classifier(tvm.resnet152(), "fc"), 2048, True),
+    "wide_resnet50_2": TeacherArch(lambda: strip_classifier(tvm.wide_resnet50_2(), "fc"), 2048, True),
     "resnet50x2": TeacherArch(lambda: ResNet50Wide(2), 4096, True),
     "resnet50x4": TeacherArch(lambda: ResNet50Wide(4), 8192, True),
     "vit_small_patch16": TeacherArch(lambda: _vit("vit_small_patch16_224"), 384, False),  # DINO ViT-S/16

@@ -318,6 +318,10 @@ class Trainer:
 
 
 def attach_log_file(path: Path) -> None:
+    root = logging.getLogger()
+    target = str(path.resolve())
+    if any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+        return  # a second Trainer in this process (tests, notebooks): don't write every line twice
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)

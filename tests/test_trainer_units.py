@@ -70,3 +70,14 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     a = torch.rand(3)
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(a, torch.rand(3))
+
+
+def test_log_file_attached_once(tmp_path):
+    import logging
+
+    from fastreg.trainer import attach_log_file
+
+    attach_log_file(tmp_path / "train.log")
+    attach_log_file(tmp_path / "train.log")
+    logging.getLogger("fastreg.test").warning("one line")
+    assert (tmp_path / "train.log").read_text().count("one line") == 1
