@@ -104,27 +104,52 @@ class LossConfig:
             raise ValueError(f"loss.center_momentum must be in [0, 1), got {self.center_momentum}")
 
 
+LOADERS = ("auto", "dali", "torchvision", "synthetic")
+
+
 @dataclass
 class DataConfig:
-    loader: str = "torchvision"  # torchvision (ImageFolder + PIL) | synthetic (random tensors on device)
+    # auto: dali (mixed GPU decoder on cuda, CPU mode otherwise); torchvision only when DALI cannot be imported.
+    # dali | torchvision (ImageFolder + PIL, the reference) | synthetic (random tensors on the device)
+    loader: str = "auto"
     root: Optional[str] = None  # training ImageFolder (class subfolders of images)
+    file_list: Optional[str] = None  # optional "relpath label" list under root instead of scanning it (dali)
     val_root: Optional[str] = None  # labelled ImageFolder for k-NN evaluation; None skips evaluation
     knn_train_root: Optional[str] = None  # k-NN memory bank; None uses `root`
     crop_size: int = 224
-    scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range (SimReg: weak)
+    scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area (SimReg: weak)
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect ratio
+    augment: str = "weak"  # weak: crop + flip (SimReg) | strong: + MoCo-v2 colour jitter, grayscale, blur (dali)
     batch_size: int = 256  # per process; lr scales with the global batch (batch_size x world size)
-    workers: int = 8  # DataLoader workers per process; ~ CPU cores / GPUs
+    workers: int = 8  # CPU threads per process: DataLoader workers or DALI threads; ~ CPU cores / GPUs
+    # DALI: share of JPEGs sent to the hardware decoder (A100/H100 NVJPG); the rest go to nvJPEG's CUDA
+    # path. The best value depends on data.workers: sweep it with benchmarks/data_throughput.py.
+    hw_decoder_load: float = 0.65
+    prefetch: int = 2  # DALI batches prepared ahead; raise it when the data loader time is spiky
+    # DALI resize: antialias=false is faster on CPU (429 vs 294 img/s on 2 cores) and aliases on downscales.
+    antialias: bool = True
+    max_bad_fraction: float = 0.01  # fail when more of the images than this fail the index's decode check
     synthetic_batches: int = 50  # synthetic: batches per epoch
     synthetic_classes: int = 10  # synthetic: number of random labels
 
     def __post_init__(self) -> None:
-        _check_choice("data.loader", self.loader, ("torchvision", "synthetic"))
+        _check_choice("data.loader", self.loader, LOADERS)
+        _check_choice("data.augment", self.augment, ("weak", "strong"))
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.crop_size", self.crop_size)
+        _check_positive("data.prefetch", self.prefetch)
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"data.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"data.ratio must be [min, max] with 0 < min <= max, got {self.ratio}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.augment == "strong" and self.loader == "torchvision":
+            raise ValueError("data.augment=strong is built with DALI ops: use data.loader=dali or auto")
 
 
 OPTIMIZERS = ("sgd", "lars", "lamb", "apex_sgd", "apex_lamb")

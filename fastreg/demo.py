@@ -336,7 +336,7 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
     trainer = Trainer(cfg)
     d, e = cfg.data, cfg.eval
     teacher = knn_eval(trainer.distiller.teachers[0], d.root, d.val_root, d.crop_size, e.batch_size, e.workers,
-                       trainer.device, e.knn_k, e.knn_t)
+                       trainer.device, e.knn_k, e.knn_t, loader=d.loader)
     before = trainer.evaluate()
     after = trainer.fit()
     print_table(cfg, teacher, before, after)

@@ -21,18 +21,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fastreg.checkpoint import atomic_save
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
-from fastreg.pipelines.torchvision import eval_loader
+from fastreg.pipelines import eval_batches
 from fastreg.students import STUDENTS, Student
 
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
@@ -47,7 +46,7 @@ def _has_conv(model: nn.Module) -> bool:
 
 
 def extract_features(
-    model: nn.Module, loader: DataLoader, device: str | torch.device, amp_dtype: Optional[torch.dtype] = None
+    model: nn.Module, loader: Iterable, device: str | torch.device, amp_dtype: Optional[torch.dtype] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every batch of `loader`: (feats (N, D) float32 L2-normalized, labels (N,)), on the CPU.
 
@@ -68,7 +67,7 @@ def extract_features(
                     images = images.contiguous(memory_format=torch.channels_last)
                 f = model(images).float()  # (B, D)
                 feats.append(F.normalize(f, dim=1).cpu())
-                labels.append(y)
+                labels.append(y.cpu())
     finally:
         model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -154,13 +153,19 @@ def knn_eval(
     k: int,
     t: float,
     amp_dtype: Optional[torch.dtype] = None,
+    loader: str = "auto",
 ) -> dict[str, float]:
-    """knn_accuracy of `model` with train_root's images as the bank and val_root's as the queries.
+    """knn_accuracy of `model` with train_root's images as the bank and val_root's as the queries;
+    `loader` is the data.loader that decodes them (auto: DALI when it can be imported).
 
     Nothing is cached: during training the model changes between calls.
     """
-    bank, bank_labels = extract_features(model, eval_loader(train_root, crop_size, batch_size, workers), device, amp_dtype)
-    queries, query_labels = extract_features(model, eval_loader(val_root, crop_size, batch_size, workers), device, amp_dtype)
+    def features(root: str) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
+        return extract_features(model, batches, device, amp_dtype)
+
+    bank, bank_labels = features(train_root)
+    queries, query_labels = features(val_root)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k, t)
 
@@ -199,6 +204,7 @@ def cached_features(
     workers: int,
     device: str | torch.device,
     amp_dtype: Optional[torch.dtype] = None,
+    loader: str = "auto",
 ) -> dict:
     """Center-crop features of the ImageFolder `root`, extracted once and then read from `cache_dir`.
 
@@ -206,20 +212,20 @@ def cached_features(
       slot = hash(tag, root, crop size): which features these are (`tag` names the model, the CLI
              passes the checkpoint's absolute path). Writing a new key for a slot deletes the old one,
              so a checkpoint overwritten at the same path does not pile up files.
-      key  = hash(digest of the model's weights, mtimes of root and its class folders, amp dtype):
-             new weights, an edited folder or another precision give a new key, never a stale file.
+      key  = hash(digest of the model's weights, mtimes of root and its class folders, amp dtype, loader):
+             new weights, an edited folder, another precision or decoder give a new key, never a stale file.
     Returns {"feats": (N, D) float32 L2-normalized, "labels": (N,), "classes": class names or None,
     "cached": whether it was read from the cache}.
     """
     root = os.path.abspath(root)
     cache_dir = Path(cache_dir)
     slot = _hash(tag, root, crop_size)
-    path = cache_dir / f"{slot}-{_hash(weights_digest(model), folder_stamp(root), str(amp_dtype))}.pt"
+    path = cache_dir / f"{slot}-{_hash(weights_digest(model), folder_stamp(root), str(amp_dtype), loader)}.pt"
     if path.is_file():
         return {**torch.load(path, map_location="cpu", weights_only=True), "cached": True}
-    loader = eval_loader(root, crop_size, batch_size, workers)
-    feats, labels = extract_features(model, loader, device, amp_dtype)
-    entry = {"feats": feats, "labels": labels, "classes": getattr(loader.dataset, "classes", None)}
+    batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
+    feats, labels = extract_features(model, batches, device, amp_dtype)
+    entry = {"feats": feats, "labels": labels, "classes": batches.classes}
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"{slot}-*.pt"):
         stale.unlink(missing_ok=True)
@@ -357,6 +363,7 @@ def _settings(args: argparse.Namespace, config: dict) -> argparse.Namespace:
         t=args.t or ev.get("knn_t") or 0.07,
         batch_size=args.batch_size or ev.get("batch_size") or 256,
         workers=args.workers if args.workers is not None else ev.get("workers", min(8, os.cpu_count() or 1)),
+        loader=args.loader or data.get("loader") or "auto",
     )
     for flag, root in (("--train-root", s.train_root), ("--val-root", s.val_root)):
         if root is None:
@@ -376,7 +383,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     backbone.to(device)
     tag = str(Path(args.checkpoint).resolve())
     train, val = (
-        cached_features(backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype)
+        cached_features(backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype,
+                        s.loader)
         for root in (s.train_root, s.val_root)
     )
     if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
@@ -421,7 +429,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--k", type=int, help="k-NN neighbours (default: eval.knn_k, else 20)")
     p.add_argument("--t", type=float, help="k-NN temperature (default: eval.knn_t, else 0.07)")
     p.add_argument("--batch-size", type=int, help="default: eval.batch_size, else 256")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: eval.workers, else min(8, CPUs))")
+    p.add_argument("--workers", type=int, help="DataLoader workers or DALI threads (default: eval.workers, else min(8, CPUs))")
+    p.add_argument("--loader", choices=("auto", "dali", "torchvision"),
+                   help="decoder of the center crops (default: data.loader, else auto: DALI when installed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"feature cache (default: {DEFAULT_CACHE})")
     args = p.parse_args(argv)

@@ -162,9 +162,11 @@ class Trainer:
 
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.device)
+        self.resume_path = ckpt.find_resume(t.resume, self.out_dir)
+        resumed = self.read_checkpoint(self.resume_path) if self.resume_path else None
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device,
-                                   memory_format=memory_format)
+                                   memory_format=memory_format, checkpoint=self.loader_state(resumed))
         self.global_batch = cfg.data.batch_size * self.world
         self.peak_lr = cfg.optim.base_lr * self.global_batch / 256
         self.total_steps = t.epochs * len(self.loader)
@@ -174,7 +176,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.epoch, self.step = 0, 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.resume()
+        if resumed:
+            self.resume(resumed)
         self.wrap_model()
         self.metrics_log = MetricsLog(self.out_dir, self.is_main)
 
@@ -188,8 +191,9 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def state_dict(self) -> dict:
+    def state_dict(self, data: list[dict]) -> dict:
         return {
+            "data": data,  # every rank's loader state: DALI's reader position and shuffle
             "student": self.distiller.student.backbone.state_dict(),
             "heads": self.distiller.model.heads.state_dict(),
             "loss": self.distiller.losses.state_dict(),
@@ -202,18 +206,37 @@ class Trainer:
 
     def save(self) -> None:
         self.check_finite()  # never write a checkpoint of a diverged model
+        data = self.gather(self.loader.state_dict())
         if self.is_main:
             path = ckpt.checkpoint_path(self.out_dir, self.epoch)
-            ckpt.atomic_save(self.state_dict(), path)
+            ckpt.atomic_save(self.state_dict(data), path)
             ckpt.prune(self.out_dir, self.cfg.trainer.keep_checkpoints)
             log.info("saved %s", path)
 
-    def resume(self) -> None:
-        path = ckpt.find_resume(self.cfg.trainer.resume, self.out_dir)
-        if path is None:
-            return
+    def gather(self, obj: dict) -> list[dict]:
+        """Every rank's `obj`, in rank order (a collective: all ranks call it)."""
+        if self.world == 1:
+            return [obj]
+        objs: list = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
+    def read_checkpoint(self, path: Path) -> dict:
         state = ckpt.load(path)
         ckpt.compare_configs(state["config"], self.config_dict, path)
+        return state
+
+    def loader_state(self, resumed: dict | None) -> dict | None:
+        """This rank's saved loader state; the loader checks that it is its own kind."""
+        saved = (resumed or {}).get("data") or []
+        if len(saved) == self.world:
+            return saved[self.rank]
+        if saved:
+            log.warning("%s holds the data position of %d process(es), this run has %d: the data order restarts",
+                        self.resume_path, len(saved), self.world)
+        return None
+
+    def resume(self, state: dict) -> None:
         self.distiller.student.backbone.load_state_dict(state["student"])
         self.distiller.model.heads.load_state_dict(state["heads"])
         self.distiller.losses.load_state_dict(state["loss"])
@@ -221,8 +244,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         ckpt.set_rng_state(state["rng"])
-        log.info("resumed from %s (epoch %d, step %d, written at commit %s)", path, self.epoch, self.step,
-                 state["commit"])
+        log.info("resumed from %s (epoch %d, step %d, written at commit %s)", self.resume_path, self.epoch,
+                 self.step, state["commit"])
 
     # ---- the loop ----
 
@@ -299,7 +322,8 @@ class Trainer:
             student = self.distiller.student
             student.eval()
             results = knn_eval(student, d.knn_train_root or d.root, d.val_root, d.crop_size, e.batch_size,
-                               e.workers, self.device, e.knn_k, e.knn_t, amp_dtype=self.distiller.amp_dtype)
+                               e.workers, self.device, e.knn_k, e.knn_t, amp_dtype=self.distiller.amp_dtype,
+                               loader=d.loader)
             student.train()
             log.info("epoch %d k-NN: %s", self.epoch, json.dumps(results))
             self.metrics_log.write(self.step, {f"eval/{k}": v for k, v in results.items()})

@@ -23,6 +23,9 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return self.batches
 
+    def state_dict(self) -> dict:
+        return {"loader": self.name}
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(self.batches):
             yield self.images, self.labels

@@ -49,7 +49,10 @@ def eval_transform(crop_size: int) -> T.Compose:
 def eval_loader(root: str, crop_size: int, batch_size: int, workers: int) -> DataLoader:
     """Every image once, in order, no augmentation: k-NN, the linear probe and eval during training."""
     ds = image_folder(root, eval_transform(crop_size))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=torch.cuda.is_available())
+    loader.classes = ds.classes
+    return loader
 
 
 class SeededViews(Dataset):
@@ -88,6 +91,10 @@ class TorchvisionLoader:
 
     def __len__(self) -> int:
         return len(self.sampler) // self.cfg.batch_size
+
+    def state_dict(self) -> dict:
+        """Nothing beyond the epoch: its order and views are functions of (seed, epoch)."""
+        return {"loader": self.name}
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)

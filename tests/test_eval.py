@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 from fastreg import eval as ev
+from fastreg.pipelines.torchvision import eval_loader
 from fastreg.students import Student
 
 
@@ -45,14 +46,14 @@ def _reference_knn(bank, bank_labels, queries, num_classes, k, t):
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=6, size=32):
-    """A tiny ImageFolder of PNGs: each class has its own colour, plus noise."""
+    """A tiny ImageFolder of JPEGs: each class has its own colour, plus noise."""
     rng = np.random.default_rng(0)
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             base = np.zeros((size, size, 3)) + (60 + 120 * c)
             img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / name / f"{i}.png")
+            Image.fromarray(img).save(root / name / f"{i}.jpg", quality=95)
     return root
 
 
@@ -157,7 +158,7 @@ def test_linear_probe_steps_the_schedule_once_per_epoch(monkeypatch):
 
 def test_extract_features_are_normalized_and_mode_is_restored(folders):
     model = Student("cnn_tiny").backbone.train()
-    loader = ev.eval_loader(str(folders[0]), 32, 5, 0)
+    loader = eval_loader(str(folders[0]), 32, 5, 0)
     feats, labels = ev.extract_features(model, loader, "cpu")
     assert feats.shape == (12, 64) and feats.dtype == torch.float32
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(12))
@@ -194,7 +195,7 @@ def test_feature_cache_sees_new_images(tmp_path):
     root = _image_folder(tmp_path / "data", per_class=2)
     model = Student("cnn_tiny").backbone
     assert len(ev.cached_features(model, str(root), 32, tmp_path / "c", "t", 8, 0, "cpu")["labels"]) == 4
-    Image.new("RGB", (32, 32)).save(root / "dog" / "new.png")
+    Image.new("RGB", (32, 32)).save(root / "dog" / "new.jpg")
     again = ev.cached_features(model, str(root), 32, tmp_path / "c", "t", 8, 0, "cpu")
     assert not again["cached"] and len(again["labels"]) == 5
 

@@ -1,4 +1,4 @@
-"""The torchvision reference loader and the synthetic loader behind one interface."""
+"""The torchvision reference loader and the synthetic loader behind one interface (DALI: test_dali.py)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ CPU = torch.device("cpu")
 
 
 def loader(root, rank=0, world=1, **kw):
-    cfg = DataConfig(root=str(root), crop_size=24, batch_size=4, workers=0, **kw)
+    cfg = DataConfig(loader="torchvision", root=str(root), crop_size=24, batch_size=4, workers=0, **kw)
     return build_loader(cfg, rank=rank, world_size=world, seed=0, device=CPU)
 
 
@@ -78,6 +78,6 @@ def test_bad_folders_fail_clearly(tmp_path):
 def test_views_do_not_depend_on_worker_count(tmp_path):
     root = make_image_folder(tmp_path, per_class=8)
     a = torch.cat([x for x, _ in loader(root).epoch(1)])
-    cfg = DataConfig(root=str(root), crop_size=24, batch_size=4, workers=2)
+    cfg = DataConfig(loader="torchvision", root=str(root), crop_size=24, batch_size=4, workers=2)
     b = torch.cat([x for x, _ in build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU).epoch(1)])
     assert torch.equal(a, b)

@@ -1,0 +1,216 @@
+"""NVIDIA DALI pipelines: JPEG decode on the GPU (nvJPEG + the hardware decoder) or on the CPU.
+
+Training yields ONE weakly augmented view per image (SimReg): the same tensor feeds every teacher and
+the student. On a GPU, `decoders.image_random_crop(device="mixed")` decodes only the crop's region;
+`crop_mirror_normalize(output_layout="HWC")` writes an NHWC buffer, and the NCHW view of it that the
+trainer receives is already channels_last, without a copy.
+
+The file list comes from `fastreg.index`, which decode-checks every image first: one corrupt JPEG
+would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cannot skip samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from fastreg.config import DataConfig
+from fastreg.index import DatasetIndex, load_index
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+READER = "reader"  # the iterator finds epoch size and shard geometry through the reader's name
+MEAN = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works on 0..255 pixels
+STD = [255 * s for s in IMAGENET_STD]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the dataset this process reads: shard_id = global rank, num_shards = world size."""
+    shard_id: int = 0
+    num_shards: int = 1
+
+
+def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
+    """JPEG bytes and labels of the validated files. Training reshuffles the entire dataset every epoch
+    with a seed shared by all ranks, so the shards partition one permutation (each sample once per epoch);
+    pad_last_batch gives every shard the same number of samples, so ranks stay in step."""
+    shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if shuffle else {}
+    jpegs, labels = fn.readers.file(
+        file_root=str(index.root), file_list=str(index.file_list), shard_id=shard.shard_id,
+        num_shards=shard.num_shards, pad_last_batch=True, name=READER, **shuffling,
+    )
+    return jpegs, labels
+
+
+def moco_v2_colour(images):
+    """MoCo v2's strong colour augmentation on uint8 HWC crops.
+
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2): a grayscale image is the
+    jittered one with saturation 0, so both fold into one color_twist (hue in degrees: 0.1 * 360).
+    """
+    jitter = fn.random.coin_flip(probability=0.8)
+    keep_colour = 1 - fn.random.coin_flip(probability=0.2)
+
+    def factor(strength):  # U(1 - s, 1 + s) when jittered, else 1
+        return 1 + jitter * fn.random.uniform(range=[-strength, strength])
+
+    return fn.color_twist(
+        images, brightness=factor(0.4), contrast=factor(0.4),
+        saturation=factor(0.4) * keep_colour, hue=jitter * fn.random.uniform(range=[-36.0, 36.0]),
+    )
+
+
+def gaussian_blur(images, crop_size: int):
+    """MoCo v2's GaussianBlur(sigma in [0.1, 2]) with p=0.5; sigma 0.1 is a no-op for the other half
+    (its kernel's off-centre weights are ~1e-22) and keeps the batch on one code path."""
+    blur = fn.random.coin_flip(probability=0.5)
+    sigma = 0.1 + blur * fn.random.uniform(range=[0.0, 1.9])
+    window = 2 * math.ceil(3 * 2.0) + 1  # covers 3 sigma of the widest kernel
+    return fn.gaussian_blur(images, sigma=sigma, window_size=min(window, crop_size | 1))
+
+
+@pipeline_def
+def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int):
+    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 on GPU / FLOAT on CPU; labels (B, 1))."""
+    jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
+    gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load) if gpu else {}
+    images = fn.decoders.image_random_crop(
+        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+        random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10, **gpu_hints,
+    )
+    images = fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
+    if cfg.augment == "strong":
+        images = gaussian_blur(moco_v2_colour(images), cfg.crop_size)
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="HWC",
+        mean=MEAN, std=STD, mirror=fn.random.coin_flip(probability=0.5),
+    )
+    return images, labels.gpu() if gpu else labels
+
+
+@pipeline_def
+def eval_view(index: DatasetIndex, shard: Shard, crop_size: int, gpu: bool):
+    """Resize the shorter side to crop_size * 256/224, center crop, no flip; every image once, in order."""
+    jpegs, labels = read_files(index, shard, shuffle=False, seed=0)
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=round(crop_size * 256 / 224))
+    images = fn.crop_mirror_normalize(
+        images, crop=(crop_size, crop_size), dtype=types.FLOAT16 if gpu else types.FLOAT,
+        output_layout="HWC", mean=MEAN, std=STD,
+    )
+    return images, labels.gpu() if gpu else labels
+
+
+def nchw_view(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W) as a view: the result is channels_last and shares the buffer."""
+    return images.permute(0, 3, 1, 2)
+
+
+def shard_samples(total: int, shard: Shard) -> int:
+    """Samples in the largest shard: DALI splits [floor(i N / W), floor((i+1) N / W)) and pads to this."""
+    return math.ceil(total / shard.num_shards)
+
+
+class DaliBatches:
+    """Iterates a built pipeline as (images NCHW view, labels (B,) int64) batches on the pipeline's device.
+
+    The iterator reuses its output buffers: clone a batch that must outlive the next iteration.
+    """
+
+    def __init__(self, pipe, policy: LastBatchPolicy):
+        pipe.build()
+        self.iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=policy,
+            auto_reset=False,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for (batch,) in self.iterator:
+            yield nchw_view(batch["images"]), batch["labels"].squeeze(-1).long()
+        self.iterator.reset()
+
+
+def decoder_device(device: torch.device) -> tuple[bool, Optional[int]]:
+    """(gpu, device_id): the mixed decoder on a CUDA device; CPU mode needs device_id=None (not -1)."""
+    if device.type == "cuda":
+        return True, device.index if device.index is not None else torch.cuda.current_device()
+    return False, None
+
+
+class DaliLoader:
+    """Training loader (the `Loader` protocol of fastreg.pipelines): DROP the last partial batch, so every
+    batch is full and every rank runs the same number of steps.
+
+    `state_dict()` is DALI's pipeline checkpoint (reader position, shuffle and augmentation RNG): a
+    loader rebuilt from it continues with the same samples, within an epoch or at its end.
+    """
+
+    def __init__(self, cfg: DataConfig, index: DatasetIndex, *, shard: Shard, seed: int, device: torch.device,
+                 memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
+        self.gpu, device_id = decoder_device(device)
+        self.name = "dali-mixed" if self.gpu else "dali-cpu"
+        self.cfg, self.index, self.device, self.memory_format = cfg, index, device, memory_format
+        self.batches = shard_samples(len(index.samples), shard) // cfg.batch_size
+        if self.batches == 0:
+            raise ValueError(
+                f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {cfg.batch_size} "
+                f"per process across {shard.num_shards} process(es); lower data.batch_size"
+            )
+        if checkpoint and checkpoint.get("loader") != self.name:
+            log.warning("the checkpoint's data position is from loader %s, this run uses %s: the data order "
+                        "restarts", checkpoint.get("loader"), self.name)
+            checkpoint = None
+        # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
+        self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)
+        if self.position[1] == self.batches:  # saved after an epoch's last batch: DALI resumes at the next one
+            self.position = (self.position[0] + 1, 0)
+        pipe = train_view(
+            index, shard, cfg, self.gpu, shuffle_seed=seed,
+            batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
+            seed=seed * 1_000 + shard.shard_id,  # augmentation differs across ranks; the shuffle does not
+            prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True,
+            checkpoint=checkpoint["pipeline"] if checkpoint else None,
+        )
+        self.batches_iter = DaliBatches(pipe, LastBatchPolicy.DROP)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` not yet consumed: all of them, or the rest after a mid-epoch restore."""
+        if epoch != self.position[0]:
+            if self.position[1]:
+                raise RuntimeError(f"the DALI loader stands in epoch {self.position[0]}, asked for epoch {epoch}")
+            log.warning("DALI loader: epoch %d gets the shuffle order of pass %d (a resume without the loader's "
+                        "state: its reader cannot skip ahead)", epoch, self.position[0])
+        for images, labels in self.batches_iter:
+            self.position = (epoch, self.position[1] + 1)
+            if self.memory_format != torch.channels_last:
+                images = images.contiguous(memory_format=self.memory_format)
+            yield images, labels
+        self.position = (epoch + 1, 0)
+
+    def state_dict(self) -> dict:
+        epoch, batch = self.position
+        return {"loader": self.name, "pipeline": self.batches_iter.iterator.checkpoints()[0], "epoch": epoch,
+                "batch": batch}
+
+
+def dali_eval_loader(root: str, crop_size: int, batch_size: int, workers: int, device: torch.device,
+                     index: Optional[DatasetIndex] = None) -> DaliBatches:
+    """Every validated image once, in file-list order, with PARTIAL last batch (k-NN, linear probe)."""
+    index = index or load_index(root)
+    gpu, device_id = decoder_device(device)
+    pipe = eval_view(index, Shard(), crop_size, gpu, batch_size=batch_size, num_threads=max(1, workers),
+                     device_id=device_id, seed=0)
+    batches = DaliBatches(pipe, LastBatchPolicy.PARTIAL)
+    batches.classes = index.classes
+    return batches
