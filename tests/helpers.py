@@ -32,3 +32,52 @@ def tiny_overrides(data_root: Path, out_dir: Path) -> list[str]:
         "optim.base_lr=2.0", "trainer.precision=fp32", "trainer.log_every=1", "trainer.progress=false",
         "trainer.deterministic=true", "trainer.device=cpu", f"trainer.out_dir={out_dir}",
     ]
+
+
+def make_photo_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (64, 48),
+                      seed: int = 0) -> Path:
+    """JPEGs cut from real photographs (scikit-learn's sample images): natural colour and texture
+    statistics, unlike stripes or noise, for comparing decoders and resamplers."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two 427x640 RGB photos
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo = photos[rng.integers(len(photos))]
+            h, w = rng.integers(150, 400), rng.integers(200, 600)
+            y, x = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
+            crop = Image.fromarray(photo[y:y + h, x:x + w]).resize(size, Image.BILINEAR)
+            crop.save(root / f"class{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+# ------------------------------------------------------------- files that must never reach DALI
+
+
+def noise(mode="RGB", size=16):
+    channels = {"RGB": 3, "CMYK": 4}.get(mode)
+    shape = (size, size, channels) if channels else (size, size)
+    return Image.fromarray(np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8), mode)
+
+
+def write_truncated(path):
+    noise().save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# Each bad kind: how to write it, and how its reason starts.
+BAD = {
+    "corrupt": (lambda p: p.write_bytes(np.random.default_rng(2).bytes(500)), "not an image"),
+    "truncated": (write_truncated, "truncated: "),
+    "zero": (lambda p: p.write_bytes(b""), "zero bytes"),
+    "png_named_jpg": (lambda p: noise().save(p, format="PNG"), "not a JPEG (PNG)"),
+    "cmyk": (lambda p: noise("CMYK").save(p, format="JPEG"), "CMYK JPEG"),
+}
+
+
+def add_bad_files(root):
+    for name, (write, _) in BAD.items():
+        write(root / "class1" / f"{name}.jpg")

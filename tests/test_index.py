@@ -7,34 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fastreg import index as fi
 from fastreg.index import check_image, load_index
-from helpers import make_image_folder
-
-
-def noise(mode="RGB", size=16):
-    channels = {"RGB": 3, "CMYK": 4}.get(mode)
-    shape = (size, size, channels) if channels else (size, size)
-    return Image.fromarray(np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8), mode)
-
-
-def write_truncated(path):
-    noise().save(path, format="JPEG")
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-# Each bad kind: how to write it, and how its reason starts.
-BAD = {
-    "corrupt": (lambda p: p.write_bytes(np.random.default_rng(2).bytes(500)), "not an image"),
-    "truncated": (write_truncated, "truncated: "),
-    "zero": (lambda p: p.write_bytes(b""), "zero bytes"),
-    "png_named_jpg": (lambda p: noise().save(p, format="PNG"), "not a JPEG (PNG)"),
-    "cmyk": (lambda p: noise("CMYK").save(p, format="JPEG"), "CMYK JPEG"),
-}
+from helpers import BAD, add_bad_files, make_image_folder, noise
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +34,6 @@ def tree(tmp_path):
 
 def index(root, **kw):
     return load_index(root, workers=1, progress=False, **kw)
-
-
-def add_bad_files(root):
-    for name, (write, _) in BAD.items():
-        write(root / "class1" / f"{name}.jpg")
 
 
 def test_classes_labels_and_order_equal_image_folder(tree):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from hydra import compose, initialize_config_module
 from fastreg.config import to_config
 from fastreg.distiller import build_distiller
 from fastreg.train import train
-from helpers import make_image_folder, tiny_overrides
+from helpers import BAD, add_bad_files, make_image_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,3 +145,24 @@ def test_torch_compile_trains_and_saves_plain_keys(tmp_path):
     state = torch.load(tmp_path / "run" / "ckpt_epoch0001.pt", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["student"])
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_bad_images_are_left_out_and_the_dali_run_completes(tmp_path, caplog):
+    """Corrupt, truncated, zero-byte, PNG-named-.jpg and CMYK files among 32 JPEGs: any one of them would kill
+    the DALI pipeline; the index leaves them out, warns, and training runs to the end."""
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    add_bad_files(data)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data, out) + ["data.loader=dali", "data.max_bad_fraction=0.2", "trainer.epochs=2"]
+    with caplog.at_level(logging.INFO):
+        train(compose_cfg(overrides))
+    log = (out / "train.log").read_text()
+    assert f"left out {len(BAD)} of {32 + len(BAD)} images" in log and "loader dali-cpu (4 batches/epoch)" in log
+    assert torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["step"] == 8
+
+
+def test_too_many_bad_images_stop_before_training(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    add_bad_files(data)  # 5 of 37 = 13.5%, over the default 1%
+    with pytest.raises(ValueError, match="data.max_bad_fraction=0.01"):
+        train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["data.loader=dali"]))
