@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 READER = "reader"  # the iterator finds epoch size and shard geometry through the reader's name
 MEAN = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works on 0..255 pixels
 STD = [255 * s for s in IMAGENET_STD]
+# The mixed decoder's memory, sized once for ImageNet's largest JPEG (DALI's ResNet-50 example): its
+# pools only grow, and growing them mid-epoch stalls the pipeline.
+MIXED_DECODER_MEMORY = dict(device_memory_padding=211025920, host_memory_padding=140544512,
+                            preallocate_width_hint=5980, preallocate_height_hint=6430)
 
 
 @dataclass(frozen=True)
@@ -68,27 +72,26 @@ def moco_v2_colour(images):
     )
 
 
-def gaussian_blur(images, crop_size: int):
+def gaussian_blur(images):
     """MoCo v2's GaussianBlur(sigma in [0.1, 2]) with p=0.5; sigma 0.1 is a no-op for the other half
     (its kernel's off-centre weights are ~1e-22) and keeps the batch on one code path."""
     blur = fn.random.coin_flip(probability=0.5)
     sigma = 0.1 + blur * fn.random.uniform(range=[0.0, 1.9])
-    window = 2 * math.ceil(3 * 2.0) + 1  # covers 3 sigma of the widest kernel
-    return fn.gaussian_blur(images, sigma=sigma, window_size=min(window, crop_size | 1))
+    return fn.gaussian_blur(images, sigma=sigma, window_size=13)  # 3 sigma each side of the widest kernel
 
 
 @pipeline_def
 def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int):
     """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 on GPU / FLOAT on CPU; labels (B, 1))."""
     jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
-    gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load) if gpu else {}
+    gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
     images = fn.decoders.image_random_crop(
         jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10, **gpu_hints,
     )
     images = fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
     if cfg.augment == "strong":
-        images = gaussian_blur(moco_v2_colour(images), cfg.crop_size)
+        images = gaussian_blur(moco_v2_colour(images))
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="HWC",
         mean=MEAN, std=STD, mirror=fn.random.coin_flip(probability=0.5),
@@ -100,7 +103,8 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
 def eval_view(index: DatasetIndex, shard: Shard, crop_size: int, gpu: bool):
     """Resize the shorter side to crop_size * 256/224, center crop, no flip; every image once, in order."""
     jpegs, labels = read_files(index, shard, shuffle=False, seed=0)
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    gpu_hints = MIXED_DECODER_MEMORY if gpu else {}
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_hints)
     images = fn.resize(images, resize_shorter=round(crop_size * 256 / 224))
     images = fn.crop_mirror_normalize(
         images, crop=(crop_size, crop_size), dtype=types.FLOAT16 if gpu else types.FLOAT,
