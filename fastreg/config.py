@@ -126,7 +126,8 @@ class DataConfig:
     # path. The best value depends on data.workers: sweep it with benchmarks/data_throughput.py.
     hw_decoder_load: float = 0.65
     prefetch: int = 2  # DALI batches prepared ahead; raise it when the data loader time is spiky
-    # DALI resize: antialias=false is faster on CPU (429 vs 294 img/s on 2 cores) and aliases on downscales.
+    # DALI resize: antialias=false is 15-24% faster on CPU (939 vs 815 img/s on 2 cores,
+    # benchmarks/results/data_cpu_2026-11-23.md) but aliases on downscaled crops.
     antialias: bool = True
     max_bad_fraction: float = 0.01  # fail when more of the images than this fail the index's decode check
     synthetic_batches: int = 50  # synthetic: batches per epoch

@@ -274,7 +274,8 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
     fraction = len(index.bad) / total
     if not index.samples:
         raise ValueError(f"{index.root}: none of the {total} images passes the decode check; they are listed in "
-                         f"{bad_list} with the reasons. DALI needs JPEGs (RGB or grayscale): fix the data")
+                         f"{bad_list} with the reasons. The DALI loader reads RGB or grayscale JPEGs: fix the data, "
+                         "or use data.loader=torchvision for other formats")
     if fraction > max_bad_fraction:
         raise ValueError(f"{index.root}: {len(index.bad)} of {total} images ({fraction:.2%}) fail the decode "
                          f"check, more than data.max_bad_fraction={max_bad_fraction}; they are listed in "
