@@ -31,7 +31,7 @@ from torch import nn
 
 from fastreg.checkpoint import atomic_save
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
-from fastreg.pipelines import eval_batches
+from fastreg.pipelines import eval_batches, resolve_loader
 from fastreg.students import STUDENTS, Student
 
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
@@ -63,6 +63,8 @@ def extract_features(
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             for images, y in loader:
                 images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+                if amp_dtype is None:
+                    images = images.float()  # DALI's GPU batches are float16; without autocast the model is fp32
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 f = model(images).float()  # (B, D)
@@ -154,14 +156,16 @@ def knn_eval(
     t: float,
     amp_dtype: Optional[torch.dtype] = None,
     loader: str = "auto",
+    **index_options,
 ) -> dict[str, float]:
     """knn_accuracy of `model` with train_root's images as the bank and val_root's as the queries;
-    `loader` is the data.loader that decodes them (auto: DALI when it can be imported).
+    `loader` is the data.loader that decodes them (auto: DALI when it can be imported), index_options
+    (max_bad_fraction, progress) go to DALI's dataset index.
 
     Nothing is cached: during training the model changes between calls.
     """
     def features(root: str) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
+        batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), **index_options)
         return extract_features(model, batches, device, amp_dtype)
 
     bank, bank_labels = features(train_root)
@@ -220,7 +224,7 @@ def cached_features(
     root = os.path.abspath(root)
     cache_dir = Path(cache_dir)
     slot = _hash(tag, root, crop_size)
-    path = cache_dir / f"{slot}-{_hash(weights_digest(model), folder_stamp(root), str(amp_dtype), loader)}.pt"
+    path = cache_dir / f"{slot}-{_hash(weights_digest(model), folder_stamp(root), str(amp_dtype), resolve_loader(loader))}.pt"
     if path.is_file():
         return {**torch.load(path, map_location="cpu", weights_only=True), "cached": True}
     batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))

@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 log = logging.getLogger(__name__)
 
 # Part of the fingerprint: bump it when check_image's rule changes, so that cached indexes are rebuilt.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 LIST_LINE = re.compile(r"(.*\S)\s+([0-9]+)")  # as DALI splits: the label is the last token
 # File names are bytes on Linux; surrogateescape carries undecodable ones through to DALI unchanged.
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")
@@ -60,8 +60,9 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
         if os.path.getsize(path) == 0:
             return "zero bytes"
         with Image.open(path) as img:
-            # Judged by content, not extension: the DALI pipelines are built for JPEG only.
-            if img.format != "JPEG":
+            # Judged by content, not extension: the DALI pipelines are built for JPEG only. MPO is a camera's
+            # JPEG with extra pictures appended; every decoder reads its first one.
+            if img.format not in ("JPEG", "MPO"):
                 return f"not a JPEG ({img.format})"
             # Decoders disagree on converting CMYK/YCCK to RGB; DALI and the torchvision reference must
             # see the same pixels.

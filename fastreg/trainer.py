@@ -166,7 +166,8 @@ class Trainer:
         resumed = self.read_checkpoint(self.resume_path) if self.resume_path else None
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device,
-                                   memory_format=memory_format, checkpoint=self.loader_state(resumed))
+                                   memory_format=memory_format, half=t.precision != "fp32",
+                                   checkpoint=self.loader_state(resumed))
         self.global_batch = cfg.data.batch_size * self.world
         self.peak_lr = cfg.optim.base_lr * self.global_batch / 256
         self.total_steps = t.epochs * len(self.loader)
@@ -298,7 +299,12 @@ class Trainer:
         progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}")
 
     def check_finite(self) -> None:
-        if self.nonfinite.item():  # a host sync: only at logging steps and epoch ends
+        """Every rank calls it at the same steps (logging steps, saves): the flag is reduced over the ranks,
+        so all of them stop together rather than some waiting in the next collective."""
+        nonfinite = self.nonfinite.int()
+        if self.world > 1:
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        if nonfinite.item():  # a host sync: only at logging steps and epoch ends
             raise FloatingPointError(
                 f"the loss became NaN or inf at or before step {self.step} (epoch {self.epoch + 1}); the last "
                 f"checkpoint in {self.out_dir} is intact. Lower optim.base_lr, add warmup (optim.warmup_epochs), "
@@ -323,7 +329,7 @@ class Trainer:
             student.eval()
             results = knn_eval(student, d.knn_train_root or d.root, d.val_root, d.crop_size, e.batch_size,
                                e.workers, self.device, e.knn_k, e.knn_t, amp_dtype=self.distiller.amp_dtype,
-                               loader=d.loader)
+                               loader=d.loader, max_bad_fraction=d.max_bad_fraction, progress=False)
             student.train()
             log.info("epoch %d k-NN: %s", self.epoch, json.dumps(results))
             self.metrics_log.write(self.step, {f"eval/{k}": v for k, v in results.items()})

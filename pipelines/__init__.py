@@ -50,26 +50,45 @@ def resolve_loader(kind: str) -> str:
     return "dali"
 
 
-def dataset_index(cfg: DataConfig, rank: int, world_size: int, progress: bool = True):
-    """The validated file list of data.root; rank 0 builds it (decode-checks every image), the others
-    then read the cache, so no two processes write it at once."""
+def dataset_index(cfg: DataConfig, rank: int, world_size: int):
+    """The validated file list of data.root. Rank 0 builds it (decode-checks every image) while the others
+    wait, then they read the cache; an error on rank 0 is raised on every rank, so none waits forever."""
     from fastreg.index import load_index
 
-    def load():
+    def load(progress: bool):
         return load_index(cfg.root, file_list=cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
-                          progress=progress and rank == 0)
+                          progress=progress)
 
     if world_size == 1 or not dist.is_initialized():
-        return load()
-    index = load() if rank == 0 else None
-    dist.barrier()
-    return index or load()
+        return load(progress=True)
+    failure = None
+    if rank == 0:
+        try:
+            index = load(progress=True)
+        except (OSError, ValueError) as e:
+            failure = e
+    message = [f"{type(failure).__name__}: {failure}" if failure else None]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise RuntimeError(f"rank 0 could not index {cfg.root}: {message[0]}")
+    if rank != 0:
+        index_log = logging.getLogger("fastreg.index")
+        level = index_log.level
+        index_log.setLevel(logging.ERROR)  # rank 0 has warned about the bad files already
+        try:
+            index = load(progress=False)
+        finally:
+            index_log.setLevel(level)
+    return index
 
 
 def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 memory_format: torch.memory_format = torch.channels_last,
+                 memory_format: torch.memory_format = torch.channels_last, half: bool = True,
                  checkpoint: Optional[dict] = None) -> Loader:
-    """The training loader of data.loader; `checkpoint` is a state_dict() of the same loader to continue from."""
+    """The training loader of data.loader. `half`: float16 images where that is fast (DALI on a GPU), for
+    runs under autocast; `checkpoint`: a state_dict() of the same loader to continue from."""
     kind = resolve_loader(cfg.loader)
     if kind == "synthetic":
         from fastreg.pipelines.synthetic import SyntheticLoader
@@ -79,9 +98,12 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
         from fastreg.pipelines.dali import DaliLoader, Shard
 
         return DaliLoader(cfg, dataset_index(cfg, rank, world_size), shard=Shard(rank, world_size), seed=seed,
-                          device=device, memory_format=memory_format, checkpoint=checkpoint)
+                          device=device, memory_format=memory_format, half=half, checkpoint=checkpoint)
     if cfg.augment == "strong":
         raise ValueError("data.augment=strong is built with DALI ops, and DALI cannot be imported here")
+    if cfg.file_list:
+        raise ValueError("data.file_list is read by the DALI loader only; the torchvision loader reads all of "
+                         "data.root: unset data.file_list or use data.loader=dali")
     from fastreg.pipelines.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(cfg, rank=rank, world_size=world_size, seed=seed, device=device,
@@ -89,13 +111,14 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
 
 
 def eval_batches(kind: str, root: str, crop_size: int, batch_size: int, workers: int,
-                 device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+                 device: torch.device, **index_options) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of every image of the ImageFolder `root` once, in order; `.classes` names the labels.
-    DALI batches are already on `device`; torchvision's are on the CPU."""
+    DALI batches are already on `device` (float16 on a GPU); torchvision's are float32 on the CPU.
+    index_options (max_bad_fraction, progress) go to DALI's dataset index."""
     if resolve_loader(kind) == "dali":
         from fastreg.pipelines.dali import dali_eval_loader
 
-        return dali_eval_loader(root, crop_size, batch_size, workers, device)
+        return dali_eval_loader(root, crop_size, batch_size, workers, device, **index_options)
     from fastreg.pipelines.torchvision import eval_loader
 
     return eval_loader(root, crop_size, batch_size, workers)

@@ -11,8 +11,8 @@ would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cann
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -57,8 +57,10 @@ def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
 def moco_v2_colour(images):
     """MoCo v2's strong colour augmentation on uint8 HWC crops.
 
-    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2): a grayscale image is the
-    jittered one with saturation 0, so both fold into one color_twist (hue in degrees: 0.1 * 360).
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2). As in torchvision, contrast
+    pivots on the image's mean gray level (b c x + b (1 - c) mean(gray(x)) = contrast after brightness), and
+    grayscale is luma: saturation 0 of the gray-axis projection. The order is fixed (brightness, contrast,
+    saturation, hue) where torchvision draws a random order per image.
     """
     jitter = fn.random.coin_flip(probability=0.8)
     keep_colour = 1 - fn.random.coin_flip(probability=0.2)
@@ -66,10 +68,10 @@ def moco_v2_colour(images):
     def factor(strength):  # U(1 - s, 1 + s) when jittered, else 1
         return 1 + jitter * fn.random.uniform(range=[-strength, strength])
 
-    return fn.color_twist(
-        images, brightness=factor(0.4), contrast=factor(0.4),
-        saturation=factor(0.4) * keep_colour, hue=jitter * fn.random.uniform(range=[-36.0, 36.0]),
-    )
+    gray_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
+    images = fn.brightness_contrast(images, brightness=factor(0.4), contrast=factor(0.4), contrast_center=gray_mean)
+    hue = jitter * fn.random.uniform(range=[-36.0, 36.0])  # degrees: 0.1 of the colour circle
+    return fn.hsv(images, saturation=factor(0.4) * keep_colour, hue=hue)
 
 
 def gaussian_blur(images):
@@ -81,8 +83,9 @@ def gaussian_blur(images):
 
 
 @pipeline_def
-def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int):
-    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 on GPU / FLOAT on CPU; labels (B, 1))."""
+def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int, half: bool):
+    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 if `half` else FLOAT; labels (B, 1)).
+    FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT."""
     jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
     gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
     images = fn.decoders.image_random_crop(
@@ -93,7 +96,7 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
     if cfg.augment == "strong":
         images = gaussian_blur(moco_v2_colour(images))
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="HWC",
+        images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
         mean=MEAN, std=STD, mirror=fn.random.coin_flip(probability=0.5),
     )
     return images, labels.gpu() if gpu else labels
@@ -118,28 +121,34 @@ def nchw_view(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2)
 
 
-def shard_samples(total: int, shard: Shard) -> int:
-    """Samples in the largest shard: DALI splits [floor(i N / W), floor((i+1) N / W)) and pads to this."""
-    return math.ceil(total / shard.num_shards)
+def full_batches(total: int, shard: Shard, batch_size: int) -> int:
+    """Full batches every rank can take: DALI's shards hold floor(N/W) or floor(N/W) + 1 samples."""
+    return total // shard.num_shards // batch_size
 
 
 class DaliBatches:
-    """Iterates a built pipeline as (images NCHW view, labels (B,) int64) batches on the pipeline's device.
+    """Iterates a built pipeline as (images NCHW view, labels (B,) int64) batches on the pipeline's device,
+    one pass over the data per iteration; the last batch may be short (PARTIAL, padding removed).
 
     The iterator reuses its output buffers: clone a batch that must outlive the next iteration.
     """
 
-    def __init__(self, pipe, policy: LastBatchPolicy):
+    def __init__(self, pipe, classes: list[str]):
         pipe.build()
         self.iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=policy,
-            auto_reset=False,
+            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
         )
+        self.classes = classes
+        self.in_pass = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.in_pass:  # DALI cannot rewind, and a new pass would start where the old one stopped
+            raise RuntimeError("the previous pass over this DALI loader was left unfinished; build a new one")
+        self.in_pass = True
         for (batch,) in self.iterator:
             yield nchw_view(batch["images"]), batch["labels"].squeeze(-1).long()
         self.iterator.reset()
+        self.in_pass = False
 
 
 def decoder_device(device: torch.device) -> tuple[bool, Optional[int]]:
@@ -149,41 +158,57 @@ def decoder_device(device: torch.device) -> tuple[bool, Optional[int]]:
     return False, None
 
 
-class DaliLoader:
-    """Training loader (the `Loader` protocol of fastreg.pipelines): DROP the last partial batch, so every
-    batch is full and every rank runs the same number of steps.
+def dataset_digest(index: DatasetIndex) -> str:
+    """Identity of the file list: a saved reader position means nothing on another list."""
+    h = hashlib.sha1()
+    for path, label in index.samples:
+        h.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
-    `state_dict()` is DALI's pipeline checkpoint (reader position, shuffle and augmentation RNG): a
+
+class DaliLoader:
+    """Training loader (the `Loader` protocol of fastreg.pipelines). Every rank takes the same number of full
+    batches per epoch, floor(floor(N / W) / B); the few samples left in a pass are read and dropped.
+
+    `state_dict()` holds DALI's pipeline checkpoint (reader position, shuffle and augmentation RNG): a
     loader rebuilt from it continues with the same samples, within an epoch or at its end.
     """
 
     def __init__(self, cfg: DataConfig, index: DatasetIndex, *, shard: Shard, seed: int, device: torch.device,
-                 memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
+                 memory_format: torch.memory_format, half: bool = True, checkpoint: Optional[dict] = None):
         self.gpu, device_id = decoder_device(device)
         self.name = "dali-mixed" if self.gpu else "dali-cpu"
-        self.cfg, self.index, self.device, self.memory_format = cfg, index, device, memory_format
-        self.batches = shard_samples(len(index.samples), shard) // cfg.batch_size
+        self.memory_format = memory_format
+        self.batches = full_batches(len(index.samples), shard, cfg.batch_size)
         if self.batches == 0:
             raise ValueError(
                 f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {cfg.batch_size} "
                 f"per process across {shard.num_shards} process(es); lower data.batch_size"
             )
-        if checkpoint and checkpoint.get("loader") != self.name:
-            log.warning("the checkpoint's data position is from loader %s, this run uses %s: the data order "
-                        "restarts", checkpoint.get("loader"), self.name)
-            checkpoint = None
+        self.identity = {"loader": self.name, "dataset": dataset_digest(index), "num_shards": shard.num_shards,
+                         "batch_size": cfg.batch_size}
+        checkpoint = self.usable(checkpoint)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
         self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)
-        if self.position[1] == self.batches:  # saved after an epoch's last batch: DALI resumes at the next one
-            self.position = (self.position[0] + 1, 0)
         pipe = train_view(
-            index, shard, cfg, self.gpu, shuffle_seed=seed,
+            index, shard, cfg, self.gpu, shuffle_seed=seed, half=half and self.gpu,
             batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
             seed=seed * 1_000 + shard.shard_id,  # augmentation differs across ranks; the shuffle does not
             prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True,
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
-        self.batches_iter = DaliBatches(pipe, LastBatchPolicy.DROP)
+        self.batches_iter = DaliBatches(pipe, index.classes)
+
+    def usable(self, checkpoint: Optional[dict]) -> Optional[dict]:
+        """The saved state, if it was written by this loader on this file list, world size and batch size."""
+        if checkpoint is None:
+            return None
+        changed = [k for k, v in self.identity.items() if checkpoint.get(k) != v]
+        if changed:
+            log.warning("the checkpoint's data position was saved with another %s: the data order restarts",
+                        ", ".join(changed))
+            return None
+        return checkpoint
 
     def __len__(self) -> int:
         return self.batches
@@ -195,26 +220,33 @@ class DaliLoader:
                 raise RuntimeError(f"the DALI loader stands in epoch {self.position[0]}, asked for epoch {epoch}")
             log.warning("DALI loader: epoch %d gets the shuffle order of pass %d (a resume without the loader's "
                         "state: its reader cannot skip ahead)", epoch, self.position[0])
-        for images, labels in self.batches_iter:
-            self.position = (epoch, self.position[1] + 1)
+        batches = iter(self.batches_iter)
+        for done in range(self.position[1] + 1, self.batches + 1):
+            images, labels = next(batches)
+            self.position = (epoch, done)
+            if done == self.batches:
+                # Read and drop the pass's leftovers now, so that a state saved from here on starts the next
+                # epoch. The drain reuses the iterator's buffers: keep a copy of this last batch.
+                images, labels = images.clone(), labels.clone()
+                for _ in batches:
+                    pass
+                self.position = (epoch + 1, 0)
             if self.memory_format != torch.channels_last:
                 images = images.contiguous(memory_format=self.memory_format)
             yield images, labels
-        self.position = (epoch + 1, 0)
 
     def state_dict(self) -> dict:
         epoch, batch = self.position
-        return {"loader": self.name, "pipeline": self.batches_iter.iterator.checkpoints()[0], "epoch": epoch,
+        return {**self.identity, "pipeline": self.batches_iter.iterator.checkpoints()[0], "epoch": epoch,
                 "batch": batch}
 
 
 def dali_eval_loader(root: str, crop_size: int, batch_size: int, workers: int, device: torch.device,
-                     index: Optional[DatasetIndex] = None) -> DaliBatches:
-    """Every validated image once, in file-list order, with PARTIAL last batch (k-NN, linear probe)."""
-    index = index or load_index(root)
+                     **index_options) -> DaliBatches:
+    """Every validated image once, in file-list order, the last batch short (k-NN, linear probe).
+    index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
+    index = load_index(root, **index_options)
     gpu, device_id = decoder_device(device)
     pipe = eval_view(index, Shard(), crop_size, gpu, batch_size=batch_size, num_threads=max(1, workers),
                      device_id=device_id, seed=0)
-    batches = DaliBatches(pipe, LastBatchPolicy.PARTIAL)
-    batches.classes = index.classes
-    return batches
+    return DaliBatches(pipe, index.classes)

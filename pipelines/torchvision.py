@@ -29,7 +29,7 @@ def image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
 
 def train_transform(cfg: DataConfig) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale)),
+        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio)),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

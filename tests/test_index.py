@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fastreg import index as fi
@@ -52,6 +53,13 @@ def test_check_image_names_each_bad_kind(tmp_path, kind):
     write, reason = BAD[kind]
     write(tmp_path / "x.jpg")
     assert check_image(tmp_path / "x.jpg").startswith(reason)
+
+
+def test_check_image_accepts_a_camera_mpo(tmp_path):
+    """A camera's JPEG with a second picture appended (Pillow: format MPO): DALI decodes its first one."""
+    noise().save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[noise("RGB", 16)])
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    assert check_image(tmp_path / "camera.jpg") is None
 
 
 def test_check_image_accepts_rgb_and_grayscale(tmp_path):

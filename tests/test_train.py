@@ -158,12 +158,14 @@ def test_bad_images_are_left_out_and_the_dali_run_completes(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data", per_class=16)
     add_bad_files(data)
     out = tmp_path / "run"
-    overrides = tiny_overrides(data, out) + ["data.loader=dali", "data.max_bad_fraction=0.2", "trainer.epochs=2"]
+    overrides = tiny_overrides(data, out) + ["data.loader=dali", "data.max_bad_fraction=0.2", "trainer.epochs=2",
+                                             f"data.val_root={data}"]  # k-NN reads the same folder
     with caplog.at_level(logging.INFO):
         train(compose_cfg(overrides))
     log = (out / "train.log").read_text()
     assert f"left out {len(BAD)} of {32 + len(BAD)} images" in log and "loader dali-cpu (4 batches/epoch)" in log
     assert torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["step"] == 8
+    assert "epoch 2 k-NN" in log
 
 
 def test_too_many_bad_images_stop_before_training(tmp_path):
@@ -171,3 +173,17 @@ def test_too_many_bad_images_stop_before_training(tmp_path):
     add_bad_files(data)  # 5 of 37 = 13.5%, over the default 1%
     with pytest.raises(ValueError, match="data.max_bad_fraction=0.01"):
         train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["data.loader=dali"]))
+
+
+def test_an_index_error_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 decode-checks the data while the others wait: its error must reach them, not leave them hanging."""
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    add_bad_files(data)  # 5 of 37 bad, over the default 1%
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *tiny_overrides(data, tmp_path / "run"), "data.loader=dali"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "more than data.max_bad_fraction=0.01" in proc.stderr
+    assert "rank 0 could not index" in proc.stderr  # rank 1's own message
