@@ -68,10 +68,15 @@ def moco_v2_colour(images):
     def factor(strength):  # U(1 - s, 1 + s) when jittered, else 1
         return 1 + jitter * fn.random.uniform(range=[-strength, strength])
 
-    gray_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
-    images = fn.brightness_contrast(images, brightness=factor(0.4), contrast=factor(0.4), contrast_center=gray_mean)
+    images = brightness_contrast(images, factor(0.4), factor(0.4))
     hue = jitter * fn.random.uniform(range=[-36.0, 36.0])  # degrees: 0.1 of the colour circle
     return fn.hsv(images, saturation=factor(0.4) * keep_colour, hue=hue)
+
+
+def brightness_contrast(images, brightness, contrast):
+    """torchvision's adjust_brightness then adjust_contrast: b c x + b (1 - c) mean(gray(x))."""
+    gray_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
+    return fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=gray_mean)
 
 
 def gaussian_blur(images):

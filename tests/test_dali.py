@@ -264,6 +264,44 @@ def test_strong_augmentation_adds_colour_jitter_grayscale_and_blur(tmp_path):
     assert (sharpness(strong) < 0.5 * sharpness(weak).median()).float().mean() > 0.2  # GaussianBlur(p=0.5)
 
 
+def run_op(op, image: np.ndarray) -> torch.Tensor:
+    """A DALI CPU op on one uint8 HWC image: its (3, H, W) int output."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        return op(fn.external_source(source=lambda: [image], batch=True, layout="HWC"))
+
+    p = pipe()
+    p.build()
+    return torch.from_numpy(np.array(p.run()[0][0])).permute(2, 0, 1).int()
+
+
+DARK = np.random.default_rng(0).integers(0, 100, (12, 10, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("brightness, contrast", [(1.3, 0.6), (0.7, 1.4), (1.0, 0.0)])
+def test_brightness_contrast_matches_torchvision(brightness, contrast):
+    """Contrast pivots on the image's mean gray level, as torchvision's; DALI's default pivot, 128, would put
+    this dark image's contrast=0 output at 128 instead of ~50."""
+    import torchvision.transforms.functional as TF
+
+    from fastreg.pipelines.dali import brightness_contrast
+
+    out = run_op(lambda x: brightness_contrast(x, brightness, contrast), DARK)
+    ref = TF.adjust_contrast(TF.adjust_brightness(torch.from_numpy(DARK).permute(2, 0, 1), brightness), contrast)
+    assert (out - ref.int()).abs().max() <= 2  # uint8 rounding of the intermediate and of the gray mean
+
+
+def test_zero_saturation_is_torchvision_grayscale():
+    from nvidia.dali import fn
+    import torchvision.transforms.functional as TF
+
+    out = run_op(lambda x: fn.hsv(x, saturation=0.0), DARK)
+    ref = TF.rgb_to_grayscale(torch.from_numpy(DARK).permute(2, 0, 1), num_output_channels=3)
+    assert (out - ref.int()).abs().max() <= 2
+
+
 def test_strong_augmentation_needs_dali():
     with pytest.raises(ValueError, match="data.augment=strong"):
         DataConfig(loader="torchvision", augment="strong")
