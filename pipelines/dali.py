@@ -44,8 +44,8 @@ class Shard:
 
 def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
     """JPEG bytes and labels of the validated files. Training reshuffles the entire dataset every epoch
-    with a seed shared by all ranks, so the shards partition one permutation (each sample once per epoch);
-    pad_last_batch gives every shard the same number of samples, so ranks stay in step."""
+    with a seed shared by all ranks, so the shards partition one permutation (each sample at most once per
+    epoch); pad_last_batch gives every shard's pass the same length (DaliLoader never trains on the pad)."""
     shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if shuffle else {}
     jpegs, labels = fn.readers.file(
         file_root=str(index.root), file_list=str(index.file_list), shard_id=shard.shard_id,
