@@ -1,7 +1,9 @@
 """Checkpoints: written atomically, found again after a crash, checked against the running config.
 
-A checkpoint is `ckpt_epoch<NNNN>.pt`, written to a temporary file, fsynced, then renamed: a file with
-the final name is always complete, and a crash mid-save leaves the previous checkpoint intact.
+A checkpoint is `ckpt_epoch<NNNN>.pt` after NNNN complete epochs, or `ckpt_epoch<NNNN>_step<SSSSSSSS>.pt`
+at global step S inside the next epoch (trainer.checkpoint_every). It is written to a temporary file,
+fsynced, then renamed: a file with the final name is always complete, and a crash mid-save leaves the
+previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})\.pt$")
+CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})(?:_step(\d{8,}))?\.pt$")
 
 
 def git_commit() -> str:
@@ -46,13 +48,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
-def checkpoint_path(out_dir: Path, epoch: int) -> Path:
-    return out_dir / f"ckpt_epoch{epoch:04d}.pt"
+def checkpoint_path(out_dir: Path, epoch: int, step: Optional[int] = None) -> Path:
+    """`epoch` complete epochs; `step`: the global step of a save inside the next epoch."""
+    inside = f"_step{step:08d}" if step is not None else ""
+    return out_dir / f"ckpt_epoch{epoch:04d}{inside}.pt"
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first (temporary files never match)."""
-    found = [(int(m.group(1)), p) for p in out_dir.glob("ckpt_epoch*.pt") if (m := CKPT_RE.search(p.name))]
+    """Complete checkpoints in out_dir, oldest first (temporary files never match). An epoch's end comes
+    before the saves inside the following epoch: (epoch, -1) < (epoch, step)."""
+    found = [((int(m.group(1)), int(m.group(2) or -1)), p) for p in out_dir.glob("ckpt_epoch*.pt")
+             if (m := CKPT_RE.search(p.name))]
     return [p for _, p in sorted(found)]
 
 

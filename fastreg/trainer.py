@@ -179,6 +179,7 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         if resumed:
             self.resume(resumed)
+            self.check_data_position()
         self.wrap_model()
         self.metrics_log = MetricsLog(self.out_dir, self.is_main)
 
@@ -205,11 +206,11 @@ class Trainer:
             "config": self.config_dict, "commit": self.commit,
         }
 
-    def save(self) -> None:
+    def save(self, inside_epoch: bool = False) -> None:
         self.check_finite()  # never write a checkpoint of a diverged model
         data = self.gather(self.loader.state_dict())
         if self.is_main:
-            path = ckpt.checkpoint_path(self.out_dir, self.epoch)
+            path = ckpt.checkpoint_path(self.out_dir, self.epoch, self.step if inside_epoch else None)
             ckpt.atomic_save(self.state_dict(data), path)
             ckpt.prune(self.out_dir, self.cfg.trainer.keep_checkpoints)
             log.info("saved %s", path)
@@ -236,6 +237,18 @@ class Trainer:
             log.warning("%s holds the data position of %d process(es), this run has %d: the data order restarts",
                         self.resume_path, len(saved), self.world)
         return None
+
+    def check_data_position(self) -> None:
+        """A run resumed inside an epoch must continue where the saved one stopped, or it would train on
+        some samples twice and count its steps wrong."""
+        done = self.step - self.epoch * len(self.loader)
+        if done and self.loader.position != (self.epoch, done):
+            raise ValueError(
+                f"{self.resume_path} was saved inside epoch {self.epoch + 1}, after batch {done}, and this run's "
+                f"{self.loader.name} loader cannot continue there (its loader, data, world size or batch size "
+                "differ; see the warning above). Resume with the same settings, or from a checkpoint saved at an "
+                "epoch's end: trainer.resume=<out_dir>/ckpt_epochNNNN.pt"
+            )
 
     def resume(self, state: dict) -> None:
         self.distiller.student.backbone.load_state_dict(state["student"])
@@ -264,10 +277,12 @@ class Trainer:
         return results
 
     def train_epoch(self, epoch: int, progress) -> None:
-        seed_everything(self.cfg.trainer.seed, epoch, self.rank)
+        done = self.step - epoch * len(self.loader)  # > 0 when resumed inside this epoch
+        if done == 0:  # inside an epoch, the RNG state comes from the checkpoint
+            seed_everything(self.cfg.trainer.seed, epoch, self.rank)
         self.distiller.train()
         task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", total=len(self.loader),
-                                 loss="-", lr="-", ips="-")
+                                 completed=done, loss="-", lr="-", ips="-")
         tic, tic_step = time.perf_counter(), self.step
         for images, _ in self.loader.epoch(epoch):
             lr = self.set_lr()
@@ -283,6 +298,13 @@ class Trainer:
                 self.log_step(loss, metrics, lr, ips, progress, task)
                 tic, tic_step = time.perf_counter(), self.step
             progress.advance(task)
+            if self.save_due():
+                self.save(inside_epoch=True)
+
+    def save_due(self) -> bool:
+        """trainer.checkpoint_every steps, except at an epoch's end (the epoch's own save follows)."""
+        every = self.cfg.trainer.checkpoint_every
+        return every > 0 and self.step % every == 0 and self.step % len(self.loader) != 0
 
     def set_lr(self) -> float:
         o = self.cfg.optim

@@ -26,12 +26,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Loader(Protocol):
     name: str
+    position: tuple[int, int]  # (epoch, batches of it done): where the next batch comes from
 
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def state_dict(self) -> dict: ...
+
+
+def usable_state(checkpoint: Optional[dict], identity: dict) -> Optional[dict]:
+    """A loader's saved state, if it was saved by a loader with the same identity (name, data, world size,
+    batch size): a position means nothing to another one. Otherwise None, with a warning."""
+    if checkpoint is None:
+        return None
+    changed = [k for k, v in identity.items() if checkpoint.get(k) != v]
+    if changed:
+        log.warning("the checkpoint's data position was saved with another %s: the data order restarts",
+                    ", ".join(changed))
+        return None
+    return checkpoint
 
 
 def resolve_loader(kind: str) -> str:
@@ -93,7 +107,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
     if kind == "synthetic":
         from fastreg.pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(cfg, seed=seed + rank, device=device, memory_format=memory_format)
+        return SyntheticLoader(cfg, seed=seed + rank, device=device, memory_format=memory_format,
+                               checkpoint=checkpoint)
     if kind == "dali":
         from fastreg.pipelines.dali import DaliLoader, Shard
 
@@ -107,7 +122,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
     from fastreg.pipelines.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(cfg, rank=rank, world_size=world_size, seed=seed, device=device,
-                             memory_format=memory_format)
+                             memory_format=memory_format, checkpoint=checkpoint)
 
 
 def eval_batches(kind: str, root: str, crop_size: int, batch_size: int, workers: int,

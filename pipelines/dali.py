@@ -23,7 +23,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, usable_state
 
 log = logging.getLogger(__name__)
 READER = "reader"  # the iterator finds epoch size and shard geometry through the reader's name
@@ -192,7 +192,7 @@ class DaliLoader:
             )
         self.identity = {"loader": self.name, "dataset": dataset_digest(index), "num_shards": shard.num_shards,
                          "batch_size": cfg.batch_size}
-        checkpoint = self.usable(checkpoint)
+        checkpoint = usable_state(checkpoint, self.identity)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
         self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)
         pipe = train_view(
@@ -203,17 +203,6 @@ class DaliLoader:
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
         self.batches_iter = DaliBatches(pipe, index.classes)
-
-    def usable(self, checkpoint: Optional[dict]) -> Optional[dict]:
-        """The saved state, if it was written by this loader on this file list, world size and batch size."""
-        if checkpoint is None:
-            return None
-        changed = [k for k, v in self.identity.items() if checkpoint.get(k) != v]
-        if changed:
-            log.warning("the checkpoint's data position was saved with another %s: the data order restarts",
-                        ", ".join(changed))
-            return None
-        return checkpoint
 
     def __len__(self) -> int:
         return self.batches

@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from fastreg.config import DataConfig
+from fastreg.pipelines import usable_state
 
 
 class SyntheticLoader:
     name = "synthetic"
 
-    def __init__(self, cfg: DataConfig, *, seed: int, device: torch.device, memory_format: torch.memory_format):
+    def __init__(self, cfg: DataConfig, *, seed: int, device: torch.device, memory_format: torch.memory_format,
+                 checkpoint: Optional[dict] = None):
         g = torch.Generator().manual_seed(seed)
         b, s = cfg.batch_size, cfg.crop_size
         images = torch.randn(b, 3, s, s, generator=g)  # already "normalized": zero mean, unit std
         self.images = images.to(device).contiguous(memory_format=memory_format)
         self.labels = torch.randint(0, cfg.synthetic_classes, (b,), generator=g).to(device)
         self.batches = cfg.synthetic_batches
+        self.identity = {"loader": self.name, "batches": self.batches}
+        state = usable_state(checkpoint, self.identity)
+        self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 
     def __len__(self) -> int:
         return self.batches
 
     def state_dict(self) -> dict:
-        return {"loader": self.name}
+        return {**self.identity, "epoch": self.position[0], "batch": self.position[1]}
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(self.batches):
+        skip = self.position[1] if epoch == self.position[0] else 0
+        for done in range(skip + 1, self.batches + 1):
+            self.position = (epoch, done) if done < self.batches else (epoch + 1, 0)
             yield self.images, self.labels

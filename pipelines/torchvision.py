@@ -6,14 +6,14 @@ Training views are SimReg's weak augmentation: RandomResizedCrop(scale=data.scal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms as T
 
 from fastreg.config import DataConfig
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, usable_state
 
 
 def image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
@@ -78,7 +78,7 @@ class TorchvisionLoader:
     name = "torchvision"
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 memory_format: torch.memory_format):
+                 memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
         self.dataset = SeededViews(image_folder(cfg.root, train_transform(cfg)), seed)
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
@@ -88,21 +88,29 @@ class TorchvisionLoader:
                 f"{cfg.root} has {len(self.dataset)} images: fewer than one batch of {cfg.batch_size} per process "
                 f"across {world_size} process(es); lower data.batch_size"
             )
+        self.identity = {"loader": self.name, "images": len(self.dataset), "num_shards": world_size,
+                         "batch_size": cfg.batch_size}
+        state = usable_state(checkpoint, self.identity)
+        self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.cfg.batch_size
 
     def state_dict(self) -> dict:
-        """Nothing beyond the epoch: its order and views are functions of (seed, epoch)."""
-        return {"loader": self.name}
+        """The position alone: an epoch's order and views are functions of (seed, epoch, sample)."""
+        return {**self.identity, "epoch": self.position[0], "batch": self.position[1]}
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches, after those already trained on when resumed inside it."""
+        skip = self.position[1] if epoch == self.position[0] else 0
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch  # workers are started below, so they copy this epoch
+        order = list(self.sampler)[skip * self.cfg.batch_size:]  # this rank's samples still to come
         loader = DataLoader(
-            self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
+            self.dataset, batch_size=self.cfg.batch_size, sampler=order, drop_last=True,
             num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
         )
-        for images, labels in loader:
+        for done, (images, labels) in enumerate(loader, skip + 1):
+            self.position = (epoch, done) if done < len(self) else (epoch + 1, 0)
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield images, labels.to(self.device, non_blocking=True)

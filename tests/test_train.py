@@ -90,6 +90,37 @@ def test_resume_gives_identical_weights(tmp_path, loader):
     assert [s["loader"] for s in data_state] == ["dali-cpu" if loader == "dali" else "torchvision"]
 
 
+def step_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_resume_inside_an_epoch_continues_with_the_same_samples(tmp_path, loader):
+    """32 images, batch 8: 4 steps per epoch, a save every 3 steps. The run resumed from step 6 (inside the
+    second epoch) trains steps 7 and 8 on the samples the straight run saw: same losses, same weights."""
+    data = make_image_folder(tmp_path / "data")
+    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=10", "trainer.checkpoint_every=3",
+             f"data.loader={loader}"]
+    train(compose_cfg(tiny_overrides(data, tmp_path / "straight") + extra))
+    inside = tmp_path / "straight" / "ckpt_epoch0001_step00000006.pt"
+    assert sorted(p.name for p in (tmp_path / "straight").glob("ckpt_*.pt")) == [
+        "ckpt_epoch0000_step00000003.pt", "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000006.pt", "ckpt_epoch0002.pt"]
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(inside, tmp_path / "resumed")
+    train(compose_cfg(tiny_overrides(data, tmp_path / "resumed") + extra))
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [7, 8] and all(resumed[k] == straight[k] for k in resumed)
+    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
+                        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
+
+    # The same checkpoint with another batch size: the loader cannot continue after batch 2 of 8-image batches.
+    (tmp_path / "other").mkdir()
+    shutil.copy(inside, tmp_path / "other")
+    with pytest.raises(ValueError, match="cannot continue there"):
+        train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + ["data.batch_size=4"]))
+
+
 DDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from hydra import compose, initialize_config_module

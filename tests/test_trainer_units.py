@@ -50,6 +50,19 @@ def test_atomic_save_prune_and_find_latest(tmp_path):
     assert ckpt.find_resume("none", tmp_path) is None
 
 
+def test_saves_inside_an_epoch_sort_between_its_ends(tmp_path):
+    names = ["ckpt_epoch0002.pt", "ckpt_epoch0001_step00000150.pt", "ckpt_epoch0001.pt",
+             "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0001_step00000120.pt"]
+    for name in names:
+        ckpt.atomic_save({}, tmp_path / name)
+    assert ckpt.checkpoint_path(tmp_path, 1, 120).name == "ckpt_epoch0001_step00000120.pt"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0001_step00000150.pt",
+        "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000210.pt"]
+    ckpt.prune(tmp_path, keep=2)
+    assert ckpt.find_resume("auto", tmp_path).name == "ckpt_epoch0002_step00000210.pt"
+
+
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "ckpt_epoch0001.pt"
     bad.write_bytes(b"not a checkpoint")
