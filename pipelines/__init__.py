@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Iterable, Iterator, Optional, Protocol
 
 import torch
@@ -65,8 +66,9 @@ def resolve_loader(kind: str) -> str:
 
 
 def dataset_index(cfg: DataConfig, rank: int, world_size: int):
-    """The validated file list of data.root. Rank 0 builds it (decode-checks every image) while the others
-    wait, then they read the cache; an error on rank 0 is raised on every rank, so none waits forever."""
+    """The validated file list of data.root. The first process of each machine builds it (decode-checks every
+    image; the cache may not be shared between machines) while the others wait, then they read the cache. An
+    error on a builder is raised on every rank, so none waits forever."""
     from fastreg.index import load_index
 
     def load(progress: bool):
@@ -75,22 +77,24 @@ def dataset_index(cfg: DataConfig, rank: int, world_size: int):
 
     if world_size == 1 or not dist.is_initialized():
         return load(progress=True)
+    builder = int(os.environ.get("LOCAL_RANK", rank)) == 0
     failure = None
-    if rank == 0:
+    if builder:
         try:
-            index = load(progress=True)
+            index = load(progress=rank == 0)
         except (OSError, ValueError) as e:
             failure = e
-    message = [f"{type(failure).__name__}: {failure}" if failure else None]
-    dist.broadcast_object_list(message, src=0)
+    messages: list = [None] * world_size
+    dist.all_gather_object(messages, f"{type(failure).__name__}: {failure}" if failure else None)
     if failure is not None:
         raise failure
-    if message[0] is not None:
-        raise RuntimeError(f"rank 0 could not index {cfg.root}: {message[0]}")
-    if rank != 0:
+    for other, message in enumerate(messages):
+        if message is not None:
+            raise RuntimeError(f"rank {other} could not index {cfg.root}: {message}")
+    if not builder:
         index_log = logging.getLogger("fastreg.index")
         level = index_log.level
-        index_log.setLevel(logging.ERROR)  # rank 0 has warned about the bad files already
+        index_log.setLevel(logging.ERROR)  # the builder has warned about the bad files already
         try:
             index = load(progress=False)
         finally:
