@@ -63,8 +63,22 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def prune(out_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+    """Keep the newest `keep` epoch-end checkpoints (0: keep everything), and the newest `keep` saves inside
+    the epoch after them: saves inside an epoch never push out the epoch ends, which a resume with other
+    settings needs, and they go once their epoch has ended."""
+    if keep <= 0:
+        return
+    found = list_checkpoints(out_dir)
+    ends = [p for p in found if not is_inside_epoch(p)]
+    newest_end = found.index(ends[-1]) if ends else -1
+    inside_done = [p for i, p in enumerate(found) if is_inside_epoch(p) and i < newest_end]
+    inside_now = [p for i, p in enumerate(found) if is_inside_epoch(p) and i > newest_end]
+    for old in ends[:-keep] + inside_done + inside_now[:-keep]:
         old.unlink()
+
+
+def is_inside_epoch(path: Path) -> bool:
+    return CKPT_RE.search(path.name).group(2) is not None
 
 
 def load(path: Path) -> dict:
@@ -107,7 +121,8 @@ def compare_configs(saved: dict, current: dict, path: Path) -> None:
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     np_state = np.random.get_state()
-    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])
+    # The uint32 key as int64: torch 2.14 cannot pickle uint32 tensors, and ranks gather this by pickling.
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -117,6 +132,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np_state = state["numpy"]
-    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

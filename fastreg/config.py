@@ -188,7 +188,9 @@ class TrainerConfig:
     eval_every: int = 0  # epochs between k-NN evaluations; 0 = only at the end
     resume: str = "auto"  # auto: latest complete checkpoint in out_dir | none | path/to/checkpoint.pt
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tensorboard
-    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted after a save
+    # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones
+    # are deleted after a save.
+    keep_checkpoints: int = 2
     # Steps between checkpoints inside an epoch (0: only at epoch ends): a killed run loses at most this
     # many steps. Each save writes the student, heads, optimizer state and the data position.
     checkpoint_every: int = 0
@@ -201,6 +203,8 @@ class TrainerConfig:
         _check_positive("trainer.log_every", self.log_every)
         if self.cpu_threads < 0:
             raise ValueError(f"trainer.cpu_threads must be >= 0, got {self.cpu_threads}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"trainer.keep_checkpoints must be >= 0 (0: keep all), got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise ValueError(f"trainer.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
 

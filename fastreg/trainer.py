@@ -175,7 +175,7 @@ class Trainer:
         params = [p for p in self.distiller.model.parameters() if p.requires_grad]
         self.optimizer, self.optimizer_impl = build_optimizer(cfg.optim, params, self.peak_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
-        self.epoch, self.step = 0, 0
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: batches done of epoch `epoch` + 1
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         if resumed:
             self.resume(resumed)
@@ -193,25 +193,26 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def state_dict(self, data: list[dict]) -> dict:
+    def state_dict(self, data: list[dict], rng: list[dict]) -> dict:
         return {
             "data": data,  # every rank's loader state: DALI's reader position and shuffle
+            "rng": rng,  # every rank's python, numpy and torch generators
+            "batch_in_epoch": self.batch_in_epoch,  # > 0: saved inside epoch `epoch` + 1
             "student": self.distiller.student.backbone.state_dict(),
             "heads": self.distiller.model.heads.state_dict(),
             "loss": self.distiller.losses.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step,
-            "rng": ckpt.rng_state(),
             "config": self.config_dict, "commit": self.commit,
         }
 
     def save(self, inside_epoch: bool = False) -> None:
         self.check_finite()  # never write a checkpoint of a diverged model
-        data = self.gather(self.loader.state_dict())
+        data, rng = self.gather(self.loader.state_dict()), self.gather(ckpt.rng_state())
         if self.is_main:
             path = ckpt.checkpoint_path(self.out_dir, self.epoch, self.step if inside_epoch else None)
-            ckpt.atomic_save(self.state_dict(data), path)
+            ckpt.atomic_save(self.state_dict(data, rng), path)
             ckpt.prune(self.out_dir, self.cfg.trainer.keep_checkpoints)
             log.info("saved %s", path)
 
@@ -241,7 +242,7 @@ class Trainer:
     def check_data_position(self) -> None:
         """A run resumed inside an epoch must continue where the saved one stopped, or it would train on
         some samples twice and count its steps wrong."""
-        done = self.step - self.epoch * len(self.loader)
+        done = self.batch_in_epoch
         if done and self.loader.position != (self.epoch, done):
             raise ValueError(
                 f"{self.resume_path} was saved inside epoch {self.epoch + 1}, after batch {done}, and this run's "
@@ -257,7 +258,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
-        ckpt.set_rng_state(state["rng"])
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        if len(state["rng"]) == self.world:  # otherwise the data position fails inside an epoch, and at an
+            ckpt.set_rng_state(state["rng"][self.rank])  # epoch's end the next epoch reseeds anyway
         log.info("resumed from %s (epoch %d, step %d, written at commit %s)", self.resume_path, self.epoch,
                  self.step, state["commit"])
 
@@ -269,7 +272,7 @@ class Trainer:
         with make_progress(self.is_main and self.cfg.trainer.progress) as progress:
             for epoch in range(self.epoch, self.cfg.trainer.epochs):
                 self.train_epoch(epoch, progress)
-                self.epoch = epoch + 1
+                self.epoch, self.batch_in_epoch = epoch + 1, 0
                 self.save()
                 if self.eval_due():
                     results = self.evaluate()
@@ -277,12 +280,11 @@ class Trainer:
         return results
 
     def train_epoch(self, epoch: int, progress) -> None:
-        done = self.step - epoch * len(self.loader)  # > 0 when resumed inside this epoch
-        if done == 0:  # inside an epoch, the RNG state comes from the checkpoint
+        if self.batch_in_epoch == 0:  # resumed inside the epoch, the RNG state came from the checkpoint
             seed_everything(self.cfg.trainer.seed, epoch, self.rank)
         self.distiller.train()
         task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", total=len(self.loader),
-                                 completed=done, loss="-", lr="-", ips="-")
+                                 completed=self.batch_in_epoch, loss="-", lr="-", ips="-")
         tic, tic_step = time.perf_counter(), self.step
         for images, _ in self.loader.epoch(epoch):
             lr = self.set_lr()
@@ -293,6 +295,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
+            self.batch_in_epoch += 1
             if self.step % self.cfg.trainer.log_every == 0:
                 ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
                 self.log_step(loss, metrics, lr, ips, progress, task)
@@ -304,7 +307,7 @@ class Trainer:
     def save_due(self) -> bool:
         """trainer.checkpoint_every steps, except at an epoch's end (the epoch's own save follows)."""
         every = self.cfg.trainer.checkpoint_every
-        return every > 0 and self.step % every == 0 and self.step % len(self.loader) != 0
+        return every > 0 and self.step % every == 0 and self.batch_in_epoch != len(self.loader)
 
     def set_lr(self) -> float:
         o = self.cfg.optim

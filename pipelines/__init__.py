@@ -10,6 +10,7 @@ Evaluation batches come from `eval_batches`: every image once, in order, center 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -36,17 +37,28 @@ class Loader(Protocol):
     def state_dict(self) -> dict: ...
 
 
-def usable_state(checkpoint: Optional[dict], identity: dict) -> Optional[dict]:
-    """A loader's saved state, if it was saved by a loader with the same identity (name, data, world size,
-    batch size): a position means nothing to another one. Otherwise None, with a warning."""
+def usable_state(checkpoint: Optional[dict], identity: dict, *, order_has_state: bool) -> Optional[dict]:
+    """A loader's saved state, if a loader with the same identity (name, files, world size, batch size)
+    saved it: a position means nothing to another one. Otherwise None, with a warning where something is
+    lost: always for a loader whose order has state (DALI's shuffle), else only inside an epoch (the
+    trainer then refuses to resume there)."""
     if checkpoint is None:
         return None
     changed = [k for k, v in identity.items() if checkpoint.get(k) != v]
-    if changed:
-        log.warning("the checkpoint's data position was saved with another %s: the data order restarts",
-                    ", ".join(changed))
-        return None
-    return checkpoint
+    if not changed:
+        return checkpoint
+    if order_has_state or checkpoint.get("batch"):
+        log.warning("the checkpoint's data position was saved with another %s: the %s loader cannot continue "
+                    "from it", ", ".join(changed), identity["loader"])
+    return None
+
+
+def samples_digest(samples: Iterable[tuple[str, int]]) -> str:
+    """Identity of a list of (path, label): a saved position means nothing on another list."""
+    h = hashlib.sha1()
+    for path, label in samples:
+        h.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def resolve_loader(kind: str) -> str:
@@ -82,7 +94,7 @@ def dataset_index(cfg: DataConfig, rank: int, world_size: int):
     if builder:
         try:
             index = load(progress=rank == 0)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure must reach the waiting ranks, or they hang
             failure = e
     messages: list = [None] * world_size
     dist.all_gather_object(messages, f"{type(failure).__name__}: {failure}" if failure else None)

@@ -11,7 +11,6 @@ would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cann
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -23,7 +22,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
 
 log = logging.getLogger(__name__)
 READER = "reader"  # the iterator finds epoch size and shard geometry through the reader's name
@@ -163,14 +162,6 @@ def decoder_device(device: torch.device) -> tuple[bool, Optional[int]]:
     return False, None
 
 
-def dataset_digest(index: DatasetIndex) -> str:
-    """Identity of the file list: a saved reader position means nothing on another list."""
-    h = hashlib.sha1()
-    for path, label in index.samples:
-        h.update(f"{path}\0{label}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
 class DaliLoader:
     """Training loader (the `Loader` protocol of fastreg.pipelines). Every rank takes the same number of full
     batches per epoch, floor(floor(N / W) / B); the few samples left in a pass are read and dropped.
@@ -190,9 +181,9 @@ class DaliLoader:
                 f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {cfg.batch_size} "
                 f"per process across {shard.num_shards} process(es); lower data.batch_size"
             )
-        self.identity = {"loader": self.name, "dataset": dataset_digest(index), "num_shards": shard.num_shards,
+        self.identity = {"loader": self.name, "dataset": samples_digest(index.samples), "num_shards": shard.num_shards,
                          "batch_size": cfg.batch_size}
-        checkpoint = usable_state(checkpoint, self.identity)
+        checkpoint = usable_state(checkpoint, self.identity, order_has_state=True)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
         self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)
         pipe = train_view(

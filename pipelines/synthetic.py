@@ -22,7 +22,7 @@ class SyntheticLoader:
         self.labels = torch.randint(0, cfg.synthetic_classes, (b,), generator=g).to(device)
         self.batches = cfg.synthetic_batches
         self.identity = {"loader": self.name, "batches": self.batches}
-        state = usable_state(checkpoint, self.identity)
+        state = usable_state(checkpoint, self.identity, order_has_state=False)
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 
     def __len__(self) -> int:

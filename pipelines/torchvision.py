@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms as T
 
 from fastreg.config import DataConfig
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
 
 
 def image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
@@ -88,9 +88,9 @@ class TorchvisionLoader:
                 f"{cfg.root} has {len(self.dataset)} images: fewer than one batch of {cfg.batch_size} per process "
                 f"across {world_size} process(es); lower data.batch_size"
             )
-        self.identity = {"loader": self.name, "images": len(self.dataset), "num_shards": world_size,
-                         "batch_size": cfg.batch_size}
-        state = usable_state(checkpoint, self.identity)
+        self.identity = {"loader": self.name, "dataset": samples_digest(self.dataset.dataset.samples),
+                         "num_shards": world_size, "batch_size": cfg.batch_size}
+        state = usable_state(checkpoint, self.identity, order_has_state=False)
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 
     def __len__(self) -> int:

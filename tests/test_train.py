@@ -100,7 +100,7 @@ def test_resume_inside_an_epoch_continues_with_the_same_samples(tmp_path, loader
     """32 images, batch 8: 4 steps per epoch, a save every 3 steps. The run resumed from step 6 (inside the
     second epoch) trains steps 7 and 8 on the samples the straight run saw: same losses, same weights."""
     data = make_image_folder(tmp_path / "data")
-    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=10", "trainer.checkpoint_every=3",
+    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3",
              f"data.loader={loader}"]
     train(compose_cfg(tiny_overrides(data, tmp_path / "straight") + extra))
     inside = tmp_path / "straight" / "ckpt_epoch0001_step00000006.pt"
@@ -114,11 +114,15 @@ def test_resume_inside_an_epoch_continues_with_the_same_samples(tmp_path, loader
     assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
                         trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
 
-    # The same checkpoint with another batch size: the loader cannot continue after batch 2 of 8-image batches.
+    # Another batch size: no loader can continue after batch 2 of 8-image batches; from an epoch's end it can.
     (tmp_path / "other").mkdir()
     shutil.copy(inside, tmp_path / "other")
     with pytest.raises(ValueError, match="cannot continue there"):
         train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + ["data.batch_size=4"]))
+    (tmp_path / "other" / inside.name).unlink()
+    shutil.copy(tmp_path / "straight" / "ckpt_epoch0001.pt", tmp_path / "other")
+    train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + ["data.batch_size=4"]))
+    assert sorted(step_losses(tmp_path / "other")) == list(range(5, 13))  # 8 steps of 4 images after step 4
 
 
 DDP_SCRIPT = """

@@ -50,17 +50,21 @@ def test_atomic_save_prune_and_find_latest(tmp_path):
     assert ckpt.find_resume("none", tmp_path) is None
 
 
-def test_saves_inside_an_epoch_sort_between_its_ends(tmp_path):
-    names = ["ckpt_epoch0002.pt", "ckpt_epoch0001_step00000150.pt", "ckpt_epoch0001.pt",
-             "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0001_step00000120.pt"]
+def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp_path):
+    names = ["ckpt_epoch0002.pt", "ckpt_epoch0001_step00000150.pt", "ckpt_epoch0001.pt", "ckpt_epoch0000.pt",
+             "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0002_step00000240.pt",
+             "ckpt_epoch0002_step00000270.pt"]
     for name in names:
         ckpt.atomic_save({}, tmp_path / name)
     assert ckpt.checkpoint_path(tmp_path, 1, 120).name == "ckpt_epoch0001_step00000120.pt"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0001_step00000150.pt",
-        "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000210.pt"]
-    ckpt.prune(tmp_path, keep=2)
-    assert ckpt.find_resume("auto", tmp_path).name == "ckpt_epoch0002_step00000210.pt"
+        "ckpt_epoch0000.pt", "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0001_step00000150.pt",
+        "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0002_step00000240.pt",
+        "ckpt_epoch0002_step00000270.pt"]
+    ckpt.prune(tmp_path, keep=2)  # the 2 newest epoch ends, and the 2 newest saves inside the epoch after them
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000240.pt", "ckpt_epoch0002_step00000270.pt"]
+    assert ckpt.find_resume("auto", tmp_path).name == "ckpt_epoch0002_step00000270.pt"
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
@@ -77,12 +81,17 @@ def test_resume_refuses_a_different_model(tmp_path):
         ckpt.compare_configs(saved, {"student": {"arch": "resnet34"}, "trainer": {"epochs": 10}}, tmp_path)
 
 
-def test_rng_state_round_trip_through_weights_only_load(tmp_path):
-    state = ckpt.rng_state()
+def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):
+    import pickle
+    import random
+
+    import numpy as np
+
+    state = pickle.loads(pickle.dumps(ckpt.rng_state()))  # how the ranks gather it
     ckpt.atomic_save(state, tmp_path / "rng.pt")
-    a = torch.rand(3)
+    a, b, c = torch.rand(3), np.random.rand(3), random.random()
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert torch.equal(a, torch.rand(3))
+    assert torch.equal(a, torch.rand(3)) and np.array_equal(b, np.random.rand(3)) and c == random.random()
 
 
 def test_log_file_attached_once(tmp_path):
