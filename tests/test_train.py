@@ -159,6 +159,32 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert (tmp_path / "run" / "ckpt_epoch0002.pt").exists()
 
 
+def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
+    """Two ranks, each with its own DALI reader state: resumed from step 6 (inside the second epoch), both
+    continue on their own shard's samples, so losses and weights equal the straight run's."""
+    data = make_image_folder(tmp_path / "data", per_class=32)  # 64 images, 2 ranks x batch 8: 4 steps/epoch
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3", "data.loader=dali"]
+
+    def torchrun(out: Path):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), *tiny_overrides(data, out), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun(tmp_path / "straight")
+    inside = tmp_path / "straight" / "ckpt_epoch0001_step00000006.pt"
+    assert len(torch.load(inside, weights_only=True)["data"]) == 2  # one reader state per rank
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(inside, tmp_path / "resumed")
+    torchrun(tmp_path / "resumed")
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
+    assert sorted(resumed) == [7, 8] and all(resumed[k] == straight[k] for k in resumed)
+    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
+                        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
+
+
 def test_divergence_stops_before_writing_a_checkpoint(tmp_path):
     data = make_image_folder(tmp_path / "data")
     overrides = tiny_overrides(data, tmp_path / "run") + ["loss=mse", "optim.base_lr=1e12", "trainer.log_every=100"]
