@@ -1,0 +1,97 @@
+"""fastreg.kernels: the Triton kernels under the interpreter (a subprocess), the op's CPU implementation,
+torch.compile integration, and the kernels on a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastreg.kernels.normalized_regression import NormalizedRegressionLoss, normalized_regression_loss
+
+HERE = Path(__file__).resolve().parent
+
+
+def reference(pred, target):
+    return (F.normalize(pred.float(), dim=1) - F.normalize(target.float(), dim=1)).pow(2).sum(1).mean()
+
+
+def test_triton_kernels_under_the_interpreter():
+    """TRITON_INTERPRET must be set before the kernel module is imported, hence a fresh process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpret")],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 33), (64, 512)])
+def test_cpu_op_matches_autograd_reference(shape):
+    pred, target = torch.randn(shape, requires_grad=True), torch.randn(shape)
+    loss = NormalizedRegressionLoss()(pred, target)
+    loss.backward()
+    p = pred.detach().clone().requires_grad_()
+    ref = reference(p, target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(pred.grad, p.grad)
+
+
+def test_compiles_without_a_graph_break():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward through the op.
+
+    Compiling decomposes a triton_op into its Triton kernel, which needs a GPU driver. On CPU the op is kept
+    whole, as torch.export keeps it, so the graph calls the op's registered CPU kernel."""
+    from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
+
+    def step(pred, target):
+        return normalized_regression_loss(pred * 2, target)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    pred, target = torch.randn(8, 40, requires_grad=True), torch.randn(8, 40)
+    with keep_triton_ops():
+        loss = compiled(pred, target)
+    loss.backward()
+    p = pred.detach().clone().requires_grad_()
+    ref = reference(p * 2, target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(pred.grad, p.grad)
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="weight"):
+        normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="reduction"):
+        normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), reduction="max")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(1, 7), (257, 2048), (1024, 8200)])
+def test_triton_on_gpu_matches_reference(shape, dtype, tol):
+    pred = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    target = torch.randn(shape, device="cuda").to(dtype)
+    loss = normalized_regression_loss(pred, target)
+    loss.backward()
+    p = pred.detach().float().requires_grad_()
+    ref = reference(p, target)
+    ref.backward()
+    assert loss.dtype == torch.float32 and pred.grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(pred.grad.float(), p.grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_triton_under_compile_on_gpu():
+    compiled = torch.compile(lambda p, t: normalized_regression_loss(p, t), fullgraph=True)
+    pred, target = torch.randn(64, 256, device="cuda", requires_grad=True), torch.randn(64, 256, device="cuda")
+    compiled(pred, target).backward()
+    p = pred.detach().clone().requires_grad_()
+    reference(p, target).backward()
+    torch.testing.assert_close(pred.grad, p.grad)
