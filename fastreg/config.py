@@ -94,9 +94,15 @@ class LossConfig:
     queue_size: int = 65536  # seed: teacher embeddings kept; a multiple of the global batch
     tau_s: float = 0.2  # seed: student temperature
     tau_t: float = 1e-4  # seed: teacher temperature; 1e-4 makes p_t almost one-hot on the positive
+    # simreg: triton (fastreg.kernels' fused loss and gradient) | eager (PyTorch ops) | auto: triton on CUDA.
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, ("simreg", "seed", "mse"))
+        _check_choice("loss.impl", self.impl, ("auto", "eager", "triton"))
+        if self.impl == "triton" and self.name != "simreg":
+            raise ValueError(f"loss.impl=triton is the fused simreg loss; loss.name={self.name} runs eager: "
+                             "set loss.impl=auto or eager")
         _check_positive("loss.tau_s", self.tau_s)
         _check_positive("loss.tau_t", self.tau_t)
         _check_positive("loss.queue_size", self.queue_size)

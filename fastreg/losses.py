@@ -5,12 +5,17 @@ are saved in checkpoints with the heads.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import LossConfig
+from fastreg.kernels import normalized_regression_loss
+
+log = logging.getLogger(__name__)
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -54,11 +59,14 @@ class RegressionLoss(nn.Module):
     def __init__(self, cfg: LossConfig, dim: int):
         super().__init__()
         self.normalized = cfg.name == "simreg"
+        self.fused = False  # fastreg.kernels' Triton loss instead of normalized_regression: see build_loss
         self.center = TeacherCenter(dim, cfg.center_momentum) if cfg.center_teacher else None
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         target = self.center(t) if self.center is not None else t
-        if self.normalized:
+        if self.fused:
+            loss = normalized_regression_loss(s, target)
+        elif self.normalized:
             loss = normalized_regression(s, target)
         else:
             loss = (s - target).pow(2).sum(1).mean()
@@ -99,5 +107,24 @@ class SEEDLoss(nn.Module):
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.queue.shape[0])
 
 
-def build_loss(cfg: LossConfig, dim: int) -> nn.Module:
-    return SEEDLoss(cfg, dim) if cfg.name == "seed" else RegressionLoss(cfg, dim)
+def build_loss(cfg: LossConfig, dim: int, device: torch.device) -> nn.Module:
+    if cfg.name == "seed":
+        return SEEDLoss(cfg, dim)
+    loss = RegressionLoss(cfg, dim)
+    loss.fused = use_triton_loss(cfg, device)
+    log.info("loss %s: %s", cfg.name, "fused Triton kernel (fastreg.kernels)" if loss.fused else "eager PyTorch")
+    return loss
+
+
+def use_triton_loss(cfg: LossConfig, device: torch.device) -> bool:
+    """loss.impl: triton, eager, or auto (triton on CUDA). A device Triton cannot compile for falls back to
+    eager with a warning; on CPU the fused op runs its PyTorch kernel (or the interpreter, in tests)."""
+    if cfg.name != "simreg" or cfg.impl == "eager" or (cfg.impl == "auto" and device.type != "cuda"):
+        return False
+    try:  # compile and run the kernel once here, not at the first training step
+        normalized_regression_loss(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)).item()
+    except Exception as e:  # noqa: BLE001 - Triton reports an unsupported device in many ways
+        log.warning("loss.impl=%s: the Triton loss does not run on %s (%s: %s); using the eager loss",
+                    cfg.impl, device, type(e).__name__, e)
+        return False
+    return True

@@ -99,3 +99,29 @@ def test_seed_enqueues_teacher_after_the_loss_and_wraps():
     loss_fn(s.detach(), t2)  # ptr 3 -> rows 3, 4, 0
     assert torch.allclose(loss_fn.queue[[3, 4, 0]], F.normalize(t2, dim=1))
     assert loss_fn.ptr.item() == 1
+
+
+def test_fused_simreg_loss_matches_eager_values_and_gradients():
+    """impl=triton on CPU runs the fused op's PyTorch kernel (its Triton kernel: tests/interpret)."""
+    fused, eager = (RegressionLoss(LossConfig(name="simreg", center_teacher=True), 16) for _ in range(2))
+    fused.fused = True
+    s, t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+    s2 = s.detach().clone().requires_grad_()
+    (loss, cos), (ref, ref_cos) = fused(s, t), eager(s2, t)
+    torch.testing.assert_close(cos, ref_cos)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(s.grad, s2.grad)
+    torch.testing.assert_close(fused.center.center, eager.center.center)
+
+
+def test_loss_impl_choice():
+    from fastreg.losses import build_loss
+
+    cpu = torch.device("cpu")
+    assert not build_loss(LossConfig(), 8, cpu).fused  # auto: eager on CPU
+    assert build_loss(LossConfig(impl="triton"), 8, cpu).fused
+    assert not build_loss(LossConfig(name="mse"), 8, cpu).fused
+    with pytest.raises(ValueError, match="loss.impl=triton"):
+        LossConfig(name="seed", impl="triton")
