@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs the GPU machine, in one call (its idle machine is gone after 30 s):
 #   1. the tests marked gpu (DALI's mixed decoder, bf16 paths);
-#   2. data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision.
-# (Kernel, compute-only and end-to-end runs join here with their issues.)
+#   2. data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision;
+#   3. the kernel benchmark (fused loss against eager and torch.compile).
+# (Compute-only and end-to-end runs join here with their issue.)
 #
 # On the device, after ../shared/tools/device-wheels.sh's calls have installed DALI and hydra:
 #   bash benchmarks/gpu_check.sh          # results under $OUT (the device tool brings them back)
@@ -32,5 +33,8 @@ bench() { python3 benchmarks/data_throughput.py --root "$data" --batch-size 256 
 bench --loader dali --device cuda --workers 4 8 --hw-decoder-load 0 0.25 0.5 0.65 0.75 0.9 1.0
 bench --loader dali --device cpu --workers 8 16
 bench --loader torchvision --device cuda --workers 8 16
+
+echo "== 3. kernels"
+python3 benchmarks/kernels.py --out "$out" || status=1
 
 exit $status
