@@ -37,7 +37,7 @@ def eager_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 IMPLS: dict[str, Callable] = {
     "triton": normalized_regression_loss,
     "eager": eager_loss,
-    "compile": torch.compile(eager_loss),
+    "compile": torch.compile(eager_loss, dynamic=False),  # one specialized graph per shape, as a trainer gets
 }
 
 
@@ -138,6 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py measures GPU kernels: no CUDA device here")
+    torch._dynamo.config.cache_size_limit = 256  # every (shape, dtype, mode) gets its own compiled graph
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "commit": git_commit()[:12], "torch": torch.__version__, "copy_GBps": copy_bandwidth()}
     rows = run_all(meta["copy_GBps"])

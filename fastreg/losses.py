@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import LossConfig
-from fastreg.kernels import normalized_regression_loss
-
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +63,8 @@ class RegressionLoss(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         target = self.center(t) if self.center is not None else t
         if self.fused:
+            from fastreg.kernels import normalized_regression_loss
+
             loss = normalized_regression_loss(s, target)
         elif self.normalized:
             loss = normalized_regression(s, target)
@@ -111,20 +111,32 @@ def build_loss(cfg: LossConfig, dim: int, device: torch.device) -> nn.Module:
     if cfg.name == "seed":
         return SEEDLoss(cfg, dim)
     loss = RegressionLoss(cfg, dim)
-    loss.fused = use_triton_loss(cfg, device)
-    log.info("loss %s: %s", cfg.name, "fused Triton kernel (fastreg.kernels)" if loss.fused else "eager PyTorch")
+    loss.fused = use_fused_loss(cfg, device)
+    log.info("loss %s: %s", cfg.name, loss_impl_name(loss.fused, device))
     return loss
 
 
-def use_triton_loss(cfg: LossConfig, device: torch.device) -> bool:
-    """loss.impl: triton, eager, or auto (triton on CUDA). A device Triton cannot compile for falls back to
-    eager with a warning; on CPU the fused op runs its PyTorch kernel (or the interpreter, in tests)."""
+def use_fused_loss(cfg: LossConfig, device: torch.device) -> bool:
+    """loss.impl: triton, eager, or auto (triton on CUDA). Without Triton, or on a device it cannot compile
+    for, the eager loss runs, with a warning."""
     if cfg.name != "simreg" or cfg.impl == "eager" or (cfg.impl == "auto" and device.type != "cuda"):
         return False
-    try:  # compile and run the kernel once here, not at the first training step
+    try:  # import, compile and run the kernel once here, not at the first training step
+        from fastreg.kernels import normalized_regression_loss
+
         normalized_regression_loss(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)).item()
-    except Exception as e:  # noqa: BLE001 - Triton reports an unsupported device in many ways
-        log.warning("loss.impl=%s: the Triton loss does not run on %s (%s: %s); using the eager loss",
+    except Exception as e:  # noqa: BLE001 - a missing or unsupported Triton fails in many ways
+        log.warning("loss.impl=%s: the fused loss does not run on %s (%s: %s); using the eager loss",
                     cfg.impl, device, type(e).__name__, e)
         return False
     return True
+
+
+def loss_impl_name(fused: bool, device: torch.device) -> str:
+    if not fused:
+        return "eager PyTorch"
+    from fastreg.kernels.normalized_regression import INTERPRETED
+
+    if device.type == "cpu" and not INTERPRETED:
+        return "fused op, its PyTorch CPU kernel (fastreg.kernels; Triton runs on GPUs)"
+    return "fused Triton kernel (fastreg.kernels)" + (", interpreted" if INTERPRETED else "")

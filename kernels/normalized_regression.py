@@ -35,10 +35,39 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _loss_and_grad_kernel(P, T, W, LOSS, G, stride_p, stride_t, stride_g, D, scale, eps,
-                          HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: the norms and dot product (pass 1), then the loss and d loss / d pred (pass 2;
-    a second read of the row, from L2 when D * itemsize is small)."""
+def _row_terms(sum_pp, sum_tt, dot, w, scale, eps):
+    """(w loss, a, b) of one row from its fp32 sums; d (scale w loss) / d p = a p + b t."""
+    norm_p = tl.maximum(tl.sqrt(sum_pp), eps)
+    norm_t = tl.maximum(tl.sqrt(sum_tt), eps)
+    loss = sum_pp / (norm_p * norm_p) + sum_tt / (norm_t * norm_t) - 2.0 * dot / (norm_p * norm_t)
+    cos = dot / (norm_p * norm_t)  # bounded, so 1 / n_p^2 <= 1e24 is the largest factor: no fp32 overflow
+    alive = tl.sqrt(sum_pp) > eps  # a zero prediction gets no gradient
+    a = tl.where(alive, 2.0 * cos / (norm_p * norm_p) * w * scale, 0.0)
+    b = tl.where(alive, -2.0 / (norm_p * norm_t) * w * scale, 0.0)
+    return w * loss, a, b
+
+
+@triton.jit
+def _short_rows_kernel(P, T, W, LOSS, G, stride_p, stride_t, stride_g, D, scale, eps,
+                       HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of D <= BLOCK columns: the row stays in registers, read once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    p = tl.load(P + row * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(T + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + row).to(tl.float32) if HAS_WEIGHT else 1.0
+    loss, a, b = _row_terms(tl.sum(p * p, 0), tl.sum(t * t, 0), tl.sum(p * t, 0), w, scale, eps)
+    tl.store(LOSS + row, loss)
+    if COMPUTE_GRAD:
+        tl.store(G + row * stride_g + cols, (a * p + b * t).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _long_rows_kernel(P, T, W, LOSS, G, stride_p, stride_t, stride_g, D, scale, eps,
+                      HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of D > BLOCK columns, in BLOCK chunks: the sums, then a second read of the
+    row for the gradient (from L2 when the rows in flight fit there)."""
     row = tl.program_id(0).to(tl.int64)
     p_row, t_row, g_row = P + row * stride_p, T + row * stride_t, G + row * stride_g
     pp = tl.zeros([BLOCK], tl.float32)
@@ -52,27 +81,20 @@ def _loss_and_grad_kernel(P, T, W, LOSS, G, stride_p, stride_t, stride_g, D, sca
         pp += p * p
         tt += t * t
         pt += p * t
-    sum_pp, sum_tt, dot = tl.sum(pp, 0), tl.sum(tt, 0), tl.sum(pt, 0)
-    norm_p = tl.maximum(tl.sqrt(sum_pp), eps)
-    norm_t = tl.maximum(tl.sqrt(sum_tt), eps)
-    loss = sum_pp / (norm_p * norm_p) + sum_tt / (norm_t * norm_t) - 2.0 * dot / (norm_p * norm_t)
     w = tl.load(W + row).to(tl.float32) if HAS_WEIGHT else 1.0
-    tl.store(LOSS + row, w * loss)
-
-    cos = dot / (norm_p * norm_t)  # bounded, so 1 / n_p^2 <= 1e24 is the largest factor: no fp32 overflow
-    alive = tl.sqrt(sum_pp) > eps  # a zero prediction gets no gradient
-    a = tl.where(alive, 2.0 * cos / (norm_p * norm_p) * w * scale, 0.0)
-    b = tl.where(alive, -2.0 / (norm_p * norm_t) * w * scale, 0.0)
-    for start in range(0, D, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < D
-        p = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_row + cols, (a * p + b * t).to(G.dtype.element_ty), mask=mask)
+    loss, a, b = _row_terms(tl.sum(pp, 0), tl.sum(tt, 0), tl.sum(pt, 0), w, scale, eps)
+    tl.store(LOSS + row, loss)
+    if COMPUTE_GRAD:
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < D
+            p = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (a * p + b * t).to(G.dtype.element_ty), mask=mask)
 
 
-def eager_loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, scale: float,
+                        with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's formulas in plain PyTorch (fp32 sums): the op's CPU implementation."""
     p, t = pred.float(), target.float()
     sum_pp, sum_tt, dot = p.pow(2).sum(1), t.pow(2).sum(1), (p * t).sum(1)
@@ -82,22 +104,26 @@ def eager_loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: torch.
     alive = sum_pp.sqrt() > EPS
     a = torch.where(alive, 2 * dot / (norm_p * norm_t) / norm_p**2 * w * scale, 0.0)
     b = torch.where(alive, -2 / (norm_p * norm_t) * w * scale, 0.0)
-    return w * rows, (a[:, None] * p + b[:, None] * t).to(pred.dtype)
+    grad = (a[:, None] * p + b[:, None] * t).to(pred.dtype) if with_grad else pred.new_empty(0)
+    return w * rows, grad
 
 
 @triton_op("fastreg::normalized_regression_fwd", mutates_args=())
-def loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_b loss_b (B,) fp32, scale * w_b d loss_b / d pred (B, D)) for pred, target (B, D)."""
+def loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, scale: float,
+                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_b loss_b (B,) fp32, scale * w_b d loss_b / d pred (B, D), or an empty tensor without with_grad)
+    for pred, target (B, D) and weight (B,) or None."""
     pred, target = _rows_contiguous(pred), _rows_contiguous(target)
+    weight = weight.contiguous() if weight is not None else None
     batch, dim = pred.shape
     rows = torch.empty(batch, dtype=torch.float32, device=pred.device)
-    grad = torch.empty_like(pred)
+    grad = torch.empty_like(pred) if with_grad else pred.new_empty(0)
     block = min(MAX_BLOCK, triton.next_power_of_2(dim))
-    wrap_triton(_loss_and_grad_kernel)[(batch,)](
-        pred, target, weight if weight is not None else rows, rows, grad,
-        pred.stride(0), target.stride(0), grad.stride(0), dim, scale, EPS,
-        HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    kernel = _short_rows_kernel if dim <= block else _long_rows_kernel
+    wrap_triton(kernel)[(batch,)](
+        pred, target, weight if weight is not None else rows, rows, grad if with_grad else pred,
+        pred.stride(0), target.stride(0), grad.stride(0) if with_grad else 0, dim, scale, EPS,
+        HAS_WEIGHT=weight is not None, COMPUTE_GRAD=with_grad, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return rows, grad
 
@@ -117,27 +143,30 @@ class NormalizedRegressionFunction(torch.autograd.Function):
     def forward(ctx, pred, target, weight, reduction):
         _check(pred, target, weight, reduction)
         scale = 1.0 / pred.shape[0] if reduction == "mean" else 1.0
-        rows, grad = loss_and_grad(pred, target.detach(), weight, scale)
+        rows, grad = loss_and_grad(pred, target.detach(), weight, scale, ctx.needs_input_grad[0])
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         return rows if reduction == "none" else rows.sum() * scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":  # grad_output (B,): one factor per row
-            grad = grad * grad_output.unsqueeze(1).to(grad.dtype)
-        else:  # a scalar; a tensor multiply, since checking it for 1 would cost a host sync
-            grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None
+        # One multiply in fp32, then pred's dtype. It always runs: skipping it when grad_output is 1 would
+        # need a host sync in every backward.
+        factor = grad_output.float().unsqueeze(1) if ctx.reduction == "none" else grad_output.float()
+        return (grad * factor).to(grad.dtype), None, None, None
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> None:
     if pred.dim() != 2 or pred.shape != target.shape:
         raise ValueError(f"pred and target must both be (B, D); got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if weight is not None and weight.shape != pred.shape[:1]:
-        raise ValueError(f"weight must be (B,) = ({pred.shape[0]},); got {tuple(weight.shape)}")
+    if weight is not None and (weight.shape != pred.shape[:1] or weight.device != pred.device):
+        raise ValueError(f"weight must be (B,) = ({pred.shape[0]},) on {pred.device}; got {tuple(weight.shape)} "
+                         f"on {weight.device}")
+    if weight is not None and weight.requires_grad:
+        raise ValueError("weight gets no gradient from this loss: pass weight.detach()")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 

@@ -88,6 +88,21 @@ def test_compiles_without_a_graph_break():
     torch.testing.assert_close(pred.grad, p.grad)
 
 
+def test_grad_output_scales_and_autocast_inputs_accumulate_in_fp32():
+    pred, target = torch.randn(6, 30, requires_grad=True), torch.randn(6, 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = (pred * 1).to(torch.bfloat16)  # what a bf16 head gives
+        rows = normalized_regression_loss(half, target.bfloat16(), reduction="none")
+    assert rows.dtype == torch.float32
+    upstream = torch.linspace(0.5, 2.0, 6)
+    rows.backward(upstream)
+    p = pred.detach().clone().requires_grad_()
+    ref = (F.normalize(p.bfloat16().float(), dim=1) - F.normalize(target.bfloat16().float(), dim=1)).pow(2).sum(1)
+    ref.backward(upstream)
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.grad, p.grad, atol=2e-2, rtol=2e-2)  # the gradient is stored in bf16
+
+
 def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"\(B, D\)"):
         normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 5))
@@ -95,6 +110,8 @@ def test_bad_shapes_are_clear_errors():
         normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), torch.ones(4))
     with pytest.raises(ValueError, match="reduction"):
         normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), reduction="max")
+    with pytest.raises(ValueError, match="weight.detach"):
+        normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), torch.ones(3, requires_grad=True))
 
 
 @pytest.mark.gpu
