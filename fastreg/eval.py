@@ -110,38 +110,27 @@ def knn_predict(
     k: int = 20,
     t: float = 0.07,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
-    """Weighted k-NN class of each query (Q,), on bank's device.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted k-NN class (Q,), 1-NN class (Q,)) of each query, on bank's device, from one pass.
 
     bank (N, D) and queries (Q, D) are L2-normalized; k is clipped to N. `chunk_size` queries are
     compared at a time (default: as many as keep the similarity matrix under SIM_ELEMENTS).
     """
     bank_labels = bank_labels.to(bank.device)
-    preds = [_vote(sim, bank_labels[idx], num_classes, t).argmax(1) for sim, idx in _neighbours(bank, queries, k, chunk_size)]
-    return torch.cat(preds)
+    knn, nn1 = [], []
+    for sim, idx in _neighbours(bank, queries, k, chunk_size):
+        neighbour_labels = bank_labels[idx]  # (q, k), nearest first
+        knn.append(_vote(sim, neighbour_labels, num_classes, t).argmax(1))
+        nn1.append(neighbour_labels[:, 0])
+    return torch.cat(knn), torch.cat(nn1)
 
 
-def knn_accuracy(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    t: float = 0.07,
-    chunk_size: Optional[int] = None,
-) -> dict[str, float]:
-    """{"knn": weighted k-NN top-1 %, "nn1": 1-NN top-1 %}, from one pass over the similarities."""
-    bank_labels = bank_labels.to(bank.device)
-    knn_correct = nn1_correct = 0
-    step = chunk_size or max(1, SIM_ELEMENTS // bank.shape[0])
-    for (sim, idx), y in zip(_neighbours(bank, queries, k, step), query_labels.split(step)):
-        y = y.to(bank.device)
-        neighbour_labels = bank_labels[idx]  # (q, k)
-        knn_correct += (_vote(sim, neighbour_labels, num_classes, t).argmax(1) == y).sum().item()
-        nn1_correct += (neighbour_labels[:, 0] == y).sum().item()
-    n = len(query_labels)
-    return {"knn": 100.0 * knn_correct / n, "nn1": 100.0 * nn1_correct / n}
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 num_classes: int, **options) -> dict[str, float]:
+    """{"knn": weighted k-NN top-1 %, "nn1": 1-NN top-1 %}; options (k, t, chunk_size) as knn_predict's."""
+    knn, nn1 = knn_predict(bank, bank_labels, queries, num_classes, **options)
+    y = query_labels.to(knn.device)
+    return {"knn": 100.0 * (knn == y).double().mean().item(), "nn1": 100.0 * (nn1 == y).double().mean().item()}
 
 
 def knn_eval(
@@ -171,7 +160,7 @@ def knn_eval(
     bank, bank_labels = features(train_root)
     queries, query_labels = features(val_root)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k, t)
+    return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k=k, t=t)
 
 
 # ------------------------------------------------------------------------------------ feature cache
@@ -394,7 +383,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
         raise ValueError(f"{s.train_root} and {s.val_root} have different class folders: labels would not match")
     num_classes = len(train["classes"]) if train["classes"] else int(max(train["labels"].max(), val["labels"].max())) + 1
-    results = knn_accuracy(train["feats"].to(device), train["labels"], val["feats"], val["labels"], num_classes, s.k, s.t)
+    results = knn_accuracy(train["feats"].to(device), train["labels"], val["feats"], val["labels"], num_classes,
+                           k=s.k, t=s.t)
     if args.linear:
         results["linear"] = linear_probe(
             train["feats"], train["labels"], val["feats"], val["labels"], num_classes, epochs=args.linear_epochs, device=device

@@ -82,7 +82,7 @@ def _trainer_checkpoint(path, arch, train_root, val_root, crop=32, seed=0):
 @pytest.mark.parametrize("k, t, chunk_size", [(1, 0.07, None), (5, 0.07, 7), (20, 0.07, 1), (20, 0.5, None)])
 def test_knn_matches_brute_force_reference(k, t, chunk_size):
     bank, bank_labels, queries, query_labels = _clusters(200, 60, num_classes=5, dim=16, spread=1.2)
-    preds = ev.knn_predict(bank, bank_labels, queries, 5, k=k, t=t, chunk_size=chunk_size)
+    preds, _ = ev.knn_predict(bank, bank_labels, queries, 5, k=k, t=t, chunk_size=chunk_size)
     assert preds.tolist() == _reference_knn(bank, bank_labels, queries, 5, k, t)
     acc = ev.knn_accuracy(bank, bank_labels, queries, query_labels, 5, k=k, t=t, chunk_size=chunk_size)
     assert acc["knn"] == pytest.approx(100.0 * (preds == query_labels).float().mean().item())
@@ -95,7 +95,8 @@ def test_nn1_matches_sklearn():
     sk_preds = torch.from_numpy(sk.predict(queries.numpy()))
     acc = ev.knn_accuracy(bank, bank_labels, queries, query_labels, 4, k=20, t=0.07)
     assert acc["nn1"] == pytest.approx(100.0 * (sk_preds == query_labels).float().mean().item())
-    assert ev.knn_predict(bank, bank_labels, queries, 4, k=1).tolist() == sk_preds.tolist()
+    assert ev.knn_predict(bank, bank_labels, queries, 4, k=1)[0].tolist() == sk_preds.tolist()
+    assert ev.knn_predict(bank, bank_labels, queries, 4, k=20)[1].tolist() == sk_preds.tolist()
 
 
 def test_similarity_weighting_overrules_majority():
@@ -103,14 +104,14 @@ def test_similarity_weighting_overrules_majority():
     bank = F.normalize(torch.tensor([[1.0, 0.05], [0.5, 0.866], [0.5, -0.866], [-1.0, 0.0]]), dim=1)
     bank_labels = torch.tensor([0, 1, 1, 0])
     query = torch.tensor([[1.0, 0.0]])
-    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=0.07).item() == 0  # exp(1/.07) >> 2 exp(.5/.07)
-    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=1e4).item() == 1  # flat weights = majority vote
+    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=0.07)[0].item() == 0  # exp(1/.07) >> 2 exp(.5/.07)
+    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=1e4)[0].item() == 1  # flat weights = majority vote
 
 
 def test_tiny_temperature_stays_finite():
     bank, bank_labels, queries, _ = _clusters(100, 30, num_classes=3, dim=8, spread=1.0, seed=2)
-    preds = ev.knn_predict(bank, bank_labels, queries, 3, k=10, t=1e-3)  # exp(1/1e-3) overflows without the shift
-    assert preds.tolist() == ev.knn_predict(bank, bank_labels, queries, 3, k=1).tolist()
+    preds, nn1 = ev.knn_predict(bank, bank_labels, queries, 3, k=10, t=1e-3)  # exp(1/1e-3) overflows without the shift
+    assert preds.tolist() == ev.knn_predict(bank, bank_labels, queries, 3, k=1)[0].tolist() == nn1.tolist()
 
 
 # ------------------------------------------------------------------------------------- linear probe
