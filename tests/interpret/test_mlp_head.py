@@ -1,0 +1,130 @@
+"""FusedMLPHead's Triton kernels under the interpreter (TRITON_INTERPRET=1, set by tests/test_kernels.py before
+this process imports them), against the same modules run as a plain nn.Sequential in float64. fp32 and fp16."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
+
+from fastreg.kernels.mlp_head import FusedMLPHead  # noqa: E402
+
+# (out width, BN after it, ReLU after it) per Linear, in units of the input width d; D is the output width
+SPECS = {
+    "linear": [],
+    "mlp2": [(2, True, True)],
+    "simreg4": [(2, True, True), (1, False, False), (2, True, True)],  # SimReg's official head
+    "seed": [(1, False, True)],  # ReLU without BN
+    "bn_only": [(1, True, False)],  # BN without ReLU
+}
+SHAPES = [(3, 5, 7), (17, 24, 33), (70, 40, 9)]  # (B, d, D): odd widths; B=70 spans two 64-row tiles
+# Errors relative to the largest reference value of each tensor, or absolute below 1: a Linear's bias before BN
+# has a gradient of exactly 0 in exact arithmetic, so only rounding remains.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2}
+
+
+def eager_head(kind: str, d: int, D: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    mods, width = [], d
+    for mult, bn, relu in SPECS[kind] + [(None, False, False)]:
+        out = D if mult is None else mult * d
+        mods.append(nn.Linear(width, out))
+        if bn:
+            mods.append(nn.BatchNorm1d(out))
+            nn.init.uniform_(mods[-1].weight, 0.5, 1.5)  # not the identity affine, so its use is tested
+            nn.init.uniform_(mods[-1].bias, -0.5, 0.5)
+        if relu:
+            mods.append(nn.ReLU())
+        width = out
+    return nn.Sequential(*mods)
+
+
+def assert_near(value: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str):
+    assert torch.isfinite(value).all(), what
+    scale = max(ref.abs().max().item(), 1.0)
+    err = (value.double() - ref.double()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
+
+
+def run(head: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
+    """(output, d x, {name: grad}) of one training-mode forward and backward."""
+    x = x.detach().clone().requires_grad_()
+    out = head(x)
+    out.backward(upstream.to(out.dtype))
+    return out.detach(), x.grad, {n: p.grad for n, p in head.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", SPECS)
+def test_forward_backward_and_running_stats_match_eager(kind, shape, dtype):
+    B, d, D = shape
+    eager = eager_head(kind, d, D).to(dtype)
+    ref, fused = copy.deepcopy(eager).double(), FusedMLPHead(*copy.deepcopy(eager))
+    g = torch.Generator().manual_seed(B * d)
+    x, upstream = (torch.randn(B, d, generator=g) * 2 + 1).to(dtype), torch.randn(B, D, generator=g)
+    out, dx, grads = run(fused, x, upstream)
+    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert_near(out, ref_out, dtype, "output")
+    assert_near(dx, ref_dx, dtype, "d input")
+    for name, grad in grads.items():
+        assert grad.dtype == dtype, name
+        assert_near(grad, ref_grads[name], dtype, f"d {name}")
+    ref_buffers = dict(ref.named_buffers())
+    for name, buf in fused.named_buffers():  # running mean, unbiased running variance, num_batches_tracked
+        assert_near(buf, ref_buffers[name], dtype, name)
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        assert_near(fused(x), ref(x.double()), dtype, "eval output")
+
+
+def test_eval_mode_backward_uses_the_running_statistics():
+    eager = eager_head("simreg4", 6, 10)
+    eager.train()(torch.randn(9, 6) * 3)  # running statistics away from (0, 1)
+    ref, fused = copy.deepcopy(eager).double().eval(), FusedMLPHead(*copy.deepcopy(eager)).eval()
+    x, upstream = torch.randn(5, 6), torch.randn(5, 10)
+    out, dx, grads = run(fused, x, upstream)
+    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
+    assert_near(out, ref_out, torch.float32, "output")
+    assert_near(dx, ref_dx, torch.float32, "d input")
+    for name, grad in grads.items():
+        assert_near(grad, ref_grads[name], torch.float32, f"d {name}")
+    torch.testing.assert_close(fused.state_dict(), eager.state_dict())  # eval() leaves the statistics alone
+
+
+def test_results_repeat_bit_for_bit():
+    """The BN statistics and gradient sums are partials reduced in a fixed order: no run-to-run noise."""
+    eager = eager_head("simreg4", 24, 33)
+    x, upstream = torch.randn(70, 24), torch.randn(70, 33)
+    first, second = (run(FusedMLPHead(*copy.deepcopy(eager)), x, upstream) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
+
+
+def test_the_state_dict_is_the_eager_heads():
+    eager = eager_head("simreg4", 8, 12)
+    fused = FusedMLPHead(*eager_head("simreg4", 8, 12, seed=1))
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), eager.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        FusedMLPHead(*eager_head("mlp2", 4, 5))(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="expects \\(B, 4\\)"):
+        FusedMLPHead(*eager_head("mlp2", 4, 5))(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="last Linear"):
+        FusedMLPHead(nn.Linear(4, 5), nn.ReLU())
+    with pytest.raises(ValueError, match="cannot place BatchNorm1d"):
+        FusedMLPHead(nn.Linear(4, 5), nn.ReLU(), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="momentum"):
+        FusedMLPHead(nn.Linear(4, 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="do not chain"):
+        FusedMLPHead(nn.Linear(4, 5), nn.Linear(6, 2))
