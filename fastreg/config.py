@@ -24,6 +24,7 @@ def _check_positive(key: str, value: float) -> None:
         raise ValueError(f"{key} must be > 0, got {value}")
 
 
+IMPLS = ("auto", "eager", "triton")
 HEAD_KINDS = ("linear", "mlp2", "simreg4", "seed", "mlp")
 
 
@@ -43,11 +44,13 @@ class HeadConfig:
     hidden: List[int] = field(default_factory=list)  # mlp only: hidden widths, e.g. [1024, 512]
     bn: bool = True  # mlp only: BatchNorm1d after every hidden Linear
     relu: bool = True  # mlp only: ReLU after every hidden Linear (after BN)
-    impl: str = "eager"  # eager | triton (fused kernels, issue 4)
+    # triton (fastreg.kernels' FusedMLPHead: BN statistics in the GEMM epilogues) | eager | auto: triton on CUDA.
+    # Both have the same state_dict, so a checkpoint moves between them.
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("head.kind", self.kind, HEAD_KINDS)
-        _check_choice("head.impl", self.impl, ("eager",))
+        _check_choice("head.impl", self.impl, IMPLS)
         if self.kind == "mlp" and not self.hidden:
             raise ValueError("head.kind=mlp needs head.hidden, e.g. head.hidden=[1024,512]")
         if self.kind != "mlp" and self.hidden:
@@ -99,7 +102,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, ("simreg", "seed", "mse"))
-        _check_choice("loss.impl", self.impl, ("auto", "eager", "triton"))
+        _check_choice("loss.impl", self.impl, IMPLS)
         if self.impl == "triton" and self.name != "simreg":
             raise ValueError(f"loss.impl=triton is the fused simreg loss; loss.name={self.name} runs eager: "
                              "set loss.impl=auto or eager")

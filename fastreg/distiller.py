@@ -79,7 +79,7 @@ def build_distiller(cfg: TrainConfig, device: torch.device) -> Distiller:
     amp_dtype = AMP_DTYPES[cfg.trainer.precision]
     teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
     student = Student(cfg.student.arch)
-    heads = [build_head(t.head, student.dim, teacher.dim) for t, teacher in zip(cfg.teachers, teachers)]
+    heads = [build_head(t.head, student.dim, teacher.dim, device) for t, teacher in zip(cfg.teachers, teachers)]
     losses = [build_loss(cfg.loss, teacher.dim, device) for teacher in teachers]
     distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format

@@ -5,9 +5,15 @@ Heads exist only during distillation; fastreg.export drops them.
 
 from __future__ import annotations
 
+import logging
+
+import torch
 from torch import nn
 
 from fastreg.config import HeadConfig
+from fastreg.fused import impl_name, use_triton
+
+log = logging.getLogger(__name__)
 
 # A head is a chain of Linear layers; each entry is (out_width, BN after it, ReLU after it).
 LayerSpec = tuple[int, bool, bool]
@@ -27,7 +33,9 @@ def head_spec(cfg: HeadConfig, d: int, D: int) -> list[LayerSpec]:
     return [(h, cfg.bn, cfg.relu) for h in cfg.hidden] + [(D, False, False)]  # mlp
 
 
-def build_head(cfg: HeadConfig, d: int, D: int) -> nn.Sequential:
+def build_head(cfg: HeadConfig, d: int, D: int, device: torch.device = torch.device("cpu")) -> nn.Sequential:
+    """An nn.Sequential of Linear/BatchNorm1d/ReLU; with head.impl triton, fastreg.kernels' FusedMLPHead of the
+    same modules (the same state_dict)."""
     layers: list[nn.Module] = []
     width = d
     for out, bn, relu in head_spec(cfg, d, D):
@@ -37,4 +45,19 @@ def build_head(cfg: HeadConfig, d: int, D: int) -> nn.Sequential:
         if relu:
             layers.append(nn.ReLU(inplace=True))
         width = out
+    fused = use_triton("head.impl", cfg.impl, device, lambda: _probe(device))
+    log.info("head %s %d->%d: %s", cfg.kind, d, D, impl_name(fused))
+    if fused:
+        from fastreg.kernels import FusedMLPHead
+
+        return FusedMLPHead(*layers)
     return nn.Sequential(*layers)
+
+
+def _probe(device: torch.device) -> None:
+    """One training step of a small fused head."""
+    from fastreg.kernels import FusedMLPHead
+
+    head = FusedMLPHead(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8)).to(device)
+    head(torch.randn(4, 8, device=device, requires_grad=True)).sum().backward()
+    head[0].weight.grad.sum().item()

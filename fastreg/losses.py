@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import LossConfig
+from fastreg.fused import impl_name, use_triton
 log = logging.getLogger(__name__)
 
 
@@ -111,32 +112,20 @@ def build_loss(cfg: LossConfig, dim: int, device: torch.device) -> nn.Module:
     if cfg.name == "seed":
         return SEEDLoss(cfg, dim)
     loss = RegressionLoss(cfg, dim)
-    loss.fused = use_fused_loss(cfg, device)
+    loss.fused = cfg.name == "simreg" and use_triton("loss.impl", cfg.impl, device, lambda: _probe(device))
     log.info("loss %s: %s", cfg.name, loss_impl_name(loss.fused, device))
     return loss
 
 
-def use_fused_loss(cfg: LossConfig, device: torch.device) -> bool:
-    """loss.impl: triton, eager, or auto (triton on CUDA). Without Triton, or on a device it cannot compile
-    for, the eager loss runs, with a warning."""
-    if cfg.name != "simreg" or cfg.impl == "eager" or (cfg.impl == "auto" and device.type != "cuda"):
-        return False
-    try:  # import, compile and run the kernel once here, not at the first training step
-        from fastreg.kernels import normalized_regression_loss
+def _probe(device: torch.device) -> None:
+    from fastreg.kernels import normalized_regression_loss
 
-        normalized_regression_loss(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)).item()
-    except Exception as e:  # noqa: BLE001 - a missing or unsupported Triton fails in many ways
-        log.warning("loss.impl=%s: the fused loss does not run on %s (%s: %s); using the eager loss",
-                    cfg.impl, device, type(e).__name__, e)
-        return False
-    return True
+    normalized_regression_loss(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)).item()
 
 
 def loss_impl_name(fused: bool, device: torch.device) -> str:
-    if not fused:
-        return "eager PyTorch"
     from fastreg.kernels.normalized_regression import INTERPRETED
 
-    if device.type == "cpu" and not INTERPRETED:
+    if fused and device.type == "cpu" and not INTERPRETED:
         return "fused op, its PyTorch CPU kernel (fastreg.kernels; Triton runs on GPUs)"
-    return "fused Triton kernel (fastreg.kernels)" + (", interpreted" if INTERPRETED else "")
+    return impl_name(fused)

@@ -2,8 +2,12 @@
 
     from fastreg.kernels import normalized_regression_loss
     loss = normalized_regression_loss(student_pred, teacher_feature)   # SimReg's loss, fused fwd + grad
+
+    from fastreg.kernels import FusedMLPHead
+    head = FusedMLPHead(*eager_head)   # an nn.Sequential's Linear/BatchNorm1d/ReLU modules, run as fused GEMMs
 """
 
+from fastreg.kernels.mlp_head import FusedMLPHead
 from fastreg.kernels.normalized_regression import NormalizedRegressionLoss, normalized_regression_loss
 
-__all__ = ["NormalizedRegressionLoss", "normalized_regression_loss"]
+__all__ = ["FusedMLPHead", "NormalizedRegressionLoss", "normalized_regression_loss"]

@@ -39,3 +39,14 @@ def test_bad_head_config():
         HeadConfig(kind="mlp")
     with pytest.raises(ValueError, match="head.kind"):
         HeadConfig(kind="mlp3")
+
+
+def test_head_impl_choice(caplog):
+    cpu = torch.device("cpu")
+    assert type(build_head(HeadConfig(kind="mlp2"), 8, 4, cpu)) is nn.Sequential  # auto: eager on CPU
+    with caplog.at_level("WARNING"):  # no GPU and no interpreter: the Triton kernels cannot run here
+        head = build_head(HeadConfig(kind="mlp2", impl="triton"), 8, 4, cpu)
+    assert type(head) is nn.Sequential
+    assert "head.impl=triton: the fused kernel does not run on cpu" in caplog.text
+    with pytest.raises(ValueError, match="head.impl"):
+        HeadConfig(impl="fused")
