@@ -401,6 +401,7 @@ class FusedMLPHead(nn.Sequential):
         super().__init__(*modules)
         self.plan = _plan(list(modules))
 
+    @torch.compiler.disable  # already fused: torch.compile runs it as it is, between its own graphs
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.plan[0].linear.in_features:
             raise ValueError(f"FusedMLPHead expects (B, {self.plan[0].linear.in_features}); got {tuple(x.shape)}")

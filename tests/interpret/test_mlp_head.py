@@ -128,3 +128,19 @@ def test_clear_errors():
         FusedMLPHead(nn.Linear(4, 5), nn.BatchNorm1d(5, momentum=None), nn.Linear(5, 2))
     with pytest.raises(ValueError, match="do not chain"):
         FusedMLPHead(nn.Linear(4, 5), nn.Linear(6, 2))
+
+
+def test_runs_inside_a_compiled_model():
+    """torch.compile leaves the fused head whole (torch.compiler.disable) and compiles around it."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(6, 8)
+    fused_model = nn.Sequential(copy.deepcopy(trunk), FusedMLPHead(*eager_head("mlp2", 8, 5)))
+    ref_model = nn.Sequential(copy.deepcopy(trunk), eager_head("mlp2", 8, 5)).double()
+    compiled = torch.compile(fused_model, backend="aot_eager")
+    x, upstream = torch.randn(9, 6), torch.randn(9, 5)
+    out, dx, grads = run(compiled, x, upstream)
+    ref_out, ref_dx, ref_grads = run(ref_model, x.double(), upstream.double())
+    assert_near(out, ref_out, torch.float32, "output")
+    assert_near(dx, ref_dx, torch.float32, "d input")
+    for name, grad in grads.items():
+        assert_near(grad, ref_grads[name.removeprefix("_orig_mod.")], torch.float32, f"d {name}")
