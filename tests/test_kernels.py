@@ -1,6 +1,7 @@
 """fastreg.kernels: the Triton kernels under the interpreter (a subprocess), the op's CPU implementation,
 torch.compile integration, and the kernels on a GPU."""
 
+import copy
 import json
 import os
 import subprocess
@@ -11,7 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastreg.config import HeadConfig
+from fastreg.heads import build_head
+from fastreg.kernels.mlp_head import FusedMLPHead
 from fastreg.kernels.normalized_regression import NormalizedRegressionLoss, normalized_regression_loss
+from head_reference import assert_near, eager_head, run
 from helpers import make_image_folder, tiny_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -140,3 +145,33 @@ def test_triton_under_compile_on_gpu():
     p = pred.detach().clone().requires_grad_()
     reference(p, target).backward()
     torch.testing.assert_close(pred.grad, p.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 24, 33), (256, 512, 2048), (1000, 96, 130)])
+def test_fused_head_on_gpu_matches_eager(shape, dtype):
+    """fp32, and bf16 autocast over fp32 parameters as in training, against float64 eager."""
+    B, d, D = shape
+    eager = eager_head("simreg4", d, D).cuda()
+    ref, fused = copy.deepcopy(eager).double(), FusedMLPHead(*copy.deepcopy(eager))
+    x, upstream = torch.randn(B, d, device="cuda") * 2 + 1, torch.randn(B, D, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out, dx, grads = run(fused, x, upstream)
+        again = run(FusedMLPHead(*copy.deepcopy(eager)), x, upstream)
+    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
+    assert out.dtype == dtype
+    assert_near(out, ref_out, dtype, "output")
+    assert_near(dx, ref_dx, dtype, "d input")
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert_near(grad, ref_grads[name], dtype, f"d {name}")
+        assert torch.equal(grad, again[2][name]), f"{name}: not deterministic"
+    ref_buffers = dict(ref.named_buffers())
+    for name, buf in fused.named_buffers():
+        assert_near(buf, ref_buffers[name], dtype, name)
+
+
+@pytest.mark.gpu
+def test_head_impl_auto_is_triton_on_gpu():
+    assert isinstance(build_head(HeadConfig(kind="simreg4"), 16, 8, torch.device("cuda")), FusedMLPHead)
