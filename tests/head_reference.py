@@ -47,3 +47,13 @@ def run(head: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
     out = head(x)
     out.backward(upstream.to(out.dtype))
     return out.detach(), x.grad, {n: p.grad for n, p in head.named_parameters()}
+
+
+def assert_runs_near(got: tuple, ref: tuple, dtype: torch.dtype, prefix: str = ""):
+    """Two `run` results: output, d input and every parameter's gradient (names in got may carry prefix)."""
+    out, dx, grads = got
+    ref_out, ref_dx, ref_grads = ref
+    assert_near(out, ref_out, dtype, "output")
+    assert_near(dx, ref_dx, dtype, "d input")
+    for name, grad in grads.items():
+        assert_near(grad, ref_grads[name.removeprefix(prefix)], dtype, f"d {name}")

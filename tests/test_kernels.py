@@ -16,7 +16,7 @@ from fastreg.config import HeadConfig
 from fastreg.heads import build_head
 from fastreg.kernels.mlp_head import FusedMLPHead
 from fastreg.kernels.normalized_regression import NormalizedRegressionLoss, normalized_regression_loss
-from head_reference import assert_near, eager_head, run
+from head_reference import assert_near, assert_runs_near, eager_head, run
 from helpers import make_image_folder, tiny_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -159,14 +159,9 @@ def test_fused_head_on_gpu_matches_eager(shape, dtype):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out, dx, grads = run(fused, x, upstream)
         again = run(FusedMLPHead(*copy.deepcopy(eager)), x, upstream)
-    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
-    assert out.dtype == dtype
-    assert_near(out, ref_out, dtype, "output")
-    assert_near(dx, ref_dx, dtype, "d input")
-    for name, grad in grads.items():
-        assert grad.dtype == torch.float32, name
-        assert_near(grad, ref_grads[name], dtype, f"d {name}")
-        assert torch.equal(grad, again[2][name]), f"{name}: not deterministic"
+    assert_runs_near((out, dx, grads), run(ref, x.double(), upstream.double()), dtype)
+    assert out.dtype == dtype and all(grad.dtype == torch.float32 for grad in grads.values())
+    assert all(torch.equal(grad, again[2][name]) for name, grad in grads.items()), "not deterministic"
     ref_buffers = dict(ref.named_buffers())
     for name, buf in fused.named_buffers():
         assert_near(buf, ref_buffers[name], dtype, name)

@@ -11,7 +11,7 @@ from torch import nn
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
 
 from fastreg.kernels.mlp_head import FusedMLPHead  # noqa: E402
-from head_reference import SHAPES, SPECS, assert_near, eager_head, run  # noqa: E402
+from head_reference import SHAPES, SPECS, assert_near, assert_runs_near, eager_head, run  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -23,14 +23,9 @@ def test_forward_backward_and_running_stats_match_eager(kind, shape, dtype):
     ref, fused = copy.deepcopy(eager).double(), FusedMLPHead(*copy.deepcopy(eager))
     g = torch.Generator().manual_seed(B * d)
     x, upstream = (torch.randn(B, d, generator=g) * 2 + 1).to(dtype), torch.randn(B, D, generator=g)
-    out, dx, grads = run(fused, x, upstream)
-    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
-    assert out.dtype == dtype and dx.dtype == dtype
-    assert_near(out, ref_out, dtype, "output")
-    assert_near(dx, ref_dx, dtype, "d input")
-    for name, grad in grads.items():
-        assert grad.dtype == dtype, name
-        assert_near(grad, ref_grads[name], dtype, f"d {name}")
+    got = run(fused, x, upstream)
+    assert_runs_near(got, run(ref, x.double(), upstream.double()), dtype)
+    assert got[0].dtype == got[1].dtype == dtype and all(g.dtype == dtype for g in got[2].values())
     ref_buffers = dict(ref.named_buffers())
     for name, buf in fused.named_buffers():  # running mean, unbiased running variance, num_batches_tracked
         assert_near(buf, ref_buffers[name], dtype, name)
@@ -44,12 +39,7 @@ def test_eval_mode_backward_uses_the_running_statistics():
     eager.train()(torch.randn(9, 6) * 3)  # running statistics away from (0, 1)
     ref, fused = copy.deepcopy(eager).double().eval(), FusedMLPHead(*copy.deepcopy(eager)).eval()
     x, upstream = torch.randn(5, 6), torch.randn(5, 10)
-    out, dx, grads = run(fused, x, upstream)
-    ref_out, ref_dx, ref_grads = run(ref, x.double(), upstream.double())
-    assert_near(out, ref_out, torch.float32, "output")
-    assert_near(dx, ref_dx, torch.float32, "d input")
-    for name, grad in grads.items():
-        assert_near(grad, ref_grads[name], torch.float32, f"d {name}")
+    assert_runs_near(run(fused, x, upstream), run(ref, x.double(), upstream.double()), torch.float32)
     torch.testing.assert_close(fused.state_dict(), eager.state_dict())  # eval() leaves the statistics alone
 
 
@@ -95,9 +85,5 @@ def test_runs_inside_a_compiled_model():
     ref_model = nn.Sequential(copy.deepcopy(trunk), eager_head("mlp2", 8, 5)).double()
     compiled = torch.compile(fused_model, backend="aot_eager")
     x, upstream = torch.randn(9, 6), torch.randn(9, 5)
-    out, dx, grads = run(compiled, x, upstream)
-    ref_out, ref_dx, ref_grads = run(ref_model, x.double(), upstream.double())
-    assert_near(out, ref_out, torch.float32, "output")
-    assert_near(dx, ref_dx, torch.float32, "d input")
-    for name, grad in grads.items():
-        assert_near(grad, ref_grads[name.removeprefix("_orig_mod.")], torch.float32, f"d {name}")
+    assert_runs_near(run(compiled, x, upstream), run(ref_model, x.double(), upstream.double()), torch.float32,
+                     prefix="_orig_mod.")
