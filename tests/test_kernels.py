@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from fastreg.config import HeadConfig
 from fastreg.heads import build_head
 from fastreg.kernels.mlp_head import FusedMLPHead
-from fastreg.kernels.normalized_regression import NormalizedRegressionLoss, normalized_regression_loss
+from fastreg.kernels.normalized_regression import (
+    NormalizedRegressionLoss, normalized_regression_loss, normalized_regression_losses,
+)
 from head_reference import assert_near, assert_runs_near, eager_head, run
 from helpers import make_image_folder, tiny_overrides
 
@@ -121,6 +123,63 @@ def test_bad_shapes_are_clear_errors():
         normalized_regression_loss(torch.randn(3, 4), torch.randn(3, 4), torch.ones(3, requires_grad=True))
 
 
+def multi_terms(device="cpu", dtype=torch.float32, batches=(3, 1, 5), dims=(7, 300, 4099)):
+    """(pred, target, weight) per teacher: D past one 4096 block, odd B including 1, a weight on the middle term."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(b, d, generator=g).to(device, dtype).requires_grad_(),
+             torch.randn(b, d, generator=g).to(device, dtype),
+             torch.rand(b, generator=g).to(device) if k == 1 else None) for k, (b, d) in enumerate(zip(batches, dims))]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_multi_terms_are_the_one_term_losses(reduction):
+    terms = multi_terms()
+    losses = normalized_regression_losses(terms, reduction)
+    upstream = [torch.rand(loss.shape) + 0.5 for loss in losses]
+    torch.autograd.backward(losses, upstream)
+    for (pred, target, weight), loss, up in zip(terms, losses, upstream):
+        p = pred.detach().clone().requires_grad_()
+        one = normalized_regression_loss(p, target, weight, reduction)
+        one.backward(up)
+        assert torch.equal(loss, one) and torch.equal(pred.grad, p.grad)
+
+
+def test_multi_terms_compile_without_a_graph_break():
+    """As test_compiles_without_a_graph_break, for two terms of different D."""
+    from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
+
+    def step(p1, t1, p2, t2):
+        a, b = normalized_regression_losses([(p1 * 2, t1, None), (p2, t2, None)])
+        return a + 0.5 * b
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1, t1 = torch.randn(8, 40, requires_grad=True), torch.randn(8, 40)
+    p2, t2 = torch.randn(8, 24, requires_grad=True), torch.randn(8, 24)
+    with keep_triton_ops():
+        loss = compiled(p1, t1, p2, t2)
+    loss.backward()
+    q1, q2 = p1.detach().clone().requires_grad_(), p2.detach().clone().requires_grad_()
+    ref = reference(q1 * 2, t1) + 0.5 * reference(q2, t2)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(p1.grad, q1.grad)
+    torch.testing.assert_close(p2.grad, q2.grad)
+
+
+def test_multi_terms_bad_inputs_name_the_term():
+    good = (torch.randn(3, 4), torch.randn(3, 4), None)
+    with pytest.raises(ValueError, match=r"term 1: pred and target must both be \(B, D\)"):
+        normalized_regression_losses([good, (torch.randn(3, 4), torch.randn(3, 5), None)])
+    with pytest.raises(ValueError, match="term 2: weight"):
+        normalized_regression_losses([good, good, (torch.randn(3, 4), torch.randn(3, 4), torch.ones(4))])
+    with pytest.raises(ValueError, match="term 1: all terms must be on one device"):
+        normalized_regression_losses([good, (torch.randn(3, 4, device="meta"), torch.randn(3, 4, device="meta"), None)])
+    with pytest.raises(ValueError, match="term 0: reduction"):
+        normalized_regression_losses([good], reduction="max")
+    with pytest.raises(ValueError, match="empty"):
+        normalized_regression_losses([])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape", [(1, 7), (257, 2048), (1024, 8200)])
@@ -145,6 +204,24 @@ def test_triton_under_compile_on_gpu():
     p = pred.detach().clone().requires_grad_()
     reference(p, target).backward()
     torch.testing.assert_close(pred.grad, p.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("compile", [False, True])
+def test_multi_terms_on_gpu_are_the_one_term_losses(dtype, tol, compile):
+    """One launch for three terms, eager and under torch.compile (the triton_op decomposed into its kernel)."""
+    terms = multi_terms("cuda", dtype, batches=(257, 257, 1), dims=(7, 768, 8200))
+    fn = torch.compile(normalized_regression_losses, fullgraph=True) if compile else normalized_regression_losses
+    losses = fn(terms, "none")
+    upstream = [torch.rand(loss.shape, device="cuda") + 0.5 for loss in losses]
+    torch.autograd.backward(losses, upstream)
+    for (pred, target, weight), loss, up in zip(terms, losses, upstream):
+        p = pred.detach().clone().requires_grad_()
+        one = normalized_regression_loss(p, target, weight, "none")
+        one.backward(up)
+        torch.testing.assert_close(loss, one, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(pred.grad.float(), p.grad.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.gpu

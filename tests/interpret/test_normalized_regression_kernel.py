@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
 
+import fastreg.kernels.normalized_regression as nr  # noqa: E402
 from fastreg.kernels.normalized_regression import (  # noqa: E402
-    INTERPRETED, loss_and_grad, normalized_regression_loss,
+    INTERPRETED, loss_and_grad, normalized_regression_loss, normalized_regression_losses,
 )
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -88,3 +89,93 @@ def test_without_grad_only_the_loss_is_computed():
     with torch.no_grad():
         loss = normalized_regression_loss(pred.requires_grad_(), target)
     torch.testing.assert_close(loss.double(), reference(pred, target, None, "mean")[0], **TOL[torch.float32])
+
+
+def make_terms(batches, dims, dtype, seed=0):
+    """Terms (pred, target, weight): pred requires grad, a weight (a strided view) on the first term only."""
+    g = torch.Generator().manual_seed(seed)
+    terms = []
+    for k, (b, d) in enumerate(zip(batches, dims)):
+        pred = torch.randn(b, d, generator=g).to(dtype).requires_grad_()
+        weight = torch.rand(b, 2, generator=g)[:, 1] if k == 0 else None
+        terms.append((pred, torch.randn(b, d, generator=g).to(dtype), weight))
+    return terms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("batches, dims", [((3, 1, 5), (7, 300, 4099)), ((5, 5, 5), (7, 300, 33))])
+def test_multi_terms_match_reference(batches, dims, dtype, reduction):
+    """Three terms of different D (past one 4096 block, or all in one), odd B including 1; each term's loss and
+    pred.grad under its own grad_output against float64 F.normalize autograd, and equal to the one-term op."""
+    terms = make_terms(batches, dims, dtype, seed=sum(dims) + len(reduction))
+    losses = normalized_regression_losses(terms, reduction)
+    upstream = [torch.rand(loss.shape) + 0.5 for loss in losses]
+    torch.autograd.backward(losses, upstream)
+    assert len(losses) == len(terms)
+    for (pred, target, weight), loss, up in zip(terms, losses, upstream):
+        ref_loss, ref_grad = reference(pred, target, weight, reduction, up)
+        assert loss.dtype == torch.float32 and pred.grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL[dtype])
+        torch.testing.assert_close(pred.grad.double(), ref_grad, **TOL[dtype])
+        one = pred.detach().clone().requires_grad_()
+        single = normalized_regression_loss(one, target, weight, reduction)
+        single.backward(up)
+        assert torch.equal(loss, single) and torch.equal(pred.grad, one.grad)
+
+
+class Launches:
+    """Counts the Triton kernels the interpreter runs, with their grids."""
+
+    def __init__(self, monkeypatch):
+        self.grids = {}
+        for kernel in (nr._rows_kernel, nr._terms_kernel):
+            monkeypatch.setattr(kernel, "run", self.counting(kernel, kernel.run))
+
+    def counting(self, kernel, run):
+        def counted(*args, grid, **kwargs):
+            self.grids.setdefault(kernel.fn.__name__, []).append(tuple(grid))
+            return run(*args, grid=grid, **kwargs)
+        return counted
+
+
+def test_multi_terms_launch_once(monkeypatch):
+    """One launch over all rows of all terms: a (max B, terms) grid; the backward launches nothing."""
+    launches = Launches(monkeypatch)
+    terms = make_terms((3, 1, 5), (7, 300, 4099), torch.float32)
+    losses = normalized_regression_losses(terms)
+    assert launches.grids == {"_terms_kernel": [(5, 3)]}
+    sum(losses).backward()
+    assert launches.grids == {"_terms_kernel": [(5, 3)]}
+    assert all(pred.grad is not None for pred, _, _ in terms)
+
+
+def test_more_terms_than_slots_launch_once_per_slots(monkeypatch):
+    """MAX_TERMS + 1 terms: two launches, each term still its one-term loss and gradient."""
+    launches = Launches(monkeypatch)
+    n = nr.MAX_TERMS + 1
+    terms = make_terms(range(1, n + 1), range(3, 3 + n), torch.float32)
+    losses = normalized_regression_losses(terms, "sum")
+    assert launches.grids == {"_terms_kernel": [(n, nr.MAX_TERMS), (n, 1)]}
+    sum(losses).backward()
+    for (pred, target, weight), loss in zip(terms, losses):
+        ref_loss, ref_grad = reference(pred, target, weight, "sum")
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL[torch.float32])
+        torch.testing.assert_close(pred.grad.double(), ref_grad, **TOL[torch.float32])
+
+
+def test_multi_terms_grads_only_where_needed():
+    """A pred without requires_grad gets no gradient computed; a loss left out of backward gives its pred none;
+    mixed dtypes share the launch."""
+    (p0, t0, w0), (p1, t1, _), (p2, t2, _) = make_terms((4, 4, 4), (9, 20, 9), torch.float32)
+    p1 = p1.detach().half()
+    rows, grads = nr.terms_loss_and_grad([p0, p1, p2], [t0, t1.half(), t2], [w0, None, None], True, [True, False, True])
+    assert [g.shape for g in grads] == [p0.shape, (0,), p2.shape]
+    torch.testing.assert_close(rows[1].double(), reference(p1, t1.half(), None, "none")[0], **TOL[torch.float16])
+    losses = normalized_regression_losses([(p0, t0, w0), (p1, t1.half(), None), (p2, t2, None)])
+    losses[0].backward(retain_graph=True)
+    assert p0.grad is not None and p1.grad is None and p2.grad is None
+    torch.testing.assert_close(p0.grad.double(), reference(p0, t0, w0, "mean")[1], **TOL[torch.float32])
+    (losses[1] + losses[2]).backward()
+    assert p1.grad is None
+    torch.testing.assert_close(p2.grad.double(), reference(p2, t2, None, "mean")[1], **TOL[torch.float32])
