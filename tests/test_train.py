@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -140,23 +141,30 @@ dist.all_gather(gathered, params)
 if dist.get_rank() == 0:
     print("MAXDIFF", max((g - gathered[0]).abs().max().item() for g in gathered))
     print("STEPS", trainer.step)
+    print("IMPLS", [type(h).__name__ for h in trainer.distiller.model.heads],
+          [getattr(loss, "fused", False) for loss in trainer.distiller.losses])
 dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
 """
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("overrides, env", [
+    (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
+    # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
+    (["loss.impl=triton", "head.impl=triton", "head=mlp2"], {"TRITON_INTERPRET": "1"}),
+], ids=["seed", "triton_head_and_loss"])
+def test_ddp_two_processes_gloo(tmp_path, overrides, env):
     data = make_image_folder(tmp_path / "data", per_class=16)
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    args = tiny_overrides(data, tmp_path / "run") + ["trainer.epochs=2", "loss=seed", "head=seed",
-                                                     "loss.queue_size=32"]
+    args = tiny_overrides(data, tmp_path / "run") + ["trainer.epochs=2", *overrides]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *args], capture_output=True, text=True, timeout=300)
+                           str(script), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MAXDIFF 0.0" in proc.stdout
     assert "STEPS 4" in proc.stdout  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch
     assert (tmp_path / "run" / "ckpt_epoch0002.pt").exists()
+    assert ("IMPLS ['FusedMLPHead'] [True]" in proc.stdout) == bool(env)
 
 
 def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
