@@ -287,14 +287,7 @@ class Trainer:
                                  completed=self.batch_in_epoch, loss="-", lr="-", ips="-")
         tic, tic_step = time.perf_counter(), self.step
         for images, _ in self.loader.epoch(epoch):
-            lr = self.set_lr()
-            loss, metrics = self.distiller(images)
-            self.nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no sync
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.step += 1
+            loss, metrics, lr = self.train_step(images)
             self.batch_in_epoch += 1
             if self.step % self.cfg.trainer.log_every == 0:
                 ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
@@ -303,6 +296,18 @@ class Trainer:
             progress.advance(task)
             if self.save_due():
                 self.save(inside_epoch=True)
+
+    def train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """One optimizer step on one batch (B, 3, H, W): (loss, metrics, lr), the tensors still on the device."""
+        lr = self.set_lr()
+        loss, metrics = self.distiller(images)
+        self.nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no sync
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return loss, metrics, lr
 
     def save_due(self) -> bool:
         """trainer.checkpoint_every steps, except at an epoch's end (the epoch's own save follows)."""
