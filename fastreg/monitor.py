@@ -28,7 +28,7 @@ PHASES = ("data", "teacher", "student_forward", "loss", "student_backward", "opt
 @contextmanager
 def phase(name: str) -> Iterator[None]:
     """Mark a range `name` (one of PHASES) for torch.profiler and, on an initialized CUDA, for NVTX (nsys).
-    Asynchronous like the kernels it launches: it times the host side, adds no sync."""
+    No sync: the range spans the host's launches; the profiler and nsys tie the GPU's kernels to it."""
     if name not in PHASES:
         raise ValueError(f"phase {name!r} is not one of {', '.join(PHASES)}")
     nvtx = torch.cuda.is_available() and torch.cuda.is_initialized()  # NVTX needs CUDA; CPU runs skip it
