@@ -19,6 +19,7 @@ from torch import nn
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
 from fastreg.losses import build_loss
+from fastreg.monitor import phase
 from fastreg.students import Student
 from fastreg.teachers import Teacher, build_teacher
 
@@ -61,13 +62,15 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, 3, H, W) -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
-        with self.autocast(images.device.type):
+        with self.autocast(images.device.type), phase("student_forward"):
             preds = self._run_model(images)
         total, metrics = images.new_zeros((), dtype=torch.float32), {}
         for teacher, pred, loss_fn, w in zip(self.teachers, preds, self.losses, self.weights):
-            target = teacher(images)  # the very same tensor the student saw; (B, D) fp32
-            loss, cos = loss_fn(pred.float(), target)
-            total = total + w * loss
+            with phase("teacher"):
+                target = teacher(images)  # the very same tensor the student saw; (B, D) fp32
+            with phase("loss"):
+                loss, cos = loss_fn(pred.float(), target)
+                total = total + w * loss
             metrics[f"loss/{teacher.name}"], metrics[f"cos/{teacher.name}"] = loss.detach(), cos
         return total, metrics
 

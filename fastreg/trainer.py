@@ -7,6 +7,8 @@
         checkpoint (atomic); k-NN every eval_every epochs
 
 No host sync inside the step except at logging steps: the non-finite check accumulates on the device.
+The step's parts are named phases (fastreg.monitor.PHASES) for torch.profiler and nsys; rank 0's GPU
+telemetry is logged with the metrics as gpu/*.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig, TrainConfig
 from fastreg.distiller import build_distiller
+from fastreg.monitor import GPUMonitor, data_phase, phase
 from fastreg.pipelines import build_loader
 
 log = logging.getLogger(__name__)
@@ -182,6 +186,8 @@ class Trainer:
             self.check_data_position()
         self.wrap_model()
         self.metrics_log = MetricsLog(self.out_dir, self.is_main)
+        # rank 0 samples its own GPU: it alone writes metrics, and DDP's all-reduces keep the ranks in step
+        self.monitor = GPUMonitor(self.device) if t.monitor and self.is_main else None
 
     def wrap_model(self) -> None:
         def wrap(model):
@@ -269,13 +275,15 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         self.log_startup()
         results: dict[str, float] = {}
-        with make_progress(self.is_main and self.cfg.trainer.progress) as progress:
+        with self.monitor or nullcontext(), make_progress(self.is_main and self.cfg.trainer.progress) as progress:
+            self.log_monitor_start()
             for epoch in range(self.epoch, self.cfg.trainer.epochs):
                 self.train_epoch(epoch, progress)
                 self.epoch, self.batch_in_epoch = epoch + 1, 0
                 self.save()
                 if self.eval_due():
                     results = self.evaluate()
+        self.log_monitor_summary()
         self.metrics_log.close()
         return results
 
@@ -286,7 +294,8 @@ class Trainer:
         task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", total=len(self.loader),
                                  completed=self.batch_in_epoch, loss="-", lr="-", ips="-")
         tic, tic_step = time.perf_counter(), self.step
-        for images, _ in self.loader.epoch(epoch):
+        self.gpu_window()  # drop the samples of the save and k-NN before: the window spans img/s's steps
+        for images, _ in data_phase(self.loader.epoch(epoch)):
             loss, metrics, lr = self.train_step(images)
             self.batch_in_epoch += 1
             if self.step % self.cfg.trainer.log_every == 0:
@@ -302,10 +311,12 @@ class Trainer:
         lr = self.set_lr()
         loss, metrics = self.distiller(images)
         self.nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no sync
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with phase("student_backward"):
+            self.scaler.scale(loss).backward()
+        with phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)  # here, not before backward: no gradients held in forward
         self.step += 1
         return loss, metrics, lr
 
@@ -324,9 +335,26 @@ class Trainer:
     def log_step(self, loss, metrics, lr: float, ips: float, progress, task) -> None:
         self.check_finite()
         values = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}, "lr": lr, "img_per_s": ips,
-                  "epoch": self.step / len(self.loader)}
+                  "epoch": self.step / len(self.loader), **self.gpu_window()}
         self.metrics_log.write(self.step, values)
         progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}")
+
+    def gpu_window(self) -> dict[str, float]:
+        """gpu/* mean and peak since the last call; {} without a monitor or telemetry."""
+        return self.monitor.window() if self.monitor else {}
+
+    def log_monitor_start(self) -> None:
+        if not self.monitor:
+            return
+        status = self.monitor.summary()
+        if status["available"]:
+            log.info("GPU telemetry of %s every %g s: gpu/* in the metrics", self.device, self.monitor.interval_s)
+        else:
+            log.info("GPU telemetry unavailable (%s): no gpu/* metrics", status["reason"])
+
+    def log_monitor_summary(self) -> None:
+        if self.monitor and self.monitor.summary()["available"]:
+            log.info("GPU telemetry over the run: %s", json.dumps(self.monitor.summary()))
 
     def check_finite(self) -> None:
         """Every rank calls it at the same steps (logging steps, saves): the flag is reduced over the ranks,
