@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Every check that needs the GPU machine, in one call (its idle machine is gone after 30 s):
-#   1. the tests marked gpu (DALI's mixed decoder, bf16 paths);
-#   2. data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision;
-#   3. the kernel benchmark (fused loss against eager and torch.compile).
-# (Compute-only and end-to-end runs join here with their issue.)
+# Every check that needs the GPU machine. One device call runs at most 10 minutes, so the work is split
+# into parts; give them as arguments, one call each, back to back (an idle machine is gone after 30 s):
+#   tests       the tests marked gpu (DALI's mixed decoder, bf16 paths, the Triton kernels compiled)
+#   data        data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision
+#   kernels     benchmarks/kernels.py: the fused loss and head against eager and torch.compile
+#   throughput  python -m benchmarks.throughput --ablate: R50 -> R18, 224 px, batch 256, bf16 (data, compute,
+#               e2e and the ablation rows from the official-style baseline)
+#   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
+#   all         every part in order (more than one call's 10 minutes on an H100)
 #
 # On the device, after ../shared/tools/device-wheels.sh's calls have installed DALI and hydra:
-#   bash benchmarks/gpu_check.sh          # results under $OUT (the device tool brings them back)
+#   bash benchmarks/gpu_check.sh tests data      # results under $OUT (the device tool brings them back)
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
 set -uo pipefail
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|profile|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(tests data kernels throughput profile)
 out=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -19,22 +26,36 @@ status=0
 nvidia-smi > "$out/nvidia-smi_$stamp.txt"
 python3 -c "import torch, nvidia.dali, hydra; print('torch', torch.__version__, 'dali', nvidia.dali.__version__)" \
   | tee "$out/versions_$stamp.txt" || { echo "DALI or hydra missing: run device-wheels.sh's calls first"; exit 2; }
+data=/tmp/fastreg_jpegs  # ImageNet-like JPEGs cut from real photos (~500x375, q90)
+jpegs() { [ -d "$data" ] || python3 benchmarks/make_jpegs.py "$data" --images 4000 --classes 10 > /dev/null; }
+# R50 -> R18 at 224 px, batch 256, bf16: the issue's reference configuration (random teacher weights: the
+# speed does not depend on them)
+r50_r18=(experiment=simreg_r50_r18 teacher.checkpoint=random "data.root=$data" data.batch_size=256
+         trainer.precision=bf16 data.workers=8)
 
-echo "== 1. tests marked gpu"
-python3 -m pytest -m gpu -q -rs tests 2>&1 | tee "$out/gpu_tests_$stamp.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== 2. data-only throughput (ImageNet-like JPEGs from real photos)"
-data=/tmp/fastreg_jpegs
-python3 benchmarks/make_jpegs.py "$data" --images 4000 --classes 10 > /dev/null || status=1
-json="$out/data_$stamp.jsonl"
-bench() { python3 benchmarks/data_throughput.py --root "$data" --batch-size 256 --batches 40 --json "$json" "$@" \
-            || status=1; }
-bench --loader dali --device cuda --workers 4 8 --hw-decoder-load 0 0.25 0.5 0.65 0.75 0.9 1.0
-bench --loader dali --device cpu --workers 8 16
-bench --loader torchvision --device cuda --workers 8 16
-
-echo "== 3. kernels"
-python3 benchmarks/kernels.py --out "$out" || status=1
-
+for part in "${parts[@]}"; do
+  echo "== $part"
+  case $part in
+    tests)
+      python3 -m pytest -m gpu -q -rs tests 2>&1 | tee "$out/gpu_tests_$stamp.txt"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    data)
+      jpegs || status=1
+      json="$out/data_$stamp.jsonl"
+      bench() { python3 benchmarks/data_throughput.py --root "$data" --batch-size 256 --batches 40 --json "$json" \
+                  "$@" || status=1; }
+      bench --loader dali --device cuda --workers 4 8 --hw-decoder-load 0 0.25 0.5 0.65 0.75 0.9 1.0
+      bench --loader dali --device cpu --workers 8 16
+      bench --loader torchvision --device cuda --workers 8 16 ;;
+    kernels)
+      python3 benchmarks/kernels.py --out "$out" || status=1 ;;
+    throughput)
+      jpegs || status=1
+      python3 -m benchmarks.throughput --ablate --steps 50 --warmup 15 --out "$out" "${r50_r18[@]}" || status=1 ;;
+    profile)
+      jpegs || status=1
+      python3 -m benchmarks.profile --out "$out" "${r50_r18[@]}" || status=1 ;;
+    *) echo "unknown part $part"; status=2 ;;
+  esac
+done
 exit $status

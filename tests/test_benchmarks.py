@@ -1,7 +1,10 @@
 """The benchmark reports build from their rows on CPU (the timings themselves need the GPU machine)."""
 
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +32,54 @@ def test_kernel_report_tables_and_plot(tmp_path):
     assert "| bf16 | 1024 | 2048 | 2048 | 1.0000 | 2.0000 | 3.0000 |" in text
     kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 10_000
+
+
+MODE_FIELDS = {"img_per_s", "img_per_s_min", "img_per_s_max", "windows", "data_wait_ms", "compute_ms", "loader",
+               "process_peak_rss_mib", "gpu"}
+
+
+def test_throughput_smoke_on_cpu(tmp_path):
+    """Every mode and every ablation row of a tiny configuration, a few steps each, and the files it writes."""
+    from benchmarks.throughput import ABLATION, main
+    from helpers import make_image_folder, tiny_overrides
+
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
+    result = main(["--steps", "4", "--warmup", "1", "--window", "2", "--out", str(tmp_path / "out"), "--ablate",
+                   *overrides])
+    saved = json.loads(next((tmp_path / "out" / "cpu").glob("*.json")).read_text())
+    assert saved["modes"].keys() == {"data", "compute", "e2e"}
+    for mode, figures in saved["modes"].items():
+        assert MODE_FIELDS <= figures.keys(), mode
+        assert figures["windows"] == 2 and figures["img_per_s_min"] <= figures["img_per_s"] <= figures["img_per_s_max"]
+        assert figures["gpu"]["available"] is False  # no GPU here: telemetry says so, nothing fails
+    assert saved["modes"]["compute"]["loader"] == "synthetic" and saved["modes"]["e2e"]["loader"] == "dali-cpu"
+    assert saved["e2e_over_compute"] == pytest.approx(
+        saved["modes"]["e2e"]["img_per_s"] / saved["modes"]["compute"]["img_per_s"])
+    assert [r["row"] for r in saved["ablation"]] == [name for name, _ in ABLATION]
+    assert saved["ablation"][0]["loader"] == "torchvision" and saved["ablation"][0]["precision"] == "fp32"
+    assert saved["ablation"][-1]["compile"] and saved["ablation"][-1]["fused_loss"] == [True]
+    assert saved["ablation"][0]["speedup"] == 1.0
+    for key in ("device_name", "torch", "dali", "triton", "commit", "date"):
+        assert saved["env"][key], key
+    assert saved["config"]["student"]["arch"] == "cnn_tiny" and result["env"] == saved["env"]
+    files = sorted(p.name for p in (tmp_path / "out" / "cpu").iterdir())
+    assert [f.rsplit("-", 1)[-1] if f.endswith(".png") else f.rsplit(".", 1)[-1] for f in files] == [
+        "ablation.png", "phases.png", "json", "md"], files
+
+
+def test_profile_smoke_on_cpu(tmp_path):
+    """A profiled e2e step: the trace file and every phase of the training step with its time."""
+    from benchmarks.profile import main
+    from helpers import make_image_folder, tiny_overrides
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
+    table = main(["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "out"), *overrides])
+    for phase in ("data", "teacher", "student_forward", "loss", "student_backward", "optimizer"):
+        assert sum(table[phase].values()) > 0, phase
+    assert any("convolution_backward" in op for op in table["student_backward"])  # backward ops land in backward
+    assert not any("convolution_backward" in op for op in table["optimizer"])
+    trace = next((tmp_path / "out" / "cpu").glob("*-trace.json"))
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert "| student_backward |" in next((tmp_path / "out" / "cpu").glob("*-profile.md")).read_text()

@@ -1,0 +1,331 @@
+"""Per-GPU throughput of one distillation configuration: data-only, compute-only and end-to-end, and ablations.
+
+    python -m benchmarks.throughput experiment=simreg_r50_r18 teacher.checkpoint=random data.root=/imagenet/train
+    python -m benchmarks.throughput --ablate experiment=simreg_r50_r18 ...   # from the official-style baseline up
+
+The arguments after the flags are the training config's (hydra groups and keys, as for fastreg.train). The
+modes run one after another in this process, on one device:
+  data     the loader alone, synchronized after every batch: the most it can feed
+  compute  Trainer.train_step on one batch kept on the device (data.loader=synthetic): the step's ceiling
+  e2e      Trainer.train_step fed by the real loader
+Each mode: warm-up steps excluded; img/s per window of --window steps (median, min, max); per step the data
+wait (asking the loader for a batch until it is there) and the compute (the step), from CUDA events on a GPU
+and the host clock on CPU; peak memory; GPU telemetry (fastreg.monitor). e2e / compute < 1 means data is the
+limit. --ablate adds e2e rows that switch the speed-ups on one by one (ABLATION).
+
+Results: benchmarks/results/<gpu or cpu>/<date>-<commit>.json (device, versions, config, every figure), a
+markdown table beside it and two PNGs (img/s per ablation row; data wait and compute per step and mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import itertools
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from hydra import compose, initialize_config_module
+
+from fastreg.checkpoint import git_commit
+from fastreg.config import TrainConfig, to_config
+from fastreg.monitor import GPUMonitor
+from fastreg.pipelines import build_loader
+from fastreg.trainer import Trainer, setup_distributed
+
+# (row, overrides added to the previous row's). The baseline is the official SimReg code path: a torchvision
+# ImageFolder decoded by PIL in DataLoader workers, fp32, NCHW, eager PyTorch, no fused kernels.
+ABLATION = [
+    ("baseline", ["data.loader=torchvision", "trainer.precision=fp32", "trainer.channels_last=false",
+                  "trainer.compile=false", "head.impl=eager", "loss.impl=eager"]),
+    ("+AMP (bf16)", ["trainer.precision=bf16"]),
+    ("+channels_last", ["trainer.channels_last=true"]),
+    ("+DALI", ["data.loader=dali"]),
+    ("+compile", ["trainer.compile=true"]),
+    ("+Triton kernels", ["head.impl=triton", "loss.impl=triton"]),
+]
+MODES = ("data", "compute", "e2e")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per mode (and per ablation row)")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before timing: compile, autotune, caches")
+    parser.add_argument("--window", type=int, default=10, help="steps per img/s window")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--ablate", action="store_true", help="also the ablation rows (e2e each)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args, overrides = parser.parse_known_args(argv)
+    if bad := [o for o in overrides if o.startswith("-") or "=" not in o]:
+        parser.error(f"unknown flag(s) {bad}: after the flags come training overrides, key=value")
+    if args.steps < args.window or args.window < 1 or args.warmup < 0:
+        parser.error(f"need --steps >= --window >= 1 and --warmup >= 0; got {args.steps}, {args.window}, "
+                     f"{args.warmup}")
+    return args, overrides
+
+
+def compose_config(overrides: list[str], out_dir: Path) -> TrainConfig:
+    """The training config; nothing of the benchmark is saved, resumed or evaluated."""
+    forced = [f"trainer.out_dir={out_dir}", "trainer.resume=none", "trainer.progress=false", "data.val_root=null"]
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        cfg = to_config(compose("config", overrides=[*overrides, *forced]))
+    if cfg.demo:
+        raise SystemExit("the benchmark needs a training config: pass experiment=<name> (or experiment=none) "
+                         "and data.root=<ImageFolder>; see the module docstring")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Timestamps on the device's timeline: CUDA events on a GPU (read once at the end, no sync per step),
+    the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def endless(loader) -> Iterator[torch.Tensor]:
+    """The loader's batches, epoch after epoch, as the trainer takes them."""
+    for epoch in itertools.count():
+        for images, _ in loader.epoch(epoch):
+            yield images
+
+
+def time_steps(batches: Iterator[torch.Tensor], step: Callable[[torch.Tensor], object], clock: Clock,
+               args: argparse.Namespace, batch_size: int) -> dict:
+    """Warm-up, then --steps timed steps: img/s per window, mean data wait and compute per step (ms)."""
+    for _ in range(args.warmup):
+        step(next(batches))
+    clock.sync()
+    marks = []
+    for _ in range(args.steps):
+        start = clock.now()
+        images = next(batches)
+        fetched = clock.now()
+        step(images)
+        marks.append((start, fetched, clock.now()))
+    clock.sync()
+    wait = [clock.ms(s, f) for s, f, _ in marks]
+    compute = [clock.ms(f, e) for _, f, e in marks]
+    windows = [marks[i:i + args.window] for i in range(0, args.steps - args.window + 1, args.window)]
+    ips = [batch_size * len(w) / clock.ms(w[0][0], w[-1][2]) * 1e3 for w in windows]
+    return {"img_per_s": statistics.median(ips), "img_per_s_min": min(ips), "img_per_s_max": max(ips),
+            "windows": len(ips), "data_wait_ms": statistics.fmean(wait), "compute_ms": statistics.fmean(compute)}
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    # ru_maxrss is KiB on Linux and the peak over the process's life, not per mode
+    return {"process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+
+
+def measured(device: torch.device, run: Callable[[], dict]) -> dict:
+    """run()'s figures with the peak memory and the GPU telemetry over it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with GPUMonitor(device) as monitor:
+        figures = run()
+    return {**figures, **peak_memory(device), "gpu": monitor.summary()}
+
+
+# ----------------------------------------------------------------------------------------------------- modes
+
+
+def data_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dict:
+    t = cfg.trainer
+    loader = build_loader(cfg.data, rank=0, world_size=1, seed=t.seed, device=device,
+                          memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+                          half=t.precision != "fp32")
+    clock = Clock(device)
+    figures = time_steps(endless(loader), lambda images: clock.sync(), clock, args, cfg.data.batch_size)
+    return {**figures, "loader": loader.name}
+
+
+def step_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dict:
+    """Trainer.train_step fed by cfg's loader (synthetic for compute)."""
+    trainer = Trainer(cfg)
+    trainer.distiller.train()
+    figures = time_steps(endless(trainer.loader), trainer.train_step, Clock(device), args, cfg.data.batch_size)
+    return {**figures, **implementations(trainer)}
+
+
+def implementations(trainer: Trainer) -> dict:
+    """What ran: the loader, the head and loss implementations, precision, layout, compile."""
+    t = trainer.cfg.trainer
+    return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
+            "compile": t.compile, "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
+            "fused_loss": [bool(getattr(loss, "fused", False)) for loss in trainer.distiller.losses]}
+
+
+def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:
+    if mode == "compute":
+        overrides = [*overrides, "data.loader=synthetic", f"data.synthetic_batches={args.warmup + args.steps}"]
+    cfg = compose_config(overrides, work / mode)
+    _, _, device = setup_distributed(cfg.trainer.device)
+    figures = measured(device, lambda: (data_mode if mode == "data" else step_mode)(cfg, args, device))
+    gc.collect()  # the mode's loader, models and DALI pipelines go before the next mode builds its own
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"{mode:>8}: {figures['img_per_s']:,.0f} img/s (windows {figures['img_per_s_min']:,.0f}-"
+          f"{figures['img_per_s_max']:,.0f}), data wait {figures['data_wait_ms']:.2f} ms + compute "
+          f"{figures['compute_ms']:.2f} ms per step, {figures['loader']}", flush=True)
+    return figures
+
+
+def ablation(overrides: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
+    rows, added = [], []
+    for name, delta in ABLATION:
+        added += delta
+        print(f"ablation row {name}: {' '.join(delta)}", flush=True)
+        rows.append({"row": name, "overrides": list(added), **run_mode("e2e", [*overrides, *added], args, work)})
+        rows[-1]["speedup"] = rows[-1]["img_per_s"] / rows[0]["img_per_s"]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("torchvision", "triton", "nvidia.dali"):
+        try:
+            versions[name.split(".")[-1]] = __import__(name, fromlist=["__version__"]).__version__
+        except ImportError:
+            versions[name.split(".")[-1]] = None
+    if device.type == "cuda":
+        name, driver = torch.cuda.get_device_name(device), nvidia_driver()
+    else:
+        name, driver = platform.processor() or platform.machine(), None
+    return {"device": device.type, "device_name": name, "driver": driver, "cpu_count": _cpu_count(), **versions,
+            "commit": git_commit(), "date": datetime.date.today().isoformat()}
+
+
+def nvidia_driver() -> Optional[str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - telemetry only: the figures stand without it
+        return None
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def result_stem(out: Path, env: dict) -> Path:
+    folder = "cpu" if env["device"] == "cpu" else env["device_name"].replace(" ", "_")
+    return out / folder / f"{env['date']}-{env['commit'][:12]}"
+
+
+def markdown(result: dict) -> str:
+    env, modes = result["env"], result["modes"]
+    lines = [f"# Throughput on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})", "",
+             f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, triton {env['triton']}; "
+             f"teacher(s) {', '.join(t['arch'] for t in result['config']['teachers'])} -> student "
+             f"{result['config']['student']['arch']}, batch {result['config']['data']['batch_size']}, "
+             f"crop {result['config']['data']['crop_size']}.", "",
+             "| mode | img/s (median) | window min-max | data wait ms/step | compute ms/step | loader |",
+             "|---|--:|--:|--:|--:|---|"]
+    for mode, f in modes.items():
+        lines.append(f"| {mode} | {f['img_per_s']:,.0f} | {f['img_per_s_min']:,.0f}-{f['img_per_s_max']:,.0f} | "
+                     f"{f['data_wait_ms']:.2f} | {f['compute_ms']:.2f} | {f['loader']} |")
+    if "e2e_over_compute" in result:
+        lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f} ("
+                  + ("the data pipeline is the limit" if result["e2e_over_compute"] < 0.9 else "data keeps up") + ")"]
+    if result.get("ablation"):
+        lines += ["", "| ablation row | img/s | speed-up | loader | heads | fused loss |", "|---|--:|--:|---|---|---|"]
+        for r in result["ablation"]:
+            lines.append(f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | "
+                         f"{', '.join(r['heads'])} | {r['fused_loss']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    modes = result["modes"]
+    ax.bar(list(modes), [f["data_wait_ms"] for f in modes.values()], label="data wait")
+    ax.bar(list(modes), [f["compute_ms"] for f in modes.values()], bottom=[f["data_wait_ms"] for f in modes.values()],
+           label="compute")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"time per step, {result['env']['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(stem.parent / f"{stem.name}-phases.png")
+    fig.savefig(paths[-1], dpi=120)
+    if result.get("ablation"):
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        rows = result["ablation"]
+        ax.bar([r["row"] for r in rows], [r["img_per_s"] for r in rows])
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['speedup']:.2f}x", (i, r["img_per_s"]), ha="center", va="bottom")
+        ax.set_ylabel("img/s (e2e)")
+        ax.set_title(f"ablation, {result['env']['device_name']}")
+        ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        paths.append(stem.parent / f"{stem.name}-ablation.png")
+        fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, overrides = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fastreg-bench-") as tmp:
+        work = Path(tmp)
+        cfg = compose_config(overrides, work / "config")
+        _, _, device = setup_distributed(cfg.trainer.device)
+        result = {"env": environment(device), "config": dataclasses.asdict(cfg), "overrides": overrides,
+                  "bench": {"steps": args.steps, "warmup": args.warmup, "window": args.window},
+                  "modes": {mode: run_mode(mode, overrides, args, work) for mode in args.modes}}
+        if "e2e" in result["modes"] and "compute" in result["modes"]:
+            result["e2e_over_compute"] = result["modes"]["e2e"]["img_per_s"] / result["modes"]["compute"]["img_per_s"]
+            result["img_per_s_per_device"] = result["modes"]["e2e"]["img_per_s"]  # one process, one device
+        if args.ablate:
+            result["ablation"] = ablation(overrides, args, work)
+    stem = result_stem(args.out, result["env"])
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(result))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *plots(result, stem)]
+    print(markdown(result))
+    print("wrote", ", ".join(map(str, written)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
