@@ -54,9 +54,9 @@ def _act_tile(a, mask, SCALE, SHIFT, idx, n, AFFINE: tl.constexpr, RELU: tl.cons
 
 @triton.jit
 def _matmul(A, B, sam, sak, sbk, sbn, M, N, K, rm, rn, SCALE, SHIFT,
-            AFFINE: tl.constexpr, RELU: tl.constexpr, ACT_ON_ROWS: tl.constexpr,
+            AFFINE: tl.constexpr, RELU: tl.constexpr, ACT_ON_ROWS: tl.constexpr, COL_SUMS: tl.constexpr,
             PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(acc (BM, BN) = act(A)[rm, :] @ B[:, rn] in fp32, the column sums of B[:, rn] (BN,))."""
+    """(acc (BM, BN) = act(A)[rm, :] @ B[:, rn] in fp32, with COL_SUMS the column sums of B[:, rn] (BN,), else 0)."""
     acc = tl.zeros((BM, BN), tl.float32)
     col_sums = tl.zeros((BN,), tl.float32)
     for k0 in range(0, K, BK):
@@ -70,7 +70,8 @@ def _matmul(A, B, sam, sak, sbk, sbn, M, N, K, rm, rn, SCALE, SHIFT,
                 a = _act_tile(a, a_mask, SCALE, SHIFT, rk, K, AFFINE, RELU, False)
         b = tl.load(B + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        col_sums += tl.sum(b.to(tl.float32), 0)
+        if COL_SUMS:
+            col_sums += tl.sum(b.to(tl.float32), 0)
     return acc, col_sums
 
 
@@ -81,8 +82,8 @@ def _linear_fwd_kernel(X, W, BIAS, Z, SCALE, SHIFT, PART, M, N, K, sxm, sxk, swn
     """Z (M, N) = act(X) (M, K) @ W^T + bias; with STATS, PART (2, M tiles, N) gets each tile's column mean and M2."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, _ = _matmul(X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, SCALE, SHIFT, AFFINE, RELU, False, PRECISION,
-                     BM, BN, BK)
+    acc, _ = _matmul(X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, SCALE, SHIFT, AFFINE, RELU, False, False,
+                     PRECISION, BM, BN, BK)
     acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     z = acc.to(Z.dtype.element_ty)
@@ -128,27 +129,27 @@ def _bn_stats_kernel(PART, GAMMA, BETA, RUN_MEAN, RUN_VAR, MEAN, RSTD, SCALE, SH
 
 @triton.jit
 def _linear_dgrad_kernel(DZ, W, DA, Z, SCALE, SHIFT, MEAN, RSTD, PART, M, N, K, sdm, sdk, swk, swn, sam, szm,
-                         RELU: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
-                         BM_: tl.constexpr, BN_: tl.constexpr, BK: tl.constexpr):
+                         RELU: tl.constexpr, HAS_BN: tl.constexpr, PRECISION: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """DA (M, N) = DZ (M, K) @ W (K, N), then back through the previous layer's ReLU, whose input y = z scale + shift
-    (or z without BN) is recomputed from Z. With BN, PART (2, M tiles, N) gets each tile's column sums of dy and
+    (or z without BN) is recomputed from Z. With HAS_BN, PART (2, M tiles, N) gets each tile's column sums of dy and
     dy x_hat."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm, rn = pid_m * BM_ + tl.arange(0, BM_), pid_n * BN_ + tl.arange(0, BN_)
-    acc, _ = _matmul(DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, SCALE, SHIFT, False, False, False, PRECISION,
-                     BM_, BN_, BK)
+    rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+    acc, _ = _matmul(DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, SCALE, SHIFT, False, False, False, False,
+                     PRECISION, BM, BN, BK)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     cmask = rn < N
-    if RELU or BN:
+    if RELU or HAS_BN:
         z = tl.load(Z + rm[:, None] * szm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = z
-        if BN:
+        if HAS_BN:
             y = z * tl.load(SCALE + rn, mask=cmask, other=0.0)[None, :] + tl.load(SHIFT + rn, mask=cmask, other=0.0)[None, :]
         acc = tl.where(y > 0, acc, 0.0)
     dy = acc.to(DA.dtype.element_ty)
     tl.store(DA + rm[:, None] * sam + rn[None, :], dy, mask=mask)
-    if BN:
+    if HAS_BN:
         dyf = tl.where(mask, dy.to(tl.float32), 0.0)
         x_hat = (z - tl.load(MEAN + rn, mask=cmask, other=0.0)[None, :]) * tl.load(RSTD + rn, mask=cmask, other=0.0)[None, :]
         tl.store(PART + pid_m * N + rn, tl.sum(dyf, 0), mask=cmask)
@@ -193,7 +194,7 @@ def _linear_wgrad_kernel(ZP, DZ, DW, DB, SCALE, SHIFT, M, N, K, szk, szm, sdk, s
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
     acc, col_sums = _matmul(ZP, DZ, szm, szk, sdk, sdn, M, N, K, rm, rn, SCALE, SHIFT, AFFINE, RELU, True,
-                            PRECISION, BM, BN, BK)
+                            True, PRECISION, BM, BN, BK)
     tl.store(DW + rn[None, :] * swn + rm[:, None] * swm, acc.to(DW.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
     if pid_m == 0:
@@ -290,9 +291,7 @@ def linear_dgrad(dz: torch.Tensor, weight: torch.Tensor, z_prev: Optional[torch.
     scale, shift, mean, rstd = (act.scale, act.shift, act.mean, act.rstd) if bn else (_dummy(dz),) * 4
     _linear_dgrad_kernel[grid](dz, weight, da, z, scale, shift, mean, rstd, part, M, K, N, dz.stride(0),
                                dz.stride(1), weight.stride(0), weight.stride(1), da.stride(0), z.stride(0),
-                               RELU=act is not None and act.relu, BN=bn, PRECISION=_precision(dz.dtype),
-                               BM_=cfg["BM"], BN_=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
-                               num_stages=cfg["num_stages"])
+                               RELU=act is not None and act.relu, HAS_BN=bn, PRECISION=_precision(dz.dtype), **cfg)
     return da, part if bn else None
 
 
