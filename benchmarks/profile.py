@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.throughput import compose_config, endless, environment, result_stem
+from benchmarks.data_throughput import batch_stream
+from benchmarks.throughput import compose_config, environment, images_of, result_stem
 from fastreg.monitor import PHASES, data_phase
 from fastreg.trainer import Trainer
 
@@ -42,7 +43,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
 
 
 def profile_steps(trainer: Trainer, args: argparse.Namespace) -> profile:
-    batches = data_phase(endless(trainer.loader))  # each fetch is the "data" phase
+    batches = data_phase(images_of(batch_stream(trainer.loader)))  # each fetch is the "data" phase
     trainer.distiller.train()
     for _ in range(args.warmup):
         trainer.train_step(next(batches))

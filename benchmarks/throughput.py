@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import itertools
+import importlib
 import json
 import platform
 import resource
@@ -41,6 +41,8 @@ from fastreg.config import TrainConfig, to_config
 from fastreg.monitor import GPUMonitor
 from fastreg.pipelines import build_loader
 from fastreg.trainer import Trainer, setup_distributed
+
+from benchmarks.data_throughput import batch_stream, device_name
 
 # (row, overrides added to the previous row's). The baseline is the official SimReg code path: a torchvision
 # ImageFolder decoded by PIL in DataLoader workers, fp32, NCHW, eager PyTorch, no fused kernels.
@@ -109,11 +111,8 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def endless(loader) -> Iterator[torch.Tensor]:
-    """The loader's batches, epoch after epoch, as the trainer takes them."""
-    for epoch in itertools.count():
-        for images, _ in loader.epoch(epoch):
-            yield images
+def images_of(stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    return (images for images, _ in stream)
 
 
 def time_steps(batches: Iterator[torch.Tensor], step: Callable[[torch.Tensor], object], clock: Clock,
@@ -162,8 +161,11 @@ def data_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
     loader = build_loader(cfg.data, rank=0, world_size=1, seed=t.seed, device=device,
                           memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
                           half=t.precision != "fp32")
-    clock = Clock(device)
-    figures = time_steps(endless(loader), lambda images: clock.sync(), clock, args, cfg.data.batch_size)
+    clock, stream = Clock(device), batch_stream(loader)
+    try:
+        figures = time_steps(images_of(stream), lambda images: clock.sync(), clock, args, cfg.data.batch_size)
+    finally:
+        stream.close()  # stops torchvision's workers now, not during the next mode
     return {**figures, "loader": loader.name}
 
 
@@ -171,7 +173,12 @@ def step_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
     """Trainer.train_step fed by cfg's loader (synthetic for compute)."""
     trainer = Trainer(cfg)
     trainer.distiller.train()
-    figures = time_steps(endless(trainer.loader), trainer.train_step, Clock(device), args, cfg.data.batch_size)
+    stream = batch_stream(trainer.loader)
+    try:
+        figures = time_steps(images_of(stream), trainer.train_step, Clock(device), args, cfg.data.batch_size)
+    finally:
+        stream.close()
+        trainer.metrics_log.close()
     return {**figures, **implementations(trainer)}
 
 
@@ -212,34 +219,32 @@ def ablation(overrides: list[str], args: argparse.Namespace, work: Path) -> list
 
 
 def environment(device: torch.device) -> dict:
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("torchvision", "triton", "nvidia.dali"):
-        try:
-            versions[name.split(".")[-1]] = __import__(name, fromlist=["__version__"]).__version__
-        except ImportError:
-            versions[name.split(".")[-1]] = None
-    if device.type == "cuda":
-        name, driver = torch.cuda.get_device_name(device), nvidia_driver()
-    else:
-        name, driver = platform.processor() or platform.machine(), None
-    return {"device": device.type, "device_name": name, "driver": driver, "cpu_count": _cpu_count(), **versions,
-            "commit": git_commit(), "date": datetime.date.today().isoformat()}
+    return {"device": device.type, "device_name": device_name(device.type), "driver": nvidia_driver(device),
+            "torch": torch.__version__, "torchvision": version("torchvision"), "triton": version("triton"),
+            "dali": version("nvidia.dali"), "python": platform.python_version(), "commit": git_commit(),
+            "date": datetime.date.today().isoformat()}
 
 
-def nvidia_driver() -> Optional[str]:
+def version(module: str) -> Optional[str]:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
+def nvidia_driver(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return None
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlSystemGetDriverVersion()
-    except Exception:  # noqa: BLE001 - telemetry only: the figures stand without it
+        try:
+            return pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - a record of the machine only: the figures stand without it
         return None
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def result_stem(out: Path, env: dict) -> Path:
