@@ -10,7 +10,7 @@ Every option that takes values sweeps them all (the product); settings a loader 
 antialias, hw_decoder_load for torchvision; hw_decoder_load for DALI on the CPU) are left out and shown as
 "-". `--repeats` measures every configuration that many times, interleaved, and reports the median.
 
-    python benchmarks/data_throughput.py --root /tmp/jpegs --loader dali torchvision --workers 1 2 \\
+    python -m benchmarks.data_throughput --root /tmp/jpegs --loader dali torchvision --workers 1 2 \\
         --json benchmarks/results/data.jsonl
 """
 
@@ -40,8 +40,7 @@ from fastreg.checkpoint import git_commit
 from fastreg.config import DataConfig
 from fastreg.pipelines import build_loader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_jpegs sits beside this script
-from make_jpegs import make_image_folder  # noqa: E402
+from benchmarks.make_jpegs import make_image_folder
 
 DEFAULTS = DataConfig()
 SWEPT = ("loader", "batch_size", "workers", "prefetch", "antialias", "hw_decoder_load")

@@ -42,7 +42,7 @@ for part in "${parts[@]}"; do
     data)
       jpegs || status=1
       json="$out/data_$stamp.jsonl"
-      bench() { python3 benchmarks/data_throughput.py --root "$data" --batch-size 256 --batches 40 --json "$json" \
+      bench() { python3 -m benchmarks.data_throughput --root "$data" --batch-size 256 --batches 40 --json "$json" \
                   "$@" || status=1; }
       bench --loader dali --device cuda --workers 4 8 --hw-decoder-load 0 0.25 0.5 0.65 0.75 0.9 1.0
       bench --loader dali --device cpu --workers 8 16

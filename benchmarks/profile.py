@@ -8,13 +8,15 @@ them too). Every op is given to the phase range it ran in (its own thread's encl
 whose time span holds its start: autograd runs the backward on its own thread). On a GPU a phase's time is
 the device time of the kernels its ops launched; on CPU the self time of its ops.
 
-Writes <out>/<gpu or cpu>/<date>-<commit>-trace.json (chrome://tracing or ui.perfetto.dev) and
-<date>-<commit>-profile.md: ms per step per phase and each phase's top kernels (CPU: ops).
+Writes <out>/<gpu or cpu>/<date>-<commit>-trace.json (chrome://tracing or ui.perfetto.dev),
+<date>-<commit>-profile.md (ms per step per phase and each phase's top kernels; CPU: ops), -profile.json (the same
+figures) and -profile.png (ms per step per phase as bars).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -84,24 +86,46 @@ def by_phase(prof: profile, cuda: bool) -> dict[str, dict[str, float]]:
     return table
 
 
-def markdown(table: dict[str, dict[str, float]], steps: int, env: dict, cuda: bool) -> str:
-    total = sum(sum(k.values()) for k in table.values()) or 1.0
+def per_step(table: dict[str, dict[str, float]], steps: int) -> dict[str, dict]:
+    """{phase: {"ms": ms per step, "top": [(kernel or op, ms per step), ...]}}, phases in PHASES order."""
+    phases = {}
+    for phase in [*PHASES, "other"]:
+        if phase in table:
+            items = sorted(table[phase].items(), key=lambda kv: -kv[1])
+            phases[phase] = {"ms": sum(us for _, us in items) / steps / 1e3,
+                             "top": [(name, us / steps / 1e3) for name, us in items[:TOP]]}
+    return phases
+
+
+def markdown(phases: dict[str, dict], steps: int, env: dict, cuda: bool) -> str:
+    total = sum(p["ms"] for p in phases.values()) or 1.0
     what = "device time of the kernels it launched" if cuda else "self CPU time of its ops"
     lines = [f"# Profile of {steps} e2e steps on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})",
              "", f"Per phase: the {what}, ms per step.", "",
-             "| phase | ms/step | share | top kernels (ms/step) |" if cuda else "| phase | ms/step | share | top ops (ms/step) |",
-             "|---|--:|--:|---|"]
-    for phase in [*PHASES, "other"]:
-        if phase not in table:
-            continue
-        items = sorted(table[phase].items(), key=lambda kv: -kv[1])
-        phase_us = sum(v for _, v in items)
-        top = "; ".join(f"`{name[:60]}` {us / steps / 1e3:.3f}" for name, us in items[:TOP])
-        lines.append(f"| {phase} | {phase_us / steps / 1e3:.3f} | {phase_us / total:.0%} | {top} |")
+             f"| phase | ms/step | share | top {'kernels' if cuda else 'ops'} (ms/step) |", "|---|--:|--:|---|"]
+    for phase, p in phases.items():
+        top = "; ".join(f"`{name[:60]}` {ms:.3f}" for name, ms in p["top"])
+        lines.append(f"| {phase} | {p['ms']:.3f} | {p['ms'] / total:.0%} | {top} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+def plot(phases: dict[str, dict], env: dict, cuda: bool, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(phases)
+    ax.barh(names, [p["ms"] for p in phases.values()])
+    ax.invert_yaxis()  # the step's order, top to bottom
+    ax.set_xlabel("ms per step (" + ("GPU kernel time" if cuda else "CPU op self time") + ")")
+    ax.set_title(f"time by phase, {env['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
     args, overrides = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastreg-profile-") as tmp:
         trainer = Trainer(compose_config(overrides, Path(tmp)))
@@ -110,14 +134,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     env = environment(trainer.device)
     stem = result_stem(args.out, env)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    trace = stem.parent / f"{stem.name}-trace.json"
+    trace, report = stem.parent / f"{stem.name}-trace.json", stem.parent / f"{stem.name}-profile"
     prof.export_chrome_trace(str(trace))
-    table = by_phase(prof, cuda)
-    text = markdown(table, args.steps, env, cuda)
-    (stem.parent / f"{stem.name}-profile.md").write_text(text)
+    phases = per_step(by_phase(prof, cuda), args.steps)
+    text = markdown(phases, args.steps, env, cuda)
+    report.with_suffix(".md").write_text(text)
+    report.with_suffix(".json").write_text(json.dumps({"env": env, "overrides": overrides, "steps": args.steps,
+                                                       "phases": phases}, indent=1))
+    plot(phases, env, cuda, report.with_suffix(".png"))
     print(text)
-    print("wrote", trace, "and", stem.parent / f"{stem.name}-profile.md")
-    return table
+    print("wrote", trace, "and", ", ".join(str(report.with_suffix(s)) for s in (".md", ".json", ".png")))
+    return phases
 
 
 if __name__ == "__main__":

@@ -183,11 +183,13 @@ def step_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
 
 
 def implementations(trainer: Trainer) -> dict:
-    """What ran: the loader, the head and loss implementations, precision, layout, compile."""
+    """What ran: the loader, the head and loss implementations, precision, layout, compile, and the trainable
+    parameters (student and heads: what DDP all-reduces, see benchmarks.scaling)."""
     t = trainer.cfg.trainer
     return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
             "compile": t.compile, "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
-            "fused_loss": [bool(getattr(loss, "fused", False)) for loss in trainer.distiller.losses]}
+            "fused_loss": [bool(getattr(loss, "fused", False)) for loss in trainer.distiller.losses],
+            "trainable_params": sum(p.numel() for p in trainer.distiller.model.parameters() if p.requires_grad)}
 
 
 def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:

@@ -63,6 +63,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
     for key in ("device_name", "torch", "dali", "triton", "commit", "date"):
         assert saved["env"][key], key
     assert saved["config"]["student"]["arch"] == "cnn_tiny" and result["env"] == saved["env"]
+    assert saved["modes"]["e2e"]["trainable_params"] > 0
     files = sorted(p.name for p in (tmp_path / "out" / "cpu").iterdir())
     assert [f.rsplit("-", 1)[-1] if f.endswith(".png") else f.rsplit(".", 1)[-1] for f in files] == [
         "ablation.png", "phases.png", "json", "md"], files
@@ -75,11 +76,29 @@ def test_profile_smoke_on_cpu(tmp_path):
 
     data = make_image_folder(tmp_path / "data", per_class=8)
     overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
-    table = main(["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "out"), *overrides])
+    phases = main(["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "out"), *overrides])
     for phase in ("data", "teacher", "student_forward", "loss", "student_backward", "optimizer"):
-        assert sum(table[phase].values()) > 0, phase
-    assert any("convolution_backward" in op for op in table["student_backward"])  # backward ops land in backward
-    assert not any("convolution_backward" in op for op in table["optimizer"])
-    trace = next((tmp_path / "out" / "cpu").glob("*-trace.json"))
-    assert json.loads(trace.read_text())["traceEvents"]
-    assert "| student_backward |" in next((tmp_path / "out" / "cpu").glob("*-profile.md")).read_text()
+        assert phases[phase]["ms"] > 0, phase
+    top = {phase: [name for name, _ in p["top"]] for phase, p in phases.items()}
+    assert any("convolution_backward" in op for op in top["student_backward"])  # backward ops land in backward
+    assert not any("backward" in op for op in top["optimizer"] + top["student_forward"])
+    out = tmp_path / "out" / "cpu"
+    assert json.loads(next(out.glob("*-trace.json")).read_text())["traceEvents"]
+    assert "| student_backward |" in next(out.glob("*-profile.md")).read_text()
+    assert json.loads(next(out.glob("*-profile.json")).read_text())["phases"] == json.loads(json.dumps(phases))
+    assert next(out.glob("*-profile.png")).stat().st_size > 10_000
+
+
+def test_scaling_on_paper_is_the_closed_form(tmp_path):
+    """hours = epochs N / (W B / t) / 3600, t = B / ips (+ the ring all-reduce 2 (W-1)/W 4 P / busbw, worst case)."""
+    from benchmarks.scaling import IMAGENET_TRAIN, main
+
+    result = {"modes": {"e2e": {"img_per_s": 5000.0, "trainable_params": 15_000_000}},
+              "config": {"data": {"batch_size": 256}}, "env": {"device_name": "GPU", "date": "d", "commit": "c"}}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    text = main([str(tmp_path / "r.json"), "--gpus", "1", "8", "--busbw-gbs", "100"])
+    one = 130 * IMAGENET_TRAIN / 5000 / 3600  # 9.25 h
+    t_step, t_allreduce = 256 / 5000, 2 * 7 / 8 * 4 * 15e6 / 100e9
+    eight_worst = 130 * IMAGENET_TRAIN / (8 * 256 / (t_step + t_allreduce)) / 3600
+    assert f"| 1 | 256 | 5,000 | {one:,.1f} | {one:,.1f} | 100.0% |" in text
+    assert f"| 8 | 2,048 | 40,000 | {one / 8:,.1f} | {eight_worst:,.1f} | {t_step / (t_step + t_allreduce):.1%} |" in text
