@@ -3,7 +3,7 @@
 # into parts; give them as arguments, one call each, back to back (an idle machine is gone after 30 s):
 #   tests       the tests marked gpu (DALI's mixed decoder, bf16 paths, the Triton kernels compiled)
 #   data        data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision
-#   kernels     benchmarks/kernels.py: the fused loss and head against eager and torch.compile
+#   kernels     python -m benchmarks.kernels: the fused loss and head against eager and torch.compile
 #   throughput  python -m benchmarks.throughput --ablate: R50 -> R18, 224 px, batch 256, bf16 (data, compute,
 #               e2e and the ablation rows from the official-style baseline)
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
@@ -27,7 +27,7 @@ nvidia-smi > "$out/nvidia-smi_$stamp.txt"
 python3 -c "import torch, nvidia.dali, hydra; print('torch', torch.__version__, 'dali', nvidia.dali.__version__)" \
   | tee "$out/versions_$stamp.txt" || { echo "DALI or hydra missing: run device-wheels.sh's calls first"; exit 2; }
 data=/tmp/fastreg_jpegs  # ImageNet-like JPEGs cut from real photos (~500x375, q90)
-jpegs() { [ -d "$data" ] || python3 benchmarks/make_jpegs.py "$data" --images 4000 --classes 10 > /dev/null; }
+jpegs() { [ -d "$data" ] || python3 -m benchmarks.make_jpegs "$data" --images 4000 --classes 10 > /dev/null; }
 # R50 -> R18 at 224 px, batch 256, bf16: the reference configuration (random teacher weights: the
 # speed does not depend on them)
 r50_r18=(experiment=simreg_r50_r18 teacher.checkpoint=random "data.root=$data" data.batch_size=256
@@ -48,7 +48,7 @@ for part in "${parts[@]}"; do
       bench --loader dali --device cpu --workers 8 16
       bench --loader torchvision --device cuda --workers 8 16 ;;
     kernels)
-      python3 benchmarks/kernels.py --out "$out" || status=1 ;;
+      python3 -m benchmarks.kernels --out "$out" || status=1 ;;
     throughput)
       jpegs || status=1
       python3 -m benchmarks.throughput --ablate --steps 50 --warmup 15 --out "$out" "${r50_r18[@]}" || status=1 ;;

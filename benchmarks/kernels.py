@@ -8,7 +8,7 @@ d pred, 3 B D itemsize bytes for forward+backward (the fused forward does all th
 The head runs SimReg's simreg4 layout d -> 2d -> d -> 2d -> D in training mode, fp32 or under bf16 autocast
 with fp32 parameters, as in training.
 
-    python benchmarks/kernels.py --out benchmarks/results        # writes kernels_<gpu>_<date>.{json,md,png}
+    python -m benchmarks.kernels --out benchmarks/results        # writes kernels_<gpu>_<date>.{json,md,png}
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py measures GPU kernels: no CUDA device here")
+        raise SystemExit("benchmarks.kernels measures GPU kernels: no CUDA device here")
     torch._dynamo.config.cache_size_limit = 256  # every (shape, dtype, mode) gets its own compiled graph
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "commit": git_commit()[:12], "torch": torch.__version__, "copy_GBps": copy_bandwidth()}

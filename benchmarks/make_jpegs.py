@@ -6,7 +6,7 @@ or flat colour. Sizes vary around ImageNet's typical 500x375, about a quarter of
 saved at quality 90 with 4:2:0 chroma subsampling, as most ImageNet JPEGs are. The output is a function of
 the arguments alone.
 
-    python benchmarks/make_jpegs.py /tmp/jpegs --images 400 --classes 4
+    python -m benchmarks.make_jpegs /tmp/jpegs --images 400 --classes 4
 """
 
 from __future__ import annotations
