@@ -3,16 +3,20 @@
 A checkpoint is `ckpt_epoch<NNNN>.pt` after NNNN complete epochs, or `ckpt_epoch<NNNN>_step<SSSSSSSS>.pt`
 at global step S inside the next epoch (trainer.checkpoint_every). It is written to a temporary file,
 fsynced, then renamed: a file with the final name is always complete, and a crash mid-save leaves the
-previous checkpoint intact.
+previous checkpoint intact (and a temporary file, removed at the next start). Older checkpoints are pruned
+only after the new one is complete. A file with a final name that still cannot be read (a copy gone wrong,
+a file system without atomic rename) is skipped by trainer.resume=auto, with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,17 +39,38 @@ def git_commit() -> str:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """`path` holds either its old content or all of `obj`, never part of it. A write that fails (a full
+    disk) removes its temporary file: a failed save leaves the directory as it found it."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # an error, or an interrupt: either way the partial file must go
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, tmp, e) from e
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def disk_full(path: Path, tmp: Path, error: OSError) -> OSError:
+    """The full disk, the file that was not written, and what is still there to resume from."""
+    found = list_checkpoints(path.parent)
+    if found:
+        then = (f"the newest checkpoint there, {found[-1].name}, is intact. Free space on that disk (or lower "
+                f"trainer.keep_checkpoints, or move trainer.out_dir), then run the same command again: it resumes "
+                f"from {found[-1].name}")
+    else:
+        then = "nothing else there was changed. Free space on that disk, then run the command again"
+    return OSError(error.errno, f"the disk is full ({error.strerror}): {path} was not written, its partial file "
+                                f"{tmp.name} was removed, and {then}")
 
 
 def checkpoint_path(out_dir: Path, epoch: int, step: Optional[int] = None) -> Path:
@@ -81,41 +106,137 @@ def is_inside_epoch(path: Path) -> bool:
     return CKPT_RE.search(path.name).group(2) is not None
 
 
+class UnreadableCheckpoint(ValueError):
+    """A file with a checkpoint's name that is truncated, corrupt or not a checkpoint (a user's error: the
+    command line prints its message, fastreg.train.USER_ERRORS)."""
+
+
 def load(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        check_crcs(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it or pass "
-                           "trainer.resume=<an older checkpoint>") from e
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it or pass "
+                                   "trainer.resume=<an older checkpoint>") from e
 
 
-def find_resume(resume: str, out_dir: Path) -> Optional[Path]:
-    """trainer.resume: 'none', 'auto' (newest complete checkpoint in out_dir, if any) or a path."""
+def check_crcs(path: Path) -> None:
+    """torch.save writes a zip archive whose members carry CRC-32s, and torch.load checks none of them: a
+    flipped byte would load as a wrong weight. Reading every member once checks them all; a truncated file
+    has no central directory and fails to open."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise zipfile.BadZipFile(f"{bad} fails its CRC-32 check")
+
+
+def load_resume(resume: str, out_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The checkpoint trainer.resume names, and its contents: None for 'none'; for 'auto' the newest
+    readable checkpoint in out_dir (None when out_dir has none), an unreadable one skipped with a warning;
+    otherwise the path given, which must be readable (no fallback: the user chose that file)."""
     if resume == "none":
         return None
-    if resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    return Path(resume)
+    if resume != "auto":
+        return Path(resume), load(Path(resume))
+    found = list_checkpoints(out_dir)
+    for path in reversed(found):
+        try:
+            return path, load(path)
+        except UnreadableCheckpoint as e:  # e.g. a copy gone wrong, or a file system without atomic rename
+            log.warning("%s. trainer.resume=auto skips it and tries the checkpoint before it", e)
+    if found:
+        raise UnreadableCheckpoint(f"none of the {len(found)} checkpoints in {out_dir} can be read (see the warnings "
+                                   "above); delete them, or start over with trainer.resume=none")
+    return None
 
 
-# Keys whose change makes a checkpoint unusable: its tensors would not fit the model being built.
-STRUCTURAL_KEYS = ("student", "teachers", "head", "loss")
+def remove_partial_saves(out_dir: Path) -> None:
+    """Delete the temporary files of saves that were killed (atomic_save's `.<name>.tmp<pid>`): never
+    complete, never resumed from, and as large as a checkpoint. Only one run may write to out_dir."""
+    for tmp in sorted(out_dir.glob(".ckpt_epoch*.pt.tmp*")):
+        log.warning("removing %s, left by a checkpoint save that did not complete", tmp)
+        tmp.unlink()
+
+
+# Settings that cannot change what a run computes, only where it writes, what it shows, how often it logs,
+# saves or evaluates, how many threads decode, and when it stops (on too many bad images, NaN steps, or a stop
+# signal): a resumed run may change them. Every other setting changes the weights the run ends with: the
+# models, the data and its order, the schedule (its cosine spans trainer.epochs, so another length changes
+# every learning rate after the resume), the numerics (precision, device, compile, deterministic,
+# cpu_threads). Those need trainer.resume_force=true.
+FREE_KEYS = ("name", "trainer.out_dir", "trainer.resume", "trainer.resume_force", "trainer.progress",
+             "trainer.log_every", "trainer.eval_every", "trainer.keep_checkpoints", "trainer.checkpoint_every",
+             "trainer.monitor", "trainer.max_bad_steps", "trainer.stop_check_every", "data.workers",
+             "data.val_root", "data.knn_train_root", "data.max_bad_fraction", "eval")
+ABSENT = "(absent)"  # a key only one config has: a checkpoint of an older version, or another number of teachers
 
 
 def compare_configs(saved: dict, current: dict, path: Path) -> None:
-    """Fail when the model differs from the checkpoint's; log every other difference."""
-    for key in STRUCTURAL_KEYS:
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"checkpoint {path} was written with {key}={saved.get(key)} but this run has {key}={current.get(key)}; "
-                "resume with the same config, or start a fresh run with trainer.resume=none or another trainer.out_dir"
-            )
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        log.warning("resuming from %s with changed settings: %s", path, ", ".join(changed))
+    """Refuse to resume when a setting that changes the result differs from the checkpoint's, unless the
+    current config has trainer.resume_force=true; log every difference either way, with both values."""
+    old, new = flatten(saved), flatten(current)
+    changed = [k for k in sorted(old.keys() | new.keys()) if k not in old or k not in new or old[k] != new[k]]
+    free = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
+    binding = [k for k in changed if k not in free]
+    if free:
+        log.info("resuming from %s with other settings that do not change the result: %s", path,
+                 differences(free, old, new))
+    if not binding:
+        return
+    if not new.get("trainer.resume_force"):
+        raise ValueError(
+            f"checkpoint {path} was written with other settings, which change the result (checkpoint -> this "
+            f"run): {differences(binding, old, new)}. Resume with the checkpoint's settings, pass "
+            "trainer.resume_force=true to continue its weights under the new ones, or start afresh with "
+            "trainer.resume=none or another trainer.out_dir"
+        )
+    log.warning("trainer.resume_force=true: resuming from %s with other settings (checkpoint -> this run): %s",
+                path, differences(binding, old, new))
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"trainer.epochs": 130, "teachers.0.arch": ..., ...}: the dotted keys of a nested config; lists of
+    settings (teachers) are numbered, lists of values (data.scale) stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(keys: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'key old -> new; ...', values as Python literals ('none' the string, None the null)."""
+    def value(config: dict[str, Any], key: str) -> str:
+        return repr(config[key]) if key in config else ABSENT
+
+    return "; ".join(f"{k} {value(old, k)} -> {value(new, k)}" for k in keys)
+
+
+def load_state(module: torch.nn.Module, state: dict, name: str, path: Path) -> None:
+    """module.load_state_dict(state), or an error that names every tensor of the checkpoint's `name` that
+    does not fit this run's module."""
+    own = module.state_dict()
+    misfits = ([f"{k} missing" for k in own if k not in state] + [f"{k} unexpected" for k in state if k not in own]
+               + [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and state[k].shape != v.shape])
+    if misfits:
+        listed = ", ".join(misfits[:10]) + (f", ... ({len(misfits)} in all)" if len(misfits) > 10 else "")
+        # A head's last Linear and the loss's buffers are as wide as their teacher's feature: a teacher file
+        # replaced by one of another width fits the config, yet not these tensors.
+        raise ValueError(
+            f"checkpoint {path} does not fit this run's {name} (checkpoint vs this run): {listed}. The heads and "
+            "the loss are as wide as their teacher's feature: was the teacher checkpoint file replaced by one of "
+            "another width, or a setting changed with trainer.resume_force=true? Resume with the teacher weights "
+            "and settings the checkpoint was trained with, or start afresh with trainer.resume=none or another "
+            "trainer.out_dir"
+        )
+    module.load_state_dict(state)
 
 
 def rng_state() -> dict:

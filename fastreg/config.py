@@ -122,7 +122,7 @@ class DataConfig:
     # dali | torchvision (ImageFolder + PIL, the reference) | synthetic (random tensors on the device)
     loader: str = "auto"
     root: Optional[str] = None  # training ImageFolder (class subfolders of images)
-    file_list: Optional[str] = None  # optional "relpath label" list under root instead of scanning it (dali)
+    file_list: Optional[str] = None  # optional "relpath label" list under root instead of scanning it
     val_root: Optional[str] = None  # labelled ImageFolder for k-NN evaluation; None skips evaluation
     knn_train_root: Optional[str] = None  # k-NN memory bank; None uses `root`
     crop_size: int = 224
@@ -132,7 +132,7 @@ class DataConfig:
     batch_size: int = 256  # per process; lr scales with the global batch (batch_size x world size)
     workers: int = 8  # CPU threads per process: DataLoader workers or DALI threads; ~ CPU cores / GPUs
     # DALI: share of JPEGs sent to the hardware decoder (A100/H100 NVJPG); the rest go to nvJPEG's CUDA
-    # path. The best value depends on data.workers: sweep it with benchmarks/data_throughput.py.
+    # path. The best value depends on data.workers: sweep it with python -m benchmarks.data_throughput.
     hw_decoder_load: float = 0.65
     prefetch: int = 2  # DALI batches prepared ahead; raise it when the data loader time is spiky
     # DALI resize: antialias=false is 15-24% faster on CPU (939 vs 815 img/s on 2 cores,
@@ -194,8 +194,20 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False  # bitwise-reproducible kernels (slower); needed for exact resume checks
     log_every: int = 50  # iterations between logged metrics (the only host syncs in the loop)
+    # Consecutive steps with a NaN or inf loss that stop training. Each one is skipped on the device (weights
+    # and optimizer state as before it; it still counts for the lr schedule and the data position) and
+    # logged as skipped_steps. A few isolated ones (a bad batch, an fp16 overflow in the forward) are
+    # harmless; a long run means divergence. Checked at logging steps and saves, so the stop comes up to
+    # log_every steps later, every step in between skipped. 1 stops at the first bad step.
+    max_bad_steps: int = 10
     eval_every: int = 0  # epochs between k-NN evaluations; 0 = only at the end
-    resume: str = "auto"  # auto: latest complete checkpoint in out_dir | none | path/to/checkpoint.pt
+    # auto: the newest readable checkpoint in out_dir (an unreadable one is skipped with a warning) | none |
+    # path/to/checkpoint.pt (must be readable: no fallback)
+    resume: str = "auto"
+    # Resume although settings that change the result differ from the checkpoint's (e.g. more trainer.epochs:
+    # the cosine schedule is stretched from the resumed step on). false refuses, listing every difference;
+    # logging, saving, evaluation and worker settings may differ either way (fastreg.checkpoint.FREE_KEYS).
+    resume_force: bool = False
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tensorboard
     # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones
     # are deleted after a save.
@@ -203,6 +215,12 @@ class TrainerConfig:
     # Steps between checkpoints inside an epoch (0: only at epoch ends): a killed run loses at most this
     # many steps. Each save writes the student, heads, optimizer state and the data position.
     checkpoint_every: int = 0
+    # With several processes: steps between the ranks' agreement on a stop signal (SIGTERM or SIGUSR1, see
+    # README "Preemption on Slurm"): an all-reduce of one int and a host sync, both small. After the signal
+    # the run trains up to this many steps, then saves; keep stop_check_every x step time + the save time
+    # well inside the grace period (Slurm's --signal=USR1@120: 120 s; preemption's GraceTime: often 30-120 s).
+    # A single process checks at every step, at no cost.
+    stop_check_every: int = 20
     progress: bool = True  # rich progress bar (rank 0)
     # Rank 0 samples its GPU through NVML (utilization, memory, power, SM clock) every 0.1 s and logs their
     # mean and peak since the last logging step as gpu/*. The sampler thread costs < 1% of a CPU core; false
@@ -214,12 +232,16 @@ class TrainerConfig:
         _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
         _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
         _check_positive("trainer.log_every", self.log_every)
+        if self.max_bad_steps < 1:
+            raise ValueError(f"trainer.max_bad_steps must be >= 1 (1: stop at the first NaN or inf loss), "
+                             f"got {self.max_bad_steps}")
         if self.cpu_threads < 0:
             raise ValueError(f"trainer.cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"trainer.keep_checkpoints must be >= 0 (0: keep all), got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise ValueError(f"trainer.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
+        _check_positive("trainer.stop_check_every", self.stop_check_every)
 
 
 @dataclass

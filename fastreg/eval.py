@@ -149,7 +149,7 @@ def knn_eval(
 ) -> dict[str, float]:
     """knn_accuracy of `model` with train_root's images as the bank and val_root's as the queries;
     `loader` is the data.loader that decodes them (auto: DALI when it can be imported), index_options
-    (max_bad_fraction, progress) go to DALI's dataset index.
+    (max_bad_fraction, progress) go to the dataset index.
 
     Nothing is cached: during training the model changes between calls.
     """

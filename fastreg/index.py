@@ -71,6 +71,8 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
             img.load()  # a full decode; PIL raises on a truncated file unless LOAD_TRUNCATED_IMAGES is set
     except FileNotFoundError:
         return "missing"
+    except PermissionError:
+        return "unreadable: permission denied"
     except UnidentifiedImageError:
         return "not an image"
     # A checker must never abort the whole index: PIL raises many exception types on malformed data.
@@ -152,8 +154,9 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
     classes = _subfolders(root)
     if not classes:
-        raise FileNotFoundError(f"dataset root {root} has no class subfolders; an ImageFolder root holds one "
-                                "subfolder of images per class (or pass a file_list)")
+        what = "has no class subfolders" if any(root.iterdir()) else "is empty"
+        raise FileNotFoundError(f"dataset root {root} {what}: point data.root at an ImageFolder, whose class "
+                                "subfolders (named after the classes) hold the images, or pass a file_list")
     # allow_empty: an empty class keeps its label (and a warning) instead of failing the whole index.
     found = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
     prefix = len(str(root)) + 1  # make_dataset joins onto str(root): slicing is exact and fast
@@ -196,15 +199,16 @@ def _classes_for_list(root: Path, entries: list[tuple[str, int]]) -> list[str]:
 
 
 def _fingerprint(root: Path, classes: list[str], entries: list[tuple[str, int]]) -> str:
-    """Changes when a file is added, removed, relabelled, rewritten or touched, or the classes change."""
+    """Changes when a file is added, removed, relabelled, rewritten or touched, its permissions change (an
+    unreadable file is left out), or the classes change."""
     digest = hashlib.sha1(json.dumps([INDEX_VERSION, classes]).encode())
     for rel, label in entries:
         try:
             stat = os.stat(root / rel)
-            size, mtime = stat.st_size, stat.st_mtime_ns
+            size, mtime, mode = stat.st_size, stat.st_mtime_ns, stat.st_mode
         except FileNotFoundError:  # a listed file that is gone: check_image reports it
-            size, mtime = -1, 0
-        digest.update(f"{rel}\0{label}\0{size}\0{mtime}\n".encode(**ENCODING))
+            size, mtime, mode = -1, 0, 0
+        digest.update(f"{rel}\0{label}\0{size}\0{mtime}\0{mode}\n".encode(**ENCODING))
     return digest.hexdigest()
 
 
@@ -273,16 +277,17 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
     bad_list = index.file_list.with_name("bad_files.txt")
     total = len(index.samples) + len(index.bad)
     fraction = len(index.bad) / total
+    examples = "; ".join(f"{rel} ({reason})" for rel, reason in index.bad[:3]) + ("; ..." if len(index.bad) > 3 else "")
     if not index.samples:
-        raise ValueError(f"{index.root}: none of the {total} images passes the decode check; they are listed in "
-                         f"{bad_list} with the reasons. The DALI loader reads RGB or grayscale JPEGs: fix the data, "
-                         "or use data.loader=torchvision for other formats")
+        raise ValueError(f"{index.root}: none of the {total} images passes the decode check ({examples}); all are "
+                         f"listed in {bad_list} with the reasons. The loaders read RGB or grayscale JPEGs: convert "
+                         "the images, or point data.root at another folder")
     if fraction > max_bad_fraction:
         raise ValueError(f"{index.root}: {len(index.bad)} of {total} images ({fraction:.2%}) fail the decode "
-                         f"check, more than data.max_bad_fraction={max_bad_fraction}; they are listed in "
+                         f"check, more than data.max_bad_fraction={max_bad_fraction}: {examples}; all are listed in "
                          f"{bad_list}. Fix or remove those files, or raise data.max_bad_fraction")
-    log.warning("%s: left out %d of %d images that fail the decode check (DALI would abort on them); "
-                "they are listed in %s", index.root, len(index.bad), total, bad_list)
+    log.warning("%s: left out %d of %d images that fail the decode check (one would stop a DALI pipeline): %s; all "
+                "are listed in %s", index.root, len(index.bad), total, examples, bad_list)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -147,22 +149,66 @@ def _unwrap(ckpt):
 
 
 def read_state_dict(path: Union[str, Path]) -> StateDict:
-    """The tensors of a checkpoint file, out of their container and without DDP's `module.` prefix."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist (or is not a file)")
+    """The tensors of a checkpoint file, out of their container and without DDP's `module.` prefix.
+
+    torch.load(weights_only=True) reads only tensors and plain containers: unpickling anything else imports
+    and calls code that the file names, so a file that holds it is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist (or is not a file): set teacher.checkpoint "
+                                "(teachers.<i>.checkpoint with several teachers) to the teacher's weights file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"teacher checkpoint {path} is empty (0 bytes): its download or copy failed; fetch it again")
     try:
         # DINO's full checkpoints pickle their argparse args next to the weights
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError ... depending on what the file is
-        raise ValueError(f"teacher checkpoint {path} is not a readable PyTorch checkpoint: {e}") from e
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, KeyError ... depending on what the file is
+        raise ValueError(_load_refused(path, e)) from e
     tensors = {}
     if isinstance(ckpt, dict):
         tensors = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         found = list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"teacher checkpoint {path} holds no state_dict (found: {found})")
+        raise ValueError(f"teacher checkpoint {path} holds no state_dict (found: {found}): point teacher.checkpoint "
+                         "at a file of the teacher's weights")
     return tensors
+
+
+def _load_refused(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) failed: the file names code to call (a GLOBAL), or is no checkpoint."""
+    code = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    text = _text_start(path)
+    if code is None and text is not None:
+        return (f"teacher checkpoint {path} is a text file, not a PyTorch checkpoint (it begins {text!r}); a failed "
+                "download saves its error page. Check teacher.checkpoint, or fetch the file again")
+    if code is None:
+        return (f"teacher checkpoint {path} is not a readable PyTorch checkpoint ({_load_failure(error)}): the file "
+                "is damaged, cut short or of another kind. Check teacher.checkpoint, or fetch the file again")
+    return (f"teacher checkpoint {path} is refused: besides tensors it holds a Python object ({code.group(1)}) that "
+            "loading would have to import and call, and unpickling such a file can run any code. Teacher files are "
+            "read with torch.load(weights_only=True) only. If you trust its source, convert it once in a trusted "
+            "environment: load it with torch.load(path, weights_only=False), torch.save its state_dict alone, and "
+            "pass that file as teacher.checkpoint")
+
+
+def _text_start(path: Path) -> Optional[str]:
+    """The first line of a file that starts as text (an HTML error page, a Git LFS pointer), else None."""
+    with open(path, "rb") as f:
+        start = f.read(80)
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.splitlines()[0] if text.strip() and all(c.isprintable() or c.isspace() for c in text) else None
+
+
+def _load_failure(error: Exception) -> str:
+    """The first sentence of why torch.load failed: torch wraps the cause in paragraphs of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    cause = [line for line in lines if not line.startswith(boilerplate)] or lines or ["no message"]
+    return f"{type(error).__name__}: {cause[0].split('. ', 1)[0]}"
 
 
 def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Union[str, Path] = "") -> str:

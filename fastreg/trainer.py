@@ -5,8 +5,12 @@
             loss = distiller(images)                # every teacher and the student see `images`
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration
         checkpoint (atomic); k-NN every eval_every epochs
+    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
 
-No host sync inside the step except at logging steps: the non-finite check accumulates on the device.
+No host sync inside the step except at logging steps (and, with several processes, every
+trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is
+undone on the device (fastreg.nonfinite) and counted there; trainer.max_bad_steps consecutive ones stop
+training at the next logging step or save, before a checkpoint is written.
 The step's parts are named phases (fastreg.monitor.PHASES) for torch.profiler and nsys; rank 0's GPU
 telemetry is logged with the metrics as gpu/*.
 """
@@ -19,6 +23,8 @@ import logging
 import math
 import os
 import random
+import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +39,7 @@ from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig, TrainConfig
 from fastreg.distiller import build_distiller
 from fastreg.monitor import GPUMonitor, data_phase, phase
+from fastreg.nonfinite import BadSteps, BadStepsSeen, StepUndo
 from fastreg.pipelines import build_loader
 
 log = logging.getLogger(__name__)
@@ -111,15 +118,19 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: f
 # ============ logging (rank 0) ============
 
 class MetricsLog:
-    """JSONL lines and TensorBoard scalars, written by rank 0 only."""
+    """JSONL lines and TensorBoard scalars, written by rank 0 only. A run starting at step S (its checkpoint's,
+    or 0) first drops what was logged after S: a killed run logs past its last checkpoint, and the resumed
+    run logs those steps again. metrics.jsonl then holds every step once."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            drop_lines_after(out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            # TensorBoard hides the older event files' points at steps >= purge_step
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -134,6 +145,32 @@ class MetricsLog:
             self.tb.close()
 
 
+def drop_lines_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file `path` without its lines past `step`, atomically (a kill keeps the old file)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    log.warning("%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
+                "its last checkpoint)", path, len(lines) - len(kept), step)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def logged_step(line: str) -> float:
+    """A metrics line's step; inf for a line a kill cut short (no newline, or not JSON), which goes too."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def make_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -142,6 +179,41 @@ def make_progress(enabled: bool):
         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
         TimeRemainingColumn(), disable=not enabled,
     )
+
+
+# ============ stop signals (preemption) ============
+
+# sysexits.h's EX_TEMPFAIL, "try again later": fastreg.train exits with it after a stop signal and its
+# checkpoint, and a Slurm script requeues the job on it (README, "Preemption on Slurm").
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Trainer.fit stopped on a stop signal after writing its checkpoint; fastreg.train exits with EXIT_PREEMPTED."""
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGUSR1 (Slurm's notice before a preemption or the time limit, forwarded by
+    torchrun to its workers) only record their number; the training loop reads it at step boundaries. The
+    previous handlers come back on exit. A second signal changes nothing: the stop and its save are under way,
+    and the save is atomic anyway."""
+
+    def __init__(self):
+        self.received = 0  # the first stop signal's number; 0: none
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def record(self, signum: int, frame) -> None:
+        self.received = self.received or signum
 
 
 # ============ the trainer ============
@@ -159,15 +231,15 @@ class Trainer:
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # only rank 0 logs
         else:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            make_out_dir(self.out_dir)
             attach_log_file(self.out_dir / "train.log")
+            ckpt.remove_partial_saves(self.out_dir)
         self.config_dict = dataclasses.asdict(cfg)
         self.commit = ckpt.git_commit()
 
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.device)
-        self.resume_path = ckpt.find_resume(t.resume, self.out_dir)
-        resumed = self.read_checkpoint(self.resume_path) if self.resume_path else None
+        resumed = self.read_checkpoint(t.resume)
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=self.device,
                                    memory_format=memory_format, half=t.precision != "fp32",
@@ -180,12 +252,16 @@ class Trainer:
         self.optimizer, self.optimizer_impl = build_optimizer(cfg.optim, params, self.peak_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: batches done of epoch `epoch` + 1
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.signals, self.stop_signal = StopSignals(), 0  # stop_signal: the one every rank agreed on; 0: none
+        self.undo = StepUndo(self.distiller.model, self.optimizer)
+        self.bad_steps = BadSteps(["loss", *(f"loss/{teacher.name}" for teacher in self.distiller.teachers)],
+                                  t.max_bad_steps, self.device)
+        self.skipped_logged = 0  # bad steps up to the last logging step
         if resumed:
             self.resume(resumed)
             self.check_data_position()
         self.wrap_model()
-        self.metrics_log = MetricsLog(self.out_dir, self.is_main)
+        self.metrics_log = MetricsLog(self.out_dir, self.is_main, self.step)
         # rank 0 samples its own GPU: it alone writes metrics, and DDP's all-reduces keep the ranks in step
         self.monitor = GPUMonitor(self.device) if t.monitor and self.is_main else None
 
@@ -213,14 +289,16 @@ class Trainer:
             "config": self.config_dict, "commit": self.commit,
         }
 
-    def save(self, inside_epoch: bool = False) -> None:
+    def save(self, inside_epoch: bool = False) -> Path:
+        """The checkpoint's path, on every rank; rank 0 writes it."""
         self.check_finite()  # never write a checkpoint of a diverged model
         data, rng = self.gather(self.loader.state_dict()), self.gather(ckpt.rng_state())
+        path = ckpt.checkpoint_path(self.out_dir, self.epoch, self.step if inside_epoch else None)
         if self.is_main:
-            path = ckpt.checkpoint_path(self.out_dir, self.epoch, self.step if inside_epoch else None)
             ckpt.atomic_save(self.state_dict(data, rng), path)
             ckpt.prune(self.out_dir, self.cfg.trainer.keep_checkpoints)
             log.info("saved %s", path)
+        return path
 
     def gather(self, obj: dict) -> list[dict]:
         """Every rank's `obj`, in rank order (a collective: all ranks call it)."""
@@ -230,9 +308,12 @@ class Trainer:
         dist.all_gather_object(objs, obj)
         return objs
 
-    def read_checkpoint(self, path: Path) -> dict:
-        state = ckpt.load(path)
-        ckpt.compare_configs(state["config"], self.config_dict, path)
+    def read_checkpoint(self, resume: str) -> dict | None:
+        """The checkpoint trainer.resume picks (its path in self.resume_path), checked against this config."""
+        found = ckpt.load_resume(resume, self.out_dir)
+        self.resume_path, state = found or (None, None)
+        if state:
+            ckpt.compare_configs(state["config"], self.config_dict, self.resume_path)
         return state
 
     def loader_state(self, resumed: dict | None) -> dict | None:
@@ -258,9 +339,9 @@ class Trainer:
             )
 
     def resume(self, state: dict) -> None:
-        self.distiller.student.backbone.load_state_dict(state["student"])
-        self.distiller.model.heads.load_state_dict(state["heads"])
-        self.distiller.losses.load_state_dict(state["loss"])
+        ckpt.load_state(self.distiller.student.backbone, state["student"], "student", self.resume_path)
+        ckpt.load_state(self.distiller.model.heads, state["heads"], "heads", self.resume_path)
+        ckpt.load_state(self.distiller.losses, state["loss"], "loss", self.resume_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -273,18 +354,32 @@ class Trainer:
     # ---- the loop ----
 
     def fit(self) -> dict[str, float]:
+        """The last k-NN results. After SIGTERM or SIGUSR1 (StopSignals, installed here only) every rank stops
+        at the same step boundary and saves, and fit raises Preempted once the logs are closed."""
         self.log_startup()
         results: dict[str, float] = {}
-        with self.monitor or nullcontext(), make_progress(self.is_main and self.cfg.trainer.progress) as progress:
+        saved = None
+        with self.signals, self.monitor or nullcontext(), \
+                make_progress(self.is_main and self.cfg.trainer.progress) as progress:
             self.log_monitor_start()
             for epoch in range(self.epoch, self.cfg.trainer.epochs):
                 self.train_epoch(epoch, progress)
+                if self.stop_signal:  # agreed inside the epoch
+                    saved = self.save(inside_epoch=True)
+                    break
                 self.epoch, self.batch_in_epoch = epoch + 1, 0
-                self.save()
+                saved = self.save()
                 if self.eval_due():
                     results = self.evaluate()
+                if self.epoch < self.cfg.trainer.epochs and self.stop_agreed():  # the epoch's save holds it all
+                    break
+            if self.stop_signal and self.world > 1:
+                dist.barrier()  # no rank exits before rank 0 has written the checkpoint: a launcher may end
+                # the whole group at the first exit
         self.log_monitor_summary()
         self.metrics_log.close()
+        if self.stop_signal:
+            raise Preempted(self.log_stop(saved))
         return results
 
     def train_epoch(self, epoch: int, progress) -> None:
@@ -303,27 +398,74 @@ class Trainer:
                 self.log_step(loss, metrics, lr, ips, progress, task)
                 tic, tic_step = time.perf_counter(), self.step
             progress.advance(task)
+            if self.stop_due():
+                return  # fit saves
             if self.save_due():
                 self.save(inside_epoch=True)
 
     def train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        """One optimizer step on one batch (B, 3, H, W): (loss, metrics, lr), the tensors still on the device."""
+        """One optimizer step on one batch (B, 3, H, W): (loss, metrics, lr), the tensors still on the device.
+
+        A step whose loss is NaN or inf on any rank is undone on the device. It still counts as a step: the lr
+        schedule, the data position and the step numbers of checkpoints stay those of an unbroken run, on
+        every rank."""
         lr = self.set_lr()
+        with phase("optimizer"):
+            self.undo.save()  # before the forward: BatchNorm's running statistics move in it
         loss, metrics = self.distiller(images)
-        self.nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no sync
+        ok = self.loss_is_finite(loss)
         with phase("student_backward"):
             self.scaler.scale(loss).backward()
         with phase("optimizer"):
+            # fp16: the scaler skips a step whose gradients overflow (its own sync); with a finite loss that
+            # is the scaler's business, not a bad step
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)  # here, not before backward: no gradients held in forward
+            self.undo.undo_unless(ok)
+        self.bad_steps.record(ok, self.step + 1, {"loss": loss, **metrics})
         self.step += 1
         return loss, metrics, lr
+
+    def loss_is_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device, the same on every rank: DDP averages the gradients, so one rank's NaN
+        reaches every rank's weights. NCCL queues the all-reduce on the stream: no host sync."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)  # int: gloo and NCCL both reduce it
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return finite.bool()
 
     def save_due(self) -> bool:
         """trainer.checkpoint_every steps, except at an epoch's end (the epoch's own save follows)."""
         every = self.cfg.trainer.checkpoint_every
         return every > 0 and self.step % every == 0 and self.batch_in_epoch != len(self.loader)
+
+    def stop_due(self) -> bool:
+        """Whether every rank stops after this step: asked at every step in one process, every
+        trainer.stop_check_every steps with several; not at an epoch's end (fit asks after the epoch's save)."""
+        every = self.cfg.trainer.stop_check_every if self.world > 1 else 1
+        return self.step % every == 0 and self.batch_in_epoch != len(self.loader) and self.stop_agreed()
+
+    def stop_agreed(self) -> bool:
+        """Whether some rank got a stop signal (its number in self.stop_signal). With several ranks a collective,
+        called by all at the same steps: a rank that stopped alone would leave the others waiting in DDP's next
+        all-reduce, and the signal may reach one rank only. At its own steps rather than the logging steps' sync,
+        so that the delay to the stop is set to fit Slurm's grace period whatever log_every is."""
+        self.stop_signal = self.signals.received
+        if self.world > 1:
+            received = torch.tensor(self.stop_signal, device=self.device)
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+            self.stop_signal = int(received.item())  # a host sync, every stop_check_every steps
+        return self.stop_signal != 0
+
+    def log_stop(self, path: Path) -> str:
+        message = (f"{signal.Signals(self.stop_signal).name} received: stopped at step {self.step} (epoch "
+                   f"{self.step / len(self.loader):.2f}) and saved {path}; fastreg.train exits with code "
+                   f"{EXIT_PREEMPTED} (EX_TEMPFAIL). To resume, run the same command again: trainer.resume=auto "
+                   f"continues from the newest checkpoint in {self.out_dir}")
+        if self.is_main:
+            log.warning(message)
+        return message
 
     def set_lr(self) -> float:
         o = self.cfg.optim
@@ -333,9 +475,9 @@ class Trainer:
         return lr
 
     def log_step(self, loss, metrics, lr: float, ips: float, progress, task) -> None:
-        self.check_finite()
+        skipped = self.skipped_since_log()
         values = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}, "lr": lr, "img_per_s": ips,
-                  "epoch": self.step / len(self.loader), **self.gpu_window()}
+                  "epoch": self.step / len(self.loader), "skipped_steps": skipped, **self.gpu_window()}
         self.metrics_log.write(self.step, values)
         progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}")
 
@@ -356,18 +498,37 @@ class Trainer:
         if self.monitor and self.monitor.summary()["available"]:
             log.info("GPU telemetry over the run: %s", json.dumps(self.monitor.summary()))
 
-    def check_finite(self) -> None:
-        """Every rank calls it at the same steps (logging steps, saves): the flag is reduced over the ranks,
-        so all of them stop together rather than some waiting in the next collective."""
-        nonfinite = self.nonfinite.int()
-        if self.world > 1:
-            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-        if nonfinite.item():  # a host sync: only at logging steps and epoch ends
-            raise FloatingPointError(
-                f"the loss became NaN or inf at or before step {self.step} (epoch {self.epoch + 1}); the last "
-                f"checkpoint in {self.out_dir} is intact. Lower optim.base_lr, add warmup (optim.warmup_epochs), "
-                "or use trainer.precision=bf16/fp32"
-            )
+    def skipped_since_log(self) -> int:
+        """Steps skipped since the previous logging step, with a warning if there are any."""
+        total = self.check_finite()
+        skipped, self.skipped_logged = total - self.skipped_logged, total
+        if skipped and self.is_main:
+            log.warning("%d step(s) up to step %d had a NaN or inf loss and were skipped (weights and optimizer "
+                        "state left as before them); trainer.max_bad_steps=%d consecutive ones stop training",
+                        skipped, self.step, self.cfg.trainer.max_bad_steps)
+        return skipped
+
+    def check_finite(self) -> int:
+        """Raise once trainer.max_bad_steps consecutive steps had a NaN or inf loss; else the number of steps
+        skipped so far. Every rank calls it at the same steps (logging steps, saves): the counters are reduced
+        over the ranks, so all of them stop together rather than some waiting in the next collective."""
+        seen = self.bad_steps.read(self.world)  # a host sync: only at logging steps and saves
+        if seen.tripped:
+            raise FloatingPointError(self.divergence_message(seen))
+        return seen.total
+
+    def divergence_message(self, seen: BadStepsSeen) -> str:
+        limit = self.cfg.trainer.max_bad_steps
+        losses = ", ".join(f"{name} {value:.4g}" for name, value in seen.losses.items())
+        over = f" (mean over the {self.world} ranks)" if self.world > 1 else ""
+        return (
+            f"the loss was NaN or inf in trainer.max_bad_steps={limit} consecutive steps from step {seen.first} "
+            f"(epoch {(seen.first - 1) // len(self.loader) + 1}); at step {seen.first}: {losses}{over}. Those steps "
+            f"were skipped: the weights, and any checkpoint written since, are those from before step {seen.first}, "
+            f"and the last checkpoint in {self.out_dir} is intact. Lower optim.base_lr, add warmup "
+            "(optim.warmup_epochs) or use trainer.precision=bf16/fp32, and check the teacher whose loss is not "
+            "finite; then resume from that checkpoint"
+        )
 
     # ---- evaluation ----
 
@@ -403,6 +564,18 @@ class Trainer:
         log.info("device %s, world size %d, loader %s (%d batches/epoch), optimizer %s, peak lr %.4g "
                  "(global batch %d)", self.device, self.world, self.loader.name, len(self.loader),
                  self.optimizer_impl, self.peak_lr, self.global_batch)
+
+
+def make_out_dir(path: Path) -> None:
+    """Create trainer.out_dir and check that a file can be written there, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # unnamed (O_TMPFILE): nothing is left behind
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"trainer.out_dir={path} is not a writable directory ({e.strerror}); checkpoints, "
+                               "train.log and the metrics go there. Pass trainer.out_dir=<a directory you can "
+                               "write to>, or fix its permissions") from e
 
 
 def attach_log_file(path: Path) -> None:

@@ -78,9 +78,10 @@ def resolve_loader(kind: str) -> str:
 
 
 def dataset_index(cfg: DataConfig, rank: int, world_size: int):
-    """The validated file list of data.root. The first process of each machine builds it (decode-checks every
-    image; the cache may not be shared between machines) while the others wait, then they read the cache. An
-    error on a builder is raised on every rank, so none waits forever."""
+    """The validated file list of data.root, which every training loader reads. The first process of each
+    machine builds it (decode-checks every image; the cache may not be shared between machines) while the
+    others wait, then they read the cache. An error on a builder is raised on every rank, so none waits
+    forever."""
     from fastreg.index import load_index
 
     def load(progress: bool):
@@ -132,24 +133,21 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
                           device=device, memory_format=memory_format, half=half, checkpoint=checkpoint)
     if cfg.augment == "strong":
         raise ValueError("data.augment=strong is built with DALI ops, and DALI cannot be imported here")
-    if cfg.file_list:
-        raise ValueError("data.file_list is read by the DALI loader only; the torchvision loader reads all of "
-                         "data.root: unset data.file_list or use data.loader=dali")
     from fastreg.pipelines.torchvision import TorchvisionLoader
 
-    return TorchvisionLoader(cfg, rank=rank, world_size=world_size, seed=seed, device=device,
-                             memory_format=memory_format, checkpoint=checkpoint)
+    return TorchvisionLoader(cfg, dataset_index(cfg, rank, world_size), rank=rank, world_size=world_size, seed=seed,
+                             device=device, memory_format=memory_format, checkpoint=checkpoint)
 
 
 def eval_batches(kind: str, root: str, crop_size: int, batch_size: int, workers: int,
                  device: torch.device, **index_options) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of every image of the ImageFolder `root` once, in order; `.classes` names the labels.
     DALI batches are already on `device` (float16 on a GPU); torchvision's are float32 on the CPU.
-    index_options (max_bad_fraction, progress) go to DALI's dataset index."""
+    index_options (max_bad_fraction, progress) go to the dataset index that both read."""
     if resolve_loader(kind) == "dali":
         from fastreg.pipelines.dali import dali_eval_loader
 
         return dali_eval_loader(root, crop_size, batch_size, workers, device, **index_options)
     from fastreg.pipelines.torchvision import eval_loader
 
-    return eval_loader(root, crop_size, batch_size, workers)
+    return eval_loader(root, crop_size, batch_size, workers, **index_options)

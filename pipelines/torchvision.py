@@ -1,30 +1,37 @@
-"""The reference loader: torchvision ImageFolder, PIL decode, DataLoader workers (SimReg's own pipeline).
+"""The reference loader: PIL decode, torchvision transforms, DataLoader workers (SimReg's own pipeline).
 
-Training views are SimReg's weak augmentation: RandomResizedCrop(scale=data.scale) + horizontal flip.
+It reads the files of fastreg.index's validated list, as the DALI loader does: the same samples, in
+ImageFolder's order and labels, without the corrupt, truncated, unreadable or non-JPEG files, which would
+otherwise stop a DataLoader worker mid-epoch. Training views are SimReg's weak augmentation:
+RandomResizedCrop(scale=data.scale) + horizontal flip.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import datasets, transforms as T
+from torchvision import transforms as T
+from torchvision.datasets.folder import default_loader
 
 from fastreg.config import DataConfig
+from fastreg.index import DatasetIndex, load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
 
 
-def image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
-    """ImageFolder with errors that name the folder and say what is expected."""
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder {path} does not exist: pass data.root= an ImageFolder (class subfolders)")
-    try:
-        return datasets.ImageFolder(str(path), transform=transform)
-    except FileNotFoundError as e:  # no class folders, or no images in them
-        raise FileNotFoundError(f"{path} is not an ImageFolder with images in class subfolders: {e}") from e
+class IndexedImages(Dataset):
+    """(transform(image), label) of every file in a validated index, decoded by PIL as ImageFolder does."""
+
+    def __init__(self, index: DatasetIndex, transform: T.Compose):
+        self.root, self.classes, self.samples, self.transform = index.root, index.classes, index.samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        rel, label = self.samples[i]
+        return self.transform(default_loader(str(self.root / rel))), label
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
@@ -46,9 +53,10 @@ def eval_transform(crop_size: int) -> T.Compose:
     ])
 
 
-def eval_loader(root: str, crop_size: int, batch_size: int, workers: int) -> DataLoader:
-    """Every image once, in order, no augmentation: k-NN, the linear probe and eval during training."""
-    ds = image_folder(root, eval_transform(crop_size))
+def eval_loader(root: str, crop_size: int, batch_size: int, workers: int, **index_options) -> DataLoader:
+    """Every validated image once, in order, no augmentation: k-NN, the linear probe and eval during training.
+    index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
+    ds = IndexedImages(load_index(root, **index_options), eval_transform(crop_size))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available())
     loader.classes = ds.classes
@@ -62,7 +70,7 @@ class SeededViews(Dataset):
     boundary sees exactly what the uninterrupted run saw. The global RNG is left untouched.
     """
 
-    def __init__(self, dataset: datasets.ImageFolder, seed: int):
+    def __init__(self, dataset: IndexedImages, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def __len__(self) -> int:
@@ -77,18 +85,18 @@ class SeededViews(Dataset):
 class TorchvisionLoader:
     name = "torchvision"
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
-        self.dataset = SeededViews(image_folder(cfg.root, train_transform(cfg)), seed)
+    def __init__(self, cfg: DataConfig, index: DatasetIndex, *, rank: int, world_size: int, seed: int,
+                 device: torch.device, memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
+        self.dataset = SeededViews(IndexedImages(index, train_transform(cfg)), seed)
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         self.cfg, self.device, self.memory_format = cfg, device, memory_format
         if len(self) == 0:
             raise ValueError(
-                f"{cfg.root} has {len(self.dataset)} images: fewer than one batch of {cfg.batch_size} per process "
-                f"across {world_size} process(es); lower data.batch_size"
+                f"{index.root} has {len(self.dataset)} usable images: fewer than one batch of {cfg.batch_size} per "
+                f"process across {world_size} process(es); lower data.batch_size"
             )
-        self.identity = {"loader": self.name, "dataset": samples_digest(self.dataset.dataset.samples),
+        self.identity = {"loader": self.name, "dataset": samples_digest(index.samples),
                          "num_shards": world_size, "batch_size": cfg.batch_size}
         state = usable_state(checkpoint, self.identity, order_has_state=False)
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
@@ -106,9 +114,13 @@ class TorchvisionLoader:
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch  # workers are started below, so they copy this epoch
         order = list(self.sampler)[skip * self.cfg.batch_size:]  # this rank's samples still to come
+        # Its own generator for the workers' base seed, which DataLoader otherwise draws from the global torch
+        # RNG: a run resumed inside the epoch starts this iterator later than the uninterrupted run did, and
+        # that draw would shift every random op after it (dropout, stochastic depth).
+        generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) % 2**63)
         loader = DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=order, drop_last=True,
-            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
+            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", generator=generator,
         )
         for done, (images, labels) in enumerate(loader, skip + 1):
             self.position = (epoch, done) if done < len(self) else (epoch + 1, 0)

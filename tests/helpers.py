@@ -1,10 +1,12 @@
-"""Small generated ImageFolders and configs for fast CPU training tests."""
+"""Small generated ImageFolders and configs for fast CPU training tests, and what they compare runs by."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -32,6 +34,34 @@ def tiny_overrides(data_root: Path, out_dir: Path) -> list[str]:
         "optim.base_lr=2.0", "trainer.precision=fp32", "trainer.log_every=1", "trainer.progress=false",
         "trainer.deterministic=true", "trainer.device=cpu", f"trainer.out_dir={out_dir}",
     ]
+
+
+def logged_lines(run: Path) -> list[dict]:
+    """metrics.jsonl's lines, in order."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in logged_lines(run) if "loss" in m}
+
+
+def trained_state(path: Path) -> dict:
+    """What training changes, from a checkpoint: weights, loss buffers (SEED's queue), optimizer and scaler."""
+    state = torch.load(path, weights_only=True)
+    return {"student": state["student"], "heads": state["heads"], "loss": state["loss"],
+            "optimizer": state["optimizer"]["state"], "scaler": state["scaler"]}
+
+
+def assert_equal_states(a, b, where=""):
+    """Nested dicts of tensors (and numbers) equal bitwise."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_states(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def make_photo_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (64, 48),

@@ -133,6 +133,17 @@ def test_cache_is_reused_until_a_file_changes(tree, monkeypatch):
     assert ("class2/new.jpg", 2) in index(tree, max_bad_fraction=0.5).samples
 
 
+def test_permission_change_rebuilds_the_index(tree, monkeypatch):
+    """chmod changes neither size nor mtime, yet a file made unreadable (or readable again) after indexing must
+    not keep its old verdict: a listed file that cannot be opened would stop a DALI pipeline mid-epoch."""
+    index(tree)
+    checked = []
+    monkeypatch.setattr(fi, "check_image", lambda path: checked.append(path))
+    (tree / "class0" / "0.jpg").chmod(0)
+    index(tree)
+    assert len(checked) == 15
+
+
 def test_half_written_index_is_rebuilt(tree):
     idx = index(tree)
     (idx.file_list.parent / "index.json").unlink()  # as if killed before the commit step

@@ -260,7 +260,7 @@ def test_unreadable_checkpoints_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(missing)):
         build_teacher(TeacherConfig(arch="cnn_small", checkpoint=str(missing)))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.txt is not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="notes.txt is a text file, not a PyTorch checkpoint"):
         build_teacher(TeacherConfig(arch="cnn_small", checkpoint=str(tmp_path / "notes.txt")))
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="empty.pth holds no state_dict"):

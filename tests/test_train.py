@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_module
 from fastreg.config import to_config
 from fastreg.distiller import build_distiller
 from fastreg.train import train
-from helpers import BAD, add_bad_files, make_image_folder, tiny_overrides
+from helpers import (BAD, add_bad_files, assert_equal_states, make_image_folder, step_losses, tiny_overrides,
+                     trained_state)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,21 +60,6 @@ def test_teachers_and_student_see_the_same_tensor(tmp_path):
     assert torch.allclose(loss, w[0] * metrics["loss/cnn_small_0"] + w[1] * metrics["loss/cnn_small_1"])
 
 
-def trained_state(path: Path) -> dict:
-    state = torch.load(path, weights_only=True)
-    return {"student": state["student"], "heads": state["heads"], "loss": state["loss"],
-            "optimizer": state["optimizer"]["state"]}
-
-
-def assert_equal_states(a, b, where=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal_states(a[k], b[k], f"{where}.{k}")
-    else:
-        assert torch.equal(a, b), where
-
-
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
 def test_resume_gives_identical_weights(tmp_path, loader):
     """DALI's shuffle advances once per pass: the resumed run gets epoch 3's order only from the loader
@@ -89,11 +75,6 @@ def test_resume_gives_identical_weights(tmp_path, loader):
                         trained_state(tmp_path / "resumed" / "ckpt_epoch0004.pt"))
     data_state = torch.load(tmp_path / "resumed" / "ckpt_epoch0004.pt", weights_only=True)["data"]
     assert [s["loader"] for s in data_state] == ["dali-cpu" if loader == "dali" else "torchvision"]
-
-
-def step_losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
@@ -115,14 +96,16 @@ def test_resume_inside_an_epoch_continues_with_the_same_samples(tmp_path, loader
     assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
                         trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
 
-    # Another batch size: no loader can continue after batch 2 of 8-image batches; from an epoch's end it can.
+    # Another batch size (forced: it changes the result): no loader can continue after batch 2 of 8-image
+    # batches; from an epoch's end it can.
+    other = ["data.batch_size=4", "trainer.resume_force=true"]
     (tmp_path / "other").mkdir()
     shutil.copy(inside, tmp_path / "other")
     with pytest.raises(ValueError, match="cannot continue there"):
-        train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + ["data.batch_size=4"]))
+        train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + other))
     (tmp_path / "other" / inside.name).unlink()
     shutil.copy(tmp_path / "straight" / "ckpt_epoch0001.pt", tmp_path / "other")
-    train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + ["data.batch_size=4"]))
+    train(compose_cfg(tiny_overrides(data, tmp_path / "other") + extra + other))
     assert sorted(step_losses(tmp_path / "other")) == list(range(5, 13))  # 8 steps of 4 images after step 4
 
 
@@ -194,9 +177,12 @@ def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
 
 
 def test_divergence_stops_before_writing_a_checkpoint(tmp_path):
+    """lr 1e12: the first step's weights overflow every later loss; each bad step is skipped, and the
+    epoch-end save (step 4) finds max_bad_steps=2 consecutive ones and stops instead."""
     data = make_image_folder(tmp_path / "data")
-    overrides = tiny_overrides(data, tmp_path / "run") + ["loss=mse", "optim.base_lr=1e12", "trainer.log_every=100"]
-    with pytest.raises(FloatingPointError, match="NaN or inf"):
+    overrides = tiny_overrides(data, tmp_path / "run") + ["loss=mse", "optim.base_lr=1e12", "trainer.log_every=100",
+                                                          "trainer.max_bad_steps=2"]
+    with pytest.raises(FloatingPointError, match="NaN or inf in trainer.max_bad_steps=2 consecutive steps from step 2"):
         train(compose_cfg(overrides))
     assert not list((tmp_path / "run").glob("ckpt_*.pt"))
 

@@ -1,5 +1,6 @@
 """Pieces of the trainer against closed forms: schedule, optimizers, checkpoints, divergence."""
 
+import logging
 import math
 
 import pytest
@@ -45,9 +46,9 @@ def test_atomic_save_prune_and_find_latest(tmp_path):
     (tmp_path / ".ckpt_epoch0004.pt.tmp123").write_bytes(b"half a checkpoint")  # a crash mid-save
     ckpt.prune(tmp_path, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
-    latest = ckpt.find_resume("auto", tmp_path)
-    assert ckpt.load(latest)["epoch"] == 3
-    assert ckpt.find_resume("none", tmp_path) is None
+    latest, state = ckpt.load_resume("auto", tmp_path)
+    assert latest.name == "ckpt_epoch0003.pt" and state["epoch"] == 3
+    assert ckpt.load_resume("none", tmp_path) is None
 
 
 def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp_path):
@@ -64,21 +65,30 @@ def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp
     ckpt.prune(tmp_path, keep=2)  # the 2 newest epoch ends, and the 2 newest saves inside the epoch after them
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
         "ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000240.pt", "ckpt_epoch0002_step00000270.pt"]
-    assert ckpt.find_resume("auto", tmp_path).name == "ckpt_epoch0002_step00000270.pt"
+    assert ckpt.load_resume("auto", tmp_path)[0].name == "ckpt_epoch0002_step00000270.pt"
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "ckpt_epoch0001.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="ckpt_epoch0001.pt"):
+    with pytest.raises(ckpt.UnreadableCheckpoint, match="ckpt_epoch0001.pt"):
         ckpt.load(bad)
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-    saved = {"student": {"arch": "resnet18"}, "trainer": {"epochs": 10}}
-    ckpt.compare_configs(saved, {"student": {"arch": "resnet18"}, "trainer": {"epochs": 20}}, tmp_path)
-    with pytest.raises(ValueError, match="student"):
-        ckpt.compare_configs(saved, {"student": {"arch": "resnet34"}, "trainer": {"epochs": 10}}, tmp_path)
+def test_resume_refuses_settings_that_change_the_result_unless_forced(tmp_path, caplog):
+    saved = {"student": {"arch": "resnet18"}, "teachers": [{"arch": "resnet50"}],
+             "trainer": {"epochs": 10, "log_every": 50, "resume_force": False}}
+    ckpt.compare_configs(saved, {**saved, "trainer": {**saved["trainer"], "log_every": 5}}, tmp_path)  # free
+    other = {"student": {"arch": "resnet34"}, "teachers": [{"arch": "resnet50"}, {"arch": "vit_small_patch16"}],
+             "trainer": {"epochs": 20, "log_every": 5, "resume_force": False}}
+    listed = ("student.arch 'resnet18' -> 'resnet34'; teachers.1.arch (absent) -> 'vit_small_patch16'; "
+              "trainer.epochs 10 -> 20.")
+    with pytest.raises(ValueError, match="trainer.resume_force=true") as err:
+        ckpt.compare_configs(saved, other, tmp_path)
+    assert listed in str(err.value) and "log_every" not in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="fastreg.checkpoint"):
+        ckpt.compare_configs(saved, {**other, "trainer": {**other["trainer"], "resume_force": True}}, tmp_path)
+    assert listed[:-1] in caplog.text
 
 
 def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):

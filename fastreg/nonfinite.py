@@ -1,0 +1,109 @@
+"""Steps whose loss is NaN or inf are undone on the device, with no host sync, and counted; a long run of
+them stops training (trainer.max_bad_steps).
+
+    backup <- x                     for x in trainable params, model buffers, optimizer state; before the forward
+    forward; backward; optimizer step                                                  as always
+    x <- where(ok, x, backup)       after the step; ok = the loss was finite on every rank
+    x <- where(ok, x, 0)            state the step created (a first step): zeros are its fresh value
+
+Zeroing the gradients would not skip the step (weight decay and momentum still move the weights), and
+masking by multiplication fails because NaN * 0 = NaN. The counters live on the device too; the trainer
+reads them where it syncs anyway (logging steps and saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class StepUndo:
+    """A copy of what a training step changes, put back on the device where the step was bad.
+
+    Covered: the optimizer's parameters, the model's buffers (BatchNorm's running statistics: a NaN forward
+    poisons them) and the optimizer's per-parameter tensor state (momentum buffers, Lamb's moments). Bitwise:
+    after a bad step they equal what they were before it. A bad first step leaves zeros in the state it
+    created, which is what SGD's and Lars' momentum (buf = 0.9 * 0 + grad) and Lamb's moments start from.
+    Not covered: state kept in the param groups (timm Lamb's step count, a CPU tensor, advances, so its bias
+    correction runs one step ahead) and the loss modules' buffers (the teacher center, SEED's queue), which
+    only the frozen teachers feed.
+    Cost: a second copy of all of it in memory; per step one copy and one torch.where per tensor.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.backup: dict[tuple, torch.Tensor] = {}
+
+    def tensors(self) -> dict[tuple, torch.Tensor]:
+        """The live tensors, keyed so that a state tensor the optimizer replaces still finds its backup."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        named = {("param", i): p for i, p in enumerate(params)}
+        named.update({("buffer", name): b for name, b in self.model.named_buffers()})
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    named[("state", i, key)] = value
+        return named
+
+    @torch.no_grad()
+    def save(self) -> None:
+        live = self.tensors()
+        if live.keys() != self.backup.keys():  # the first step created the optimizer state, or a resume replaced it
+            self.backup = {key: torch.empty_like(t) for key, t in live.items()}
+        torch._foreach_copy_(list(self.backup.values()), [live[key] for key in self.backup])
+
+    @torch.no_grad()
+    def undo_unless(self, ok: torch.Tensor) -> None:
+        """ok: 0-dim bool on the device. Where it is True every tensor keeps its value, bitwise."""
+        for key, t in self.tensors().items():
+            old = self.backup.get(key)
+            torch.where(ok, t, t.new_zeros(()) if old is None else old, out=t)
+
+
+@dataclass
+class BadStepsSeen:
+    """The device counters on the host; losses are the mean over the ranks."""
+
+    tripped: bool  # some run of consecutive bad steps reached the limit
+    run: int  # consecutive bad steps up to now
+    first: int  # the first step of that run (numbered as in metrics.jsonl)
+    total: int  # bad steps in this process's run
+    losses: dict[str, float]  # at step `first`
+
+
+class BadSteps:
+    """Counts bad steps on the device. The run that reaches the limit keeps its first step and losses
+    even if good steps follow before the next check: a long divergence is never forgotten."""
+
+    def __init__(self, loss_names: list[str], limit: int, device: torch.device):
+        self.names, self.limit = loss_names, limit
+        self.run, self.first, self.total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.losses = torch.zeros(len(loss_names), device=device)
+
+    @torch.no_grad()
+    def record(self, ok: torch.Tensor, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """ok: this step's 0-dim bool; metrics: 0-dim tensors, among them `names`. A few tiny kernels, no sync."""
+        bad = ~ok
+        starts = bad & (self.run == 0) & ~self.tripped
+        losses = torch.stack([metrics[name].detach().float() for name in self.names])
+        self.first = torch.where(starts, step, self.first)
+        self.losses = torch.where(starts, losses, self.losses)
+        self.run = torch.where(bad, self.run + 1, 0)
+        self.tripped |= self.run >= self.limit
+        self.total += bad
+
+    def read(self, world: int) -> BadStepsSeen:
+        """A host sync, and a collective when world > 1: every rank must call it at the same step."""
+        counters = torch.stack([self.tripped.double(), self.run.double(), self.first.double(), self.total.double()])
+        packed = torch.cat([counters, self.losses.double()])
+        if world > 1:
+            # SUM / world: the counters are equal on every rank (the skip decision is agreed), so this is
+            # exact for them; the losses become their mean over the ranks, NaN if any rank's is
+            dist.all_reduce(packed)
+            packed /= world
+        tripped, run, first, total, *losses = packed.tolist()
+        return BadStepsSeen(bool(tripped), int(run), int(first), int(total), dict(zip(self.names, losses)))
