@@ -42,7 +42,7 @@ def table(result: dict, epochs: int, gpus: list[int], busbw_gbs: float) -> str:
     env = result["env"]
     lines = [f"{epochs} epochs of ImageNet-1k ({IMAGENET_TRAIN:,} images) from the e2e throughput measured on "
              f"{env['device_name']} ({env['date']}, commit {env['commit'][:12]}): {ips:,.0f} img/s per device at "
-             f"batch {batch}; {params / 1e6:.2f} M trainable parameters, so {4 * params / 2**20:.0f} MiB of fp32 "
+             f"batch {batch}; {params / 1e6:.2f} M trainable parameters, so {4 * params / 2**20:.1f} MiB of fp32 "
              f"gradients to all-reduce per step, at an assumed {busbw_gbs:g} GB/s bus bandwidth.", "",
              "| GPUs | global batch | img/s, linear | hours, linear | hours, all-reduce not hidden | efficiency, worst |",
              "|--:|--:|--:|--:|--:|--:|"]
