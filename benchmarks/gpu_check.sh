@@ -10,7 +10,7 @@
 #   all         every part in order (more than one call's 10 minutes on an H100)
 #
 # On the device, after ../shared/tools/device-wheels.sh's calls have installed DALI and hydra:
-#   bash benchmarks/gpu_check.sh tests data      # results under $OUT (the device tool brings them back)
+#   FASTREG_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh tests data   # results under $OUT
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
 set -uo pipefail
 parts=("$@")
@@ -18,10 +18,17 @@ parts=("$@")
 [ "${parts[0]}" = all ] && parts=(tests data kernels throughput profile)
 out=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The device tool's copy of the tree has no .git: pass the commit in, FASTREG_COMMIT=$(git rev-parse HEAD)
+export FASTREG_COMMIT=${FASTREG_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+[ -n "$FASTREG_COMMIT" ] || { echo "no git here: run as FASTREG_COMMIT=<git rev-parse HEAD> bash $0 ..."; exit 2; }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
-stamp="${gpu}_$(date +%F)_$(git rev-parse --short HEAD 2>/dev/null || echo nogit)"
+stamp="${gpu}_$(date +%F)_${FASTREG_COMMIT:0:12}"
 status=0
+# fastreg.kernels, .pipelines and .configs live in top-level folders that pyproject maps under fastreg., so
+# the project must be installed (editable, no dependencies: the machine's image has them), not put on PYTHONPATH
+python3 -c "import fastreg.kernels, fastreg.pipelines, fastreg.configs" 2>/dev/null \
+  || python3 -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "cannot install the project (pip install -e .)"; exit 2; }
 
 nvidia-smi > "$out/nvidia-smi_$stamp.txt"
 python3 -c "import torch, nvidia.dali, hydra; print('torch', torch.__version__, 'dali', nvidia.dali.__version__)" \

@@ -28,7 +28,10 @@ CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})(?:_step(\d{8,}))?\.pt$")
 
 
 def git_commit() -> str:
-    """The source tree's commit, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
+    """The source tree's commit, with '-dirty' when it has uncommitted changes; 'unknown' outside git. A copy of
+    the tree without .git (benchmarks/gpu_check.sh on the GPU machine) names it in $FASTREG_COMMIT."""
+    if os.environ.get("FASTREG_COMMIT"):
+        return os.environ["FASTREG_COMMIT"]
     src = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, check=True)

@@ -113,3 +113,12 @@ def test_log_file_attached_once(tmp_path):
     attach_log_file(tmp_path / "train.log")
     logging.getLogger("fastreg.test").warning("one line")
     assert (tmp_path / "train.log").read_text().count("one line") == 1
+
+
+def test_git_commit_of_a_tree_without_git_comes_from_the_environment(monkeypatch):
+    """The GPU machine gets a copy of the tree without .git: gpu_check.sh passes the commit in."""
+    from fastreg.checkpoint import git_commit
+
+    assert git_commit() != "abc123"
+    monkeypatch.setenv("FASTREG_COMMIT", "abc123")
+    assert git_commit() == "abc123"
