@@ -127,8 +127,11 @@ def load(path: Path) -> dict:
 
 def check_crcs(path: Path) -> None:
     """torch.save writes a zip archive whose members carry CRC-32s, and torch.load checks none of them: a
-    flipped byte would load as a wrong weight. Reading every member once checks them all; a truncated file
-    has no central directory and fails to open."""
+    flipped byte would load as a wrong weight. Reading every member once checks them all. A file that is no
+    zip (a truncated one has lost its central directory, a legacy torch.save is a bare pickle) is left to
+    torch.load, which fails on the first and has no checksum to check in the second."""
+    if not zipfile.is_zipfile(path):
+        return
     with zipfile.ZipFile(path) as archive:
         bad = archive.testzip()
     if bad is not None:

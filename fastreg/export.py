@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torchvision
 
-from fastreg.checkpoint import atomic_save
+from fastreg.checkpoint import atomic_save, check_crcs
 from fastreg.students import STUDENTS, Student
 
 TORCHVISION_ARCHS = frozenset(torchvision.models.list_models(module=torchvision.models))
@@ -30,6 +30,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        check_crcs(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on a file that is not a torch checkpoint
         raise ValueError(f"{path} is not a torch checkpoint readable with weights_only=True ({type(e).__name__}: {e})") from e

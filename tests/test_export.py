@@ -124,3 +124,14 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "list.pt"), str(tmp_path / "out.pt")])
     assert str(exit_.value) == f"error: {tmp_path / 'list.pt'} holds a list, not a trainer checkpoint or a state_dict"
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_and_nothing_is_written(tmp_path):
+    """torch.load would read the damaged weight without complaint; the zip's CRC-32 catches it."""
+    _trainer_checkpoint(_trained_student("cnn_tiny"), tmp_path / "ckpt.pt")
+    data = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ckpt.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+        export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
