@@ -19,7 +19,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fastreg.config import to_config
-from fastreg.trainer import EXIT_PREEMPTED, Preempted, Trainer
+from fastreg.preemption import EXIT_PREEMPTED, Preempted
+from fastreg.trainer import Trainer
 
 # Errors the user fixes in the command, the data, a file or the disk: their messages name the key or file and
 # say what to do, so stderr shows the message alone (as `python -m fastreg.index` does), and the exit code is 1.

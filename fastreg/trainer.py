@@ -41,6 +41,8 @@ from fastreg.distiller import build_distiller
 from fastreg.monitor import GPUMonitor, data_phase, phase
 from fastreg.nonfinite import BadSteps, BadStepsSeen, StepUndo
 from fastreg.pipelines import build_loader
+from fastreg.preemption import EXIT_PREEMPTED, Preempted, StopSignals
+from fastreg.run_log import MetricsLog, attach_log_file, make_progress
 
 log = logging.getLogger(__name__)
 
@@ -113,107 +115,6 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: f
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ============ logging (rank 0) ============
-
-class MetricsLog:
-    """JSONL lines and TensorBoard scalars, written by rank 0 only. A run starting at step S (its checkpoint's,
-    or 0) first drops what was logged after S: a killed run logs past its last checkpoint, and the resumed
-    run logs those steps again. metrics.jsonl then holds every step once."""
-
-    def __init__(self, out_dir: Path, enabled: bool, start_step: int):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            drop_lines_after(out_dir / "metrics.jsonl", start_step)
-            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
-            # TensorBoard hides the older event files' points at steps >= purge_step
-            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def drop_lines_after(path: Path, step: int) -> None:
-    """Rewrite the metrics file `path` without its lines past `step`, atomically (a kill keeps the old file)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if logged_step(line) <= step]
-    if len(kept) == len(lines):
-        return
-    log.warning("%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
-                "its last checkpoint)", path, len(lines) - len(kept), step)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def logged_step(line: str) -> float:
-    """A metrics line's step; inf for a line a kill cut short (no newline, or not JSON), which goes too."""
-    try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
-    except json.JSONDecodeError:
-        return math.inf
-
-
-def make_progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-        TimeRemainingColumn(), disable=not enabled,
-    )
-
-
-# ============ stop signals (preemption) ============
-
-# sysexits.h's EX_TEMPFAIL, "try again later": fastreg.train exits with it after a stop signal and its
-# checkpoint, and a Slurm script requeues the job on it (README, "Preemption on Slurm").
-EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """Trainer.fit stopped on a stop signal after writing its checkpoint; fastreg.train exits with EXIT_PREEMPTED."""
-
-
-class StopSignals:
-    """While entered, SIGTERM and SIGUSR1 (Slurm's notice before a preemption or the time limit, forwarded by
-    torchrun to its workers) only record their number; the training loop reads it at step boundaries. The
-    previous handlers come back on exit. A second signal changes nothing: the stop and its save are under way,
-    and the save is atomic anyway."""
-
-    def __init__(self):
-        self.received = 0  # the first stop signal's number; 0: none
-        self.previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        self.received = 0
-        self.previous = {sig: signal.signal(sig, self.record) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def record(self, signum: int, frame) -> None:
-        self.received = self.received or signum
 
 
 # ============ the trainer ============
@@ -576,13 +477,3 @@ def make_out_dir(path: Path) -> None:
         raise OSError(e.errno, f"trainer.out_dir={path} is not a writable directory ({e.strerror}); checkpoints, "
                                "train.log and the metrics go there. Pass trainer.out_dir=<a directory you can "
                                "write to>, or fix its permissions") from e
-
-
-def attach_log_file(path: Path) -> None:
-    root = logging.getLogger()
-    target = str(path.resolve())
-    if any(getattr(h, "baseFilename", None) == target for h in root.handlers):
-        return  # a second Trainer in this process (tests, notebooks): don't write every line twice
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
-    root.addHandler(handler)

@@ -16,7 +16,8 @@ import fastreg.trainer
 from fastreg.config import to_config
 from fastreg.monitor import PHASES, GPUMonitor, nvml_handle, phase
 from fastreg.train import train
-from fastreg.trainer import Trainer, make_progress
+from fastreg.run_log import make_progress
+from fastreg.trainer import Trainer
 from helpers import make_image_folder, tiny_overrides
 from test_train import compose_cfg
 

@@ -23,7 +23,8 @@ import torch
 
 from fastreg import checkpoint as ckpt
 from fastreg.train import train
-from fastreg.trainer import EXIT_PREEMPTED, Preempted, Trainer
+from fastreg.preemption import EXIT_PREEMPTED, Preempted
+from fastreg.trainer import Trainer
 from helpers import assert_equal_states, make_image_folder, tiny_overrides, trained_state
 from test_train import compose_cfg
 

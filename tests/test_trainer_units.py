@@ -107,7 +107,7 @@ def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):
 def test_log_file_attached_once(tmp_path):
     import logging
 
-    from fastreg.trainer import attach_log_file
+    from fastreg.run_log import attach_log_file
 
     attach_log_file(tmp_path / "train.log")
     attach_log_file(tmp_path / "train.log")
