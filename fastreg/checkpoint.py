@@ -18,7 +18,7 @@ import re
 import subprocess
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -41,26 +41,40 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """`path` holds either its old content or all of `obj`, never part of it. A write that fails (a full
-    disk) removes its temporary file: a failed save leaves the directory as it found it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`path` holds either its old content or all that write(file) wrote, never part of it: the bytes go to a
+    temporary file, are fsynced, then renamed over `path`. A write that fails, or is interrupted, removes its
+    temporary file: a failed write leaves the directory as it found it."""
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # an error, or an interrupt: either way the partial file must go
+    except BaseException:  # an error, or an interrupt: either way the partial file must go
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, tmp, e) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where atomic_write puts `path`'s bytes until the rename (remove_partial_saves finds them by this name)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save(obj) through atomic_write; a full disk says which checkpoint is still there to resume from."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, temporary_path(path), e) from e
+        raise
 
 
 def disk_full(path: Path, tmp: Path, error: OSError) -> OSError:

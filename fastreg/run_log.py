@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
+
+from fastreg.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,7 @@ def drop_lines_after(path: Path, step: int) -> None:
         return
     log.warning("%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
                 "its last checkpoint)", path, len(lines) - len(kept), step)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def logged_step(line: str) -> float:
