@@ -62,7 +62,7 @@ def add_random_ops() -> None:
 
 def kill_in_save(name: str, point: str) -> None:
     """Wraps torch.save and os.replace as fastreg.checkpoint calls them: the temporary file is the one
-    atomic_save opens for `name` (`.<name>.tmp<pid>`)."""
+    atomic_write opens for `name` (`.<name>.tmp<pid>`)."""
     if point == "half":
         save = torch.save
 
