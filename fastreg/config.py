@@ -25,7 +25,7 @@ def _check_positive(key: str, value: float) -> None:
 
 
 IMPLS = ("auto", "eager", "triton")
-HEAD_KINDS = ("linear", "mlp2", "simreg4", "seed", "mlp")
+HEAD_KINDS = ("linear", "mlp2", "mlp2_bn", "simreg4", "seed", "mlp")
 
 
 @dataclass
@@ -34,7 +34,9 @@ class HeadConfig:
 
     d = student width, D = teacher width:
       linear   Linear(d,D)
-      mlp2     Linear(d,2d)-BN-ReLU-Linear(2d,D)
+      mlp2     Linear(d,2d)-Linear(2d,D)             (SimReg's --n_mlp_layers 2: mlp_arch.py adds BN/ReLU only
+                                                       when n_layers == 4, so its 2-layer head is a factorized linear map)
+      mlp2_bn  Linear(d,2d)-BN-ReLU-Linear(2d,D)     (a BYOL-style predictor; not in either paper)
       simreg4  Linear(d,2d)-BN-ReLU-Linear(2d,d)-Linear(d,2d)-BN-ReLU-Linear(2d,D)  (SimReg's official head)
       seed     Linear(d,d)-ReLU-Linear(d,D)                                           (SEED's student MLP)
       mlp      Linear layers through `hidden`, with BN and/or ReLU between them as `bn`/`relu` say
@@ -114,6 +116,7 @@ class LossConfig:
 
 
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
+AUGMENTS = ("weak", "strong", "simclr")
 
 
 @dataclass
@@ -128,7 +131,14 @@ class DataConfig:
     crop_size: int = 224
     scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area (SimReg: weak)
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect ratio
-    augment: str = "weak"  # weak: crop + flip (SimReg) | strong: + MoCo-v2 colour jitter, grayscale, blur (dali)
+    # The one view that teacher and student share (DALI only, except weak):
+    #   weak    random-resized crop + flip: SimReg (run.sh: --single_aug --weak_weak)
+    #   strong  + MoCo-v2's ColorJitter(0.4,0.4,0.4,0.1) p=0.8 in a random order per image, grayscale p=0.2,
+    #           blur p=0.5: SEED with a MoCo-v2 teacher (tools/utils.py mocov2_aug), and with a SwAV teacher at
+    #           data.scale=[0.14,1] (swav_aug)
+    #   simclr  + grayscale p=0.2, then ColorJitter(0.4,0.4,0.4,0.4) on every image in a random order, no blur:
+    #           SEED with a SimCLR teacher (simclr_aug, the same as its mocov1_aug)
+    augment: str = "weak"
     batch_size: int = 256  # per process; lr scales with the global batch (batch_size x world size)
     workers: int = 8  # CPU threads per process: DataLoader workers or DALI threads; ~ CPU cores / GPUs
     # DALI: share of JPEGs sent to the hardware decoder (A100/H100 NVJPG); the rest go to nvJPEG's CUDA
@@ -144,7 +154,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.loader", self.loader, LOADERS)
-        _check_choice("data.augment", self.augment, ("weak", "strong"))
+        _check_choice("data.augment", self.augment, AUGMENTS)
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.crop_size", self.crop_size)
         _check_positive("data.prefetch", self.prefetch)
@@ -158,11 +168,14 @@ class DataConfig:
             raise ValueError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.augment == "strong" and self.loader == "torchvision":
-            raise ValueError("data.augment=strong is built with DALI ops: use data.loader=dali or auto")
+        if self.augment != "weak" and self.loader == "torchvision":
+            raise ValueError(f"data.augment={self.augment} is built with DALI ops: use data.loader=dali or auto")
 
 
 OPTIMIZERS = ("sgd", "lars", "lamb", "apex_sgd", "apex_lamb")
+
+
+SCHEDULES = ("iteration", "epoch")
 
 
 @dataclass
@@ -171,14 +184,29 @@ class OptimConfig:
     base_lr: float = 0.05  # lr at a global batch of 256; the run uses base_lr * global_batch / 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0  # linear warmup from 0, then cosine to min_lr, both per iteration
-    min_lr: float = 0.0
+    # iteration: linear warmup from 0 to the peak lr, then cosine to min_lr, set every step (smoother at large
+    #            batch). epoch: the official codes' rule, set once per epoch (SEED tools/utils.py
+    #            adjust_learning_rate; SimReg tools.py is the same with no warmup): while epoch < warmup_epochs
+    #            lr = base_lr + (peak - base_lr) * epoch / warmup_epochs (flat at a global batch of 256), then
+    #            peak * 0.5 * (1 + cos(pi * epoch / epochs)), the cosine counted from epoch 0.
+    schedule: str = "iteration"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # iteration schedule only: the cosine's floor
+    # The global batch (data.batch_size x processes) that the recipe reproduces, as the paper ran it (SimReg and
+    # SEED: 256). A run at another global batch scales the lr linearly and says so in a warning; None: no recipe.
+    recipe_batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
         _check_positive("optim.base_lr", self.base_lr)
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.schedule == "epoch" and self.min_lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} is the iteration schedule's floor; the epoch schedule (the "
+                             "official codes' rule) decays to 0: set optim.min_lr=0 or optim.schedule=iteration")
+        if self.recipe_batch is not None:
+            _check_positive("optim.recipe_batch", self.recipe_batch)
 
 
 @dataclass

@@ -23,6 +23,9 @@ def head_spec(cfg: HeadConfig, d: int, D: int) -> list[LayerSpec]:
     if cfg.kind == "linear":
         return [(D, False, False)]
     if cfg.kind == "mlp2":
+        # SimReg's --n_mlp_layers 2: get_mlp adds BN/ReLU only when n_layers == 4 (UCDvision/simreg mlp_arch.py)
+        return [(2 * d, False, False), (D, False, False)]
+    if cfg.kind == "mlp2_bn":
         return [(2 * d, True, True), (D, False, False)]
     if cfg.kind == "simreg4":
         # SimReg's official head: a 2-layer "projection" then a 2-layer "prediction" MLP, with

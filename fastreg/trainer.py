@@ -3,7 +3,7 @@
     for epoch:
         for images in loader.epoch(epoch):          # one weakly augmented view, on device
             loss = distiller(images)                # every teacher and the student see `images`
-            backward; optimizer step; lr(step)      # warmup, then cosine, per iteration
+            backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
 
@@ -110,11 +110,29 @@ def build_apex_optimizer(cfg: OptimConfig, params: list, kw: dict) -> tuple[torc
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    """Linear warmup from 0 to peak, then cosine from peak to min_lr, per iteration."""
+    """optim.schedule=iteration: linear warmup from 0 to peak, then cosine from peak to min_lr, per iteration."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_lr(epoch: int, base: float, peak: float, warmup_epochs: float, epochs: int) -> float:
+    """optim.schedule=epoch, the official codes' rule for 0-based `epoch`: SEED's adjust_learning_rate
+    (tools/utils.py) warms up linearly from base (the lr at batch 256) to peak (base x global batch / 256), then
+    both it and SimReg's (tools.py, no warmup) decay as peak * 0.5 * (1 + cos(pi * epoch / epochs))."""
+    if epoch < warmup_epochs:
+        return base + (peak - base) * epoch / warmup_epochs
+    return peak * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def lr_scaling_warning(recipe_batch: int | None, global_batch: int, world: int, base: float, peak: float) -> str | None:
+    """What to tell the user when the run's global batch is not the one its recipe reproduces."""
+    if recipe_batch is None or recipe_batch == global_batch:
+        return None
+    return (f"global batch {global_batch} (data.batch_size x {world} process(es)) differs from the {recipe_batch} that "
+            f"this recipe reproduces (optim.recipe_batch): the lr is scaled linearly to {peak:.4g} = optim.base_lr "
+            f"{base:g} x {global_batch}/256, and results may differ from the paper's")
 
 
 # ============ the trainer ============
@@ -370,7 +388,10 @@ class Trainer:
 
     def set_lr(self) -> float:
         o = self.cfg.optim
-        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr)
+        if o.schedule == "epoch":
+            lr = epoch_lr(self.step // len(self.loader), o.base_lr, self.peak_lr, o.warmup_epochs, self.cfg.trainer.epochs)
+        else:
+            lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -463,8 +484,12 @@ class Trainer:
         log.info("fastreg commit %s", self.commit)
         log.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.create(self.config_dict)))
         log.info("device %s, world size %d, loader %s (%d batches/epoch), optimizer %s, peak lr %.4g "
-                 "(global batch %d)", self.device, self.world, self.loader.name, len(self.loader),
-                 self.optimizer_impl, self.peak_lr, self.global_batch)
+                 "(global batch %d), lr schedule per %s", self.device, self.world, self.loader.name, len(self.loader),
+                 self.optimizer_impl, self.peak_lr, self.global_batch, self.cfg.optim.schedule)
+        o = self.cfg.optim
+        warning = lr_scaling_warning(o.recipe_batch, self.global_batch, self.world, o.base_lr, self.peak_lr)
+        if warning:
+            log.warning(warning)
 
 
 def make_out_dir(path: Path) -> None:

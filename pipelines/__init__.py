@@ -131,8 +131,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
 
         return DaliLoader(cfg, dataset_index(cfg, rank, world_size), shard=Shard(rank, world_size), seed=seed,
                           device=device, memory_format=memory_format, half=half, checkpoint=checkpoint)
-    if cfg.augment == "strong":
-        raise ValueError("data.augment=strong is built with DALI ops, and DALI cannot be imported here")
+    if cfg.augment != "weak":
+        raise ValueError(f"data.augment={cfg.augment} is built with DALI ops, and DALI cannot be imported here")
     from fastreg.pipelines.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(cfg, dataset_index(cfg, rank, world_size), rank=rank, world_size=world_size, seed=seed,

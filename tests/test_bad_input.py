@@ -288,7 +288,7 @@ def unknown_group_option(b: Bench) -> Expect:
 @case
 def invalid_value(b: Bench) -> Expect:
     return Expect(b.fresh("head.kind=mlp3"), ValueError,
-                  ["head.kind='mlp3' is not one of linear, mlp2, simreg4, seed, mlp"])
+                  ["head.kind='mlp3' is not one of linear, mlp2, mlp2_bn, simreg4, seed, mlp"])
 
 
 @case

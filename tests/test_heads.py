@@ -19,11 +19,13 @@ def test_simreg4_is_the_official_head():
     ]
 
 
-def test_seed_linear_mlp2_heads():
+def test_seed_linear_and_two_layer_heads():
     assert layout(build_head(HeadConfig(kind="seed"), 64, 128)) == [
         ("Linear", 64, 64), ("ReLU", None, None), ("Linear", 64, 128)]
     assert layout(build_head(HeadConfig(kind="linear"), 64, 128)) == [("Linear", 64, 128)]
-    assert layout(build_head(HeadConfig(kind="mlp2"), 64, 10)) == [
+    # SimReg's 2-layer head has no BN or ReLU (mlp_arch.py: only n_layers == 4 adds them); mlp2_bn does
+    assert layout(build_head(HeadConfig(kind="mlp2"), 64, 10)) == [("Linear", 64, 128), ("Linear", 128, 10)]
+    assert layout(build_head(HeadConfig(kind="mlp2_bn"), 64, 10)) == [
         ("Linear", 64, 128), ("BatchNorm1d", 128, None), ("ReLU", None, None), ("Linear", 128, 10)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -17,8 +18,8 @@ from hydra import compose, initialize_config_module
 from fastreg.config import to_config
 from fastreg.distiller import build_distiller
 from fastreg.train import train
-from helpers import (BAD, add_bad_files, assert_equal_states, make_image_folder, step_losses, tiny_overrides,
-                     trained_state)
+from helpers import (BAD, add_bad_files, assert_equal_states, logged_lines, make_image_folder, step_losses,
+                     tiny_overrides, trained_state)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,21 @@ def test_cli_two_epochs_loss_decreases(tmp_path):
     assert state["config"]["student"]["arch"] == "cnn_tiny" and state["epoch"] == 2 and state["step"] == 16
     log = (out / "train.log").read_text()
     assert "fastreg commit" in log and "resolved config" in log and "torch.optim.SGD" in log
+
+
+def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp_path, caplog):
+    data = make_image_folder(tmp_path / "data")  # 32 images / batch 8: 4 steps per epoch
+    cfg = compose_cfg(tiny_overrides(data, tmp_path / "run") + [
+        "trainer.epochs=3", "optim.schedule=epoch", "optim.warmup_epochs=1", "optim.base_lr=0.4",
+        "optim.recipe_batch=256"])
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    lrs = [m["lr"] for m in logged_lines(tmp_path / "run") if "lr" in m]
+    # base 0.4 at batch 256, peak 0.4 x 8/256: warmup epoch 0 stands at base, then cosine over 3 epochs
+    peak = 0.4 * 8 / 256
+    expected = [0.4] * 4 + [peak * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2) for _ in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert "differs from the 256 that this recipe reproduces" in caplog.text and "0.0125 = optim.base_lr 0.4" in caplog.text
 
 
 def test_teachers_and_student_see_the_same_tensor(tmp_path):
@@ -134,7 +150,7 @@ dist.destroy_process_group()
 @pytest.mark.parametrize("overrides, env", [
     (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
     # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
-    (["loss.impl=triton", "head.impl=triton", "head=mlp2"], {"TRITON_INTERPRET": "1"}),
+    (["loss.impl=triton", "head.impl=triton", "head=mlp2_bn"], {"TRITON_INTERPRET": "1"}),
 ], ids=["seed", "triton_head_and_loss"])
 def test_ddp_two_processes_gloo(tmp_path, overrides, env):
     data = make_image_folder(tmp_path / "data", per_class=16)

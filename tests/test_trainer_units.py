@@ -8,7 +8,7 @@ import torch
 
 from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig
-from fastreg.trainer import build_optimizer, lr_at
+from fastreg.trainer import build_optimizer, epoch_lr, lr_at, lr_scaling_warning
 
 CPU = torch.device("cpu")
 
@@ -21,6 +21,39 @@ def test_lr_warmup_then_cosine():
     assert lr_at(60, peak, warm, total, 0.0) == pytest.approx(peak / 2)
     assert lr_at(35, peak, warm, total, 0.01) == pytest.approx(0.01 + (peak - 0.01) * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_at(110, peak, warm, total, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_epoch_schedule_is_seeds_adjust_learning_rate():
+    # SEED (tools/utils.py adjust_learning_rate, main.py: lr_mult = batch / 256, warmup_epochs = 5), written out
+    def seed(epoch, lr, batch, epochs=200, warmup=5):
+        mult = batch / 256
+        if epoch < warmup:
+            return lr + (lr * mult - lr) / warmup * epoch
+        return lr * mult * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+    for batch in (256, 1024):
+        peak = 0.03 * batch / 256
+        for epoch in (0, 1, 4, 5, 6, 100, 199):
+            assert epoch_lr(epoch, 0.03, peak, 5, 200) == pytest.approx(seed(epoch, 0.03, batch))
+    assert epoch_lr(3, 0.03, 0.03, 5, 200) == pytest.approx(0.03)  # at batch 256 the warmup is flat
+    # SimReg (tools.py): 0.05 * 0.5 * (1 + cos(pi * (e - 1) / 130)) for 1-based e, no warmup
+    assert epoch_lr(0, 0.05, 0.05, 0, 130) == pytest.approx(0.05)
+    assert epoch_lr(65, 0.05, 0.05, 0, 130) == pytest.approx(0.025)
+    assert epoch_lr(129, 0.05, 0.05, 0, 130) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 129 / 130)))
+
+
+def test_lr_scaling_warning_names_the_scaled_lr():
+    assert lr_scaling_warning(256, 256, 4, 0.05, 0.05) is None
+    assert lr_scaling_warning(None, 512, 2, 0.05, 0.1) is None  # no recipe: nothing to compare with
+    message = lr_scaling_warning(256, 512, 2, 0.05, 0.1)
+    assert "global batch 512" in message and "256" in message and "0.1 = optim.base_lr 0.05 x 512/256" in message
+
+
+def test_epoch_schedule_has_no_floor():
+    with pytest.raises(ValueError, match="optim.min_lr"):
+        OptimConfig(schedule="epoch", min_lr=0.001)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        OptimConfig(schedule="step")
 
 
 @pytest.mark.parametrize("name,impl", [("sgd", "torch.optim.SGD(fused=False)"), ("lars", "timm.optim.Lars"),

@@ -64,9 +64,9 @@ def test_the_state_dict_is_the_eager_heads():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        FusedMLPHead(*eager_head("mlp2", 4, 5))(torch.randn(1, 4))
+        FusedMLPHead(*eager_head("mlp2_bn", 4, 5))(torch.randn(1, 4))
     with pytest.raises(ValueError, match="expects \\(B, 4\\)"):
-        FusedMLPHead(*eager_head("mlp2", 4, 5))(torch.randn(3, 5))
+        FusedMLPHead(*eager_head("mlp2_bn", 4, 5))(torch.randn(3, 5))
     with pytest.raises(ValueError, match="last Linear"):
         FusedMLPHead(nn.Linear(4, 5), nn.ReLU())
     with pytest.raises(ValueError, match="cannot place BatchNorm1d"):
@@ -81,8 +81,8 @@ def test_runs_inside_a_compiled_model():
     """torch.compile leaves the fused head whole (torch.compiler.disable) and compiles around it."""
     torch.manual_seed(0)
     trunk = nn.Linear(6, 8)
-    fused_model = nn.Sequential(copy.deepcopy(trunk), FusedMLPHead(*eager_head("mlp2", 8, 5)))
-    ref_model = nn.Sequential(copy.deepcopy(trunk), eager_head("mlp2", 8, 5)).double()
+    fused_model = nn.Sequential(copy.deepcopy(trunk), FusedMLPHead(*eager_head("mlp2_bn", 8, 5)))
+    ref_model = nn.Sequential(copy.deepcopy(trunk), eager_head("mlp2_bn", 8, 5)).double()
     compiled = torch.compile(fused_model, backend="aot_eager")
     x, upstream = torch.randn(9, 6), torch.randn(9, 5)
     assert_runs_near(run(compiled, x, upstream), run(ref_model, x.double(), upstream.double()), torch.float32,
