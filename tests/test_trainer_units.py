@@ -124,6 +124,14 @@ def test_resume_refuses_settings_that_change_the_result_unless_forced(tmp_path, 
     assert listed[:-1] in caplog.text
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_under_the_value_it_was_trained_with(tmp_path):
+    saved = {"optim": {"base_lr": 0.05}, "trainer": {"resume_force": False}}  # written before optim.schedule existed
+    current = {"optim": {"base_lr": 0.05, "schedule": "iteration", "recipe_batch": 256}, "trainer": {"resume_force": False}}
+    ckpt.compare_configs(saved, current, tmp_path)
+    with pytest.raises(ValueError, match="optim.schedule 'iteration' -> 'epoch'"):
+        ckpt.compare_configs(saved, {**current, "optim": {**current["optim"], "schedule": "epoch"}}, tmp_path)
+
+
 def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):
     import pickle
     import random
