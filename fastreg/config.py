@@ -59,7 +59,7 @@ class HeadConfig:
             raise ValueError(f"head.hidden is only used by head.kind=mlp, not {self.kind!r}")
 
 
-TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "dino", "dinov2")
+TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "simsiam", "dino", "dinov2")
 
 
 @dataclass

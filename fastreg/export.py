@@ -4,13 +4,15 @@
 
 The heads, loss state (SEED's queue), optimizer, scaler and RNG state of the trainer checkpoint are
 dropped. For torchvision archs the weights are checked before anything is written: they must load
-into `torchvision.models.<arch>()` with the classifier's keys (fc.* or classifier.*) as the only
+into `torchvision.models.<arch>()` with the final classifier Linear's keys (fc.* for ResNets,
+classifier.3.* for MobileNet-v3-L, classifier.1.* for MobileNet-v2 and EfficientNet-B0) as the only
 missing ones, so `model.load_state_dict(sd, strict=False)` is all a user needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,8 +22,6 @@ import torchvision
 
 from fastreg.checkpoint import atomic_save, check_crcs
 from fastreg.students import STUDENTS, Student
-
-TORCHVISION_ARCHS = frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -54,20 +54,22 @@ def _short(keys: list[str], n: int = 12) -> str:
 def check_keys(state_dict: dict, arch: str) -> None:
     """Raise ValueError unless `state_dict` is a whole `arch` backbone.
 
-    torchvision archs: it must load into torchvision.models.<arch>() with only the classifier (the
-    model's last child: fc for ResNets, classifier for MobileNet/EfficientNet) missing and nothing
-    unexpected. Other archs (the demo CNNs): it must load strictly into Student(arch).backbone.
+    torchvision archs: it must load into torchvision.models.<arch>() with nothing unexpected and nothing
+    missing but the final classifier Linear the student drops (STUDENTS[arch].final_linear: fc, classifier.3
+    or classifier.1); MobileNet-v3-L's classifier.0 (Linear 960->1280) is part of the student and must be there.
+    Other archs (the demo CNNs): it must load strictly into Student(arch).backbone.
     """
-    if arch in TORCHVISION_ARCHS:
+    final = STUDENTS[arch].final_linear
+    if final is not None:
         reference = torchvision.models.get_model(arch)
-        classifier = list(reference.named_children())[-1][0]
+        droppable = {f"{final}.{k}" for k in reference.get_submodule(final).state_dict()}  # {final}.weight, .bias
     else:
-        reference, classifier = Student(arch).backbone, None
+        reference, droppable = Student(arch).backbone, set()
     try:
         missing, unexpected = reference.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch raises even with strict=False
         raise ValueError(f"the student weights do not fit {arch}: {e}") from e
-    missing = [k for k in missing if classifier is None or not k.startswith(f"{classifier}.")]
+    missing = [k for k in missing if k not in droppable]
     if missing or unexpected:
         raise ValueError(
             f"the student weights do not fit {arch}: missing keys [{_short(missing)}], unexpected keys [{_short(unexpected)}]"
@@ -103,13 +105,14 @@ def _write(state_dict: dict, out_path: str | Path) -> Path:
 def load_hint(arch: str, path: Path) -> str:
     """Python lines that load an exported `arch` student from `path`."""
     load = f"sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
-    if arch not in TORCHVISION_ARCHS:
+    _, dim, final = STUDENTS[arch]
+    if final is None:
         return f"import torch\nfrom fastreg.students import Student\n{load}\nmodel = Student({arch!r}).backbone\nmodel.load_state_dict(sd)"
-    classifier = list(torchvision.models.get_model(arch).named_children())[-1][0]
+    attr = re.sub(r"\.(\d+)", r"[\1]", final)  # classifier.3 -> classifier[3]
     return (
         f"import torch, torchvision\n{load}\nmodel = torchvision.models.{arch}()\n"
-        f"model.load_state_dict(sd, strict=False)  # only {classifier}.* is missing\n"
-        f"model.{classifier} = torch.nn.Identity()  # pooled {STUDENTS[arch][1]}-d features"
+        f"model.load_state_dict(sd, strict=False)  # only {final}.* is missing\n"
+        f"model.{attr} = torch.nn.Identity()  # {dim}-d features (eval() turns any dropout before it off)"
     )
 
 

@@ -1,13 +1,15 @@
-"""Student registry: torchvision backbones with the classifier removed, plus small CNNs for the demo.
+"""Student registry: the papers' torchvision backbones without their final classifier Linear, plus small CNNs
+for the demo.
 
-A student maps images (B, 3, H, W) to its pooled feature (B, dim). Its `backbone` keeps torchvision's
-own module names, so `backbone.state_dict()` loads into `torchvision.models.<arch>()` with only the
-classifier's keys missing (see fastreg.export).
+A student maps images (B, 3, H, W) to its feature (B, dim): the input of the final Linear of the network the
+paper trained, so SEED's MobileNet-v3-L and EfficientNet-B0 keep their last Linear/h-swish and Dropout(0.2).
+Its `backbone` keeps torchvision's own module names, so `backbone.state_dict()` loads into
+`torchvision.models.<arch>()` with only that Linear's keys missing (see fastreg.export).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,21 +39,37 @@ class SmallCNN(nn.Module):
         return self.fc(x)
 
 
-def strip_classifier(model: nn.Module, attr: str) -> nn.Module:
-    setattr(model, attr, nn.Identity())  # forward() now ends at the pooled, flattened feature
+def drop_module(model: nn.Module, name: str) -> nn.Module:
+    """Replace the submodule `name` ("fc", "classifier", "classifier.3") by Identity: forward() then skips it."""
+    model.set_submodule(name, nn.Identity())
     return model
 
 
-# name -> (builder of a classifier-free backbone, pooled feature width)
-STUDENTS: Dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "resnet18": (lambda: strip_classifier(tvm.resnet18(), "fc"), 512),
-    "resnet34": (lambda: strip_classifier(tvm.resnet34(), "fc"), 512),
-    "resnet50": (lambda: strip_classifier(tvm.resnet50(), "fc"), 2048),
-    "mobilenet_v2": (lambda: strip_classifier(tvm.mobilenet_v2(), "classifier"), 1280),
-    "mobilenet_v3_large": (lambda: strip_classifier(tvm.mobilenet_v3_large(), "classifier"), 960),
-    "efficientnet_b0": (lambda: strip_classifier(tvm.efficientnet_b0(), "classifier"), 1280),
-    "cnn_tiny": (lambda: SmallCNN((16, 32, 64)), 64),
-    "cnn_small": (lambda: SmallCNN((32, 64, 128)), 128),
+class StudentArch(NamedTuple):
+    build: Callable[[], nn.Module]  # the backbone, with torchvision's module names: (B, 3, H, W) -> (B, dim)
+    dim: int  # width of its feature: what the heads, the k-NN and the linear probe see
+    # torchvision's name of the classifier Linear the student drops: an exported student lacks its keys, and only
+    # those (fastreg.export.check_keys). None: not a torchvision model.
+    final_linear: Optional[str]
+
+
+STUDENTS: Dict[str, StudentArch] = {
+    "resnet18": StudentArch(lambda: drop_module(tvm.resnet18(), "fc"), 512, "fc"),
+    "resnet34": StudentArch(lambda: drop_module(tvm.resnet34(), "fc"), 512, "fc"),
+    "resnet50": StudentArch(lambda: drop_module(tvm.resnet50(), "fc"), 2048, "fc"),
+    # SimReg's MobileNet-v2 (UCDvision/simreg models/mobilenet.py, MobileNetV2._forward_impl) pools into its fc with
+    # no dropout: drop torchvision's whole classifier, Dropout(0.2) + Linear
+    "mobilenet_v2": StudentArch(lambda: drop_module(tvm.mobilenet_v2(), "classifier"), 1280, "classifier.1"),
+    # SEED's MobileNet-v3-L (seed/architectures/mobilenet/mobilenetv3.py, MobileNetV3.__init__) ends with
+    # classifier = Linear(960, 1280), h_swish, Dropout(0.2) before its fc: its feature is 1280-d. torchvision's
+    # classifier[0:3] is the same Linear + Hardswish + Dropout(0.2); only classifier[3], the 1000-way Linear, goes
+    "mobilenet_v3_large": StudentArch(lambda: drop_module(tvm.mobilenet_v3_large(), "classifier.3"), 1280,
+                                      "classifier.3"),
+    # SEED's EfficientNet-B0 (seed/architectures/efficientnet/model.py, EfficientNet.forward) applies Dropout(0.2)
+    # to the pooled feature before its fc: keep torchvision's classifier[0] (Dropout), drop classifier[1]
+    "efficientnet_b0": StudentArch(lambda: drop_module(tvm.efficientnet_b0(), "classifier.1"), 1280, "classifier.1"),
+    "cnn_tiny": StudentArch(lambda: SmallCNN((16, 32, 64)), 64, None),
+    "cnn_small": StudentArch(lambda: SmallCNN((32, 64, 128)), 128, None),
 }
 
 
@@ -60,7 +78,7 @@ class Student(nn.Module):
         super().__init__()
         if arch not in STUDENTS:
             raise ValueError(f"student.arch={arch!r} is not one of {', '.join(STUDENTS)}")
-        build, self.dim = STUDENTS[arch]
+        build, self.dim, _ = STUDENTS[arch]
         self.arch = arch
         self.backbone = build()
 

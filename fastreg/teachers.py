@@ -8,12 +8,17 @@ detected from the key names, or set with `teacher.format=`. Backbone keys are th
 missing, unexpected or mis-shaped backbone key is an error. Everything else the checkpoint holds (heads,
 prototypes, predictors, momentum encoders) is logged as ignored. DINO's own loader uses strict=False and
 only prints, so a wrong layout would silently distill a random teacher (DESIGN.md, Pitfalls: Checkpoints).
+
+Keys do not always tell the network: BYOL's TF-converted ResNet-50 has torchvision's keys but pads "SAME"
+(teacher.arch=byol_resnet50), and MoCo-v3's ViT-S has DINO's ViT-S keys but 12 heads, not 6
+(teacher.arch=vit_small_mocov3). Those mismatches are refused where the layout or the weights show them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import pickle
 import re
 from collections import Counter
@@ -24,11 +29,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
 from fastreg.config import TEACHER_FORMATS, TeacherConfig
-from fastreg.students import SmallCNN, strip_classifier
+from fastreg.students import SmallCNN, drop_module
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +68,89 @@ class ResNet50Wide(tvm.ResNet):
         return super()._make_layer(block, planes * self.width, blocks, stride, dilate)
 
 
-def _vit(name: str) -> nn.Module:
+def _same_padding(n: int, k: int, s: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one spatial side of size n for kernel k, stride s: (before, after).
+
+    The output has ceil(n / s) positions; the input is padded by total = max((ceil(n/s) - 1) * s + k - n, 0),
+    total // 2 before and the rest after (ajtejankar/byol-convert resnet.py, calc_padding_same). At even sizes a
+    stride-2 layer pads one more after than before, where PyTorch's symmetric padding differs.
+    """
+    total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """A Conv2d (no dilation) padded as TensorFlow's "SAME", from the input's size at run time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = map(_same_padding, x.shape[-2:], self.kernel_size, self.stride)
+        if top == bottom and left == right:  # symmetric: the conv pads itself, no padded copy of x
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
+        x = F.pad(x, (left, right, top, bottom))  # zeros, as TF's conv
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """A MaxPool2d padded as TensorFlow's "SAME" with -inf, from the input's size at run time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = map(_same_padding, x.shape[-2:], (self.kernel_size,) * 2, (self.stride,) * 2)
+        if top == bottom and left == right:  # max_pool2d's own padding is -inf
+            return F.max_pool2d(x, self.kernel_size, self.stride, (top, left))
+        return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), self.kernel_size, self.stride)
+
+
+def _byol_resnet50() -> nn.Module:
+    """BYOL's ResNet-50 as SimReg runs it (simreg.py builds it from models/resnet_byol.py): torchvision's ResNet-50,
+    module names and all, with TF "SAME" padding in every conv and the stem max-pool, as the network of the converter
+    that made the weights does (ajtejankar/byol-convert resnet.py: pad_same before each conv and the max-pool).
+
+    BYOL was trained in JAX/Haiku, whose convs pad "SAME"; its weights, converted, run right only so. At 224 px the
+    stem conv pads (2, 3) where torchvision pads (3, 3), and the max-pool and every stride-2 3x3 conv (0, 1), not
+    (1, 1). (byol-convert pads the max-pool with 0, not -inf: the same after the stem's ReLU.)
+    """
+    model = drop_module(tvm.resnet50(), "fc")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Conv2d):
+            same = Conv2dSame(m.in_channels, m.out_channels, m.kernel_size, m.stride, groups=m.groups,
+                              bias=m.bias is not None)
+            model.set_submodule(name, same)
+        elif isinstance(m, nn.MaxPool2d):
+            model.set_submodule(name, MaxPool2dSame(m.kernel_size, m.stride))
+    return model
+
+
+def _vit(name: str, **kwargs) -> nn.Module:
     # num_classes=0: the output is the CLS token after the final norm. dynamic_img_size resamples the position
     # embedding to the input's patch grid, so DINOv2 (trained at 518 px: 37x37 patches, the pos-embed's shape
     # in its checkpoints) takes 224 px crops, and every ViT takes any data.crop_size.
-    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+
+
+def mocov3_pos_embed(grid: int, dim: int) -> torch.Tensor:
+    """MoCo-v3's fixed position embedding (moco-v3 vits.py, build_2d_sincos_position_embedding): (1, 1 + grid^2, dim).
+
+    Token a*grid + b (row a, column b of the patch grid) gets [sin(a w), cos(a w), sin(b w), cos(b w)] with
+    w_d = 10000^(-d / (dim/4)), d < dim/4; the class token's row is zeros.
+    """
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float32)
+    a = torch.outer(pos.repeat_interleave(grid), omega)  # (grid^2, dim/4): row coordinate
+    b = torch.outer(pos.repeat(grid), omega)  # column coordinate
+    table = torch.cat([torch.sin(a), torch.cos(a), torch.sin(b), torch.cos(b)], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])[None]
+
+
+def _vit_small_mocov3() -> nn.Module:
+    """MoCo-v3's ViT-S/16 (moco-v3 vits.py vit_small): 384-d, depth 12, 12 heads of 32 (timm's ViT-S, DINO's, has 6
+    of 64), MLP ratio 4, qkv bias, LayerNorm eps 1e-6 (timm's default); the feature is the CLS token after the final
+    norm (timm's VisionTransformer, which MoCo-v3 subclasses). Its fixed 2-D sin-cos position embedding is stored in
+    its checkpoints as pos_embed; built here too, so an untrained one is MoCo-v3's network as well.
+    """
+    model = _vit("vit_small_patch16_224", num_heads=12)
+    grid = model.patch_embed.grid_size[0]
+    model.pos_embed = nn.Parameter(mocov3_pos_embed(grid, model.embed_dim), requires_grad=False)
+    return model
 
 
 class TeacherArch(NamedTuple):
@@ -76,14 +160,17 @@ class TeacherArch(NamedTuple):
 
 
 TEACHERS: Dict[str, TeacherArch] = {
-    "resnet50": TeacherArch(lambda: strip_classifier(tvm.resnet50(), "fc"), 2048, True),
-    "resnet101": TeacherArch(lambda: strip_classifier(tvm.resnet101(), "fc"), 2048, True),
-    "resnet152": TeacherArch(lambda: strip_classifier(tvm.resnet152(), "fc"), 2048, True),
-    "wide_resnet50_2": TeacherArch(lambda: strip_classifier(tvm.wide_resnet50_2(), "fc"), 2048, True),
+    "resnet50": TeacherArch(lambda: drop_module(tvm.resnet50(), "fc"), 2048, True),
+    "byol_resnet50": TeacherArch(_byol_resnet50, 2048, True),  # BYOL's TF-converted weights (SimReg)
+    "resnet101": TeacherArch(lambda: drop_module(tvm.resnet101(), "fc"), 2048, True),
+    "resnet152": TeacherArch(lambda: drop_module(tvm.resnet152(), "fc"), 2048, True),
+    "wide_resnet50_2": TeacherArch(lambda: drop_module(tvm.wide_resnet50_2(), "fc"), 2048, True),
     "resnet50x2": TeacherArch(lambda: ResNet50Wide(2), 4096, True),
     "resnet50x4": TeacherArch(lambda: ResNet50Wide(4), 8192, True),
     "vit_small_patch16": TeacherArch(lambda: _vit("vit_small_patch16_224"), 384, False),  # DINO ViT-S/16
-    "vit_base_patch16": TeacherArch(lambda: _vit("vit_base_patch16_224"), 768, False),  # DINO ViT-B/16
+    "vit_small_mocov3": TeacherArch(_vit_small_mocov3, 384, False),  # MoCo-v3 ViT-S/16
+    # DINO ViT-B/16; MoCo-v3's ViT-B is this network too (12 heads), its sin-cos pos_embed comes with its weights
+    "vit_base_patch16": TeacherArch(lambda: _vit("vit_base_patch16_224"), 768, False),
     "vit_small_patch14_dinov2": TeacherArch(lambda: _vit("vit_small_patch14_dinov2"), 384, False),
     "vit_base_patch14_dinov2": TeacherArch(lambda: _vit("vit_base_patch14_dinov2"), 768, False),
     "cnn_small": TeacherArch(lambda: SmallCNN((32, 64, 128)), 128, True),  # the embedded demo's teacher
@@ -101,6 +188,7 @@ class Layout:
     prefixes: tuple[str, ...]  # the backbone's key prefix: the first one some key starts with ("" = plain keys)
     projection: tuple[str, ...] = ()  # sub-prefixes under the backbone prefix that hold the projection head
     ignored: tuple[str, ...] = ()  # sub-prefixes under it that are heads or classifiers, not backbone
+    l2_normalized: bool = False  # the network itself L2-normalizes its projection's output
 
 
 _CLASSIFIERS = ("fc.", "head.")  # torchvision's and timm's classifier
@@ -112,9 +200,15 @@ LAYOUTS: Dict[str, Layout] = {
     "moco": Layout(("encoder_q.",), projection=("fc.",)),
     # MoCo v3: projector in fc (ResNet) or head (ViT); predictor and momentum_encoder lie outside.
     "mocov3": Layout(("base_encoder.",), projection=("fc.", "head.")),
-    "swav": Layout(("",), projection=("projection_head.",), ignored=("prototypes",)),
-    # BYOL and Barlow Twins conversions: plain keys. SimSiam: encoder.*, its projector in encoder.fc.
-    "byol": Layout(("encoder.", ""), projection=("fc.",), ignored=("predictor.",)),
+    # SwAV (and SEED's SwAV teacher) build the network with normalize=True: forward_head L2-normalizes the
+    # projection_head output (facebookresearch/swav src/resnet50.py; SEED seed/builder.py, normalize=True).
+    # MultiPrototypes' keys are prototypes.prototypes<i>.weight.
+    "swav": Layout(("",), projection=("projection_head.",), ignored=("prototypes",), l2_normalized=True),
+    # BYOL converted from JAX/Haiku (ajtejankar/byol-convert convert.py): plain torchvision keys, fc = BYOL's online
+    # linear classifier; its network pads "SAME", so only teacher.arch=byol_resnet50 runs it (_check_network)
+    "byol": Layout(("",), ignored=("fc.",)),
+    # SimSiam: encoder.* with its projector in encoder.fc; predictor.* lies outside and is ignored
+    "simsiam": Layout(("encoder.",), projection=("fc.",)),
     # DINO full checkpoints: the teacher entry, backbone.* next to head.* (the DINO head); released weights: plain
     "dino": Layout(("backbone.", ""), ignored=_CLASSIFIERS),
     # DINOv2's hub weights use timm's names; mask_token is used only by its iBOT loss
@@ -213,14 +307,17 @@ def _load_failure(error: Exception) -> str:
 
 def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Union[str, Path] = "") -> str:
     """The layout of a checkpoint's keys (after `module.` is stripped): prefixed layouts by their prefixes, then
-    plain keys of the backbone itself (torchvision), then SimSiam's encoder + predictor (byol)."""
+    plain keys of the backbone itself (torchvision), then SimSiam's encoder + predictor.
+
+    BYOL's converted weights have plain torchvision keys, like torchvision's and Barlow Twins' own: they are
+    detected as torchvision, and only teacher.arch=byol_resnet50 or teacher.format=byol says what they are."""
     for fmt, prefixes in _MARKERS:
         if any(k.startswith(prefixes) for k in keys):
             return fmt
     if any(k in model_keys for k in keys):
         return "torchvision"
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("predictor.") for k in keys):
-        return "byol"
+        return "simsiam"
     raise ValueError(
         f"teacher checkpoint {path}: no known layout matches its keys ({_first(sorted(keys), 10)}); "
         f"wrong teacher.arch, or {_FORMAT_HINT}"
@@ -324,17 +421,63 @@ def _layout(fmt: str, momentum_encoder: bool) -> Layout:
     return replace(LAYOUTS[fmt], prefixes=(_MOMENTUM_PREFIX[fmt],))
 
 
+class L2Normalize(nn.Module):
+    """x / ||x|| along dim 1: (B, D) -> (B, D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+_BYOL_NEEDS = (
+    "BYOL's weights are converted from TensorFlow/JAX and ran with TF 'SAME' padding (asymmetric at even sizes), "
+    "so they need teacher.arch=byol_resnet50; PyTorch-trained ResNet-50s run as teacher.arch=resnet50 with their "
+    "own format (SimSiam: teacher.format=simsiam; Barlow Twins: torchvision)"
+)
+
+
+def _is_mocov3_pos_embed(pos_embed: torch.Tensor) -> bool:
+    """Whether a ViT's pos_embed (1, 1 + g^2, D) is MoCo-v3's fixed sin-cos table; a learned one never is."""
+    grid = math.isqrt(pos_embed.shape[1] - 1)
+    if grid * grid != pos_embed.shape[1] - 1:
+        return False
+    return torch.allclose(pos_embed.float(), mocov3_pos_embed(grid, pos_embed.shape[2]), atol=1e-3)  # fp16 copies too
+
+
+def _check_network(arch: str, fmt: str, backbone: StateDict, where: str) -> None:
+    """Refuse weights whose keys fit teacher.arch but that were trained in another network: the shapes match, the
+    forward does not. BYOL's ResNet-50 pads "SAME"; MoCo-v3's ViT-S splits attention into 12 heads, DINO's into 6
+    (MoCo-v3's ViT-B and DINO's both have 12: vit_base_patch16 runs either). MoCo-v3's ViT weights are told by their
+    layout or, in any layout (convert_to_deit.py's plain keys), by their fixed sin-cos pos_embed."""
+    if fmt == "byol" and arch != "byol_resnet50":
+        raise ValueError(f"{where} does not fit teacher.arch={arch}: {_BYOL_NEEDS}")
+    if arch == "vit_small_patch16" and (fmt == "mocov3" or _is_mocov3_pos_embed(backbone["pos_embed"])):
+        raise ValueError(
+            f"{where} holds MoCo-v3 ViT-S weights (its {'layout' if fmt == 'mocov3' else 'fixed sin-cos pos_embed'} "
+            "says so), trained with 12 attention heads; teacher.arch=vit_small_patch16 is timm's (DINO's) ViT-S with "
+            "6, and the keys have the same shapes. Set teacher.arch=vit_small_mocov3"
+        )
+    dino = fmt in ("dino", "dinov2")
+    if arch == "vit_small_mocov3" and (dino or not _is_mocov3_pos_embed(backbone["pos_embed"])):
+        raise ValueError(
+            f"{where} does not hold MoCo-v3 ViT-S weights (its {'layout' if dino else 'pos_embed'} is not MoCo-v3's "
+            "fixed 2-D sin-cos); teacher.arch=vit_small_mocov3 is MoCo-v3's 12-head ViT-S. For DINO's (or another "
+            "timm) ViT-S/16, 6 heads, set teacher.arch=vit_small_patch16"
+        )
+
+
 def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequential]]:
     """(backbone, projection head or None) for `cfg`, with every tensor from `cfg.checkpoint`."""
-    arch, path = TEACHERS[cfg.arch], cfg.checkpoint
+    arch, path, name = TEACHERS[cfg.arch], cfg.checkpoint, cfg.name or cfg.arch
     weights = read_state_dict(path)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every tensor, so skip the random init
         backbone = arch.build()
     model_keys = backbone.state_dict()  # name -> meta tensor (its shape)
     fmt = detect_format(list(weights), model_keys, path) if cfg.format == "auto" else cfg.format
     where = f"teacher checkpoint {path} (format {fmt}{', detected' if cfg.format == 'auto' else ''})"
-    split = _split(weights, _layout(fmt, cfg.momentum_encoder), model_keys, cfg.projection)
+    layout = _layout(fmt, cfg.momentum_encoder)
+    split = _split(weights, layout, model_keys, cfg.projection)
     _check_backbone(split, model_keys, cfg.arch, where)
+    _check_network(cfg.arch, fmt, split.backbone, where)
     if cfg.projection and not split.projection:
         raise ValueError(f"teacher.projection=true, but {where} has no projection head (other layouts: {_FORMAT_HINT})")
     backbone.load_state_dict(split.backbone, assign=True)  # strict: the keys were checked above
@@ -342,11 +485,14 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequentia
     if leftover:  # a non-persistent buffer is never in a state_dict
         raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {_first(leftover)}")
     projection = _build_projection(split.projection, arch.dim, where) if cfg.projection else None
-    log.info("teacher %s: loaded %d backbone tensors from %s", cfg.name or cfg.arch, len(split.backbone), where)
+    if projection is not None and layout.l2_normalized:
+        projection.append(L2Normalize())
+    log.info("teacher %s: loaded %d backbone tensors from %s", name, len(split.backbone), where)
+    if cfg.format == "auto" and fmt == "torchvision" and cfg.arch == "resnet50":  # the keys cannot tell: say so
+        log.info("teacher %s: plain ResNet-50 keys; if these are BYOL's converted weights, %s", name, _BYOL_NEEDS)
     if split.ignored:
-        names = ", ".join(f"{name} ({n})" for name, n in split.ignored.items())
-        n_ignored = sum(split.ignored.values())
-        log.info("teacher %s: ignored %d checkpoint keys, under: %s", cfg.name or cfg.arch, n_ignored, names)
+        under = ", ".join(f"{module} ({n})" for module, n in split.ignored.items())
+        log.info("teacher %s: ignored %d checkpoint keys, under: %s", name, sum(split.ignored.values()), under)
     return backbone, projection
 
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fastreg.export import export_student, main
+from fastreg.export import export_student, load_hint, main
 from fastreg.students import Student
 
 
@@ -47,8 +47,13 @@ def _trainer_checkpoint(student: Student, path) -> None:
     )
 
 
-@pytest.mark.parametrize("arch, classifier", [("resnet18", "fc"), ("mobilenet_v3_large", "classifier")])
-def test_export_round_trip_into_torchvision(tmp_path, arch, classifier):
+# the final classifier Linear each paper's network lacks: only its weight and bias may be missing in torchvision
+FINAL_LINEAR = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
+                "efficientnet_b0": "classifier.1"}
+
+
+@pytest.mark.parametrize("arch", sorted(FINAL_LINEAR))
+def test_export_round_trip_into_torchvision(tmp_path, arch):
     student = _trained_student(arch)
     _trainer_checkpoint(student, tmp_path / "ckpt.pt")
 
@@ -58,13 +63,36 @@ def test_export_round_trip_into_torchvision(tmp_path, arch, classifier):
     assert set(sd) == set(student.backbone.state_dict())  # backbone only: heads, queue, optimizer dropped
     model = getattr(torchvision.models, arch)()
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    classifier_keys = {k for k in model.state_dict() if k.startswith(f"{classifier}.")}
-    assert set(missing) == classifier_keys and classifier_keys and unexpected == []
-    setattr(model, classifier, nn.Identity())
+    final = FINAL_LINEAR[arch]
+    assert sorted(missing) == [f"{final}.bias", f"{final}.weight"] and unexpected == []
+    model.set_submodule(final, nn.Identity())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), student(x))
     assert [p.name for p in out.parent.iterdir()] == ["student.pt"]  # no temporary file left behind
+
+
+def test_mobilenet_v3_without_its_1280_d_linear_is_refused(tmp_path):
+    """A backbone that lacks classifier.0 (Linear 960->1280, part of SEED's network) is not a whole student."""
+    student = _trained_student("mobilenet_v3_large")
+    sd = {k: v for k, v in student.backbone.state_dict().items() if not k.startswith("classifier.0.")}
+    torch.save({"student": sd, "config": {"student": {"arch": "mobilenet_v3_large"}}}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"missing keys \[classifier\.0\.weight, classifier\.0\.bias\]"):
+        export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "cnn_tiny"])
+def test_load_hint_gives_the_students_features(tmp_path, arch):
+    """The lines the CLI prints, run as printed: the model gives the student's features."""
+    student = _trained_student(arch)
+    _trainer_checkpoint(student, tmp_path / "ckpt.pt")
+    out = export_student(tmp_path / "ckpt.pt", tmp_path / "s.pt")
+    scope = {}
+    exec(load_hint(arch, out), scope)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), student(x))
 
 
 def test_resnet18_missing_keys_are_exactly_fc(tmp_path):
@@ -116,6 +144,7 @@ def test_cli_prints_what_it_wrote_and_how_to_load(tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {tmp_path / 'r18.pt'}: resnet18 backbone" in run.stdout
     assert "torchvision.models.resnet18()" in run.stdout and "strict=False" in run.stdout
+    assert "model.fc = torch.nn.Identity()  # 512-d features" in run.stdout
     assert (tmp_path / "r18.pt").is_file()
 
 

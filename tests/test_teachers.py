@@ -1,25 +1,29 @@
 """Teachers: every checkpoint layout loads exactly, projection heads, load errors, frozen behaviour, the registry.
 
 Checkpoints are built from the real architectures (random torchvision/timm models) under each format's real key
-names, and the teacher's features must equal those of the reference model holding the same weights.
+names, and the teacher's features must equal those of the reference model holding the same weights. Where the
+network itself is in question (MoCo-v3's 12-head ViT-S, BYOL's "SAME" padding, SwAV's RN50-w2 and its head), the
+reference is a forward written out here with torch.nn.functional from the checkpoint's tensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
 from fastreg.config import TeacherConfig
 from fastreg.students import SmallCNN
-from fastreg.teachers import TEACHERS, ResNet50Wide, build_teacher
+from fastreg.teachers import TEACHERS, Conv2dSame, MaxPool2dSame, ResNet50Wide, _same_padding, build_teacher
 
 
 def _jitter_bn(model: nn.Module) -> nn.Module:
@@ -39,8 +43,32 @@ def _ref(model: nn.Module, conv: bool) -> nn.Module:
     return model.to(memory_format=torch.channels_last if conv else torch.contiguous_format).eval()
 
 
-def _vit(name: str) -> nn.Module:
-    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+def _vit(name: str, **kwargs) -> nn.Module:
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+
+
+def _moco_sincos(grid: int, dim: int) -> torch.Tensor:
+    """MoCo-v3's pos_embed written from vits.py's recipe: meshgrid(w, h), [sin, cos] of each coordinate times
+    omega = 1 / 10000^(d / (dim/4)), a zero row for the class token: (1, 1 + grid^2, dim)."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                    indexing="ij")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])[None]
+
+
+def _mocov3_vit_small() -> nn.Module:
+    """A random MoCo-v3 ViT-S/16: timm's ViT with 12 heads, the sin-cos pos_embed, non-trivial norms and biases."""
+    model = _vit("vit_small_patch16_224", num_heads=12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name == "cls_token":
+                p.normal_(0, 0.1)
+            elif "norm" in name:  # LayerNorm weights
+                p.uniform_(0.5, 1.5)
+        model.pos_embed.copy_(_moco_sincos(14, 384))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +86,12 @@ def vit_small():
 
 
 @pytest.fixture(scope="module")
+def vit_small_mocov3():
+    torch.manual_seed(6)
+    return _ref(_mocov3_vit_small(), conv=False)
+
+
+@pytest.fixture(scope="module")
 def dinov2_small():
     torch.manual_seed(2)
     return _ref(_vit("vit_small_patch14_dinov2"), conv=False)
@@ -70,7 +104,7 @@ def cnn_small():
 
 
 # small inputs: (B, 3, H, W) that each reference accepts (ViTs: a few patches, thanks to dynamic_img_size)
-INPUTS = {"resnet50": 32, "vit_small": 32, "dinov2_small": 28, "cnn_small": 16}
+INPUTS = {"resnet50": 32, "vit_small": 32, "vit_small_mocov3": 32, "dinov2_small": 28, "cnn_small": 16}
 
 
 def _with(prefix: str, sd: dict) -> dict:
@@ -92,8 +126,14 @@ def _moco_v2_head(d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 128)).eval()  # MoCo v2: 2048-2048-128
 
 
+class _L2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
 def _swav_head(d: int) -> nn.Sequential:
-    return _jitter_bn(nn.Sequential(nn.Linear(d, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))).eval()
+    """SwAV's projection_head, then forward_head's L2 normalization (normalize=True): keys 0, 1 and 3."""
+    return _jitter_bn(nn.Sequential(nn.Linear(d, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16), _L2())).eval()
 
 
 def _simsiam_head(d: int) -> nn.Sequential:
@@ -132,6 +172,7 @@ class Case:
     detected: str  # what format=auto must find
     make: Callable[[dict, dict], object]  # (backbone state_dict, head state_dict) -> the checkpoint as saved
     head: Optional[Callable[[int], nn.Module]] = None  # the checkpoint's projection head, given the backbone width
+    size: int = 0  # the input's side, if not INPUTS[model]
 
 
 CASES = [
@@ -144,14 +185,20 @@ CASES = [
     Case("swav", "resnet50", "resnet50", "swav", "swav",
          lambda b, h: {**_with("module.", b), **_with("module.projection_head.", h),
                        "module.prototypes.weight": torch.randn(30, 16)}, _swav_head),
-    Case("byol", "resnet50", "resnet50", "byol", "torchvision", lambda b, h: _with("module.", b)),
-    Case("simsiam", "resnet50", "resnet50", "byol", "byol",
+    # byol-convert's output: torchvision's keys, fc = BYOL's online classifier. At 33 px every "SAME" pad is
+    # symmetric, so byol_resnet50 computes exactly torchvision's ResNet-50 (test_byol_resnet50_pads_as_tensorflow)
+    Case("byol", "byol_resnet50", "resnet50", "byol", "torchvision",
+         lambda b, h: {**b, "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}, size=33),
+    Case("simsiam", "resnet50", "resnet50", "simsiam", "simsiam",
          lambda b, h: {"state_dict": {**_with("module.encoder.", b), **_with("module.encoder.fc.", h), **_predictor()}},
          _simsiam_head),
     Case("dino_full", "vit_small_patch16", "vit_small", "dino", "dino", _dino_full),
     Case("dino_released", "vit_small_patch16", "vit_small", "dino", "torchvision", lambda b, h: b),
-    Case("mocov3_vit", "vit_small_patch16", "vit_small", "mocov3", "mocov3",
+    Case("mocov3_vit", "vit_small_mocov3", "vit_small_mocov3", "mocov3", "mocov3",
          lambda b, h: _mocov3(b, h, "head"), lambda d: _mocov3_mlp([d, 64, 64, 32])),
+    # MoCo-v3's convert_to_deit.py: base_encoder's keys without the head, plain, under "model"
+    Case("mocov3_vit_deit", "vit_small_mocov3", "vit_small_mocov3", "torchvision", "torchvision",
+         lambda b, h: {"model": b}),
     Case("dinov2_hub", "vit_small_patch14_dinov2", "dinov2_small", "dinov2", "dinov2",
          lambda b, h: {"mask_token": torch.zeros(1, 384), **b}),
     Case("dinov2_train", "vit_small_patch14_dinov2", "dinov2_small", "dinov2", "dinov2",
@@ -170,7 +217,8 @@ def test_checkpoint_layout_loads_exact_weights(case, request, tmp_path, caplog):
     head = case.head(TEACHERS[case.arch].dim) if case.head else None
     path = tmp_path / "teacher.pth"
     torch.save(case.make(ref.state_dict(), head.state_dict() if head else {}), path)
-    x = torch.randn(2, 3, INPUTS[case.model], INPUTS[case.model])
+    size = case.size or INPUTS[case.model]
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         pooled = ref(x)
 
@@ -192,20 +240,245 @@ def test_checkpoint_layout_loads_exact_weights(case, request, tmp_path, caplog):
     assert teacher.dim == projected.shape[1]
 
 
-def test_mocov3_momentum_encoder(vit_small, tmp_path):
+def test_mocov3_momentum_encoder(vit_small_mocov3, tmp_path):
     torch.manual_seed(5)
-    momentum = _vit("vit_small_patch16_224").eval()
-    sd = _with("module.base_encoder.", vit_small.state_dict())
+    momentum = _mocov3_vit_small().eval()
+    sd = _with("module.base_encoder.", vit_small_mocov3.state_dict())
     sd.update(_with("module.momentum_encoder.", momentum.state_dict()))
     path = str(tmp_path / "mocov3.pth")
     torch.save({"state_dict": sd}, path)
     x = torch.randn(2, 3, 32, 32)
-    for use_momentum, ref in ((False, vit_small), (True, momentum)):
-        cfg = TeacherConfig(arch="vit_small_patch16", checkpoint=path, momentum_encoder=use_momentum)
+    for use_momentum, ref in ((False, vit_small_mocov3), (True, momentum)):
+        cfg = TeacherConfig(arch="vit_small_mocov3", checkpoint=path, momentum_encoder=use_momentum)
         with torch.no_grad():
             assert torch.equal(build_teacher(cfg)(x), ref(x))
     with pytest.raises(ValueError, match="momentum_encoder"):
-        build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint=path, format="dino", momentum_encoder=True))
+        build_teacher(TeacherConfig(arch="vit_small_mocov3", checkpoint=path, format="dino", momentum_encoder=True))
+
+
+def _mocov3_vit_small_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """MoCo-v3's ViT-S/16 written out (moco-v3 vits.py vit_small on timm's VisionTransformer): patch-embed conv,
+    [cls; patches] + pos_embed, 12 pre-norm blocks of 12-head attention softmax(q k^T / sqrt(32)) v and a GELU MLP,
+    the final LayerNorm (eps 1e-6), the CLS token. (B, 3, 224, 224) -> (B, 384)."""
+    dim, heads = 384, 12
+
+    def norm(t, name):
+        return F.layer_norm(t, (dim,), sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
+
+    def linear(t, name):
+        return t @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)  # (B, 384, 14, 14)
+    t = t.flatten(2).transpose(1, 2)  # (B, 196, 384): row-major patches
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], dim=1) + sd["pos_embed"]  # (B, 197, 384)
+    b, n, _ = t.shape
+    for i in range(12):
+        p = f"blocks.{i}."
+        qkv = linear(norm(t, p + "norm1"), p + "attn.qkv").reshape(b, n, 3, heads, dim // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, 12, 197, 32)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads), dim=-1)  # (B, 12, 197, 197)
+        t = t + linear((attn @ v).transpose(1, 2).reshape(b, n, dim), p + "attn.proj")
+        t = t + linear(F.gelu(linear(norm(t, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
+    return norm(t, "norm")[:, 0]
+
+
+def test_mocov3_vit_small_equals_mocov3s_forward(vit_small_mocov3, tmp_path):
+    """The teacher from a MoCo-v3 checkpoint computes the hand-written 12-head forward (float64) at 224 px, where
+    the stored pos_embed is used as is; the 6-head split (timm's ViT-S) gives another output."""
+    sd = vit_small_mocov3.state_dict()
+    torch.save(_mocov3(sd, _mocov3_mlp([384, 64, 64, 32]).state_dict(), "head"), tmp_path / "mocov3.pth")
+    teacher = build_teacher(TeacherConfig(arch="vit_small_mocov3", checkpoint=str(tmp_path / "mocov3.pth")))
+    x = torch.randn(2, 3, 224, 224)
+    expected = _mocov3_vit_small_forward({k: v.double() for k, v in sd.items()}, x.double())
+    torch.testing.assert_close(teacher(x), expected.float(), rtol=1e-4, atol=1e-4)
+    six_heads = _vit("vit_small_patch16_224").eval()
+    six_heads.load_state_dict(sd)
+    with torch.no_grad():
+        assert not torch.allclose(six_heads(x), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_untrained_vit_small_mocov3_has_mocov3s_pos_embed():
+    model = build_teacher(TeacherConfig(arch="vit_small_mocov3", checkpoint="random")).backbone
+    assert model.blocks[0].attn.num_heads == 12
+    torch.testing.assert_close(model.pos_embed, _moco_sincos(14, 384), rtol=0, atol=1e-6)
+
+
+def test_mocov3_vit_small_weights_are_refused_by_the_6_head_vit(vit_small_mocov3, tmp_path):
+    """Same key shapes, other attention split: MoCo-v3's layout, or its sin-cos pos_embed in plain keys, tells."""
+    sd = vit_small_mocov3.state_dict()
+    torch.save(_mocov3(sd, {}, "head"), tmp_path / "mocov3.pth")
+    torch.save({"model": sd}, tmp_path / "deit.pth")  # convert_to_deit.py
+    for path, shown_by in (("mocov3.pth", "its layout says so"), ("deit.pth", "its fixed sin-cos pos_embed says so")):
+        with pytest.raises(ValueError, match=f"MoCo-v3 ViT-S weights \\({shown_by}\\).*12 attention heads.*"
+                                             "Set teacher.arch=vit_small_mocov3"):
+            build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint=str(tmp_path / path)))
+
+
+def test_dino_vit_small_weights_are_refused_by_vit_small_mocov3(vit_small, tmp_path):
+    torch.save(_dino_full(vit_small.state_dict(), {}), tmp_path / "dino_full.pth")
+    torch.save(vit_small.state_dict(), tmp_path / "dino_released.pth")  # learned pos_embed, plain keys
+    for path, shown_by in (("dino_full.pth", "layout"), ("dino_released.pth", "pos_embed")):
+        with pytest.raises(ValueError, match=f"does not hold MoCo-v3 ViT-S weights \\(its {shown_by} is not .*"
+                                             "set teacher.arch=vit_small_patch16"):
+            build_teacher(TeacherConfig(arch="vit_small_mocov3", checkpoint=str(tmp_path / path)))
+
+
+def _tf_same_pad(x: torch.Tensor, k: int, s: int, value: float = 0.0) -> torch.Tensor:
+    """x padded as TensorFlow's "SAME" for kernel k, stride s: per side total = max((ceil(n/s) - 1) s + k - n, 0),
+    total // 2 before and the rest after."""
+    pad = []
+    for n in reversed(x.shape[-2:]):  # F.pad takes (left, right, top, bottom)
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pad += [total // 2, total - total // 2]
+    return F.pad(x, pad, value=value)
+
+
+def test_same_padding_by_hand():
+    """Worked out on paper: ResNet-50's stem, max-pool and a stride-2 3x3 at 224 px, and where they are symmetric."""
+    assert _same_padding(224, 7, 2) == (2, 3) and _same_padding(225, 7, 2) == (3, 3)
+    assert _same_padding(112, 3, 2) == (0, 1) and _same_padding(113, 3, 2) == (1, 1)
+    assert _same_padding(56, 3, 1) == (1, 1) and _same_padding(56, 1, 2) == (0, 0) and _same_padding(57, 1, 2) == (0, 0)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 33), (32, 33), (7, 8)])
+@pytest.mark.parametrize("k, s", [(7, 2), (3, 2), (3, 1), (1, 2), (1, 1)])
+def test_same_padded_conv_and_max_pool_equal_hand_padded_ops(size, k, s):
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, *size)
+    conv = Conv2dSame(4, 6, k, s, bias=False)
+    torch.testing.assert_close(conv(x), F.conv2d(_tf_same_pad(x, k, s), conv.weight, stride=s))
+    if k > 1:
+        pool = MaxPool2dSame(k, s)
+        x = x - 10  # all negative: a zero-padded max-pool would differ from TF's -inf padding
+        torch.testing.assert_close(pool(x), F.max_pool2d(_tf_same_pad(x, k, s, -math.inf), k, s))
+
+
+def _resnet50_forward(sd: dict, x: torch.Tensor, conv: Callable, maxpool: Callable) -> torch.Tensor:
+    """A ResNet-50 (v1.5: stride on the 3x3) written out from a state_dict with torchvision's keys, at any width;
+    conv(x, weight, stride) and maxpool(x) carry the padding under test. (B, 3, H, W) -> (B, 2048 * width)."""
+
+    def bn(t, name):
+        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], training=False, eps=1e-5)
+
+    x = maxpool(F.relu(bn(conv(x, sd["conv1.weight"], 2), "bn1")))
+    for i, blocks in enumerate((3, 4, 6, 3), start=1):
+        for j in range(blocks):
+            p, stride = f"layer{i}.{j}.", 2 if i > 1 and j == 0 else 1
+            out = F.relu(bn(conv(x, sd[p + "conv1.weight"], 1), p + "bn1"))
+            out = F.relu(bn(conv(out, sd[p + "conv2.weight"], stride), p + "bn2"))
+            out = bn(conv(out, sd[p + "conv3.weight"], 1), p + "bn3")
+            shortcut = bn(conv(x, sd[p + "downsample.0.weight"], stride), p + "downsample.1") if j == 0 else x
+            x = F.relu(out + shortcut)
+    return x.mean(dim=(2, 3))
+
+
+def _tf_conv(x, w, s):
+    return F.conv2d(_tf_same_pad(x, w.shape[-1], s), w, stride=s)
+
+
+def _tf_maxpool(x):
+    return F.max_pool2d(_tf_same_pad(x, 3, 2, -math.inf), 3, 2)
+
+
+def test_byol_resnet50_pads_as_tensorflow(resnet50, tmp_path):
+    """byol_resnet50 equals a hand-padded ResNet-50 at even and odd sizes, and torchvision's only where every
+    "SAME" pad is symmetric (33 px: 33, 17, 9, 5, 3 are odd), not at 32 px."""
+    sd = resnet50.state_dict()
+    torch.save(sd, tmp_path / "byol.pth")
+    teacher = build_teacher(TeacherConfig(arch="byol_resnet50", checkpoint=str(tmp_path / "byol.pth"), format="byol"))
+    for size in (32, 33, 40):
+        x = torch.randn(2, 3, size, size)
+        expected = _resnet50_forward(sd, x, _tf_conv, _tf_maxpool)
+        torch.testing.assert_close(teacher(x), expected, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(resnet50(x), expected, rtol=1e-4, atol=1e-5) == (size == 33), size
+
+
+def test_byol_weights_need_byol_resnet50(resnet50, tmp_path, caplog):
+    torch.save(resnet50.state_dict(), tmp_path / "byol.pth")
+    path = str(tmp_path / "byol.pth")
+    with pytest.raises(ValueError, match=r"\(format byol\) does not fit teacher.arch=resnet50: BYOL.*TF 'SAME' padding"
+                                         r".*teacher.arch=byol_resnet50.*SimSiam: teacher.format=simsiam"):
+        build_teacher(TeacherConfig(arch="resnet50", checkpoint=path, format="byol"))
+    with caplog.at_level(logging.INFO, logger="fastreg.teachers"):
+        build_teacher(TeacherConfig(arch="resnet50", checkpoint=path))  # the keys cannot tell: loads, and says so
+    assert "plain ResNet-50 keys; if these are BYOL's converted weights" in caplog.text
+    assert "teacher.arch=byol_resnet50" in caplog.text
+
+
+def _swav_resnet50w2_checkpoint(gen: torch.Generator) -> dict:
+    """A random SwAV RN50-w2 checkpoint as released (swav_RN50w2_400ep_pretrain.pth.tar): module.* keys, shapes from
+    facebookresearch/swav src/resnet50.py resnet50w2 (every width doubled, bottleneck width = planes), its
+    projection_head Linear(4096, 8192)-BN-ReLU-Linear(8192, 128) (--hidden_mlp 8192 --feat_dim 128) and 3000
+    prototypes."""
+    sd = {}
+
+    def conv(name, c_out, c_in, k):
+        sd[f"{name}.weight"] = torch.randn(c_out, c_in, k, k, generator=gen) * math.sqrt(2 / (c_in * k * k))
+
+    def bn(name, c):
+        sd.update({f"{name}.weight": torch.rand(c, generator=gen) + 0.5,
+                   f"{name}.bias": 0.1 * torch.randn(c, generator=gen),
+                   f"{name}.running_mean": 0.1 * torch.randn(c, generator=gen),
+                   f"{name}.running_var": torch.rand(c, generator=gen) + 0.5,
+                   f"{name}.num_batches_tracked": torch.tensor(1000)})
+
+    conv("conv1", 128, 3, 7)
+    bn("bn1", 128)
+    inplanes = 128
+    for i, blocks in enumerate((3, 4, 6, 3), start=1):
+        planes = 128 * 2 ** (i - 1)
+        for j in range(blocks):
+            p = f"layer{i}.{j}."
+            conv(p + "conv1", planes, inplanes if j == 0 else 4 * planes, 1)
+            bn(p + "bn1", planes)
+            conv(p + "conv2", planes, planes, 3)
+            bn(p + "bn2", planes)
+            conv(p + "conv3", 4 * planes, planes, 1)
+            bn(p + "bn3", 4 * planes)
+            if j == 0:
+                conv(p + "downsample.0", 4 * planes, inplanes, 1)
+                bn(p + "downsample.1", 4 * planes)
+        inplanes = 4 * planes
+    sd["projection_head.0.weight"] = torch.randn(8192, 4096, generator=gen) / 64
+    sd["projection_head.0.bias"] = 0.1 * torch.randn(8192, generator=gen)
+    bn("projection_head.1", 8192)
+    sd["projection_head.3.weight"] = torch.randn(128, 8192, generator=gen) / 90
+    sd["projection_head.3.bias"] = 0.1 * torch.randn(128, generator=gen)
+    sd["prototypes.weight"] = torch.randn(3000, 128, generator=gen)
+    return {f"module.{k}": v for k, v in sd.items()}
+
+
+def _swav_conv(x, w, s):
+    if w.shape[-1] == 7:  # SwAV's stem: self.padding = ConstantPad2d(1, 0.0), then conv1 with padding=2
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), w, stride=s, padding=2)
+    return F.conv2d(x, w, stride=s, padding=w.shape[-1] // 2)
+
+
+def test_swav_resnet50w2_checkpoint_equals_swavs_forward(tmp_path):
+    """SEED's deeper SwAV teacher: resnet50x2 + format swav loads SwAV's w2 checkpoint; pooled, it equals SwAV's
+    forward_backbone, and with projection=true forward_head with normalize=True (the output SEED distills)."""
+    ckpt = _swav_resnet50w2_checkpoint(torch.Generator().manual_seed(8))
+    torch.save(ckpt, tmp_path / "swav_w2.pth")
+    sd = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    x = torch.randn(2, 3, 40, 40)
+    pooled = _resnet50_forward(sd, x, _swav_conv, lambda t: F.max_pool2d(t, 3, 2, padding=1))  # (2, 4096)
+    h = F.relu(F.batch_norm(pooled @ sd["projection_head.0.weight"].T + sd["projection_head.0.bias"],
+                            sd["projection_head.1.running_mean"], sd["projection_head.1.running_var"],
+                            sd["projection_head.1.weight"], sd["projection_head.1.bias"], training=False, eps=1e-5))
+    projected = F.normalize(h @ sd["projection_head.3.weight"].T + sd["projection_head.3.bias"], dim=1)  # (2, 128)
+
+    cfg = TeacherConfig(arch="resnet50x2", checkpoint=str(tmp_path / "swav_w2.pth"))
+    teacher = build_teacher(cfg)
+    assert teacher.dim == 4096
+    # random weights grow the residual stream to ~1e4: float32 sums agree to ~1e-6 of that scale; a stem padded
+    # by 2 instead of 3 is off by ~1e-1 of it
+    torch.testing.assert_close(teacher(x), pooled, rtol=1e-4, atol=1e-5 * pooled.abs().max().item())
+    del teacher
+    teacher = build_teacher(TeacherConfig(arch="resnet50x2", checkpoint=cfg.checkpoint, format="swav", projection=True))
+    assert teacher.dim == 128
+    torch.testing.assert_close(teacher(x), projected, rtol=1e-4, atol=1e-5)
 
 
 def test_simclr_converter_checkpoint(resnet50, tmp_path, monkeypatch):
