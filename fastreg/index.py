@@ -37,7 +37,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 log = logging.getLogger(__name__)
 
 # Part of the fingerprint: bump it when check_image's rule changes, so that cached indexes are rebuilt.
-INDEX_VERSION = 2
+# 3: CMYK JPEGs and PNG, BMP and PNM files are kept (2 left out all but RGB and grayscale JPEGs).
+INDEX_VERSION = 3
+# PIL's names of the formats that DALI's decoders read like PIL, whatever the file's name. MPO is a camera's
+# JPEG with extra pictures appended, of which every decoder reads the first; PPM is PIL's name for all PNM.
+# Not here: GIF, which DALI cannot decode, and TIFF, WebP and JPEG 2000, of which DALI reads only some variants
+# (simple WebP only, TIFF layouts its libtiff decoder accepts) and which no test here covers.
+READ_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "PPM")
 LIST_LINE = re.compile(r"(.*\S)\s+([0-9]+)")  # as DALI splits: the label is the last token
 # File names are bytes on Linux; surrogateescape carries undecodable ones through to DALI unchanged.
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")
@@ -55,19 +61,26 @@ class DatasetIndex:
 
 
 def check_image(path: str | os.PathLike) -> Optional[str]:
-    """None when the file is a JPEG that decodes completely to RGB or grayscale, else a short reason."""
+    """None when both loaders decode the file completely to the same 8-bit RGB image, else a short reason.
+
+    Judged by content, not by name: a PNG named .jpg is read as a PNG. The DALI decoders and PIL's
+    convert("RGB") agree on every format and mode accepted here: JPEG (RGB, grayscale, CMYK), PNG (RGB,
+    grayscale, with alpha, palette, 1-bit), BMP and PNM (tests/test_index.py decodes each with both). CMYK
+    goes to RGB without the file's ICC profile in both, as R = (255 - C)(255 - K) / 255 (Adobe's inverted
+    storage undone), within one grey level of each other: the colours are those of that formula, not the
+    profile's.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "zero bytes"
         with Image.open(path) as img:
-            # Judged by content, not extension: the DALI pipelines are built for JPEG only. MPO is a camera's
-            # JPEG with extra pictures appended; every decoder reads its first one.
-            if img.format not in ("JPEG", "MPO"):
-                return f"not a JPEG ({img.format})"
-            # Decoders disagree on converting CMYK/YCCK to RGB; DALI and the torchvision reference must
-            # see the same pixels.
-            if img.mode not in ("RGB", "L"):
-                return f"{img.mode} JPEG"
+            if img.format not in READ_FORMATS:
+                return f"a {img.format} image: the loaders read JPEG, PNG, BMP and PNM files; convert it to JPEG"
+            # 16- and 32-bit grayscale (PIL modes I, I;16, I;16B, ..., F; PNG and PNM): convert("RGB") clips
+            # 256 and above to 255, where DALI divides by 256.
+            if img.mode.split(";")[0] in ("I", "F"):
+                return (f"a {img.mode} {img.format} (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI "
+                        "scales it, so the loaders would differ; convert it to 8 bits")
             img.load()  # a full decode; PIL raises on a truncated file unless LOAD_TRUNCATED_IMAGES is set
     except FileNotFoundError:
         return "missing"
@@ -280,8 +293,8 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
     examples = "; ".join(f"{rel} ({reason})" for rel, reason in index.bad[:3]) + ("; ..." if len(index.bad) > 3 else "")
     if not index.samples:
         raise ValueError(f"{index.root}: none of the {total} images passes the decode check ({examples}); all are "
-                         f"listed in {bad_list} with the reasons. The loaders read RGB or grayscale JPEGs: convert "
-                         "the images, or point data.root at another folder")
+                         f"listed in {bad_list} with the reasons. The loaders read JPEG, PNG, BMP and PNM images: "
+                         "convert the images, or point data.root at another folder")
     if fraction > max_bad_fraction:
         raise ValueError(f"{index.root}: {len(index.bad)} of {total} images ({fraction:.2%}) fail the decode "
                          f"check, more than data.max_bad_fraction={max_bad_fraction}: {examples}; all are listed in "
@@ -292,7 +305,7 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastreg.index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", help="ImageFolder root: one subfolder of JPEGs per class")
+    parser.add_argument("root", help="ImageFolder root: one subfolder of images per class")
     parser.add_argument("--file-list", help="'relpath label' lines to check instead of scanning root")
     parser.add_argument("--cache-dir", help=f"where indexes are kept (default {default_cache_dir()})")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,

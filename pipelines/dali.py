@@ -1,16 +1,22 @@
 """NVIDIA DALI pipelines: JPEG decode on the GPU (nvJPEG + the hardware decoder) or on the CPU.
 
-Training yields ONE weakly augmented view per image (SimReg): the same tensor feeds every teacher and
-the student. On a GPU, `decoders.image_random_crop(device="mixed")` decodes only the crop's region;
+Training yields ONE augmented view per image: the same tensor feeds every teacher and the student. It is
+SimReg's weak view (crop + flip), or with data.augment=strong|simclr SEED's MoCo-v2 or SimCLR colour
+augmentation on top (ColorJitter in a random order per image, grayscale, blur). On a GPU,
+`decoders.image_random_crop(device="mixed")` decodes only the crop's region;
 `crop_mirror_normalize(output_layout="HWC")` writes an NHWC buffer, and the NCHW view of it that the
 trainer receives is already channels_last, without a copy.
 
 The file list comes from `fastreg.index`, which decode-checks every image first: one corrupt JPEG
-would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cannot skip samples).
+would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cannot skip samples). The
+decoders read JPEG (CMYK too), PNG, BMP and PNM by content, whatever the file is named. They ignore EXIF
+orientation (adjust_orientation=False), as PIL's Image.open in SimReg's and SEED's loaders and in
+pipelines/torchvision.py does: a camera-rotated JPEG is seen as stored, by both loaders alike.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -53,29 +59,81 @@ def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
     return jpegs, labels
 
 
-def moco_v2_colour(images):
-    """MoCo v2's strong colour augmentation on uint8 HWC crops.
+# ColorJitter's ops by number; PERMUTATIONS[i] is one order: the op at each of the 4 slots.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+PERMUTATIONS = list(itertools.permutations(range(4)))  # 24 orders, as torch.randperm(4) draws them
 
-    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2). As in torchvision, contrast
-    pivots on the image's mean gray level (b c x + b (1 - c) mean(gray(x)) = contrast after brightness), and
-    grayscale is luma: saturation 0 of the gray-axis projection. The order is fixed (brightness, contrast,
-    saturation, hue) where torchvision draws a random order per image.
+
+def random_order():
+    """One index into PERMUTATIONS per sample, uniform: ColorJitter's random order of its four ops."""
+    return fn.random.uniform(values=list(range(len(PERMUTATIONS))), dtype=types.INT32)
+
+
+def colour_jitter(images, brightness, contrast, saturation, hue, order):
+    """torchvision's ColorJitter on uint8 HWC images, each image with its own factors and op order.
+
+    brightness, contrast, saturation: factors (1 = unchanged); hue: degrees (0 = unchanged); order: an index
+    into PERMUTATIONS; each a per-sample DataNode or a constant. DALI has no per-sample control flow, so the
+    four ops run in four slots: at slot k every op is applied, but only the one PERMUTATIONS[order][k] names
+    gets its factor, the others get identity factors, which leave uint8 pixels exactly as they are. The images
+    stay uint8 between slots, so each op clamps to [0, 255] and rounds as torchvision's ops on PIL images do:
+    that clamping is why the order matters (brightness 1.8 then contrast 0.3 is not the reverse).
+
+    Brightness scales, contrast pivots on the current image's mean gray level, saturation blends with the
+    luma gray (0.299 R + 0.587 G + 0.114 B, as torchvision). Hue differs: DALI's fn.hsv rotates the chroma
+    plane of YIQ by `hue` degrees, where torchvision shifts H in HSV; both turn the colour circle, their
+    colours differ.
     """
-    jitter = fn.random.coin_flip(probability=0.8)
-    keep_colour = 1 - fn.random.coin_flip(probability=0.2)
+    for slot in range(4):
+        op = fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))),
+                             values=[permutation[slot] for permutation in PERMUTATIONS], dtype=types.INT32)
 
-    def factor(strength):  # U(1 - s, 1 + s) when jittered, else 1
-        return 1 + jitter * fn.random.uniform(range=[-strength, strength])
+        def here(which):  # 1.0 where this slot runs op `which`, else 0.0
+            return fn.cast(op == which, dtype=types.FLOAT)
 
-    images = brightness_contrast(images, factor(0.4), factor(0.4))
-    hue = jitter * fn.random.uniform(range=[-36.0, 36.0])  # degrees: 0.1 of the colour circle
-    return fn.hsv(images, saturation=factor(0.4) * keep_colour, hue=hue)
+        images = brightness_contrast(images, 1 + here(BRIGHTNESS) * (brightness - 1),
+                                     1 + here(CONTRAST) * (contrast - 1))
+        images = fn.hsv(images, saturation=1 + here(SATURATION) * (saturation - 1), hue=here(HUE) * hue)
+    return images
+
+
+def random_jitter(images, strength: float, hue_strength: float, applied=1):
+    """ColorJitter(strength, strength, strength, hue_strength) in a random order per image: factors
+    U(1 - s, 1 + s), hue U(-h, h) of the colour circle. `applied` (per-sample 0/1, or 1 for every image) gives
+    RandomApply: where it is 0, every factor is the identity."""
+    def factor(s):
+        return 1 + applied * fn.random.uniform(range=[-s, s])
+
+    hue = applied * fn.random.uniform(range=[-360 * hue_strength, 360 * hue_strength])  # degrees
+    return colour_jitter(images, factor(strength), factor(strength), factor(strength), hue, random_order())
+
+
+def random_grayscale(images, probability: float = 0.2):
+    """RandomGrayscale(p): luma in all three channels (fn.hsv's saturation 0 keeps YIQ's Y, torchvision's
+    luma); saturation 1 leaves the image as it is."""
+    gray = fn.cast(fn.random.coin_flip(probability=probability), dtype=types.FLOAT)  # fn.hsv takes float factors
+    return fn.hsv(images, saturation=1 - gray)
+
+
+def strong_view(images):
+    """SEED's mocov2_aug after the crop: ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(p=0.2),
+    GaussianBlur(sigma 0.1-2) with p=0.5."""
+    jittered = random_jitter(images, 0.4, 0.1, applied=fn.random.coin_flip(probability=0.8))
+    return gaussian_blur(random_grayscale(jittered))
+
+
+def simclr_view(images):
+    """SEED's simclr_aug (its mocov1_aug) after the crop: RandomGrayscale(p=0.2), then ColorJitter(0.4, 0.4,
+    0.4, 0.4) on every image; no blur."""
+    return random_jitter(random_grayscale(images), 0.4, 0.4)
 
 
 def brightness_contrast(images, brightness, contrast):
     """torchvision's adjust_brightness then adjust_contrast: b c x + b (1 - c) mean(gray(x))."""
     gray_mean = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
-    return fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=gray_mean)
+    # Named arguments must be CPU nodes: on the mixed path the mean is a GPU scalar per image, copied to the host
+    # here (DALI 2's default dynamic executor allows it; a no-op on the CPU path).
+    return fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=gray_mean.cpu())
 
 
 def gaussian_blur(images):
@@ -93,12 +151,14 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
     jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
     gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
     images = fn.decoders.image_random_crop(
-        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10, **gpu_hints,
     )
     images = fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
     if cfg.augment == "strong":
-        images = gaussian_blur(moco_v2_colour(images))
+        images = strong_view(images)
+    elif cfg.augment == "simclr":
+        images = simclr_view(images)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
         mean=MEAN, std=STD, mirror=fn.random.coin_flip(probability=0.5),
@@ -106,16 +166,47 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
     return images, labels.gpu() if gpu else labels
 
 
+def resize_like_torchvision(images, shorter: int):
+    """torchvision's Resize(shorter): the shorter side becomes `shorter`, the longer one
+    floor(shorter * long / short). fn.resize(resize_shorter=) rounds the longer side instead, and one pixel
+    more moves the center crop by half a pixel."""
+    shape = images.shape()  # (H, W, C) int64, on the CPU also for GPU images
+    height, width = shape[0], shape[1]
+    portrait = fn.cast(width <= height, dtype=types.INT64)  # torchvision's `w <= h`: the width is the short side
+    new_width = portrait * shorter + (1 - portrait) * (shorter * width // height)
+    new_height = portrait * (shorter * height // width) + (1 - portrait) * shorter
+    return fn.resize(images, resize_x=fn.cast(new_width, dtype=types.FLOAT),
+                     resize_y=fn.cast(new_height, dtype=types.FLOAT))
+
+
+def center_crop_like_torchvision(images, size: int):
+    """torchvision's CenterCrop(size) of an image at least `size` on each side: the offset is
+    round((side - size) / 2) with Python's round-half-to-even, where DALI's crop rounds halves up."""
+    def offset(extra):  # round(extra / 2), halves to even: q + 1 only when extra is odd and q = extra // 2 odd
+        half = extra // 2
+        return half + (extra % 2) * (half % 2)
+
+    shape = images.shape()
+    start = fn.stack(offset(shape[0] - size), offset(shape[1] - size))  # (top, left)
+    return fn.slice(images, start=fn.cast(start, dtype=types.INT32), shape=[size, size], axis_names="HW")
+
+
 @pipeline_def
 def eval_view(index: DatasetIndex, shard: Shard, crop_size: int, gpu: bool):
-    """Resize the shorter side to crop_size * 256/224, center crop, no flip; every image once, in order."""
+    """Resize the shorter side to crop_size * 256/224, center crop, no flip; every image once, in order.
+
+    The pixels are torchvision's eval_transform's (PIL decode, Resize, CenterCrop), within resampling
+    differences: the decoders both use libjpeg's "fancy" chroma upsampling (the mixed decoder's nvJPEG only
+    with jpeg_fancy_upsampling=True, the CPU decoder always), and the resized size and crop offset are
+    torchvision's."""
     jpegs, labels = read_files(index, shard, shuffle=False, seed=0)
     gpu_hints = MIXED_DECODER_MEMORY if gpu else {}
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_hints)
-    images = fn.resize(images, resize_shorter=round(crop_size * 256 / 224))
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                               jpeg_fancy_upsampling=True, adjust_orientation=False, **gpu_hints)
+    images = resize_like_torchvision(images, round(crop_size * 256 / 224))
+    images = center_crop_like_torchvision(images, crop_size)
     images = fn.crop_mirror_normalize(
-        images, crop=(crop_size, crop_size), dtype=types.FLOAT16 if gpu else types.FLOAT,
-        output_layout="HWC", mean=MEAN, std=STD,
+        images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="HWC", mean=MEAN, std=STD,
     )
     return images, labels.gpu() if gpu else labels
 

@@ -1,8 +1,9 @@
 """The reference loader: PIL decode, torchvision transforms, DataLoader workers (SimReg's own pipeline).
 
 It reads the files of fastreg.index's validated list, as the DALI loader does: the same samples, in
-ImageFolder's order and labels, without the corrupt, truncated, unreadable or non-JPEG files, which would
-otherwise stop a DataLoader worker mid-epoch. Training views are SimReg's weak augmentation:
+ImageFolder's order and labels, without the corrupt, truncated or unreadable files, which would otherwise
+stop a DataLoader worker mid-epoch. Every file is decoded by PIL and converted to RGB, whatever its format
+(JPEG, CMYK JPEG, PNG, ...). Training views are SimReg's weak augmentation:
 RandomResizedCrop(scale=data.scale) + horizontal flip.
 """
 
@@ -11,13 +12,20 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
-from torchvision.datasets.folder import default_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
+
+
+def read_rgb(path: str) -> Image.Image:
+    """PIL's decode, converted to RGB: grayscale, CMYK, palette and alpha images too. ImageFolder's
+    default_loader does the same, unless torchvision's image backend is set to accimage, which reads JPEG only."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
 
 
 class IndexedImages(Dataset):
@@ -31,7 +39,7 @@ class IndexedImages(Dataset):
 
     def __getitem__(self, i: int):
         rel, label = self.samples[i]
-        return self.transform(default_loader(str(self.root / rel))), label
+        return self.transform(read_rgb(str(self.root / rel))), label
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:

@@ -83,7 +83,7 @@ def make_photo_folder(root: Path, classes: int = 3, per_class: int = 8, size: tu
     return root
 
 
-# ------------------------------------------------------------- files that must never reach DALI
+# ------------------------------------------ files that must never reach DALI, and odd ones that may
 
 
 def noise(mode="RGB", size=16):
@@ -103,11 +103,21 @@ BAD = {
     "corrupt": (lambda p: p.write_bytes(np.random.default_rng(2).bytes(500)), "not an image"),
     "truncated": (write_truncated, "truncated: "),
     "zero": (lambda p: p.write_bytes(b""), "zero bytes"),
-    "png_named_jpg": (lambda p: noise().save(p, format="PNG"), "not a JPEG (PNG)"),
-    "cmyk": (lambda p: noise("CMYK").save(p, format="JPEG"), "CMYK JPEG"),
+}
+
+# Files that look odd but that both loaders decode (ImageNet has 22 CMYK JPEGs and a PNG named .JPEG): how to
+# write each.
+ODD_BUT_READABLE = {
+    "cmyk": lambda p: noise("CMYK").save(p, format="JPEG"),
+    "png_named_jpg": lambda p: noise().save(p, format="PNG"),
 }
 
 
 def add_bad_files(root):
     for name, (write, _) in BAD.items():
+        write(root / "class1" / f"{name}.jpg")
+
+
+def add_odd_files(root):
+    for name, write in ODD_BUT_READABLE.items():
         write(root / "class1" / f"{name}.jpg")

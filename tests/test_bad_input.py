@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fastreg.students import SmallCNN
 from fastreg.train import train
-from helpers import add_bad_files, make_image_folder, tiny_overrides
+from helpers import add_bad_files, add_odd_files, make_image_folder, tiny_overrides
 
 ROOT = os.geteuid() == 0  # root reads files whatever their mode says, and writes in any directory
 
@@ -102,24 +102,33 @@ def case(make: Callable[[Bench], Expect]) -> Callable[[Bench], Expect]:
 # ---------------------------------------------------------------------------------------------- images
 
 
+def bad_and_odd_files(b: Bench) -> None:
+    """Corrupt, truncated and zero-byte files, which are left out, and a CMYK JPEG and a PNG named .jpg, which
+    both loaders decode and train on."""
+    add_bad_files(b.data)
+    add_odd_files(b.data)
+
+
 @case
 def bad_jpegs_dali(b: Bench) -> Expect:
-    add_bad_files(b.data)  # corrupt, truncated, zero-byte, PNG named .jpg, CMYK
+    bad_and_odd_files(b)
     return Expect(b.fresh("data.loader=dali", "data.max_bad_fraction=0.5"), None,
-                  ["left out 5 of 21 images", "class1/corrupt.jpg (not an image)", "bad_files.txt"])
+                  ["left out 3 of 21 images", "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
+                   "class1/zero.jpg (zero bytes)", "bad_files.txt"])
 
 
 @case
 def bad_jpegs_torchvision(b: Bench) -> Expect:
-    add_bad_files(b.data)
+    bad_and_odd_files(b)
     return Expect(b.fresh("data.loader=torchvision", "data.max_bad_fraction=0.5"), None,
-                  ["left out 5 of 21 images", "class1/corrupt.jpg (not an image)", "bad_files.txt"])
+                  ["left out 3 of 21 images", "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
+                   "class1/zero.jpg (zero bytes)", "bad_files.txt"])
 
 
 @case
 def too_many_bad_jpegs(b: Bench) -> Expect:
-    add_bad_files(b.data)
-    return Expect(b.fresh(), ValueError, [f"{b.data}: 5 of 21 images (23.81%) fail the decode check",
+    bad_and_odd_files(b)
+    return Expect(b.fresh(), ValueError, [f"{b.data}: 3 of 21 images (14.29%) fail the decode check",
                                           "class1/corrupt.jpg (not an image)", "bad_files.txt",
                                           "Fix or remove those files, or raise data.max_bad_fraction"])
 

@@ -14,9 +14,9 @@ from torchvision.datasets import ImageFolder
 from fastreg.config import DataConfig
 from fastreg.index import load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_batches, resolve_loader
-from fastreg.pipelines.dali import DaliLoader, Shard, dali_eval_loader
+from fastreg.pipelines.dali import DaliLoader, Shard, colour_jitter, dali_eval_loader, random_order
 from fastreg.pipelines.torchvision import eval_loader
-from helpers import make_image_folder, make_photo_folder
+from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -145,16 +145,115 @@ def test_eval_center_crop_matches_torchvision(tmp_path):
     (dali_x, dali_y), = list(dali_eval_loader(str(root), 32, 2, 1, CPU))
     ref_x, ref_y = next(iter(eval_loader(str(root), 32, 2, 0)))
     assert torch.equal(dali_y, ref_y)
-    # Within one output pixel (4.6 of 255 on this ramp): torchvision floors the resized long side (55 here),
-    # DALI rounds it (56), which moves the crop by a fraction of a pixel.
-    assert (pixels(dali_x) - pixels(ref_x)).abs().mean() < 4.0
+    # One output pixel is 4.6 of 255 on this ramp. Measured: 0.18 with torchvision's resized size (55 wide here)
+    # and crop offset; 3.3 with fn.resize(resize_shorter=), which rounds the long side to 56.
+    assert (pixels(dali_x) - pixels(ref_x)).abs().mean() < 1.0
+
+
+@pytest.fixture(scope="module")
+def photo_jpegs(tmp_path_factory) -> Path:
+    """24 JPEGs cut from real photographs, about 500 x 375, 4:2:0 chroma (benchmarks/make_jpegs.py)."""
+    from benchmarks.make_jpegs import make_image_folder as make_photo_jpegs
+
+    root = tmp_path_factory.mktemp("photos")
+    make_photo_jpegs(root, images=24, classes=2, seed=0)
+    return root
+
+
+# Mean |difference| of one 224 eval crop, in grey levels, allowed between DALI and torchvision, and between
+# DALI's mixed and CPU decoders. Measured on photo_jpegs (CPU): 0.14-0.16 per image now; 2.6 on average and
+# up to 11.2 with the earlier fn.resize(resize_shorter=) and DALI's crop offset (half-pixel shifts). The
+# H200 run of b298635 measured 3.1 between the mixed decoder (without jpeg_fancy_upsampling) and the CPU one.
+EVAL_TOLERANCE = 1.0
+
+
+def eval_crops(root: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DALI's 224 eval crops of every image under root, as 0..255 pixels on the CPU, and their labels."""
+    batches = [(pixels(x.float().cpu()), y.cpu()) for x, y in dali_eval_loader(str(root), 224, 8, 2, device)]
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def test_eval_crops_of_photos_match_torchvision(photo_jpegs):
+    """Every image's eval crop is within EVAL_TOLERANCE of torchvision's Resize(256) + CenterCrop(224) of PIL's
+    decode: the same decode, resized size and crop offset, only the resampling differs."""
+    dali_x, dali_y = eval_crops(photo_jpegs, CPU)
+    ref = [(pixels(x), y) for x, y in eval_loader(str(photo_jpegs), 224, 8, 0)]
+    ref_x, ref_y = torch.cat([x for x, _ in ref]), torch.cat([y for _, y in ref])
+    assert torch.equal(dali_y, ref_y)
+    per_image = (dali_x - ref_x).abs().mean((1, 2, 3))
+    assert per_image.max() < EVAL_TOLERANCE, per_image
+
+
+def test_cpu_decoder_upsamples_chroma_like_pil_with_or_without_the_flag(photo_jpegs):
+    """DALI's CPU decoder is libjpeg-turbo with its fancy chroma upsampling, as PIL's: the same pixels, bit for
+    bit, whatever jpeg_fancy_upsampling says (the flag only changes the mixed decoder)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    paths = sorted(photo_jpegs.rglob("*.jpg"))[:6]
+
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None)
+    def decode():
+        files, _ = fn.readers.file(files=[str(p) for p in paths])
+        return tuple(fn.decoders.image(files, device="cpu", output_type=types.RGB, jpeg_fancy_upsampling=fancy)
+                     for fancy in (False, True))
+
+    pipe = decode()
+    pipe.build()
+    for batch in pipe.run():
+        for i, path in enumerate(paths):
+            assert np.array_equal(np.array(batch.at(i)), np.asarray(Image.open(path).convert("RGB"))), path.name
+
+
+def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
+    """A JPEG whose EXIF says "rotate 90" is decoded as stored, as PIL's Image.open (the papers' loaders, and
+    pipelines/torchvision.py) reads it: DALI's default would turn it, and the two loaders would disagree."""
+    photos = make_photo_folder(tmp_path / "photos", classes=1, per_class=1, size=(320, 240))
+    stored = Image.open(photos / "class0" / "0.jpg").convert("RGB")  # 320 wide, 240 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise for display
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    stored.save(tmp_path / "data" / "a" / "rotated.jpg", quality=95, exif=exif)
+    data = tmp_path / "data"
+    dali_eval, _ = eval_crops(data, CPU)
+    ref_eval = torch.cat([pixels(x) for x, _ in eval_loader(str(data), 224, 8, 0)])
+    assert (dali_eval - ref_eval).abs().mean() < EVAL_TOLERANCE
+    # The whole stored image is the only crop of area 1 at aspect 4/3 (turned, it would be 3/4 and fall back)
+    images, _ = next(iter(dali_loader(data, batch_size=1, crop_size=48, scale=[1.0, 1.0], ratio=[4 / 3, 4 / 3])
+                          .epoch(0)))
+    crop = pixels(images.float())[0]  # (3, 48, 48), maybe flipped
+    ref = torch.from_numpy(np.asarray(stored.resize((48, 48), Image.BILINEAR))).permute(2, 0, 1).float()
+    assert min((crop - ref).abs().mean(), (crop.flip(-1) - ref).abs().mean()) < 6
+
+
+def test_cmyk_and_png_files_are_read_by_the_training_and_eval_loaders(tmp_path):
+    """A CMYK JPEG and a PNG named .jpg are kept by the index; the DALI loaders decode them to 3 channels, and
+    their eval crops are torchvision's."""
+    root = make_image_folder(tmp_path, per_class=4, size=32)
+    add_odd_files(root)
+    index = load_index(root, progress=False)
+    odd = {f"class1/{name}.jpg" for name in ODD_BUT_READABLE}
+    assert odd <= {rel for rel, _ in index.samples} and len(index.samples) == 10
+    ld = dali_loader(root, batch_size=5)
+    labels = []
+    for images, y in ld.epoch(0):
+        assert images.shape == (5, 3, 24, 24) and torch.isfinite(images).all()
+        labels += y.tolist()
+    assert sorted(labels) == [0] * 4 + [1] * 6  # every file once, the two odd ones among them
+    (dali_x, dali_y), = list(dali_eval_loader(str(root), 24, 10, 1, CPU))
+    ref_x, ref_y = next(iter(eval_loader(str(root), 24, 10, 0)))
+    assert torch.equal(dali_y, ref_y) and dali_x.shape == (10, 3, 24, 24)
+    per_image = (pixels(dali_x) - pixels(ref_x)).abs().mean((1, 2, 3))
+    names = [Path(rel).name for rel, _ in index.samples]
+    assert per_image.max() < EVAL_TOLERANCE, dict(zip(names, per_image.tolist()))  # measured: at most 0.57
 
 
 # ---------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("stop_after", [1, 3, 4, 9])  # inside epoch 0, at its end, inside epoch 2
-def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after):
+# Inside epoch 0, at its end, inside epoch 2; the colour augmentations' random ops are in the state too.
+@pytest.mark.parametrize("stop_after, augment", [(1, "weak"), (3, "weak"), (4, "weak"), (9, "weak"), (3, "strong"),
+                                                 (9, "simclr")])
+def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after, augment):
     root = make_image_folder(tmp_path, per_class=9)  # 18 images, batch 4: 4 batches per epoch, 2 left over
 
     def run(ld, epochs, stop=None):
@@ -166,10 +265,10 @@ def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after)
                     return out
         return out
 
-    straight = run(dali_loader(root), 3)
-    first = dali_loader(root)
+    straight = run(dali_loader(root, augment=augment), 3)
+    first = dali_loader(root, augment=augment)
     before = run(first, 3, stop=stop_after)
-    after = run(dali_loader(root, checkpoint=first.state_dict()), 3)
+    after = run(dali_loader(root, checkpoint=first.state_dict(), augment=augment), 3)
     assert len(before) + len(after) == len(straight) == 12
     for (x, y), (x_ref, y_ref) in zip(before + after, straight):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
@@ -242,7 +341,7 @@ def test_crop_area_and_flip_statistics_match_torchvision(tmp_path):
     assert abs(stats["dali"].median() - stats["torchvision"].median()) < 0.06
 
 
-# ------------------------------------------------------------------------------ strong augmentation
+# ------------------------------------------------------------------------ strong and simclr augmentation
 
 
 def test_strong_augmentation_adds_colour_jitter_grayscale_and_blur(tmp_path):
@@ -264,17 +363,58 @@ def test_strong_augmentation_adds_colour_jitter_grayscale_and_blur(tmp_path):
     assert (sharpness(strong) < 0.5 * sharpness(weak).median()).float().mean() > 0.2  # GaussianBlur(p=0.5)
 
 
-def run_op(op, image: np.ndarray) -> torch.Tensor:
-    """A DALI CPU op on one uint8 HWC image: its (3, H, W) int output."""
+def flat_colour_folder(root: Path, colour=(200, 120, 60), copies: int = 16) -> Path:
+    """JPEGs of one flat colour: a crop or flip leaves the pixels as they are, colour ops do not."""
+    (root / "c").mkdir(parents=True)
+    for i in range(copies):
+        Image.fromarray(np.full((36, 36, 3), colour, np.uint8)).save(root / "c" / f"{i}.jpg", quality=95)
+    return root
+
+
+def texture(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring pixels over the image's variance, per view: blur lowers it, while
+    colour jitter, nearly affine on an image, leaves it about as it is."""
+    horizontal = (x[..., 1:] - x[..., :-1]).pow(2).mean((1, 2, 3))
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean((1, 2, 3))
+    return (horizontal + vertical) / x.var((1, 2, 3))
+
+
+@pytest.mark.parametrize("augment, jittered, blurred", [
+    ("strong", (0.7, 0.95), (0.15, 0.5)),  # RandomApply(ColorJitter, p=0.8), plus grayscale on 20% of the rest
+    ("simclr", (1.0, 1.0), (0.0, 0.0)),  # ColorJitter on every view, no blur
+])
+def test_colour_augmentations_jitter_gray_and_blur_as_seed(tmp_path, augment, jittered, blurred):
+    """160 views each of a flat-colour folder (any change of colour is jitter or grayscale) and of a striped one
+    (blur shows in `texture`). Measured: strong 0.82 jittered, 0.32 blurred; simclr 1.0 and 0."""
+    colour = torch.tensor([200.0, 120.0, 60.0])
+    flat = pixels(draws(dali_loader(flat_colour_folder(tmp_path / "flat"), batch_size=8, augment=augment), 10)[0])
+    weak_flat = pixels(draws(dali_loader(tmp_path / "flat", batch_size=8), 10)[0])
+    assert (weak_flat.mean((2, 3)) - colour).abs().max() < 3  # the crop alone keeps the colour
+    changed = ((flat.mean((2, 3)) - colour).abs().amax(1) > 4).float().mean()
+    assert jittered[0] <= changed <= jittered[1]
+
+    def gray(x):  # R = G = B within rounding
+        return ((x[:, 0] - x[:, 1]).abs().amax((1, 2)) < 3) & ((x[:, 1] - x[:, 2]).abs().amax((1, 2)) < 3)
+
+    assert 0.1 < gray(flat).float().mean() < 0.3  # RandomGrayscale(p=0.2)
+    stripes = make_image_folder(tmp_path / "stripes", classes=3, per_class=8, size=48)
+    weak = texture(pixels(draws(dali_loader(stripes, batch_size=8, crop_size=32), 10)[0]))
+    views = texture(pixels(draws(dali_loader(stripes, batch_size=8, crop_size=32, augment=augment), 10)[0]))
+    assert blurred[0] <= (views < 0.2 * weak.median()).float().mean() <= blurred[1]
+
+
+def run_op(op, image: np.ndarray, copies: int = 1) -> torch.Tensor:
+    """A DALI CPU op on a batch of `copies` of one uint8 HWC image: its (copies, 3, H, W) int output."""
     from nvidia.dali import fn, pipeline_def
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=copies, num_threads=1, device_id=None, seed=0)
     def pipe():
-        return op(fn.external_source(source=lambda: [image], batch=True, layout="HWC"))
+        return op(fn.external_source(source=lambda: [image] * copies, batch=True, layout="HWC"))
 
     p = pipe()
     p.build()
-    return torch.from_numpy(np.array(p.run()[0][0])).permute(2, 0, 1).int()
+    out = p.run()[0]
+    return torch.stack([torch.from_numpy(np.array(out.at(i))) for i in range(copies)]).permute(0, 3, 1, 2).int()
 
 
 DARK = np.random.default_rng(0).integers(0, 100, (12, 10, 3)).astype(np.uint8)
@@ -288,7 +428,7 @@ def test_brightness_contrast_matches_torchvision(brightness, contrast):
 
     from fastreg.pipelines.dali import brightness_contrast
 
-    out = run_op(lambda x: brightness_contrast(x, brightness, contrast), DARK)
+    out = run_op(lambda x: brightness_contrast(x, brightness, contrast), DARK)[0]
     ref = TF.adjust_contrast(TF.adjust_brightness(torch.from_numpy(DARK).permute(2, 0, 1), brightness), contrast)
     assert (out - ref.int()).abs().max() <= 2  # uint8 rounding of the intermediate and of the gray mean
 
@@ -297,14 +437,45 @@ def test_zero_saturation_is_torchvision_grayscale():
     from nvidia.dali import fn
     import torchvision.transforms.functional as TF
 
-    out = run_op(lambda x: fn.hsv(x, saturation=0.0), DARK)
+    out = run_op(lambda x: fn.hsv(x, saturation=0.0), DARK)[0]
     ref = TF.rgb_to_grayscale(torch.from_numpy(DARK).permute(2, 0, 1), num_output_channels=3)
     assert (out - ref.int()).abs().max() <= 2
 
 
-def test_strong_augmentation_needs_dali():
-    with pytest.raises(ValueError, match="data.augment=strong"):
-        DataConfig(loader="torchvision", augment="strong")
+# Mostly bright pixels: brightness above 1 clamps them at 255, so that the order of the ops shows.
+BRIGHT = np.random.default_rng(1).integers(40, 256, (12, 10, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("first, second", [(("brightness", 1.8), ("contrast", 0.3)),
+                                           (("saturation", 1.8), ("brightness", 1.6))])
+def test_the_strong_views_colour_ops_run_in_several_orders_across_a_batch(first, second):
+    """Two of ColorJitter's factors pinned, the other two at identity, and the real random order per image: every
+    output is one of torchvision's two orders (first then second, or second then first, each op clamping to
+    uint8), and both orders occur in a batch of 32."""
+    import torchvision.transforms.functional as TF
+
+    factors = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, **dict([first, second])}
+    out = run_op(lambda x: colour_jitter(x, order=random_order(), **factors), BRIGHT, copies=32)
+    ops = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}
+    image = torch.from_numpy(BRIGHT).permute(2, 0, 1)
+
+    def in_order(a, b):
+        return ops[b[0]](ops[a[0]](image, a[1]), b[1]).int()
+
+    references = torch.stack([in_order(first, second), in_order(second, first)])
+    assert (references[0] - references[1]).abs().max() > 40  # clamping makes the order visible
+    worst = (out[:, None] - references[None]).abs().amax((2, 3, 4))  # (32, 2): worst pixel against each order
+    # torchvision's uint8 tensor ops truncate where DALI rounds, the intermediate and the contrast pivot
+    # included: measured at most 3 against the matching order, 41 or more against the other.
+    assert (worst.amin(1) <= 4).all(), worst
+    second_first = worst.argmin(1)
+    assert 0 < second_first.sum() < len(second_first), second_first  # both orders: P(one only) = 2^-31
+
+
+@pytest.mark.parametrize("augment", ["strong", "simclr"])
+def test_colour_augmentations_need_dali(augment):
+    with pytest.raises(ValueError, match=f"data.augment={augment}"):
+        DataConfig(loader="torchvision", augment=augment)
 
 
 # -------------------------------------------------------------------------------- loader choice
@@ -339,10 +510,24 @@ def test_eval_batches_follow_the_loader_choice(tmp_path):
 # ---------------------------------------------------------------------------------- GPU: mixed
 
 
+@pytest.mark.parametrize("augment", ["weak", "strong", "simclr"])
+def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, augment):
+    """Defining the GPU graph needs no GPU, and it finds what the CPU pipeline cannot show: a named argument
+    fed by a GPU node (the contrast pivot of the colour jitter) is refused there."""
+    from fastreg.pipelines.dali import eval_view, train_view
+
+    root = make_image_folder(tmp_path, per_class=4)
+    index = load_index(root, progress=False)
+    train_view(index, Shard(), data_config(root, augment=augment), True, shuffle_seed=0, half=True, batch_size=4,
+               num_threads=1, device_id=0, seed=0)
+    eval_view(index, Shard(), 24, True, batch_size=4, num_threads=1, device_id=0, seed=0)
+
+
 @pytest.mark.gpu
-def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("augment", ["weak", "strong", "simclr"])
+def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment):
     root = make_image_folder(tmp_path, per_class=8, size=64)
-    cfg = data_config(root, crop_size=32, hw_decoder_load=0.5)
+    cfg = data_config(root, crop_size=32, hw_decoder_load=0.5, augment=augment)
     ld = DaliLoader(cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=torch.device("cuda", 0),
                     memory_format=torch.channels_last)
     images, labels = next(iter(ld.epoch(0)))
@@ -352,12 +537,35 @@ def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path):
 
 
 @pytest.mark.gpu
-def test_mixed_and_cpu_decoders_agree_on_eval_crops(tmp_path):
-    root = one_image_per_class(tmp_path, 6, size=64)
-    gpu_x, gpu_y = next(iter(dali_eval_loader(str(root), 32, 6, 1, torch.device("cuda", 0))))
-    cpu_x, cpu_y = next(iter(dali_eval_loader(str(root), 32, 6, 1, CPU)))
-    assert torch.equal(gpu_y.cpu(), cpu_y)
-    assert (pixels(gpu_x.float().cpu()) - pixels(cpu_x)).abs().mean() < 2.0  # nvJPEG vs libjpeg-turbo IDCT
+def test_mixed_and_cpu_decoders_agree_on_eval_crops(photo_jpegs):
+    """The mixed decoder (nvJPEG and the hardware decoder, with jpeg_fancy_upsampling) against the CPU one
+    (libjpeg-turbo) through the same resize and crop: within the tolerance the CPU eval crops keep to
+    torchvision, image by image. Without fancy upsampling the H200 measured a mean of 3.1 grey levels."""
+    gpu_x, gpu_y = eval_crops(photo_jpegs, torch.device("cuda", 0))
+    cpu_x, cpu_y = eval_crops(photo_jpegs, CPU)
+    assert torch.equal(gpu_y, cpu_y)
+    per_image = (gpu_x - cpu_x).abs().mean((1, 2, 3))
+    assert per_image.max() < EVAL_TOLERANCE, per_image
+
+
+@pytest.mark.gpu
+def test_mixed_decoder_reads_cmyk_and_png_files(tmp_path):
+    """nvJPEG does not decode every JPEG (CMYK among them, nor PNG at all): DALI must hand those to its CPU
+    decoder, for training crops and eval alike, with the CPU pipeline's pixels."""
+    root = make_image_folder(tmp_path, per_class=4, size=32)
+    add_odd_files(root)
+    cfg = data_config(root, batch_size=5)
+    ld = DaliLoader(cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=torch.device("cuda", 0),
+                    memory_format=torch.channels_last)
+    labels = []
+    for images, y in ld.epoch(0):
+        assert images.shape == (5, 3, 24, 24) and images.is_cuda
+        labels += y.tolist()
+    assert sorted(labels) == [0] * 4 + [1] * 6
+    gpu_x, gpu_y = eval_crops(root, torch.device("cuda", 0))
+    cpu_x, cpu_y = eval_crops(root, CPU)
+    assert torch.equal(gpu_y, cpu_y)
+    assert (gpu_x - cpu_x).abs().mean((1, 2, 3)).max() < EVAL_TOLERANCE
 
 
 @pytest.mark.gpu

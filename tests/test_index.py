@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torchvision.datasets import ImageFolder
 
 from fastreg import index as fi
 from fastreg.index import check_image, load_index
-from helpers import BAD, add_bad_files, make_image_folder, noise
+from helpers import BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, make_image_folder, noise
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +69,106 @@ def test_check_image_accepts_rgb_and_grayscale(tmp_path):
     assert check_image(tmp_path / "rgb.jpg") is None and check_image(tmp_path / "gray.jpeg") is None
 
 
+def gradient_cmyk(height=40, width=56) -> Image.Image:
+    """Smooth C, M, Y and K fields, K up to 150: the black channel takes part in the conversion."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    planes = [255 * x, 255 * y, 255 * (1 - x) * y, 150 * x * (1 - y)]
+    return Image.fromarray(np.stack(planes, -1).round().astype(np.uint8), "CMYK")
+
+
+def gradient_rgb(height=40, width=56) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    return Image.fromarray((255 * np.stack([x, y, (x + y) / 2], -1)).round().astype(np.uint8))
+
+
+# Every format and mode that check_image keeps, written under a .jpg name whatever the content.
+READABLE = {
+    "jpeg_rgb": lambda p: gradient_rgb().save(p, "JPEG", quality=95),
+    "jpeg_gray": lambda p: gradient_rgb().convert("L").save(p, "JPEG", quality=95),
+    "jpeg_cmyk": lambda p: gradient_cmyk().save(p, "JPEG", quality=95),
+    "png_rgb": lambda p: gradient_rgb().save(p, "PNG"),
+    "png_gray": lambda p: gradient_rgb().convert("L").save(p, "PNG"),
+    "png_gray_alpha": lambda p: gradient_rgb().convert("LA").save(p, "PNG"),
+    "png_rgba": lambda p: gradient_rgb().convert("RGBA").save(p, "PNG"),
+    "png_palette": lambda p: gradient_rgb().convert("P").save(p, "PNG"),
+    "png_palette_transparent": lambda p: gradient_rgb().convert("P").save(p, "PNG", transparency=0),
+    "png_1bit": lambda p: gradient_rgb().convert("1").save(p, "PNG"),
+    "bmp": lambda p: gradient_rgb().save(p, "BMP"),
+    "bmp_palette": lambda p: gradient_rgb().convert("P").save(p, "BMP"),
+    "ppm": lambda p: gradient_rgb().save(p, "PPM"),
+    "pgm": lambda p: gradient_rgb().convert("L").save(p, "PPM"),
+}
+
+
+def decode_with_dali(paths):
+    """(decoders.image, decoders.image_random_crop) outputs of DALI's CPU decoders, each a list of HWC uint8
+    arrays; the random crop is asked for the whole image (area 1, the image's own aspect ratio)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    width, height = Image.open(paths[0]).size
+
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None, seed=0)
+    def pipeline():
+        files, _ = fn.readers.file(files=[str(p) for p in paths])
+        whole = fn.decoders.image(files, device="cpu", output_type=types.RGB)
+        cropped = fn.decoders.image_random_crop(files, device="cpu", output_type=types.RGB, random_area=[1.0, 1.0],
+                                                random_aspect_ratio=[width / height, width / height])
+        return whole, cropped
+
+    pipe = pipeline()
+    pipe.build()
+    return [[np.array(batch.at(i)) for i in range(len(paths))] for batch in pipe.run()]
+
+
+def test_every_kept_format_decodes_alike_in_dali_and_pil(tmp_path):
+    """What check_image keeps, DALI's CPU decoders (the training and the eval one) read, to 3 channels, with
+    PIL's convert("RGB") pixels: the torchvision loader and DALI see the same image."""
+    paths = []
+    for name, write in READABLE.items():
+        write(tmp_path / f"{name}.jpg")
+        assert check_image(tmp_path / f"{name}.jpg") is None, name
+        paths.append(tmp_path / f"{name}.jpg")
+    for kind, decoded in zip(("image", "image_random_crop"), decode_with_dali(paths)):
+        for path, dali in zip(paths, decoded):
+            pil = np.asarray(Image.open(path).convert("RGB")).astype(int)
+            assert dali.shape == pil.shape == (40, 56, 3), (kind, path.name)
+            assert np.abs(dali.astype(int) - pil).max() <= 1, (kind, path.name)  # CMYK: rounding, all else exact
+
+
+def test_cmyk_jpeg_converts_without_its_profile_in_both_loaders(tmp_path):
+    """Adobe CMYK JPEGs store 255 - value; both decoders undo that and convert naively, R = (255 - C)(255 - K) /
+    255 (likewise G from M, B from Y), ignoring any ICC profile: the closed form, from the decoded CMYK planes."""
+    gradient_cmyk().save(tmp_path / "cmyk.jpg", "JPEG", quality=95)
+    assert b"Adobe" in (tmp_path / "cmyk.jpg").read_bytes()[:100]  # the APP14 marker of inverted storage
+    cmyk = np.asarray(Image.open(tmp_path / "cmyk.jpg")).astype(float)  # PIL undoes the inversion
+    assert cmyk[..., 3].max() > 100  # the black channel is used
+    formula = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    (dali,), _ = decode_with_dali([tmp_path / "cmyk.jpg"])
+    pil = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))
+    for name, rgb in (("dali", dali), ("pil", pil)):
+        assert np.abs(rgb - formula).max() <= 1, name
+    assert np.abs(dali.astype(int) - pil).mean() < 0.5
+
+
+@pytest.mark.parametrize("write, reason", [
+    (lambda p: gradient_rgb().save(p, "GIF"), "a GIF image: the loaders read JPEG, PNG, BMP and PNM files"),
+    (lambda p: gradient_rgb().save(p, "TIFF"), "a TIFF image"),
+    (lambda p: gradient_rgb().save(p, "WEBP"), "a WEBP image"),
+    (lambda p: Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(p, "PNG"),
+     "a I;16 PNG (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI scales it"),
+], ids=["gif", "tiff", "webp", "png_16bit"])
+def test_check_image_leaves_out_what_the_loaders_do_not_read_alike(tmp_path, write, reason):
+    write(tmp_path / "x.jpg")
+    assert check_image(tmp_path / "x.jpg").startswith(reason)
+
+
+def test_dali_cannot_decode_a_gif(tmp_path):
+    """Why GIF is left out: one in the file list would stop the DALI pipeline."""
+    gradient_rgb().save(tmp_path / "x.jpg", "GIF")
+    with pytest.raises(RuntimeError, match="Critical error in pipeline"):
+        decode_with_dali([tmp_path / "x.jpg"])
+
+
 def test_bad_files_are_excluded_listed_and_warned(tree, caplog):
     add_bad_files(tree)
     with caplog.at_level(logging.WARNING, logger="fastreg.index"):
@@ -78,7 +179,7 @@ def test_bad_files_are_excluded_listed_and_warned(tree, caplog):
     assert bad_list.read_text().splitlines() == [f"{rel}\t{reason}" for rel, reason in idx.bad]
     listed = {line.rsplit(" ", 1)[0] for line in idx.file_list.read_text().splitlines()}
     assert len(listed) == len(idx.samples) == 15 and not listed & {rel for rel, _ in idx.bad}
-    assert f"left out {len(BAD)} of 20 images" in caplog.text and str(bad_list) in caplog.text
+    assert f"left out {len(BAD)} of {15 + len(BAD)} images" in caplog.text and str(bad_list) in caplog.text
 
 
 def test_thread_pool_agrees_with_in_thread_check(tree, tmp_path):
@@ -90,10 +191,10 @@ def test_thread_pool_agrees_with_in_thread_check(tree, tmp_path):
 
 def test_too_many_bad_files_fail_with_the_list(tree):
     add_bad_files(tree)
-    with pytest.raises(ValueError, match=r"5 of 20 images \(25.00%\).*max_bad_fraction=0.01") as err:
+    with pytest.raises(ValueError, match=r"3 of 18 images \(16.67%\).*max_bad_fraction=0.01") as err:
         index(tree)
     bad_list = next((tree.parent / "cache" / "index").glob("*/bad_files.txt"))
-    assert str(bad_list) in str(err.value) and len(bad_list.read_text().splitlines()) == 5
+    assert str(bad_list) in str(err.value) and len(bad_list.read_text().splitlines()) == 3
 
 
 def test_all_bad_fails_even_when_allowed(tmp_path):
@@ -183,11 +284,17 @@ def cli(*args):
 
 
 def test_cli_summary_and_failure(tree, tmp_path):
+    """The CLI keeps a CMYK JPEG and a PNG named .jpg, and leaves out the corrupt, truncated and empty files."""
     add_bad_files(tree)
+    add_odd_files(tree)
     ok = cli(tree, "--workers", "1", "--max-bad-fraction", "0.5", "--no-progress")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("15 good, 5 bad images in 3 classes") and "file_list.txt" in ok.stdout
-    assert "left out 5 of 20 images" in ok.stderr
+    assert ok.stdout.startswith("17 good, 3 bad images in 3 classes") and "file_list.txt" in ok.stdout
+    assert "left out 3 of 20 images" in ok.stderr
+    file_list = Path(ok.stdout.rsplit("DALI file_list: ", 1)[1].strip())
+    listed = file_list.read_text().splitlines()
+    assert {f"class1/{name}.jpg 1" for name in ODD_BUT_READABLE} <= set(listed)
+    assert not [line for line in listed if any(f"/{name}.jpg" in line for name in BAD)]
     failed = cli(tmp_path / "missing")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith(f"error: dataset root {tmp_path / 'missing'} does not exist")
@@ -198,7 +305,9 @@ def test_dali_reads_every_listed_file(tree):
     from nvidia.dali import fn, pipeline_def
 
     add_bad_files(tree)
+    add_odd_files(tree)  # a CMYK JPEG and a PNG named .jpg: kept, and decoded
     idx = index(tree, max_bad_fraction=0.5)
+    assert len(idx.samples) == 17
 
     @pipeline_def(batch_size=len(idx.samples), num_threads=1, device_id=None)
     def pipeline():

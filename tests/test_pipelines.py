@@ -1,13 +1,15 @@
 """The torchvision reference loader and the synthetic loader behind one interface (DALI: test_dali.py)."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from fastreg.config import DataConfig
 from fastreg.pipelines import build_loader
-from fastreg.pipelines.torchvision import eval_loader, train_transform
-from helpers import make_image_folder
+from fastreg.pipelines.torchvision import eval_loader, read_rgb, train_transform
+from helpers import add_odd_files, make_image_folder, noise
 
 CPU = torch.device("cpu")
 
@@ -54,6 +56,20 @@ def test_eval_loader_resizes_then_center_crops(tmp_path):
     assert ops[0].size == round(32 * 256 / 224) and ops[1].size == (32, 32)
     images, labels = next(iter(ld))
     assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_cmyk_and_png_files_are_read_as_rgb(tmp_path):
+    """The index keeps a CMYK JPEG and a PNG named .jpg; the reference loader decodes both by content, to RGB:
+    the PNG losslessly, the CMYK JPEG as R = (255 - C)(255 - K) / 255 of its decoded planes."""
+    root = make_image_folder(tmp_path, per_class=4)
+    add_odd_files(root)
+    png = read_rgb(str(root / "class1" / "png_named_jpg.jpg"))
+    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.asarray(noise()))
+    cmyk = np.asarray(Image.open(root / "class1" / "cmyk.jpg")).astype(float)
+    formula = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    assert np.abs(np.asarray(read_rgb(str(root / "class1" / "cmyk.jpg"))) - formula).max() <= 1
+    images, labels = next(iter(eval_loader(str(root), crop_size=24, batch_size=10, workers=0)))
+    assert images.shape == (10, 3, 24, 24) and labels.tolist() == [0] * 4 + [1] * 6
 
 
 def test_synthetic_loader():

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_module
 from fastreg.config import to_config
 from fastreg.distiller import build_distiller
 from fastreg.train import train
-from helpers import (BAD, add_bad_files, assert_equal_states, logged_lines, make_image_folder, step_losses,
-                     tiny_overrides, trained_state)
+from helpers import (BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, assert_equal_states, logged_lines,
+                     make_image_folder, step_losses, tiny_overrides, trained_state)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,24 +224,27 @@ def test_torch_compile_trains_and_saves_plain_keys(tmp_path):
 
 
 def test_bad_images_are_left_out_and_the_dali_run_completes(tmp_path, caplog):
-    """Corrupt, truncated, zero-byte, PNG-named-.jpg and CMYK files among 32 JPEGs: any one of them would kill
-    the DALI pipeline; the index leaves them out, warns, and training runs to the end."""
+    """Corrupt, truncated and zero-byte files among 32 JPEGs, a CMYK JPEG and a PNG named .jpg: any of the bad
+    ones would kill the DALI pipeline; the index leaves them out, warns, keeps the readable odd ones, and
+    training runs to the end over 34 images."""
     data = make_image_folder(tmp_path / "data", per_class=16)
     add_bad_files(data)
+    add_odd_files(data)
     out = tmp_path / "run"
     overrides = tiny_overrides(data, out) + ["data.loader=dali", "data.max_bad_fraction=0.2", "trainer.epochs=2",
                                              f"data.val_root={data}"]  # k-NN reads the same folder
     with caplog.at_level(logging.INFO):
         train(compose_cfg(overrides))
     log = (out / "train.log").read_text()
-    assert f"left out {len(BAD)} of {32 + len(BAD)} images" in log and "loader dali-cpu (4 batches/epoch)" in log
+    total = 32 + len(ODD_BUT_READABLE) + len(BAD)
+    assert f"left out {len(BAD)} of {total} images" in log and "loader dali-cpu (4 batches/epoch)" in log
     assert torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["step"] == 8
     assert "epoch 2 k-NN" in log
 
 
 def test_too_many_bad_images_stop_before_training(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=16)
-    add_bad_files(data)  # 5 of 37 = 13.5%, over the default 1%
+    add_bad_files(data)  # 3 of 35 = 8.6%, over the default 1%
     with pytest.raises(ValueError, match="data.max_bad_fraction=0.01"):
         train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["data.loader=dali"]))
 
@@ -249,7 +252,7 @@ def test_too_many_bad_images_stop_before_training(tmp_path):
 def test_an_index_error_on_rank_0_stops_every_rank(tmp_path):
     """Rank 0 decode-checks the data while the others wait: its error must reach them, not leave them hanging."""
     data = make_image_folder(tmp_path / "data", per_class=16)
-    add_bad_files(data)  # 5 of 37 bad, over the default 1%
+    add_bad_files(data)  # 3 of 35 bad, over the default 1%
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
