@@ -274,7 +274,10 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20  # k-NN: neighbours voting (cosine similarity, weighted by exp(sim / knn_t))
+    # k-NN during and after training: the knn_k nearest by cosine similarity vote twice, once each (SimReg's
+    # majority vote, eval_knn.py) and weighted by exp(sim / knn_t) (DINO's); logged as eval/knn<k>_majority,
+    # eval/knn<k>_weighted and eval/nn1
+    knn_k: int = 20
     knn_t: float = 0.07
     batch_size: int = 256
     workers: int = 8

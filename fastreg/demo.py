@@ -344,18 +344,24 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
 
 
 def print_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> None:
+    """The three k-NN figures (fastreg.eval.knn_accuracy's keys) of the teacher and the student before and after."""
     from rich.console import Console
     from rich.table import Table
 
-    closed = 100 * (after["knn"] - before["knn"]) / max(1e-9, teacher["knn"] - before["knn"])
-    table = Table(title=f"fastreg demo: SimReg {cfg.teachers[0].arch} -> {cfg.student.arch} "
-                        f"(val top-1 %, k={cfg.eval.knn_k})")
-    for col in ("model", "k-NN", "1-NN"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    from fastreg.eval import knn_label
+
+    k = cfg.eval.knn_k
+    keys = (knn_label(k, "majority"), knn_label(k, "weighted"), "nn1")
+    weighted = keys[1]
+    closed = 100 * (after[weighted] - before[weighted]) / max(1e-9, teacher[weighted] - before[weighted])
+    table = Table(title=f"fastreg demo: SimReg {cfg.teachers[0].arch} -> {cfg.student.arch} (val top-1 %)")
+    table.add_column("model")
+    for key in keys:
+        table.add_column(key, justify="right")
     for name, r in [(f"teacher {cfg.teachers[0].arch}", teacher), (f"student {cfg.student.arch}, untrained", before),
                     (f"student {cfg.student.arch}, distilled", after)]:
-        table.add_row(name, f"{r['knn']:.1f}", f"{r['nn1']:.1f}")
+        table.add_row(name, *(f"{r[key]:.1f}" for key in keys))
     console = Console()
     console.print(table)
-    console.print(f"the distilled student closes {closed:.0f}% of the k-NN gap between the untrained student and "
-                  f"the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})")
+    console.print(f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
+                  f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})")

@@ -1,21 +1,36 @@
-"""k-NN and linear-probe evaluation of a frozen student backbone.
+"""Evaluation of a frozen student backbone, by the protocols of the papers it reproduces.
 
-    python -m fastreg.eval runs/r18/ckpt_epoch0130.pt --linear
+    python -m fastreg.eval runs/r18/ckpt_epoch0130.pt --linear simreg
     python -m fastreg.eval resnet18_simreg.pt --arch resnet18 --train-root train/ --val-root val/
 
-k-NN follows DINO / InstDisc: cosine similarity between L2-normalized features; the k nearest bank
-features vote for their class with weight exp(sim / t). 1-NN (what SimReg reports) is the label of
-the nearest one. The linear probe follows CompRess: on frozen center-crop features,
-L2-normalize -> BatchNorm1d(affine=False) -> Linear, SGD for 40 epochs.
+k-NN (train images as the bank, val images as the queries, center crops), three figures:
+  knn<k>_majority  SimReg's (eval_knn.py faiss_knn): the k nearest bank features by L2 distance between
+                   L2-normalized features (the same order as cosine similarity), one vote each; the most
+                   votes win, a tie goes to a random one of the tied classes (here drawn from a fixed seed:
+                   see _majority_vote).
+  knn<k>_weighted  DINO / InstDisc: each of the k nearest adds exp(cos / t) to its class.
+  nn1              the label of the nearest one (SimReg's 1-NN: its majority vote at k=1).
+Linear evaluation (--linear, one or more of):
+  simreg  SimReg's eval_linear.py: a fresh RandomResizedCrop + flip of every training image each epoch
+          through the frozen backbone, L2-normalized, standardized by the train set's fixed mean and
+          variance, then a Linear; SGD lr 0.01, 40 epochs, lr x0.1 at 15 and 30.
+  moco    SEED's main_lincls.py (MoCo's): the same fresh crops, the raw feature into a Linear; SGD lr 30
+          x batch/256, weight decay 0, 100 epochs, lr x0.1 at 60 and 80.
+  cached  the fast variant: CompRess's L2Norm -> BatchNorm1d -> Linear on cached center-crop features,
+          40 epochs. No augmentation, so a little lower than simreg on ImageNet (SimReg's README says so
+          of its own cached variant, --use_cache), but no pass through the backbone per epoch.
+The linear figures are top-1 on the val set's center crops.
 
-The CLI caches features in a cache dir per (weights, data folder, crop size), so the linear probe
-and later runs reuse what k-NN extracted. `knn_eval`, which the trainer calls, never caches: its
-model changes between calls.
+The CLI caches the raw center-crop features in a cache dir per (weights, data folder, crop size,
+precision), so later runs and the linear protocols reuse what k-NN extracted. `knn_eval`, which the
+trainer calls, never caches: its model changes between calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +45,14 @@ from rich.table import Table
 from torch import nn
 
 from fastreg.checkpoint import atomic_save
+from fastreg.config import DataConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
-from fastreg.pipelines import eval_batches, resolve_loader
+from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
 from fastreg.students import STUDENTS, Student
 
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
+TIE_SEED = 0  # the majority vote's tie-break when no --seed is given (the trainer's k-NN)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast dtype
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fastreg" / "features"
 
 
@@ -45,53 +63,76 @@ def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def extract_features(
-    model: nn.Module, loader: Iterable, device: str | torch.device, amp_dtype: Optional[torch.dtype] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every batch of `loader`: (feats (N, D) float32 L2-normalized, labels (N,)), on the CPU.
-
-    `model` runs in eval mode (its mode is restored afterwards) under inference_mode, with autocast to
-    `amp_dtype` when given. Conv models get channels_last inputs, which makes cuDNN run channels_last
-    without converting the model's own parameters (the trainer's student keeps its layout).
-    """
-    device = torch.device(device)
-    channels_last = _has_conv(model)
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (BatchNorm uses and keeps its running statistics), its mode restored afterwards."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            for images, y in loader:
-                images = images.to(device, non_blocking=True)  # (B, 3, H, W)
-                if amp_dtype is None:
-                    images = images.float()  # DALI's GPU batches are float16; without autocast the model is fp32
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                f = model(images).float()  # (B, D)
-                feats.append(F.normalize(f, dim=1).cpu())
-                labels.append(y.cpu())
+        yield
     finally:
         model.train(was_training)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, device: torch.device,
+             amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """model(images) as (B, D) float32, under autocast to `amp_dtype` when given; call it without autograd.
+
+    Conv models get channels_last inputs, which makes cuDNN run channels_last without converting the
+    model's own parameters (the trainer's student keeps its layout).
+    """
+    images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+    if amp_dtype is None:
+        images = images.float()  # DALI's GPU batches may be float16; without autocast the model is fp32
+    if _has_conv(model):
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(images).float()
+
+
+def extract_features(
+    model: nn.Module, loader: Iterable, device: str | torch.device, amp_dtype: Optional[torch.dtype] = None,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every batch of `loader`: (feats (N, D) float32, labels (N,)), on the CPU.
+
+    The features are L2-normalized unless `normalize` is False (SEED's linear protocol reads the raw ones).
+    `model` runs in eval mode (its mode is restored afterwards) under inference_mode.
+    """
+    device = torch.device(device)
+    feats, labels = [], []
+    with _frozen(model), torch.inference_mode():
+        for images, y in loader:
+            f = _forward(model, images, device, amp_dtype)  # (B, D)
+            feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
+            labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
 
 
 # --------------------------------------------------------------------------------------------- k-NN
 
 
+def knn_label(k: int, vote: str) -> str:
+    """Result key of a k-NN figure: knn20_majority, knn20_weighted (the 1-NN figure is "nn1")."""
+    return f"knn{k}_{vote}"
+
+
 def _neighbours(
     bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: Optional[int]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per chunk of queries, the k most similar bank rows, nearest first: (sim (q, k), index (q, k)).
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per chunk of queries, (index of its first query, sim (q, k), index (q, k)) of the k most similar bank
+    rows, nearest first. On L2-normalized rows ||a - b||^2 = 2 - 2 a.b, so this is also SimReg's k nearest
+    by L2 distance (eval_knn.py faiss_knn, IndexFlatL2).
 
     The default chunk keeps the (q, N) similarity matrix under SIM_ELEMENTS entries.
     """
     step = chunk_size or max(1, SIM_ELEMENTS // bank.shape[0])
-    for q in queries.split(step):
-        sim = q.to(bank.device) @ bank.T  # (q, D) @ (D, N) -> (q, N)
-        yield sim.topk(min(k, bank.shape[0]), dim=1)
+    for start in range(0, queries.shape[0], step):
+        sim = queries[start : start + step].to(bank.device) @ bank.T  # (q, D) @ (D, N) -> (q, N)
+        yield start, *sim.topk(min(k, bank.shape[0]), dim=1)
 
 
-def _vote(sim: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
+def _weighted_vote(sim: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
     """Class scores (q, C): each neighbour adds exp(sim / t) to its class's score.
 
     The row's largest similarity is subtracted first (a common factor per row, so the argmax is the
@@ -102,6 +143,36 @@ def _vote(sim: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, t
     return scores.scatter_add_(1, neighbour_labels, weights)
 
 
+def tie_order(query: int, num_classes: int, seed: int) -> torch.Tensor:
+    """The majority vote's tie keys of global query index `query`: a random permutation of the classes (C,).
+
+    Its generator's seed is the first 4 bytes of blake2b("<seed>:<query>"): torch's CPU generator reads only
+    the low 32 bits of a seed, and a hash keeps (seed, query) pairs from sharing one.
+    """
+    digest = hashlib.blake2b(f"{seed}:{query}".encode(), digest_size=4).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.randperm(num_classes, generator=generator)
+
+
+def _majority_vote(neighbour_labels: torch.Tensor, num_classes: int, first_query: int, seed: int) -> torch.Tensor:
+    """SimReg's majority vote (eval_knn.py faiss_knn): the class (q,) with the most of the k neighbours.
+
+    SimReg breaks a tie by shuffling the (class, count) pairs with python's global RNG and taking the first
+    maximum: a uniformly random one of the tied classes, different in every run. Here query i's score of
+    class c is count[i, c] * C + tie_order(i)[c]. The keys are distinct and below C, so more votes always
+    win, and among tied classes the one with the larger key wins: still uniform among the tied classes,
+    but a function of (seed, i) alone, whatever the chunking or device. Keys are drawn only for rows whose
+    top count is shared; elsewhere they cannot change the winner.
+    """
+    counts = torch.zeros(neighbour_labels.shape[0], num_classes, dtype=torch.long, device=neighbour_labels.device)
+    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels))  # (q, C) votes
+    tied = ((counts == counts.max(1, keepdim=True).values).sum(1) > 1).nonzero().flatten().tolist()
+    keys = torch.zeros_like(counts)
+    if tied:
+        keys[tied] = torch.stack([tie_order(first_query + r, num_classes, seed) for r in tied]).to(keys.device)
+    return (counts * num_classes + keys).argmax(1)
+
+
 def knn_predict(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
@@ -110,27 +181,31 @@ def knn_predict(
     k: int = 20,
     t: float = 0.07,
     chunk_size: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted k-NN class (Q,), 1-NN class (Q,)) of each query, on bank's device, from one pass.
+    seed: int = TIE_SEED,
+) -> dict[str, torch.Tensor]:
+    """{"majority", "weighted", "nn1"}: each query's class (Q,) by the three votes, on bank's device, from one pass.
 
     bank (N, D) and queries (Q, D) are L2-normalized; k is clipped to N. `chunk_size` queries are
-    compared at a time (default: as many as keep the similarity matrix under SIM_ELEMENTS).
+    compared at a time (default: as many as keep the similarity matrix under SIM_ELEMENTS); `seed` draws
+    the majority vote's tie keys.
     """
     bank_labels = bank_labels.to(bank.device)
-    knn, nn1 = [], []
-    for sim, idx in _neighbours(bank, queries, k, chunk_size):
+    votes: dict[str, list[torch.Tensor]] = {"majority": [], "weighted": [], "nn1": []}
+    for start, sim, idx in _neighbours(bank, queries, k, chunk_size):
         neighbour_labels = bank_labels[idx]  # (q, k), nearest first
-        knn.append(_vote(sim, neighbour_labels, num_classes, t).argmax(1))
-        nn1.append(neighbour_labels[:, 0])
-    return torch.cat(knn), torch.cat(nn1)
+        votes["majority"].append(_majority_vote(neighbour_labels, num_classes, start, seed))
+        votes["weighted"].append(_weighted_vote(sim, neighbour_labels, num_classes, t).argmax(1))
+        votes["nn1"].append(neighbour_labels[:, 0])
+    return {name: torch.cat(v) for name, v in votes.items()}
 
 
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, **options) -> dict[str, float]:
-    """{"knn": weighted k-NN top-1 %, "nn1": 1-NN top-1 %}; options (k, t, chunk_size) as knn_predict's."""
-    knn, nn1 = knn_predict(bank, bank_labels, queries, num_classes, **options)
-    y = query_labels.to(knn.device)
-    return {"knn": 100.0 * (knn == y).double().mean().item(), "nn1": 100.0 * (nn1 == y).double().mean().item()}
+                 num_classes: int, k: int = 20, **options) -> dict[str, float]:
+    """Top-1 % as {knn<k>_majority, knn<k>_weighted, nn1}; options (t, chunk_size, seed) as knn_predict's."""
+    preds = knn_predict(bank, bank_labels, queries, num_classes, k=k, **options)
+    y = query_labels.to(bank.device)
+    names = {knn_label(k, "majority"): "majority", knn_label(k, "weighted"): "weighted", "nn1": "nn1"}
+    return {key: 100.0 * (preds[vote] == y).double().mean().item() for key, vote in names.items()}
 
 
 def knn_eval(
@@ -147,8 +222,8 @@ def knn_eval(
     loader: str = "auto",
     **index_options,
 ) -> dict[str, float]:
-    """knn_accuracy of `model` with train_root's images as the bank and val_root's as the queries;
-    `loader` is the data.loader that decodes them (auto: DALI when it can be imported), index_options
+    """knn_accuracy's three figures for `model`, with train_root's images as the bank and val_root's as the
+    queries; `loader` is the data.loader that decodes them (auto: DALI when it can be imported), index_options
     (max_bad_fraction, progress) go to the dataset index.
 
     Nothing is cached: during training the model changes between calls.
@@ -199,25 +274,28 @@ def cached_features(
     amp_dtype: Optional[torch.dtype] = None,
     loader: str = "auto",
 ) -> dict:
-    """Center-crop features of the ImageFolder `root`, extracted once and then read from `cache_dir`.
+    """Raw (not normalized) center-crop features of the ImageFolder `root`, extracted once and then read from
+    `cache_dir`.
 
     The file is `<slot>-<key>.pt`:
       slot = hash(tag, root, crop size): which features these are (`tag` names the model, the CLI
              passes the checkpoint's absolute path). Writing a new key for a slot deletes the old one,
              so a checkpoint overwritten at the same path does not pile up files.
-      key  = hash(digest of the model's weights, mtimes of root and its class folders, amp dtype, loader):
-             new weights, an edited folder, another precision or decoder give a new key, never a stale file.
-    Returns {"feats": (N, D) float32 L2-normalized, "labels": (N,), "classes": class names or None,
+      key  = hash(digest of the model's weights, mtimes of root and its class folders, amp dtype, loader,
+             "raw"): new weights, an edited folder, another precision or decoder give a new key, never a
+             stale file ("raw" keeps out the L2-normalized features that earlier versions cached).
+    Returns {"feats": (N, D) float32 raw, "labels": (N,), "classes": class names or None,
     "cached": whether it was read from the cache}.
     """
     root = os.path.abspath(root)
     cache_dir = Path(cache_dir)
     slot = _hash(tag, root, crop_size)
-    path = cache_dir / f"{slot}-{_hash(weights_digest(model), folder_stamp(root), str(amp_dtype), resolve_loader(loader))}.pt"
+    key = _hash(weights_digest(model), folder_stamp(root), str(amp_dtype), resolve_loader(loader), "raw")
+    path = cache_dir / f"{slot}-{key}.pt"
     if path.is_file():
         return {**torch.load(path, map_location="cpu", weights_only=True), "cached": True}
     batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
-    feats, labels = extract_features(model, batches, device, amp_dtype)
+    feats, labels = extract_features(model, batches, device, amp_dtype, normalize=False)
     entry = {"feats": feats, "labels": labels, "classes": batches.classes}
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"{slot}-*.pt"):
@@ -232,6 +310,15 @@ def cached_features(
 class L2Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1)
+
+
+def _normal_linear(dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """Linear(dim, C) with N(0, 0.01) weights drawn from `seed` and zero bias (MoCo's and SEED's main_lincls.py
+    main_worker init of the fc)."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 def make_probe(
@@ -249,9 +336,7 @@ def make_probe(
     The schedule multiplies lr by 0.1 at each milestone; step it once per epoch. The Linear starts
     from N(0, 0.01) weights and zero bias, drawn from `seed`.
     """
-    linear = nn.Linear(dim, num_classes)
-    nn.init.normal_(linear.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
-    nn.init.zeros_(linear.bias)
+    linear = _normal_linear(dim, num_classes, seed)
     probe = nn.Sequential(L2Norm(), nn.BatchNorm1d(dim, affine=False), linear).to(device)
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     return probe, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.1)
@@ -300,6 +385,116 @@ def linear_probe(
         _train_epoch(probe, optimizer, feats, labels, batch_size, gen)
         schedule.step()
     return _top1(probe, val_feats.to(device), val_labels.to(device), batch_size)
+
+
+# ------------------------------------------------------------------- linear protocols on fresh crops
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRecipe:
+    """The optimisation of one linear protocol: SGD on the Linear alone, its lr set at each epoch's start."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # simreg, cached: the lr; moco: the lr at batch 256 (`scale_lr`)
+    momentum: float
+    weight_decay: float
+    milestones: tuple[int, ...]  # lr x 0.1 from each of these epochs on
+    warmup_epochs: int = 0
+    scale_lr: bool = False  # the lr after warmup is lr x batch_size / 256
+
+    def lr_at(self, epoch: int) -> float:
+        """lr of epoch `epoch` (0-based), in closed form.
+
+        SEED's main_lincls.py adjust_learning_rate: target = lr x batch/256; during warmup
+        lr + (target - lr) x epoch / warmup_epochs (flat at batch 256), then target; x 0.1 per milestone
+        passed. With no warmup and no scaling it is SimReg's MultiStepLR stepped once per epoch.
+        """
+        target = self.lr * self.batch_size / 256 if self.scale_lr else self.lr
+        lr = self.lr + (target - self.lr) * epoch / self.warmup_epochs if epoch < self.warmup_epochs else target
+        return lr * 0.1 ** sum(epoch >= m for m in self.milestones)
+
+
+RECIPES = {
+    # SimReg eval_linear.py's argparse defaults: lr 0.01, momentum 0.9, wd 1e-4, batch 256, 40 epochs,
+    # --lr_schedule 15,30,40 (the drop at 40 only matters with more epochs).
+    "simreg": LinearRecipe(40, 256, 0.01, 0.9, 1e-4, (15, 30, 40)),
+    # SEED main_lincls.py: lr 30 x batch/256, momentum 0.9, wd 0, 100 epochs, --schedule 60 80, 5 warmup epochs.
+    "moco": LinearRecipe(100, 256, 30.0, 0.9, 0.0, (60, 80), warmup_epochs=5, scale_lr=True),
+    # CompRess's probe, as SimReg's schedule, on cached features (linear_probe).
+    "cached": LinearRecipe(40, 256, 0.01, 0.9, 1e-4, (15, 30)),
+}
+
+
+class FullBatchNorm(nn.Module):
+    """(x - mean) / sqrt(var + 1e-5) with fixed (D,) statistics: SimReg eval_linear.py FullBatchNorm."""
+
+    def __init__(self, var: torch.Tensor, mean: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_std", (var + 1e-5).rsqrt())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+def simreg_head(train_feats: torch.Tensor, num_classes: int, seed: int = 0) -> nn.Sequential:
+    """SimReg eval_linear.py main_worker's classifier: Normalize -> FullBatchNorm -> Linear(D, C).
+
+    The statistics are torch.var_mean (unbiased var) over the L2-normalized center-crop train features
+    (N, D), computed once: the augmented crops it then trains on are standardized by these, never by their
+    own batch. The Linear keeps PyTorch's default init, as SimReg's, drawn from `seed`.
+    """
+    var, mean = torch.var_mean(F.normalize(train_feats.float(), dim=1), dim=0)  # (D,), (D,)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = nn.Linear(train_feats.shape[1], num_classes)
+    return nn.Sequential(L2Norm(), FullBatchNorm(var, mean), linear)
+
+
+def moco_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
+    """SEED main_lincls.py's classifier: the raw feature into a Linear(D, C), N(0, 0.01) weights, zero bias."""
+    return _normal_linear(dim, num_classes, seed)
+
+
+def augmented_views(root: str, crop_size: int, batch_size: int, workers: int, loader: str, device: torch.device,
+                    seed: int, channels_last: bool, half: bool) -> Loader:
+    """The training views of both augmented protocols, a fresh draw every epoch: RandomResizedCrop(crop_size)
+    at torchvision's default scale (0.08, 1) and ratio (3/4, 4/3), then a horizontal flip (SimReg
+    eval_linear.py and SEED main_lincls.py train_transform), labelled, from the training loader of `loader`.
+
+    That loader drops the last partial batch (floor(N / batch) batches an epoch) where the papers'
+    DataLoader keeps it: at ImageNet's 1.28M images and batch 256, 255 of 1.28M images are left out per epoch.
+    """
+    if loader == "synthetic":
+        raise ValueError("data.loader=synthetic makes random images: pass --loader auto, dali or torchvision")
+    cfg = DataConfig(root=root, crop_size=crop_size, scale=[0.08, 1.0], augment="weak", batch_size=batch_size,
+                     workers=workers, loader=loader)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return build_loader(cfg, rank=0, world_size=1, seed=seed, device=device, memory_format=memory_format, half=half)
+
+
+def train_on_views(backbone: nn.Module, head: nn.Module, recipe: LinearRecipe, views: Loader, device: torch.device,
+                   amp_dtype: Optional[torch.dtype] = None) -> None:
+    """Train `head` on the frozen `backbone`'s features of `views.epoch(e)` for recipe.epochs epochs.
+
+    The backbone stays in eval mode (its BatchNorm statistics are part of the features: main_lincls.py
+    train()); SGD updates the head alone, its lr set to recipe.lr_at(epoch) at each epoch's start.
+    """
+    optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr_at(0), momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    head.train()
+    with _frozen(backbone):
+        for epoch in range(recipe.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr_at(epoch)
+            for images, labels in views.epoch(epoch):
+                with torch.no_grad():
+                    feats = _forward(backbone, images, device, amp_dtype)  # (B, D)
+                loss = F.cross_entropy(head(feats), labels.to(device))  # (B, C)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -367,12 +562,48 @@ def _settings(args: argparse.Namespace, config: dict) -> argparse.Namespace:
     return s
 
 
+def _recipe(name: str, args: argparse.Namespace) -> LinearRecipe:
+    """RECIPES[name] with the --linear-epochs, --linear-batch-size and --linear-lr that were given."""
+    given = {"epochs": args.linear_epochs, "batch_size": args.linear_batch_size, "lr": args.linear_lr}
+    for key, value in given.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--linear-{key.replace('_', '-')} must be positive, got {value}")
+    return dataclasses.replace(RECIPES[name], **{k: v for k, v in given.items() if v is not None})
+
+
+def linear_eval(name: str, recipe: LinearRecipe, backbone: nn.Module, train: dict, val: dict, num_classes: int,
+                s: argparse.Namespace, device: torch.device, amp_dtype: Optional[torch.dtype], seed: int) -> float:
+    """Top-1 % on val's center crops of the linear protocol `name` (simreg, moco, cached) trained on train.
+
+    train and val are cached_features entries (raw center-crop features); the heads normalize what they need.
+    """
+    if name == "cached":
+        return linear_probe(train["feats"], train["labels"], val["feats"], val["labels"], num_classes,
+                            epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                            momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                            milestones=recipe.milestones, device=device, seed=seed)
+    n_train = len(train["labels"])
+    if recipe.batch_size > n_train:
+        raise ValueError(f"--linear {name}: a batch of {recipe.batch_size} is more than the {n_train} images of "
+                         f"{s.train_root}, and the augmented protocols train on full batches only; pass "
+                         f"--linear-batch-size {n_train} or less")
+    if name == "simreg":
+        head = simreg_head(train["feats"], num_classes, seed)
+    else:
+        head = moco_head(train["feats"].shape[1], num_classes, seed)
+    head.to(device)
+    views = augmented_views(s.train_root, s.crop_size, recipe.batch_size, s.workers, s.loader, device, seed,
+                            channels_last=_has_conv(backbone), half=amp_dtype is not None)
+    train_on_views(backbone, head, recipe, views, device, amp_dtype)
+    return _top1(head, val["feats"].to(device), val["labels"].to(device), recipe.batch_size)
+
+
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
     backbone, arch, config = load_student(args.checkpoint, args.arch)
     s = _settings(args, config)
     device = _pick_device(args.device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp_dtype = PRECISIONS[args.precision]
     backbone.to(device)
     tag = str(Path(args.checkpoint).resolve())
     train, val = (
@@ -383,49 +614,79 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
         raise ValueError(f"{s.train_root} and {s.val_root} have different class folders: labels would not match")
     num_classes = len(train["classes"]) if train["classes"] else int(max(train["labels"].max(), val["labels"].max())) + 1
-    results = knn_accuracy(train["feats"].to(device), train["labels"], val["feats"], val["labels"], num_classes,
-                           k=s.k, t=s.t)
-    if args.linear:
-        results["linear"] = linear_probe(
-            train["feats"], train["labels"], val["feats"], val["labels"], num_classes, epochs=args.linear_epochs, device=device
-        )
+    bank, queries = (F.normalize(x["feats"], dim=1) for x in (train, val))
+    results = knn_accuracy(bank.to(device), train["labels"], queries, val["labels"], num_classes, k=s.k, t=s.t,
+                           seed=args.seed)
+    recipes = {name: _recipe(name, args) for name in args.linear}
+    for name, recipe in recipes.items():
+        results[f"linear_{name}"] = linear_eval(name, recipe, backbone, train, val, num_classes, s, device, amp_dtype,
+                                                args.seed)
     facts = {"arch": arch, "settings": s, "device": device, "n_train": len(train["labels"]), "n_val": len(val["labels"]),
-             "cached": train["cached"] and val["cached"]}
+             "cached": train["cached"] and val["cached"], "recipes": recipes}
     return results, facts
+
+
+def _protocols(args: argparse.Namespace, facts: dict) -> dict[str, str]:
+    """What each result key measured, for the table."""
+    s = facts["settings"]
+    rows = {
+        knn_label(s.k, "majority"): f"SimReg eval_knn.py: most of the {s.k} nearest, ties by seed {args.seed}",
+        knn_label(s.k, "weighted"): f"{s.k} nearest, each adds exp(cos / {s.t})",
+        "nn1": "label of the nearest",
+    }
+    sources = {"simreg": "SimReg eval_linear.py: fresh crops, standardized",
+               "moco": "SEED main_lincls.py: fresh crops, raw feature",
+               "cached": "cached center crops (a little lower)"}
+    for name, r in facts["recipes"].items():
+        lr = f"lr {r.lr:g} x {r.batch_size}/256" if r.scale_lr else f"lr {r.lr:g}"
+        rows[f"linear_{name}"] = f"{sources[name]}, {r.epochs} epochs, batch {r.batch_size}, {lr}"
+    return rows
 
 
 def _report(args: argparse.Namespace, results: dict[str, float], facts: dict) -> None:
     s = facts["settings"]
     table = Table(title=f"{Path(args.checkpoint).name} ({facts['arch']}, crop {s.crop_size})")
-    table.add_column("metric")
+    table.add_column("figure")
     table.add_column("top-1 %", justify="right")
-    table.add_row(f"k-NN (k={s.k}, t={s.t})", f"{results['knn']:.2f}")
-    table.add_row("1-NN", f"{results['nn1']:.2f}")
-    if "linear" in results:
-        table.add_row(f"linear probe ({args.linear_epochs} epochs)", f"{results['linear']:.2f}")
+    protocols = _protocols(args, facts)
+    for key in protocols:
+        table.add_row(key, f"{results[key]:.2f}")
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
+    width = max(map(len, protocols))
+    for key, protocol in protocols.items():  # below the table, which would wrap them at the terminal's width
+        console.print(f"{key:<{width}}  {protocol}")
     console.print(f"bank:     {facts['n_train']} images in {s.train_root}")
     console.print(f"queries:  {facts['n_val']} images in {s.val_root}")
     source = "read from the cache" if facts["cached"] else "extracted and cached"
-    console.print(f"features: {source} in {args.cache_dir}, on {facts['device']}")
+    console.print(f"features: {source} in {args.cache_dir}, on {facts['device']}, {args.precision}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fastreg.eval", description="k-NN, 1-NN and linear-probe top-1 of a student.")
+    p = argparse.ArgumentParser(prog="python -m fastreg.eval",
+                                description="k-NN (majority, weighted), 1-NN and linear top-1 of a student.")
     p.add_argument("checkpoint", help="trainer checkpoint, or a student exported by fastreg.export (then --arch and roots are required)")
     p.add_argument("--arch", choices=list(STUDENTS), help="student arch (default: the checkpoint's config)")
-    p.add_argument("--train-root", help="ImageFolder of the k-NN bank / probe training set (default: data.knn_train_root or data.root)")
-    p.add_argument("--val-root", help="ImageFolder of the queries / probe test set (default: data.val_root)")
-    p.add_argument("--crop-size", type=int, help="center crop (default: data.crop_size, else 224)")
-    p.add_argument("--linear", action="store_true", help="also train CompRess's linear probe on the cached features")
-    p.add_argument("--linear-epochs", type=int, default=40)
+    p.add_argument("--train-root", help="ImageFolder of the k-NN bank / linear training set (default: data.knn_train_root or data.root)")
+    p.add_argument("--val-root", help="ImageFolder of the queries / linear test set (default: data.val_root)")
+    p.add_argument("--crop-size", type=int, help="center and random-resized crop (default: data.crop_size, else 224)")
+    p.add_argument("--linear", nargs="+", choices=list(RECIPES), default=[], metavar="PROTOCOL",
+                   help="also train linear classifiers by these protocols: simreg (SimReg's), moco (SEED's), cached "
+                        "(fast, on cached center-crop features)")
+    p.add_argument("--linear-epochs", type=int, help="default: the protocol's (simreg 40, moco 100, cached 40)")
+    p.add_argument("--linear-batch-size", type=int, help="default: 256")
+    p.add_argument("--linear-lr", type=float,
+                   help="default: the protocol's (simreg 0.01, cached 0.01, moco 30 at batch 256, scaled by batch/256)")
     p.add_argument("--k", type=int, help="k-NN neighbours (default: eval.knn_k, else 20)")
-    p.add_argument("--t", type=float, help="k-NN temperature (default: eval.knn_t, else 0.07)")
-    p.add_argument("--batch-size", type=int, help="default: eval.batch_size, else 256")
+    p.add_argument("--t", type=float, help="weighted k-NN temperature (default: eval.knn_t, else 0.07)")
+    p.add_argument("--seed", type=int, default=TIE_SEED,
+                   help="seed of the majority vote's tie-break, the linear heads' init and the random crops")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="autocast dtype of the backbone's forward (default fp32)")
+    p.add_argument("--batch-size", type=int, help="feature extraction batch (default: eval.batch_size, else 256)")
     p.add_argument("--workers", type=int, help="DataLoader workers or DALI threads (default: eval.workers, else min(8, CPUs))")
     p.add_argument("--loader", choices=("auto", "dali", "torchvision"),
-                   help="decoder of the center crops (default: data.loader, else auto: DALI when installed)")
+                   help="decoder of the images (default: data.loader, else auto: DALI when installed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"feature cache (default: {DEFAULT_CACHE})")
     args = p.parse_args(argv)

@@ -460,7 +460,8 @@ class Trainer:
         return self.cfg.data.val_root is not None and (last or (every > 0 and self.epoch % every == 0))
 
     def evaluate(self) -> dict[str, float]:
-        """k-NN of the student's pooled feature (rank 0; the others wait at the barrier)."""
+        """knn_eval's figures (knn<k>_majority, knn<k>_weighted, nn1) of the student's pooled feature (rank 0; the
+        others wait at the barrier)."""
         results: dict[str, float] = {}
         if self.is_main:
             from fastreg.eval import knn_eval

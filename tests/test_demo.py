@@ -111,3 +111,19 @@ def test_teacher_trains_and_is_cached(small_root, tmp_path, monkeypatch):
 def test_teacher_training_is_seeded(small_root):
     a, b = (demo.train_demo_teacher(small_root, epochs=1) for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_table_shows_the_three_knn_figures(capsys):
+    from fastreg.config import TeacherConfig, TrainConfig
+
+    cfg = TrainConfig(teachers=[TeacherConfig(arch="cnn_small")], demo=True)  # the demo fills in the paths
+    cfg.eval.knn_k = 5
+
+    def figures(majority, weighted, nn1):
+        return {"knn5_majority": majority, "knn5_weighted": weighted, "nn1": nn1}
+
+    demo.print_table(cfg, figures(80.0, 85.0, 78.0), figures(10.0, 12.0, 11.0), figures(45.0, 48.5, 58.0))
+    out = capsys.readouterr().out
+    assert "knn5_majority" in out and "knn5_weighted" in out and "nn1" in out
+    assert "48.5" in out and "58.0" in out
+    assert "closes 50% of the knn5_weighted gap" in out  # (48.5 - 12) / (85 - 12)

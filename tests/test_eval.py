@@ -1,10 +1,11 @@
-"""fastreg.eval: k-NN against independent references, the linear probe, the feature cache and the CLI."""
+"""fastreg.eval: k-NN against independent references, the linear protocols, the feature cache and the CLI."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from fastreg import eval as ev
 from fastreg.pipelines.torchvision import eval_loader
 from fastreg.students import Student
+from helpers import make_image_folder, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -43,6 +45,24 @@ def _reference_knn(bank, bank_labels, queries, num_classes, k, t):
             votes[int(bank_labels[i])] += math.exp(sims[i] / t)
         preds.append(max(range(num_classes), key=lambda c: votes[c]))
     return preds
+
+
+def _reference_majority(bank, bank_labels, queries, num_classes, k, seed):
+    """SimReg's vote written out with python loops in float64: the k nearest by L2 distance, a Counter of their
+    labels; among the classes with the most votes the one whose tie key (ev.tie_order, the documented random
+    draw) is largest. Also returns which queries had a tie."""
+    bank, queries = bank.double().numpy(), queries.double().numpy()
+    preds, tied = [], []
+    for i, q in enumerate(queries):
+        dists = [float(np.sum((q - b) ** 2)) for b in bank]
+        nearest = sorted(range(len(dists)), key=lambda j: dists[j])[:k]
+        votes = Counter(int(bank_labels[j]) for j in nearest)
+        top = max(votes.values())
+        leaders = [c for c, n in votes.items() if n == top]
+        keys = ev.tie_order(i, num_classes, seed).tolist()
+        preds.append(max(leaders, key=lambda c: keys[c]))
+        tied.append(len(leaders) > 1)
+    return preds, tied
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=6, size=32):
@@ -82,11 +102,11 @@ def _trainer_checkpoint(path, arch, train_root, val_root, crop=32, seed=0):
 @pytest.mark.parametrize("k, t, chunk_size", [(1, 0.07, None), (5, 0.07, 7), (20, 0.07, 1), (20, 0.5, None)])
 def test_knn_matches_brute_force_reference(k, t, chunk_size):
     bank, bank_labels, queries, query_labels = _clusters(200, 60, num_classes=5, dim=16, spread=1.2)
-    preds, _ = ev.knn_predict(bank, bank_labels, queries, 5, k=k, t=t, chunk_size=chunk_size)
+    preds = ev.knn_predict(bank, bank_labels, queries, 5, k=k, t=t, chunk_size=chunk_size)["weighted"]
     assert preds.tolist() == _reference_knn(bank, bank_labels, queries, 5, k, t)
     acc = ev.knn_accuracy(bank, bank_labels, queries, query_labels, 5, k=k, t=t, chunk_size=chunk_size)
-    assert acc["knn"] == pytest.approx(100.0 * (preds == query_labels).float().mean().item())
-    assert 20 < acc["knn"] < 100  # the clusters overlap: a non-trivial case
+    assert acc[f"knn{k}_weighted"] == pytest.approx(100.0 * (preds == query_labels).float().mean().item())
+    assert 20 < acc[f"knn{k}_weighted"] < 100  # the clusters overlap: a non-trivial case
 
 
 def test_nn1_matches_sklearn():
@@ -95,8 +115,9 @@ def test_nn1_matches_sklearn():
     sk_preds = torch.from_numpy(sk.predict(queries.numpy()))
     acc = ev.knn_accuracy(bank, bank_labels, queries, query_labels, 4, k=20, t=0.07)
     assert acc["nn1"] == pytest.approx(100.0 * (sk_preds == query_labels).float().mean().item())
-    assert ev.knn_predict(bank, bank_labels, queries, 4, k=1)[0].tolist() == sk_preds.tolist()
-    assert ev.knn_predict(bank, bank_labels, queries, 4, k=20)[1].tolist() == sk_preds.tolist()
+    at_1 = ev.knn_predict(bank, bank_labels, queries, 4, k=1)
+    assert at_1["weighted"].tolist() == at_1["majority"].tolist() == sk_preds.tolist()
+    assert ev.knn_predict(bank, bank_labels, queries, 4, k=20)["nn1"].tolist() == sk_preds.tolist()
 
 
 def test_similarity_weighting_overrules_majority():
@@ -104,14 +125,53 @@ def test_similarity_weighting_overrules_majority():
     bank = F.normalize(torch.tensor([[1.0, 0.05], [0.5, 0.866], [0.5, -0.866], [-1.0, 0.0]]), dim=1)
     bank_labels = torch.tensor([0, 1, 1, 0])
     query = torch.tensor([[1.0, 0.0]])
-    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=0.07)[0].item() == 0  # exp(1/.07) >> 2 exp(.5/.07)
-    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=1e4)[0].item() == 1  # flat weights = majority vote
+    preds = ev.knn_predict(bank, bank_labels, query, 2, k=3, t=0.07)
+    assert preds["weighted"].item() == 0  # exp(1/.07) >> 2 exp(.5/.07)
+    assert preds["majority"].item() == 1  # two votes against one
+    assert ev.knn_predict(bank, bank_labels, query, 2, k=3, t=1e4)["weighted"].item() == 1  # flat weights = majority
 
 
 def test_tiny_temperature_stays_finite():
     bank, bank_labels, queries, _ = _clusters(100, 30, num_classes=3, dim=8, spread=1.0, seed=2)
-    preds, nn1 = ev.knn_predict(bank, bank_labels, queries, 3, k=10, t=1e-3)  # exp(1/1e-3) overflows without the shift
-    assert preds.tolist() == ev.knn_predict(bank, bank_labels, queries, 3, k=1)[0].tolist() == nn1.tolist()
+    preds = ev.knn_predict(bank, bank_labels, queries, 3, k=10, t=1e-3)  # exp(1/1e-3) overflows without the shift
+    assert preds["weighted"].tolist() == preds["nn1"].tolist()
+
+
+@pytest.mark.parametrize("k, chunk_size, seed", [(4, None, 0), (6, 7, 0), (20, 1, 3), (2, 5, 1)])
+def test_majority_matches_brute_force_count_with_the_tie_rule(k, chunk_size, seed):
+    bank, bank_labels, queries, query_labels = _clusters(120, 80, num_classes=6, dim=4, spread=2.0, seed=seed)
+    expected, tied = _reference_majority(bank, bank_labels, queries, 6, k, seed)
+    assert sum(tied) >= 5  # the case under test: ties at the top of the vote
+    preds = ev.knn_predict(bank, bank_labels, queries, 6, k=k, chunk_size=chunk_size, seed=seed)["majority"]
+    assert preds.tolist() == expected
+    acc = ev.knn_accuracy(bank, bank_labels, queries, query_labels, 6, k=k, chunk_size=chunk_size, seed=seed)
+    assert acc[f"knn{k}_majority"] == pytest.approx(100.0 * np.mean(np.array(expected) == query_labels.numpy()))
+
+
+def test_majority_ties_go_to_a_tied_class_both_ways_and_ignore_chunking():
+    # Every query sits on e1 (400 copies, which differ only in their index and so in their tie keys). Its 5
+    # nearest: 2 of class 1 and 2 of class 3 (cos 0.99 and 0.98), 1 of class 0 (cos 0.97); classes 2 and 4 are
+    # far away. So 1 and 3 tie, and class 0's single vote must never win.
+    def at(cos, sign=1.0):
+        return [cos, sign * math.sqrt(1 - cos**2), 0.0]
+
+    bank = torch.tensor([at(0.99), at(0.99, -1), at(0.98), at(0.98, -1), at(0.97), [-1.0, 0, 0], [0, 0, -1.0]])
+    bank_labels = torch.tensor([1, 3, 3, 1, 0, 2, 4])
+    queries = torch.tensor([[1.0, 0, 0]]).repeat(400, 1)
+    preds = ev.knn_predict(bank, bank_labels, queries, 5, k=5)["majority"]
+    assert set(preds.tolist()) == {1, 3}
+    assert 0.4 < (preds == 1).float().mean().item() < 0.6  # a fair draw: 400 queries, sd 0.025
+    for chunk_size in (1, 7, 400):
+        assert torch.equal(ev.knn_predict(bank, bank_labels, queries, 5, k=5, chunk_size=chunk_size)["majority"], preds)
+    again = ev.knn_predict(bank, bank_labels, queries, 5, k=5, seed=1)["majority"]
+    assert set(again.tolist()) == {1, 3} and not torch.equal(again, preds)  # the seed draws the ties
+
+
+def test_tie_order_is_a_permutation_fixed_by_seed_and_query():
+    order = ev.tie_order(7, 10, seed=0)
+    assert sorted(order.tolist()) == list(range(10))
+    assert torch.equal(order, ev.tie_order(7, 10, seed=0))
+    assert not torch.equal(order, ev.tie_order(8, 10, seed=0)) and not torch.equal(order, ev.tie_order(7, 10, seed=1))
 
 
 # ------------------------------------------------------------------------------------- linear probe
@@ -152,6 +212,103 @@ def test_linear_probe_steps_the_schedule_once_per_epoch(monkeypatch):
     ev.linear_probe(train, train_y, val, val_y, 2, batch_size=16)  # 3 steps per epoch, 40 epochs
     assert len(seen) == 120
     assert seen[:45] == [0.01] * 45 and seen[45:90] == pytest.approx([1e-3] * 45) and seen[90:] == pytest.approx([1e-4] * 30)
+
+
+@pytest.mark.parametrize("batch, expected", [
+    # epoch: lr, worked out by hand from main_lincls.py adjust_learning_rate (lr 30, warmup 5, steps 60/80)
+    (256, {0: 30, 1: 30, 4: 30, 5: 30, 59: 30, 60: 3, 79: 3, 80: 0.3, 99: 0.3}),
+    (512, {0: 30, 1: 36, 2: 42, 4: 54, 5: 60, 59: 60, 60: 6, 79: 6, 80: 0.6, 99: 0.6}),
+    (128, {0: 30, 1: 27, 3: 21, 4: 18, 5: 15, 59: 15, 60: 1.5, 80: 0.15}),
+    (1024, {0: 30, 1: 48, 4: 102, 5: 120, 60: 12, 80: 1.2}),
+])
+def test_moco_lr_schedule_in_closed_form(batch, expected):
+    recipe = ev.dataclasses.replace(ev.RECIPES["moco"], batch_size=batch)
+    assert {e: recipe.lr_at(e) for e in expected} == pytest.approx(expected)
+    assert (recipe.epochs, recipe.momentum, recipe.weight_decay) == (100, 0.9, 0.0)
+
+
+def test_simreg_recipe_and_schedule_steps_at_15_and_30():
+    recipe = ev.RECIPES["simreg"]
+    assert (recipe.epochs, recipe.batch_size, recipe.momentum, recipe.weight_decay) == (40, 256, 0.9, 1e-4)
+    lrs = [recipe.lr_at(e) for e in range(40)]
+    assert lrs[:15] == [0.01] * 15 and lrs[15:30] == pytest.approx([1e-3] * 15) and lrs[30:] == pytest.approx([1e-4] * 10)
+    assert ev.dataclasses.replace(recipe, batch_size=512).lr_at(0) == 0.01  # SimReg does not scale lr by batch
+
+
+def test_simreg_head_standardizes_by_the_fixed_train_statistics():
+    g = torch.Generator().manual_seed(0)
+    train = 3 * torch.randn(50, 4, generator=g) + torch.tensor([5.0, -1, 0, 2])  # raw features, not normalized
+    head = ev.simreg_head(train, num_classes=3)
+    assert [type(m).__name__ for m in head] == ["L2Norm", "FullBatchNorm", "Linear"]
+    assert sum(p.numel() for p in head.parameters()) == 4 * 3 + 3  # only the Linear trains
+
+    # by hand, float64: z = x / |x|, mean_j = sum_i z_ij / N, var_j = sum_i (z_ij - mean_j)^2 / (N - 1)
+    z = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in train.double().tolist()]
+    mean = [sum(row[j] for row in z) / 50 for j in range(4)]
+    var = [sum((row[j] - mean[j]) ** 2 for row in z) / 49 for j in range(4)]
+    batch = torch.randn(6, 4, generator=g)  # another batch: its own statistics must not matter
+    zb = F.normalize(batch.double(), dim=1)
+    expected = (zb - torch.tensor(mean)) / torch.sqrt(torch.tensor(var) + 1e-5)
+    for mode in (True, False):
+        torch.testing.assert_close(head[:2].train(mode)(batch).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_moco_head_is_a_plain_linear_with_small_normal_init():
+    head = ev.moco_head(512, 100, seed=1)
+    assert isinstance(head, torch.nn.Linear) and torch.all(head.bias == 0)
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05) and abs(head.weight.mean().item()) < 1e-3
+
+
+class _Views:
+    """A stand-in for the training loader: 3 batches of 4 random images per epoch, 2 classes."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def epoch(self, e):
+        self.epochs.append(e)
+        g = torch.Generator().manual_seed(e)
+        for _ in range(3):
+            yield torch.randn(4, 3, 16, 16, generator=g), torch.randint(2, (4,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["simreg", "moco"])
+def test_train_on_views_sets_the_lr_per_epoch_and_keeps_the_backbone_frozen(name):
+    backbone = Student("cnn_tiny").backbone.train()
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train_feats = torch.randn(20, 64)
+    head = ev.simreg_head(train_feats, 2) if name == "simreg" else ev.moco_head(64, 2)
+    stats = {k: v.clone() for k, v in head.state_dict().items() if k.startswith("1.")}  # simreg: FullBatchNorm
+    modes, lrs = [], []
+    backbone.register_forward_hook(lambda m, *_: modes.append(m.training))
+    recipe = ev.dataclasses.replace(ev.RECIPES[name], epochs=8, milestones=(2, 6), batch_size=512)
+    optimizer_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return optimizer_step(self, *args, **kwargs)
+
+    views = _Views()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", recording_step)
+        before = [p.clone() for p in head.parameters()]
+        ev.train_on_views(backbone, head, recipe, views, torch.device("cpu"))
+    assert views.epochs == list(range(8)) and modes == [False] * 24 and backbone.training
+    assert lrs == pytest.approx([recipe.lr_at(e) for e in range(8) for _ in range(3)])
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in frozen.items())  # BN running stats too
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in stats.items())  # FullBatchNorm's fixed stats
+    assert not any(torch.equal(a, b) for a, b in zip(before, head.parameters()))  # the Linear trained
+
+
+def test_augmented_views_draw_fresh_labelled_crops_each_epoch(folders):
+    views = ev.augmented_views(str(folders[0]), 32, 5, 1, "auto", torch.device("cpu"), seed=0, channels_last=True,
+                               half=False)
+    epochs = [[(x.clone(), y.clone()) for x, y in views.epoch(e)] for e in range(2)]
+    assert [len(e) for e in epochs] == [2, 2]  # 12 images at batch 5: the partial batch is dropped
+    x, y = epochs[0][0]
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1}
+    a, b = (torch.cat([x for x, _ in e]) for e in epochs)
+    assert not torch.allclose(a, b)  # other crops (and order) in epoch 1
 
 
 # ----------------------------------------------------------------------------------- features, cache
@@ -203,7 +360,7 @@ def test_feature_cache_sees_new_images(tmp_path):
 
 def test_knn_eval_on_an_image_folder(folders):
     result = ev.knn_eval(Student("cnn_tiny").backbone, str(folders[0]), str(folders[1]), 32, 4, 0, "cpu", k=5, t=0.07)
-    assert set(result) == {"knn", "nn1"} and all(0 <= v <= 100 for v in result.values())
+    assert set(result) == {"knn5_majority", "knn5_weighted", "nn1"} and all(0 <= v <= 100 for v in result.values())
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -213,15 +370,48 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fastreg.eval", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+def _figures(out: str) -> dict[str, float]:
+    """{figure: top-1} from the CLI's table rows ("│ knn5_majority │ ... │ 50.00 │")."""
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    return {row[0]: float(row[-1]) for row in rows if row and row[0] and row[-1].replace(".", "").isdigit()}
+
+
 def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
     _trainer_checkpoint(tmp_path / "ckpt.pt", "cnn_tiny", *folders)
-    run = _cli(tmp_path / "ckpt.pt", "--linear", "--linear-epochs", "3", "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    run = _cli(tmp_path / "ckpt.pt", "--linear", "cached", "--linear-epochs", "3", "--cache-dir", tmp_path / "cache",
+               "--device", "cpu")
     assert run.returncode == 0, run.stderr
-    for row in ("k-NN (k=5, t=0.07)", "1-NN", "linear probe (3 epochs)", "bank:     12 images", "extracted and cached"):
+    assert set(_figures(run.stdout)) == {"knn5_majority", "knn5_weighted", "nn1", "linear_cached"}
+    for row in ("3 epochs, batch 256, lr 0.01", "bank:     12 images", "extracted and cached", "cpu, fp32"):
         assert row in run.stdout
 
     ev.main([str(tmp_path / "ckpt.pt"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])  # again, in process
     assert "read from the cache" in capsys.readouterr().out
+    ev.main([str(tmp_path / "ckpt.pt"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--precision", "bf16"])
+    assert "extracted and cached in" in capsys.readouterr().out  # another precision, other features
+
+
+def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
+    """A student distilled for one epoch by the trainer, whose own k-NN reports the same three figures."""
+    from hydra import compose, initialize_config_module
+
+    from fastreg.train import train
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    overrides = tiny_overrides(data, tmp_path / "run") + [f"data.val_root={data}", "trainer.epochs=1", "eval.knn_k=5"]
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        results = train(compose("config", overrides=overrides))
+    assert set(results) == {"knn5_majority", "knn5_weighted", "nn1"}
+    assert '"eval/knn5_majority"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    run = _cli(tmp_path / "run" / "ckpt_epoch0001.pt", "--linear", "simreg", "moco", "cached", "--linear-epochs", "2",
+               "--linear-batch-size", "8", "--workers", "1", "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    figures = _figures(run.stdout)
+    assert set(figures) == {"knn5_majority", "knn5_weighted", "nn1", "linear_simreg", "linear_moco", "linear_cached"}
+    assert all(0 <= v <= 100 for v in figures.values())
+    for row in ("SimReg eval_linear.py", "SEED main_lincls.py", "lr 30 x 8/256", "2 epochs, batch 8"):
+        assert row in run.stdout
 
 
 def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
@@ -229,7 +419,7 @@ def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
     ev.main([str(tmp_path / "r18.pt"), "--arch", "resnet18", "--train-root", str(folders[0]), "--val-root", str(folders[1]),
              "--crop-size", "32", "--workers", "0", "--k", "3", "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
-    assert "r18.pt (resnet18, crop 32)" in out and "k-NN (k=3, t=0.07)" in out and "1-NN" in out
+    assert "r18.pt (resnet18, crop 32)" in out and set(_figures(out)) == {"knn3_majority", "knn3_weighted", "nn1"}
 
 
 def _cli_error(*args) -> str:
@@ -253,6 +443,11 @@ def test_cli_errors(folders, tmp_path):
     assert "no --train-root" in _cli_error(tmp_path / "r18.pt", "--arch", "resnet18")
     message = _cli_error(tmp_path / "r18.pt", "--arch", "cnn_tiny", *roots)
     assert "do not fit cnn_tiny: missing keys [features.0.weight" in message and "unexpected keys [conv1.weight" in message
+
+    linear = ["--train-root", folders[0], "--val-root", folders[1], "--arch", "resnet18", "--crop-size", "32",
+              "--workers", "0", "--cache-dir", tmp_path / "cache", "--linear", "simreg"]
+    assert "pass --linear-batch-size 12 or less" in _cli_error(tmp_path / "r18.pt", *linear)
+    assert "--linear-epochs must be positive, got 0" in _cli_error(tmp_path / "r18.pt", *linear, "--linear-epochs", "0")
 
     del sd["layer4.1.bn2.running_mean"]
     torch.save(sd, tmp_path / "partial.pt")

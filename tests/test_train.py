@@ -209,9 +209,9 @@ def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
     overrides = tiny_overrides(data, tmp_path / "run") + [
         f"trainer.precision={precision}", f"data.val_root={data}", "trainer.deterministic=false", "trainer.epochs=1"]
     results = train(compose_cfg(overrides))
-    assert set(results) == {"knn", "nn1"} and 0 <= results["knn"] <= 100
+    assert set(results) == {"knn20_majority", "knn20_weighted", "nn1"} and 0 <= results["knn20_weighted"] <= 100
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert '"eval/knn"' in lines
+    assert '"eval/knn20_majority"' in lines
 
 
 def test_torch_compile_trains_and_saves_plain_keys(tmp_path):
