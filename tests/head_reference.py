@@ -7,6 +7,7 @@ from torch import nn
 # (out width, BN after it, ReLU after it) per Linear, in units of the input width d; D is the output width
 SPECS = {
     "linear": [],
+    "mlp2": [(2, False, False)],  # SimReg's 2-layer head: two GEMMs, nothing between them
     "mlp2_bn": [(2, True, True)],
     "simreg4": [(2, True, True), (1, False, False), (2, True, True)],  # SimReg's official head
     "seed": [(1, False, True)],  # ReLU without BN
