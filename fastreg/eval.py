@@ -47,6 +47,7 @@ from torch import nn
 from fastreg.checkpoint import atomic_save
 from fastreg.config import DataConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
+from fastreg.heads import L2Norm
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
 from fastreg.students import STUDENTS, Student
 
@@ -305,11 +306,6 @@ def cached_features(
 
 
 # ------------------------------------------------------------------------------------- linear probe
-
-
-class L2Norm(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1)
 
 
 def _normal_linear(dim: int, num_classes: int, seed: int) -> nn.Linear:

@@ -8,12 +8,21 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import HeadConfig
 from fastreg.fused import impl_name, use_triton
 
 log = logging.getLogger(__name__)
+
+class L2Norm(nn.Module):
+    """x / ||x|| along dim 1, (B, D) -> (B, D): SwAV's normalized projection (fastreg.teachers), the linear probes'
+    first layer (fastreg.eval)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
 
 # A head is a chain of Linear layers; each entry is (out_width, BN after it, ReLU after it).
 LayerSpec = tuple[int, bool, bool]

@@ -34,6 +34,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from fastreg.config import TEACHER_FORMATS, TeacherConfig
+from fastreg.heads import L2Norm
 from fastreg.students import SmallCNN, drop_module
 
 log = logging.getLogger(__name__)
@@ -421,13 +422,6 @@ def _layout(fmt: str, momentum_encoder: bool) -> Layout:
     return replace(LAYOUTS[fmt], prefixes=(_MOMENTUM_PREFIX[fmt],))
 
 
-class L2Normalize(nn.Module):
-    """x / ||x|| along dim 1: (B, D) -> (B, D)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1)
-
-
 _BYOL_NEEDS = (
     "BYOL's weights are converted from TensorFlow/JAX and ran with TF 'SAME' padding (asymmetric at even sizes), "
     "so they need teacher.arch=byol_resnet50; PyTorch-trained ResNet-50s run as teacher.arch=resnet50 with their "
@@ -486,7 +480,7 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequentia
         raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {_first(leftover)}")
     projection = _build_projection(split.projection, arch.dim, where) if cfg.projection else None
     if projection is not None and layout.l2_normalized:
-        projection.append(L2Normalize())
+        projection.append(L2Norm())
     log.info("teacher %s: loaded %d backbone tensors from %s", name, len(split.backbone), where)
     if cfg.format == "auto" and fmt == "torchvision" and cfg.arch == "resnet50":  # the keys cannot tell: say so
         log.info("teacher %s: plain ResNet-50 keys; if these are BYOL's converted weights, %s", name, _BYOL_NEEDS)

@@ -12,20 +12,13 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
+from torchvision.datasets.folder import pil_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
-
-
-def read_rgb(path: str) -> Image.Image:
-    """PIL's decode, converted to RGB: grayscale, CMYK, palette and alpha images too. ImageFolder's
-    default_loader does the same, unless torchvision's image backend is set to accimage, which reads JPEG only."""
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
 
 
 class IndexedImages(Dataset):
@@ -39,7 +32,8 @@ class IndexedImages(Dataset):
 
     def __getitem__(self, i: int):
         rel, label = self.samples[i]
-        return self.transform(read_rgb(str(self.root / rel))), label
+        # pil_loader, not default_loader: the latter reads with accimage (JPEG only) when that backend is set
+        return self.transform(pil_loader(str(self.root / rel))), label
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:

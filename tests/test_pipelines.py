@@ -7,8 +7,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from fastreg.config import DataConfig
+from fastreg.index import load_index
 from fastreg.pipelines import build_loader
-from fastreg.pipelines.torchvision import eval_loader, read_rgb, train_transform
+from fastreg.pipelines.torchvision import IndexedImages, eval_loader, train_transform
 from helpers import add_odd_files, make_image_folder, noise
 
 CPU = torch.device("cpu")
@@ -63,11 +64,14 @@ def test_cmyk_and_png_files_are_read_as_rgb(tmp_path):
     the PNG losslessly, the CMYK JPEG as R = (255 - C)(255 - K) / 255 of its decoded planes."""
     root = make_image_folder(tmp_path, per_class=4)
     add_odd_files(root)
-    png = read_rgb(str(root / "class1" / "png_named_jpg.jpg"))
-    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.asarray(noise()))
+    index = load_index(root, progress=False)
+    dataset = IndexedImages(index, np.asarray)  # the loader's decode, untransformed: (H, W, 3) uint8
+    decoded = {rel: dataset[i][0] for i, (rel, _) in enumerate(index.samples)}
+    assert np.array_equal(decoded["class1/png_named_jpg.jpg"], np.asarray(noise()))
     cmyk = np.asarray(Image.open(root / "class1" / "cmyk.jpg")).astype(float)
     formula = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
-    assert np.abs(np.asarray(read_rgb(str(root / "class1" / "cmyk.jpg"))) - formula).max() <= 1
+    assert decoded["class1/cmyk.jpg"].shape == formula.shape
+    assert np.abs(decoded["class1/cmyk.jpg"] - formula).max() <= 1
     images, labels = next(iter(eval_loader(str(root), crop_size=24, batch_size=10, workers=0)))
     assert images.shape == (10, 3, 24, 24) and labels.tolist() == [0] * 4 + [1] * 6
 
