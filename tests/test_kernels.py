@@ -1,7 +1,7 @@
-"""fastreg.kernels: the Triton kernels under the interpreter (a subprocess), the op's CPU implementation,
-torch.compile integration, and the kernels on a GPU."""
+"""fastreg.kernels' loss: the Triton kernels under the interpreter (a subprocess), the op's CPU implementation,
+torch.compile integration (the kernel's argument layout as compile analyses it), and the kernels on a GPU.
+FusedMLPHead's own tests: tests/test_mlp_head.py."""
 
-import copy
 import json
 import os
 import subprocess
@@ -12,13 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastreg.config import HeadConfig
-from fastreg.heads import build_head
-from fastreg.kernels.mlp_head import FusedMLPHead
 from fastreg.kernels.normalized_regression import (
     NormalizedRegressionLoss, normalized_regression_loss, normalized_regression_losses,
 )
-from head_reference import assert_near, assert_runs_near, eager_head, run
 from helpers import make_image_folder, tiny_overrides
 
 HERE = Path(__file__).resolve().parent
@@ -166,6 +162,80 @@ def test_multi_terms_compile_without_a_graph_break():
     torch.testing.assert_close(p2.grad, q2.grad)
 
 
+class _Recorder:
+    """Stands in for a Triton kernel: records the launch's arguments by the kernel's parameter names."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
+        return launch
+
+
+class _CudaTarget:
+    """A CUDA target for Triton's front end, so TTIR can be generated (not compiled) on a machine without a GPU."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def tensors_compile_sees_written(kernel, kwargs: dict) -> set[str]:
+    """The kernel arguments torch.compile treats as written: its own analysis of the kernel's TTIR, which decides
+    what functionalization clones and keeps (a written tensor it misses keeps its stale contents)."""
+    from triton.runtime import driver
+
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+
+    try:
+        driver.active.get_current_target()
+        fake = False
+    except RuntimeError:  # no GPU driver here
+        driver.set_active(_CudaTarget())
+        fake = True
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+            accesses = wrap.identify_accessed_tensors(kernel, dict(kwargs), {})
+            return {dep.name for dep in accesses.read_writes.writes}
+        return set(wrap.identify_mutated_tensors(kernel, dict(kwargs), {}))
+    finally:
+        if fake:
+            driver._active = None  # as before: reset_active() would look for a GPU driver
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("with_grad", [[True, True, True], [False, True, True], [True, False, True]])
+def test_compile_sees_every_tensor_the_terms_kernel_writes(reduction, with_grad):
+    """The launch of the GPU test that lost term 0's gradient under compile (B = 257, 257, 1; D = 7, 768, 8200):
+    the output and exactly the gradients asked for are written, nothing else; every argument is a tensor or a
+    number (no None), all pointers come before all scalars, and sizes are not specialized (a B of 1 is not
+    turned into a constant)."""
+    import fastreg.kernels.normalized_regression as nr
+
+    terms = multi_terms(batches=(257, 257, 1), dims=(7, 768, 8200))
+    recorder = _Recorder(nr._terms_kernel)
+    nr._launch_terms(recorder, *map(list, zip(*terms)), reduction == "mean", reduction != "none", with_grad)
+    (kwargs,) = recorder.launches
+    assert all(v is not None for v in kwargs.values())
+    names = nr._terms_kernel.arg_names
+    pointers = [n for n in names if isinstance(kwargs[n], torch.Tensor)]
+    assert names[: len(pointers)] == pointers, "a scalar between the pointers"
+    assert {p.name for p in nr._terms_kernel.params if p.do_not_specialize} >= {"B0", "D0", "B2", "SP2", "ST3"}
+    written = tensors_compile_sees_written(nr._terms_kernel, kwargs)
+    assert written == {"OUT"} | {f"G{k}" for k, g in enumerate(with_grad) if g}
+
+
+def test_compile_sees_the_scale_kernel_write_the_gradient():
+    import fastreg.kernels.normalized_regression as nr
+
+    recorder = _Recorder(nr._scale_kernel)
+    nr._launch_scale(recorder, torch.randn(257, 7), torch.rand(257))
+    assert tensors_compile_sees_written(nr._scale_kernel, recorder.launches[0]) == {"G"}
+
+
 def test_multi_terms_bad_inputs_name_the_term():
     good = (torch.randn(3, 4), torch.randn(3, 4), None)
     with pytest.raises(ValueError, match=r"term 1: pred and target must both be \(B, D\)"):
@@ -216,34 +286,12 @@ def test_multi_terms_on_gpu_are_the_one_term_losses(dtype, tol, compile):
     losses = fn(terms, "none")
     upstream = [torch.rand(loss.shape, device="cuda") + 0.5 for loss in losses]
     torch.autograd.backward(losses, upstream)
-    for (pred, target, weight), loss, up in zip(terms, losses, upstream):
+    wrong = []
+    for k, ((pred, target, weight), loss, up) in enumerate(zip(terms, losses, upstream)):
         p = pred.detach().clone().requires_grad_()
         one = normalized_regression_loss(p, target, weight, "none")
         one.backward(up)
-        torch.testing.assert_close(loss, one, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(pred.grad.float(), p.grad.float(), atol=tol, rtol=tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(37, 24, 33), (256, 512, 2048), (1000, 96, 130)])
-def test_fused_head_on_gpu_matches_eager(shape, dtype):
-    """fp32, and bf16 autocast over fp32 parameters as in training, against float64 eager."""
-    B, d, D = shape
-    eager = eager_head("simreg4", d, D).cuda()
-    ref, fused = copy.deepcopy(eager).double(), FusedMLPHead(*copy.deepcopy(eager))
-    x, upstream = torch.randn(B, d, device="cuda") * 2 + 1, torch.randn(B, D, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        out, dx, grads = run(fused, x, upstream)
-        again = run(FusedMLPHead(*copy.deepcopy(eager)), x, upstream)
-    assert_runs_near((out, dx, grads), run(ref, x.double(), upstream.double()), dtype)
-    assert out.dtype == dtype and all(grad.dtype == torch.float32 for grad in grads.values())
-    assert all(torch.equal(grad, again[2][name]) for name, grad in grads.items()), "not deterministic"
-    ref_buffers = dict(ref.named_buffers())
-    for name, buf in fused.named_buffers():
-        assert_near(buf, ref_buffers[name], dtype, name)
-
-
-@pytest.mark.gpu
-def test_head_impl_auto_is_triton_on_gpu():
-    assert isinstance(build_head(HeadConfig(kind="simreg4"), 16, 8, torch.device("cuda")), FusedMLPHead)
+        for what, got, want, tol_k in (("loss", loss, one, 1e-6), ("grad", pred.grad.float(), p.grad.float(), tol)):
+            if not torch.allclose(got, want, atol=tol_k, rtol=tol_k):
+                wrong.append(f"term {k} {what}: max error {(got - want).abs().max().item():.3g}")
+    assert not wrong, wrong  # every term checked, not only the first

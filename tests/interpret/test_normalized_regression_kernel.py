@@ -12,11 +12,17 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernel
 
 import fastreg.kernels.normalized_regression as nr  # noqa: E402
 from fastreg.kernels.normalized_regression import (  # noqa: E402
-    INTERPRETED, loss_and_grad, normalized_regression_loss, normalized_regression_losses,
+    INTERPRETED, normalized_regression_loss, normalized_regression_losses,
 )
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 SHAPES = [(1, 1), (1, 300), (3, 7), (8, 64), (5, 1000), (17, 4099), (2, 8200)]  # D past one 4096 block
+
+
+def loss_and_grad(pred, target, weight, with_grad):
+    """One term through the kernel: (w_b loss_b (B,), d sum_b w_b loss_b / d pred or an empty tensor)."""
+    rows, (grad,) = nr.terms_loss_and_grad([pred], [target], [weight], False, False, [with_grad])
+    return rows[0], grad
 
 
 def reference(pred, target, weight, reduction, upstream=None):
@@ -58,7 +64,7 @@ def test_zero_rows_are_finite(dtype):
     pred, target = torch.randn(4, 33).to(dtype), torch.randn(4, 33).to(dtype)
     pred[0], target[1] = 0, 0
     pred[2], target[2] = 0, 0
-    rows, grad = loss_and_grad(pred, target, None, 1.0, True)
+    rows, grad = loss_and_grad(pred, target, None, True)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
     assert rows[0] == pytest.approx(1.0, abs=1e-3) and rows[2] == 0  # F.normalize of zero rows is zero
     assert (grad[0] == 0).all() and (grad[2] == 0).all()
@@ -70,7 +76,7 @@ def test_non_contiguous_inputs():
     pred, target = base[:, ::2], base.t().contiguous().t()[:, 1::2]  # column strides 2
     rows_view = torch.randn(10, 40)[::2]  # row stride 80, unit column stride: used as is
     for p, t in ((pred, target), (rows_view, torch.randn(5, 40))):
-        rows, grad = loss_and_grad(p, t, None, 1.0, True)
+        rows, grad = loss_and_grad(p, t, None, True)
         torch.testing.assert_close(rows.double(), reference(p, t, None, "none")[0], **TOL[torch.float32])
         torch.testing.assert_close(grad.double(), reference(p, t, None, "sum")[1], **TOL[torch.float32])
 
@@ -83,7 +89,7 @@ def test_target_gets_no_gradient():
 
 def test_without_grad_only_the_loss_is_computed():
     pred, target = torch.randn(4, 5000), torch.randn(4, 5000)
-    rows, grad = loss_and_grad(pred, target, None, 1.0, False)
+    rows, grad = loss_and_grad(pred, target, None, False)
     assert grad.numel() == 0
     torch.testing.assert_close(rows.double(), reference(pred, target, None, "none")[0], **TOL[torch.float32])
     with torch.no_grad():
@@ -121,7 +127,8 @@ def test_multi_terms_match_reference(batches, dims, dtype, reduction):
         one = pred.detach().clone().requires_grad_()
         single = normalized_regression_loss(one, target, weight, reduction)
         single.backward(up)
-        assert torch.equal(loss, single) and torch.equal(pred.grad, one.grad)
+        assert torch.equal(pred.grad, one.grad)  # rows are independent: the same gradient bit for bit
+        torch.testing.assert_close(loss, single, rtol=1e-6, atol=0)  # the sum's tiles follow the widest term's D
 
 
 class Launches:
@@ -129,7 +136,7 @@ class Launches:
 
     def __init__(self, monkeypatch):
         self.grids = {}
-        for kernel in (nr._rows_kernel, nr._terms_kernel):
+        for kernel in (nr._terms_kernel, nr._scale_kernel):
             monkeypatch.setattr(kernel, "run", self.counting(kernel, kernel.run))
 
     def counting(self, kernel, run):
@@ -140,13 +147,14 @@ class Launches:
 
 
 def test_multi_terms_launch_once(monkeypatch):
-    """One launch over all rows of all terms: a (max B, terms) grid; the backward launches nothing."""
+    """One forward launch over all row tiles of all terms: a (row tiles, terms) grid, with rows per tile from the
+    widest term; the backward scales each gradient in place, one launch per term."""
     launches = Launches(monkeypatch)
     terms = make_terms((3, 1, 5), (7, 300, 4099), torch.float32)
     losses = normalized_regression_losses(terms)
-    assert launches.grids == {"_terms_kernel": [(5, 3)]}
+    assert launches.grids == {"_terms_kernel": [(5, 3)]}  # D 4099: one row per tile
     sum(losses).backward()
-    assert launches.grids == {"_terms_kernel": [(5, 3)]}
+    assert launches.grids["_terms_kernel"] == [(5, 3)] and len(launches.grids["_scale_kernel"]) == 3
     assert all(pred.grad is not None for pred, _, _ in terms)
 
 
@@ -156,7 +164,7 @@ def test_more_terms_than_slots_launch_once_per_slots(monkeypatch):
     n = nr.MAX_TERMS + 1
     terms = make_terms(range(1, n + 1), range(3, 3 + n), torch.float32)
     losses = normalized_regression_losses(terms, "sum")
-    assert launches.grids == {"_terms_kernel": [(n, nr.MAX_TERMS), (n, 1)]}
+    assert launches.grids == {"_terms_kernel": [(1, nr.MAX_TERMS), (1, 1)]}  # D <= 8: up to 64 rows per tile
     sum(losses).backward()
     for (pred, target, weight), loss in zip(terms, losses):
         ref_loss, ref_grad = reference(pred, target, weight, "sum")
@@ -164,12 +172,49 @@ def test_more_terms_than_slots_launch_once_per_slots(monkeypatch):
         torch.testing.assert_close(pred.grad.double(), ref_grad, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_backward_scales_the_saved_gradient_in_place(per_row):
+    """The forward writes the gradient for grad_output 1; backward scales that saved tensor in place (no new
+    gradient tensor): unchanged where grad_output is 1, times grad_output elsewhere. A second backward is an error,
+    not a gradient scaled twice."""
+    pred, target = torch.randn(70, 33, requires_grad=True), torch.randn(70, 33)
+    loss = normalized_regression_loss(pred, target, reduction="none" if per_row else "sum")
+    saved = loss.grad_fn.saved_tensors[0]
+    at_one = saved.clone()
+    upstream = torch.ones(70) if per_row else torch.tensor(2.5)
+    if per_row:
+        upstream[3:5] = 2.5  # rows 3 and 4 scaled, the other rows' factor is 1
+    loss.backward(upstream, retain_graph=True)
+    expected = at_one * (upstream[:, None] if per_row else upstream)
+    assert torch.equal(saved, expected) and torch.equal(pred.grad, expected)
+    if per_row:
+        assert torch.equal(saved[5:], at_one[5:])  # factor 1: untouched
+    torch.testing.assert_close(pred.grad.double(), reference(pred, target, None, "none" if per_row else "sum",
+                                                             upstream)[1], **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward(upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_registered_ops_run_the_kernels(dtype):
+    """Under the interpreter the ops have no CPU kernel: calling them runs the Triton kernels through
+    wrap_triton, with the results of the direct launches, bit for bit."""
+    (p0, t0, w0), (p1, t1, _) = make_terms((6, 3), (40, 5000), dtype)
+    args = ([p0.detach(), p1.detach()], [t0, t1], [w0, None], True, True, [True, True])
+    (op_out, op_grads), (out, grads) = nr.terms_loss_and_grad(*args), nr._launch_terms(nr._terms_kernel, *args)
+    assert torch.equal(op_out, out) and all(torch.equal(a, b) for a, b in zip(op_grads, grads))
+    factor = torch.rand(6) + 0.5
+    nr.scale_(op_grads[0], factor)
+    torch.testing.assert_close(op_grads[0], (grads[0].float() * factor[:, None]).to(dtype), rtol=0, atol=0)
+
+
 def test_multi_terms_grads_only_where_needed():
     """A pred without requires_grad gets no gradient computed; a loss left out of backward gives its pred none;
     mixed dtypes share the launch."""
     (p0, t0, w0), (p1, t1, _), (p2, t2, _) = make_terms((4, 4, 4), (9, 20, 9), torch.float32)
     p1 = p1.detach().half()
-    rows, grads = nr.terms_loss_and_grad([p0, p1, p2], [t0, t1.half(), t2], [w0, None, None], True, [True, False, True])
+    rows, grads = nr.terms_loss_and_grad([p0, p1, p2], [t0, t1.half(), t2], [w0, None, None], True, False,
+                                         [True, False, True])
     assert [g.shape for g in grads] == [p0.shape, (0,), p2.shape]
     torch.testing.assert_close(rows[1].double(), reference(p1, t1.half(), None, "none")[0], **TOL[torch.float16])
     losses = normalized_regression_losses([(p0, t0, w0), (p1, t1.half(), None), (p2, t2, None)])
