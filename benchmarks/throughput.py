@@ -38,6 +38,7 @@ from hydra import compose, initialize_config_module
 
 from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
+from fastreg.losses import FusedRegressionLoss
 from fastreg.monitor import GPUMonitor
 from fastreg.pipelines import build_loader
 from fastreg.trainer import Trainer, setup_distributed
@@ -188,7 +189,7 @@ def implementations(trainer: Trainer) -> dict:
     t = trainer.cfg.trainer
     return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
             "compile": t.compile, "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
-            "fused_loss": [bool(getattr(loss, "fused", False)) for loss in trainer.distiller.losses],
+            "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in trainer.distiller.losses],
             "trainable_params": sum(p.numel() for p in trainer.distiller.model.parameters() if p.requires_grad)}
 
 

@@ -46,8 +46,9 @@ class HeadConfig:
     hidden: List[int] = field(default_factory=list)  # mlp only: hidden widths, e.g. [1024, 512]
     bn: bool = True  # mlp only: BatchNorm1d after every hidden Linear
     relu: bool = True  # mlp only: ReLU after every hidden Linear (after BN)
-    # triton (fastreg.kernels' FusedMLPHead: BN statistics in the GEMM epilogues) | eager | auto: triton on CUDA.
-    # Both have the same state_dict, so a checkpoint moves between them.
+    # triton (fastreg.kernels' FusedMLPHead: BN statistics in the GEMM epilogues) | eager | auto: triton only on
+    # the GPUs and dtypes where a committed benchmark shows it faster than eager (fastreg.fused.HEAD_WINS; none
+    # yet), else eager; train.log says why. Both have the same state_dict, so a checkpoint moves between them.
     impl: str = "auto"
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
     s = student(x)                                   # (B, d) pooled feature
     for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x
-                         L_i = loss_i(head_i(s), t_i)
+                         L_i = loss_i(head_i(s), t_i)    # fused simreg: all i in one kernel launch
     L = sum_i w_i L_i / sum_i w_i
 
 The trainer only sees `loss, metrics = distiller(images)`; it never knows the loss or the teachers.
@@ -18,7 +18,7 @@ from torch import nn
 
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
-from fastreg.losses import build_loss
+from fastreg.losses import build_loss, loss_terms
 from fastreg.monitor import phase
 from fastreg.students import Student
 from fastreg.teachers import Teacher, build_teacher
@@ -64,13 +64,13 @@ class Distiller(nn.Module):
         """images (B, 3, H, W) -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
         with self.autocast(images.device.type), phase("student_forward"):
             preds = self._run_model(images)
-        total, metrics = images.new_zeros((), dtype=torch.float32), {}
-        for teacher, pred, loss_fn, w in zip(self.teachers, preds, self.losses, self.weights):
-            with phase("teacher"):
-                target = teacher(images)  # the very same tensor the student saw; (B, D) fp32
-            with phase("loss"):
-                loss, cos = loss_fn(pred.float(), target)
-                total = total + w * loss
+        with phase("teacher"):
+            targets = [teacher(images) for teacher in self.teachers]  # the very same tensor the student saw; (B, D)
+        with phase("loss"):
+            terms = loss_terms(list(self.losses), preds, targets)  # [(loss_i, cos_i)]
+            total = sum(w * loss for w, (loss, _) in zip(self.weights, terms))
+        metrics = {}
+        for teacher, (loss, cos) in zip(self.teachers, terms):
             metrics[f"loss/{teacher.name}"], metrics[f"cos/{teacher.name}"] = loss.detach(), cos
         return total, metrics
 
@@ -82,7 +82,8 @@ def build_distiller(cfg: TrainConfig, device: torch.device) -> Distiller:
     amp_dtype = AMP_DTYPES[cfg.trainer.precision]
     teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
     student = Student(cfg.student.arch)
-    heads = [build_head(t.head, student.dim, teacher.dim, device) for t, teacher in zip(cfg.teachers, teachers)]
+    heads = [build_head(t.head, student.dim, teacher.dim, device, amp_dtype or torch.float32)
+             for t, teacher in zip(cfg.teachers, teachers)]
     losses = [build_loss(cfg.loss, teacher.dim, device) for teacher in teachers]
     distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import HeadConfig
-from fastreg.fused import impl_name, use_triton
+from fastreg.fused import head_auto, impl_name, use_triton
 
 log = logging.getLogger(__name__)
+
 
 class L2Norm(nn.Module):
     """x / ||x|| along dim 1, (B, D) -> (B, D): SwAV's normalized projection (fastreg.teachers), the linear probes'
@@ -45,9 +46,10 @@ def head_spec(cfg: HeadConfig, d: int, D: int) -> list[LayerSpec]:
     return [(h, cfg.bn, cfg.relu) for h in cfg.hidden] + [(D, False, False)]  # mlp
 
 
-def build_head(cfg: HeadConfig, d: int, D: int, device: torch.device = torch.device("cpu")) -> nn.Sequential:
-    """An nn.Sequential of Linear/BatchNorm1d/ReLU; with head.impl triton, fastreg.kernels' FusedMLPHead of the
-    same modules (the same state_dict)."""
+def build_head(cfg: HeadConfig, d: int, D: int, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """An nn.Sequential of Linear/BatchNorm1d/ReLU; fastreg.kernels' FusedMLPHead of the same modules (the same
+    state_dict) where head.impl chooses it for the device and the training dtype (autocast's, or fp32)."""
     layers: list[nn.Module] = []
     width = d
     for out, bn, relu in head_spec(cfg, d, D):
@@ -57,8 +59,8 @@ def build_head(cfg: HeadConfig, d: int, D: int, device: torch.device = torch.dev
         if relu:
             layers.append(nn.ReLU(inplace=True))
         width = out
-    fused = use_triton("head.impl", cfg.impl, device, lambda: _probe(device))
-    log.info("head %s %d->%d: %s", cfg.kind, d, D, impl_name(fused))
+    fused, why = use_triton("head.impl", cfg.impl, device, lambda: _probe(device), lambda: head_auto(device, dtype))
+    log.info("head %s %d->%d: %s (%s)", cfg.kind, d, D, impl_name(fused, device), why)
     if fused:
         from fastreg.kernels import FusedMLPHead
 

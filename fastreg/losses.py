@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import LossConfig
-from fastreg.fused import impl_name, use_triton
+from fastreg.fused import impl_name, loss_auto, use_triton
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +25,11 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 head output in fp32 for an eager loss (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def normalized_regression(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -53,27 +59,58 @@ class TeacherCenter(nn.Module):
 
 
 class RegressionLoss(nn.Module):
-    """simreg (normalized) or mse (raw) regression of the teacher feature, optionally centered."""
+    """simreg (normalized) or mse (raw) regression of the teacher feature, optionally centered, in eager PyTorch."""
 
     def __init__(self, cfg: LossConfig, dim: int):
         super().__init__()
         self.normalized = cfg.name == "simreg"
-        self.fused = False  # fastreg.kernels' Triton loss instead of normalized_regression: see build_loss
         self.center = TeacherCenter(dim, cfg.center_momentum) if cfg.center_teacher else None
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = self.center(t) if self.center is not None else t
-        if self.fused:
-            from fastreg.kernels import normalized_regression_loss
+        target = self.target(t)
+        loss = self.regress(s, target)
+        self.update(t)
+        return loss, self.cosine(s, target, loss)
 
-            loss = normalized_regression_loss(s, target)
-        elif self.normalized:
-            loss = normalized_regression(s, target)
-        else:
-            loss = (s - target).pow(2).sum(1).mean()
+    def target(self, t: torch.Tensor) -> torch.Tensor:
+        return self.center(t) if self.center is not None else t
+
+    def regress(self, s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        s = at_least_fp32(s)
+        return normalized_regression(s, target) if self.normalized else (s - target).pow(2).sum(1).mean()
+
+    def update(self, t: torch.Tensor) -> None:
         if self.center is not None and self.training:
             self.center.update(t)  # after the loss: this batch's target used the previous center
-        return loss, F.cosine_similarity(s.detach(), target, dim=1).mean()
+
+    def cosine(self, s: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Mean cos(s_b, target_b); for simreg it is 1 - loss / 2 (loss_b = 2 - 2 cos_b), no further pass."""
+        if self.normalized:
+            return 1 - loss.detach() / 2
+        return F.cosine_similarity(at_least_fp32(s.detach()), target, dim=1).mean()
+
+
+class FusedRegressionLoss(RegressionLoss):
+    """simreg through fastreg.kernels' Triton loss: one pass for the loss and its gradient, pred in its own dtype."""
+
+    def regress(self, s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from fastreg.kernels import normalized_regression_loss
+
+        return normalized_regression_loss(s, target)
+
+
+def loss_terms(loss_fns: list[nn.Module], preds: list[torch.Tensor],
+                     targets: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(loss_i, cos_i)] of every teacher i; several fused simreg losses go through one kernel launch."""
+    if len(loss_fns) == 1 or not all(isinstance(fn, FusedRegressionLoss) for fn in loss_fns):
+        return [fn(s, t) for fn, s, t in zip(loss_fns, preds, targets)]
+    from fastreg.kernels import normalized_regression_losses
+
+    centered = [fn.target(t) for fn, t in zip(loss_fns, targets)]
+    losses = normalized_regression_losses([(s, c, None) for s, c in zip(preds, centered)])
+    for fn, t in zip(loss_fns, targets):
+        fn.update(t)
+    return [(loss, fn.cosine(s, c, loss)) for fn, s, c, loss in zip(loss_fns, preds, centered, losses)]
 
 
 class SEEDLoss(nn.Module):
@@ -90,7 +127,7 @@ class SEEDLoss(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        s, t = F.normalize(at_least_fp32(s), dim=1), F.normalize(t, dim=1)
         queue = self.queue.clone()  # autograd keeps Q for ds; the in-place enqueue below must not change it
         logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / self.tau_s  # (B, 1+K)
         logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1) / self.tau_t  # (B, 1+K)
@@ -109,23 +146,17 @@ class SEEDLoss(nn.Module):
 
 
 def build_loss(cfg: LossConfig, dim: int, device: torch.device) -> nn.Module:
+    """SEEDLoss, or the eager or fused RegressionLoss as loss.impl and the device choose."""
     if cfg.name == "seed":
         return SEEDLoss(cfg, dim)
-    loss = RegressionLoss(cfg, dim)
-    loss.fused = cfg.name == "simreg" and use_triton("loss.impl", cfg.impl, device, lambda: _probe(device))
-    log.info("loss %s: %s", cfg.name, loss_impl_name(loss.fused, device))
-    return loss
+    fused, why = False, "only simreg has a fused kernel"
+    if cfg.name == "simreg":
+        fused, why = use_triton("loss.impl", cfg.impl, device, lambda: _probe(device), lambda: loss_auto(device))
+    log.info("loss %s: %s (%s)", cfg.name, impl_name(fused, device), why)
+    return (FusedRegressionLoss if fused else RegressionLoss)(cfg, dim)
 
 
 def _probe(device: torch.device) -> None:
     from fastreg.kernels import normalized_regression_loss
 
     normalized_regression_loss(torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)).item()
-
-
-def loss_impl_name(fused: bool, device: torch.device) -> str:
-    from fastreg.kernels.normalized_regression import INTERPRETED
-
-    if fused and device.type == "cpu" and not INTERPRETED:
-        return "fused op, its PyTorch CPU kernel (fastreg.kernels; Triton runs on GPUs)"
-    return impl_name(fused)

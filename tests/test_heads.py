@@ -44,11 +44,29 @@ def test_bad_head_config():
 
 
 def test_head_impl_choice(caplog):
+    """auto: eager on CPU; triton on CPU: the fused op's PyTorch CPU kernel (its Triton kernels: tests/interpret)."""
+    from fastreg.kernels import FusedMLPHead
+
     cpu = torch.device("cpu")
-    assert type(build_head(HeadConfig(kind="mlp2"), 8, 4, cpu)) is nn.Sequential  # auto: eager on CPU
-    with caplog.at_level("WARNING"):  # no GPU and no interpreter: the Triton kernels cannot run here
-        head = build_head(HeadConfig(kind="mlp2", impl="triton"), 8, 4, cpu)
-    assert type(head) is nn.Sequential
-    assert "head.impl=triton: the fused kernel does not run on cpu" in caplog.text
+    with caplog.at_level("INFO"):
+        assert type(build_head(HeadConfig(kind="mlp2"), 8, 4, cpu)) is nn.Sequential
+        assert type(build_head(HeadConfig(kind="mlp2", impl="triton"), 8, 4, cpu)) is FusedMLPHead
+    assert "eager PyTorch (head.impl=auto: eager on cpu)" in caplog.text
+    assert "fused op, its PyTorch CPU kernel" in caplog.text
+
+
+def test_head_impl_auto_on_a_gpu_follows_the_committed_wins(monkeypatch):
+    """On CUDA, auto picks the fused head only for a (GPU, dtype) in HEAD_WINS, and says why either way."""
+    import fastreg.fused as fused
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    assert fused.head_auto(cuda, torch.bfloat16) == (False, "head.impl=auto: eager, no committed benchmark shows the "
+                                                     "fused head faster than eager on NVIDIA H200 in bf16 "
+                                                     "(fastreg.fused.HEAD_WINS; head.impl=triton forces it)")
+    monkeypatch.setattr(fused, "HEAD_WINS", frozenset({("NVIDIA H200", "bf16")}))
+    assert fused.head_auto(cuda, torch.bfloat16)[0] and not fused.head_auto(cuda, torch.float32)[0]
+
+
     with pytest.raises(ValueError, match="head.impl"):
         HeadConfig(impl="fused")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastreg.config import LossConfig
-from fastreg.losses import RegressionLoss, SEEDLoss, normalized_regression
+from fastreg.losses import FusedRegressionLoss, RegressionLoss, SEEDLoss, loss_terms, normalized_regression
 
 
 def test_normalized_regression_is_two_minus_two_cos():
@@ -103,8 +103,8 @@ def test_seed_enqueues_teacher_after_the_loss_and_wraps():
 
 def test_fused_simreg_loss_matches_eager_values_and_gradients():
     """impl=triton on CPU runs the fused op's PyTorch kernel (its Triton kernel: tests/interpret)."""
-    fused, eager = (RegressionLoss(LossConfig(name="simreg", center_teacher=True), 16) for _ in range(2))
-    fused.fused = True
+    cfg = LossConfig(name="simreg", center_teacher=True)
+    fused, eager = FusedRegressionLoss(cfg, 16), RegressionLoss(cfg, 16)
     s, t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
     s2 = s.detach().clone().requires_grad_()
     (loss, cos), (ref, ref_cos) = fused(s, t), eager(s2, t)
@@ -116,12 +116,45 @@ def test_fused_simreg_loss_matches_eager_values_and_gradients():
     torch.testing.assert_close(fused.center.center, eager.center.center)
 
 
+def test_several_fused_teachers_are_one_call_with_each_teachers_loss(monkeypatch):
+    """Two teachers of different widths, each with its own center: loss_terms sends both fused terms through one
+    normalized_regression_losses call and gives what each eager loss gives alone (values, gradients, centers)."""
+    import fastreg.kernels
+
+    calls = []
+    real = fastreg.kernels.normalized_regression_losses
+    monkeypatch.setattr(fastreg.kernels, "normalized_regression_losses", lambda terms: calls.append(len(terms))
+                        or real(terms))
+    cfg = LossConfig(name="simreg", center_teacher=True)
+    fused, eager = [FusedRegressionLoss(cfg, 16), FusedRegressionLoss(cfg, 24)], [RegressionLoss(cfg, d) for d in (16, 24)]
+    preds = [torch.randn(6, d, requires_grad=True) for d in (16, 24)]
+    refs = [p.detach().clone().requires_grad_() for p in preds]
+    targets = [torch.randn(6, d) + 1 for d in (16, 24)]
+    got, want = loss_terms(fused, preds, targets), loss_terms(eager, refs, targets)
+    assert calls == [2]
+    sum(loss for loss, _ in got).backward()
+    sum(loss for loss, _ in want).backward()
+    for (loss, cos), (ref, ref_cos), p, r, f, e in zip(got, want, preds, refs, fused, eager):
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(cos, ref_cos)
+        torch.testing.assert_close(p.grad, r.grad)
+        torch.testing.assert_close(f.center.center, e.center.center)
+        assert f.center.center.abs().sum() > 0  # updated once, after the loss
+
+
+def test_simreg_cosine_is_the_mean_cosine():
+    """The metric 1 - loss / 2 is the mean cosine similarity (F.cosine_similarity) for nonzero rows."""
+    s, t = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 12, dtype=torch.float64)
+    _, cos = RegressionLoss(LossConfig(name="simreg"), 12)(s, t)
+    torch.testing.assert_close(cos, F.cosine_similarity(s, t, dim=1).mean())
+
+
 def test_loss_impl_choice():
     from fastreg.losses import build_loss
 
     cpu = torch.device("cpu")
-    assert not build_loss(LossConfig(), 8, cpu).fused  # auto: eager on CPU
-    assert build_loss(LossConfig(impl="triton"), 8, cpu).fused
-    assert not build_loss(LossConfig(name="mse"), 8, cpu).fused
+    assert type(build_loss(LossConfig(), 8, cpu)) is RegressionLoss  # auto: eager on CPU
+    assert type(build_loss(LossConfig(impl="triton"), 8, cpu)) is FusedRegressionLoss
+    assert type(build_loss(LossConfig(name="mse", impl="auto"), 8, cpu)) is RegressionLoss
     with pytest.raises(ValueError, match="loss.impl=triton"):
         LossConfig(name="seed", impl="triton")
