@@ -295,3 +295,51 @@ def test_multi_terms_on_gpu_are_the_one_term_losses(dtype, tol, compile):
             if not torch.allclose(got, want, atol=tol_k, rtol=tol_k):
                 wrong.append(f"term {k} {what}: max error {(got - want).abs().max().item():.3g}")
     assert not wrong, wrong  # every term checked, not only the first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_scales_the_saved_gradient_on_gpu(dtype):
+    """Inductor with the ops decomposed into their kernels: the in-place scale by a grad_output that is not 1
+    (a weighted sum of two teachers' losses), against the same step uncompiled."""
+    terms = multi_terms("cuda", dtype, batches=(64, 64), dims=(256, 2048))
+
+    def step(terms):
+        a, b = normalized_regression_losses(terms)
+        return 0.3 * a + 0.7 * b
+
+    loss = torch.compile(step, fullgraph=True)(terms)
+    loss.backward()
+    fresh = [(p.detach().clone().requires_grad_(), t, w) for p, t, w in terms]
+    ref = step(fresh)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for (pred, _, _), (p, _, _) in zip(terms, fresh):
+        torch.testing.assert_close(pred.grad, p.grad, rtol=0, atol=0)  # the same kernels, row by row
+
+
+@pytest.mark.gpu
+def test_loss_forward_and_backward_replay_from_a_cuda_graph():
+    """No host sync in forward or backward: the step captures into a CUDA graph, and a replay on new inputs
+    gives that input's loss and gradient."""
+    pred = torch.randn(256, 2048, device="cuda", requires_grad=True)
+    target = torch.randn(256, 2048, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        normalized_regression_loss(pred, target).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    pred.grad = None
+    with torch.cuda.graph(graph):
+        loss = normalized_regression_loss(pred, target)
+        loss.backward()
+    with torch.no_grad():
+        pred.copy_(torch.randn_like(pred))
+        target.copy_(torch.randn_like(target))
+    graph.replay()
+    p = pred.detach().clone().requires_grad_()
+    ref = reference(p, target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred.grad, p.grad, rtol=1e-5, atol=1e-7)
