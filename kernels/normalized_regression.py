@@ -31,8 +31,9 @@ kernel writes by analysing its arguments; this layout keeps that analysis simple
 Three ways in, as Liger-Kernel: the functional forms above, the module `NormalizedRegressionLoss`, and the
 registered ops `fastreg::normalized_regression_fwd` / `fastreg::normalized_regression_scale_` (triton_op), which
 torch.compile and CUDA graphs capture. Eager calls launch the kernels directly (no dispatcher); under compile the
-ops are used. On CPU the ops run the same formulas in plain PyTorch (`eager_loss_and_grad`), or the Triton kernels
-through the interpreter when TRITON_INTERPRET=1 was set before this module was imported (the tests).
+ops are used. CPU tensors run the same formulas in plain PyTorch (`eager_loss_and_grad`; also the ops' CPU
+kernels), or the Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before this module was
+imported (the tests).
 """
 
 from __future__ import annotations
@@ -281,14 +282,24 @@ def _runs_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or INTERPRETED
 
 
+# Which path a call takes: CPU tensors (no interpreter) run the PyTorch formulas as plain code, which compile
+# traces like any other (compile would turn the op into its Triton kernel, which cannot build for a CPU); under
+# compile the registered op, which compile and CUDA graphs capture; else the kernel launched directly, with no
+# dispatcher in between.
+
+
 def _forward(preds, targets, weights, mean, reduce, with_grad):
-    if torch.compiler.is_compiling() or not _runs_triton(preds[0]):
+    if not _runs_triton(preds[0]):
+        return eager_terms_loss_and_grad(preds, targets, weights, mean, reduce, with_grad)
+    if torch.compiler.is_compiling():
         return terms_loss_and_grad(preds, targets, weights, mean, reduce, with_grad)
     return _launch_terms(_terms_kernel, preds, targets, weights, mean, reduce, with_grad)
 
 
 def _scale(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    if torch.compiler.is_compiling() or not _runs_triton(grad):
+    if not _runs_triton(grad):
+        eager_scale_(grad, grad_output)
+    elif torch.compiler.is_compiling():
         scale_(grad, grad_output)
     else:
         _launch_scale(_scale_kernel, grad, grad_output)

@@ -72,25 +72,40 @@ def test_cpu_op_matches_autograd_reference(shape):
 
 
 def test_compiles_without_a_graph_break():
-    """fullgraph=True fails on any graph break; aot_eager traces forward and backward through the op.
-
-    Compiling decomposes a triton_op into its Triton kernel, which needs a GPU driver. On CPU the op is kept
-    whole, as torch.export keeps it, so the graph calls the op's registered CPU kernel."""
-    from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
-
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward. CPU tensors take the plain
+    PyTorch path (the registered op would become its Triton kernel, which cannot build for a CPU); on a GPU the
+    op: test_triton_under_compile_on_gpu."""
     def step(pred, target):
         return normalized_regression_loss(pred * 2, target)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     pred, target = torch.randn(8, 40, requires_grad=True), torch.randn(8, 40)
-    with keep_triton_ops():
-        loss = compiled(pred, target)
+    loss = compiled(pred, target)
     loss.backward()
     p = pred.detach().clone().requires_grad_()
     ref = reference(p * 2, target)
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(pred.grad, p.grad)
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+def test_registered_ops_pass_opcheck(reduce):
+    """The ops' schemas, fake (meta) kernels, mutation declarations and autograd registration as torch checks
+    them, through their CPU kernels; and compiled whole (the op kept, as torch.export keeps it) they give the
+    plain path's results."""
+    import fastreg.kernels.normalized_regression as nr
+    from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
+
+    terms = multi_terms()
+    args = ([p.detach() for p, _, _ in terms], [t for _, t, _ in terms], [w for _, _, w in terms], True, reduce,
+            [True, False, True])
+    with keep_triton_ops():  # opcheck's aot_dispatch test would otherwise build the Triton kernel for a CPU
+        torch.library.opcheck(nr.terms_loss_and_grad, args)
+        torch.library.opcheck(nr.scale_, (torch.randn(5, 7), torch.rand(5)))
+        out, grads = torch.compile(nr.terms_loss_and_grad, fullgraph=True, backend="aot_eager")(*args)
+    want, want_grads = nr.eager_terms_loss_and_grad(*args)
+    assert torch.equal(out, want) and all(torch.equal(g, w) for g, w in zip(grads, want_grads))
 
 
 def test_grad_output_scales_and_autocast_inputs_accumulate_in_fp32():
@@ -142,8 +157,6 @@ def test_cpu_multi_terms_are_the_one_term_losses(reduction):
 
 def test_multi_terms_compile_without_a_graph_break():
     """As test_compiles_without_a_graph_break, for two terms of different D."""
-    from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
-
     def step(p1, t1, p2, t2):
         a, b = normalized_regression_losses([(p1 * 2, t1, None), (p2, t2, None)])
         return a + 0.5 * b
@@ -151,8 +164,7 @@ def test_multi_terms_compile_without_a_graph_break():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     p1, t1 = torch.randn(8, 40, requires_grad=True), torch.randn(8, 40)
     p2, t2 = torch.randn(8, 24, requires_grad=True), torch.randn(8, 24)
-    with keep_triton_ops():
-        loss = compiled(p1, t1, p2, t2)
+    loss = compiled(p1, t1, p2, t2)
     loss.backward()
     q1, q2 = p1.detach().clone().requires_grad_(), p2.detach().clone().requires_grad_()
     ref = reference(q1 * 2, t1) + 0.5 * reference(q2, t2)
