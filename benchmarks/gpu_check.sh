@@ -3,7 +3,8 @@
 # into parts; give them as arguments, one call each, back to back (an idle machine is gone after 30 s):
 #   tests       the tests marked gpu (DALI's mixed decoder, bf16 paths, the Triton kernels compiled)
 #   data        data-only throughput: dali-mixed with an hw_decoder_load sweep, dali-cpu and torchvision
-#   kernels     python -m benchmarks.kernels: the fused loss and head against eager and torch.compile
+#   kernels     python -m benchmarks.kernels: the fused loss and head against eager and torch.compile, device
+#               and host time (needs hydra, not DALI: it fits in device-wheels.sh's first call)
 #   throughput  python -m benchmarks.throughput --ablate: R50 -> R18, 224 px, batch 256, bf16 (data, compute,
 #               e2e and the ablation rows from the official-style baseline)
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
@@ -31,8 +32,13 @@ python3 -c "import fastreg.kernels, fastreg.pipelines, fastreg.configs" 2>/dev/n
   || { echo "cannot install the project (pip install -e .)"; exit 2; }
 
 nvidia-smi > "$out/nvidia-smi_$stamp.txt"
-python3 -c "import torch, nvidia.dali, hydra; print('torch', torch.__version__, 'dali', nvidia.dali.__version__)" \
-  | tee "$out/versions_$stamp.txt" || { echo "DALI or hydra missing: run device-wheels.sh's calls first"; exit 2; }
+python3 -c "import torch, triton, hydra; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee "$out/versions_$stamp.txt" || { echo "hydra missing: run device-wheels.sh's first call first"; exit 2; }
+# kernels needs no DALI (it can run in device-wheels.sh's first call); every other part does
+if [ -n "$(printf '%s\n' "${parts[@]}" | grep -vx kernels)" ]; then
+  python3 -c "import nvidia.dali; print('dali', nvidia.dali.__version__)" | tee -a "$out/versions_$stamp.txt" \
+    || { echo "DALI missing: run device-wheels.sh's calls first"; exit 2; }
+fi
 data=/tmp/fastreg_jpegs  # ImageNet-like JPEGs cut from real photos (~500x375, q90)
 jpegs() { [ -d "$data" ] || python3 -m benchmarks.make_jpegs "$data" --images 4000 --classes 10 > /dev/null; }
 # R50 -> R18 at 224 px, batch 256, bf16: the issue's reference configuration (random teacher weights: the

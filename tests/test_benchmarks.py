@@ -16,20 +16,74 @@ def load(name: str):
     return module
 
 
-def test_kernel_report_tables_and_plot(tmp_path):
+def test_kernels_report_tables_targets_and_plot(tmp_path):
+    """Synthetic rows: the loss is 2x eager and 3x compile in device time, at 90-95% of copy bandwidth in fp32 and
+    50% in bf16, with half eager's host time; the head is 1.2x eager and 1.5x compile, its bf16 compile run at
+    the second shape failed. Each target must come out met, not met or not measured as these figures say."""
     kernels = load("kernels")
+    big = [(b, d) for b in kernels.BATCHES for d in kernels.DIMS if b * d >= 2**22]
+    assert len(big) >= 2, "the grid must reach the loss targets' sizes"
+    loss_ms, head_ms = {"triton": 1.0, "eager": 2.0, "compile": 3.0}, {"triton": 1.0, "eager": 1.2, "compile": 1.5}
+    failed = ("bf16", *kernels.HEAD_SHAPES[1])
     rows = []
     for dtype in kernels.DTYPES:
         for mode in kernels.MODES:
-            for i, impl in enumerate(kernels.IMPLS):  # triton 1 ms, eager 2 ms, compile 3 ms
-                rows += [{"op": "normalized_regression", "impl": impl, "mode": mode, "dtype": dtype, "B": b, "D": d,
-                          "ms": 1.0 + i, "peak_mib": 0.0, "GBps": 100.0, "copy_share": 0.5}
-                         for b in kernels.BATCHES for d in kernels.DIMS]
-                rows += [{"op": "mlp_head", "impl": impl, "mode": mode, "dtype": dtype, "B": b, "d": d, "D": D,
-                          "ms": 1.0 + i, "peak_mib": 10.0} for b, d, D in kernels.HEAD_SHAPES]
+            for impl in kernels.IMPLS:
+                for b in kernels.BATCHES:
+                    for d in kernels.DIMS:
+                        share = (0.9 if (b, d) == big[-1] else 0.95) if dtype == "fp32" else 0.5
+                        rows.append({"op": "normalized_regression", "impl": impl, "mode": mode, "dtype": dtype,
+                                     "B": b, "D": d, "ms": loss_ms[impl], "host_ms": loss_ms[impl] / 10,
+                                     "host_covered": True, "peak_mib": 0.0, "GBps": 100.0, "copy_share": share})
+                for b, d, D in kernels.HEAD_SHAPES:
+                    figures = {"ms": head_ms[impl], "host_ms": 2.0, "host_covered": (dtype, impl) != ("fp32", "eager"),
+                               "peak_mib": 10.0}
+                    if (dtype, b, d, D) == failed and impl == "compile":
+                        figures = {"ms": None, "host_ms": None, "host_covered": None, "peak_mib": None,
+                                   "error": "RuntimeError: capture failed"}
+                    rows.append({"op": "mlp_head", "impl": impl, "mode": mode, "dtype": dtype, "B": b, "d": d,
+                                 "D": D, **figures})
     text = kernels.markdown(rows, {"gpu": "GPU", "date": "today", "commit": "abc", "copy_GBps": 200.0})
-    assert text.count("| 2.00x | 3.00x |") == 2 * (len(kernels.BATCHES) * len(kernels.DIMS) + len(kernels.HEAD_SHAPES))
-    assert "| bf16 | 1024 | 2048 | 2048 | 1.0000 | 2.0000 | 3.0000 |" in text
+    lines = text.splitlines()
+    b, d = big[-1]
+    for expected in [
+        f"| loss fwd+bwd fp32, B x D >= 2^22 | device time >= 85% of copy bandwidth | 90% (B {b}, D {d}) | met |",
+        "| loss fwd+bwd bf16, B x D >= 2^22 | device time >= 85% of copy bandwidth | 50% "
+        f"(B {big[0][0]}, D {big[0][1]}) | not met |",
+        f"| loss fwd+bwd fp32, B x D >= 2^22 | device time >= 3x eager | 2.00x (B {big[0][0]}, D {big[0][1]}) "
+        "| not met |",
+        f"| loss fwd+bwd bf16, B x D >= 2^22 | device time >= 1.25x torch.compile | 3.00x (B {big[0][0]}, "
+        f"D {big[0][1]}) | met |",
+        f"| loss fwd+bwd bf16, B x D >= 2^22 | host time per call below eager's | eager's / triton's = 2.00 "
+        f"(B {big[0][0]}, D {big[0][1]}) | met |",
+    ]:
+        assert expected in lines, expected
+    for b, d, D in kernels.HEAD_SHAPES:
+        case = f"| head fwd+bwd bf16, (B, d, D) = ({b}, {d}, {D}) |"
+        assert f"{case} device time >= 1.3x eager | 1.20x (B {b}, d {d}, D {D}) | not met |" in lines
+        compile_worst = "- | not measured |" if (b, d, D) == failed[1:] else f"1.50x (B {b}, d {d}, D {D}) | met |"
+        assert f"{case} device time >= 1.1x torch.compile | {compile_worst}" in lines
+    n_loss = len(kernels.DTYPES) * len(kernels.BATCHES) * len(kernels.DIMS)
+    assert text.count("| 2.00x | 3.00x |") == n_loss
+    assert "| fp32 | 4096 | 2048 | 1.0000 | 2.0000 | 3.0000 | 2.00x | 3.00x | 100 | 95% | 0.1000 | 0.2000 | 0.3000 " \
+           "| device |" in lines
+    b, d, D = kernels.HEAD_SHAPES[1]
+    assert f"| bf16 | {b} | {d} | {D} | 1.0000 | 1.2000 | - | 1.20x | - | 2.0000 | 2.0000 | - | host | 10 | 10 |" \
+           in lines
+    assert f"| fp32 | {b} | {d} | {D} | 1.0000 | 1.2000 | 1.5000 | 1.20x | 1.50x | 2.0000 | 2.0000* | 2.0000 | host " \
+           "| 10 | 10 |" in lines
+    assert "\\* 2 host time(s) not covered by the sleep" in text  # fp32 eager, both head shapes
+    assert f"- mlp_head compile fwd+bwd bf16 B {b}, d {d}, D {D}: RuntimeError: capture failed" in lines
+    wins = kernels.head_wins(rows, "GPU")
+    assert len(wins) == len(kernels.DTYPES) * len(kernels.HEAD_SHAPES)
+    assert all(w["speedup_vs_eager"] == pytest.approx(1.2) and w["faster"] and w["gpu"] == "GPU" for w in wins)
+    assert [w["speedup_vs_compile"] for w in wins if (w["dtype"], w["B"], w["d"], w["D"]) == failed] == [None]
+    # eager faster in fp32, triton missing at the second shape: neither is a win
+    slower = [{**r, "ms": 0.9} if r["op"] == "mlp_head" and r["impl"] == "eager" and r["dtype"] == "fp32" else r
+              for r in rows if not (r["op"] == "mlp_head" and r["impl"] == "triton" and r["B"] == failed[1])]
+    assert {(w["dtype"], w["B"], w["d"], w["D"]): w["faster"] for w in kernels.head_wins(slower, "GPU")} == {
+        (dtype, *shape): dtype == "bf16" and shape != failed[1:] for dtype in kernels.DTYPES
+        for shape in kernels.HEAD_SHAPES}
     kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 10_000
 

@@ -70,3 +70,24 @@ def test_head_impl_auto_on_a_gpu_follows_the_committed_wins(monkeypatch):
 
     with pytest.raises(ValueError, match="head.impl"):
         HeadConfig(impl="fused")
+
+
+def test_head_wins_are_what_the_committed_benchmarks_show():
+    """HEAD_WINS holds exactly the (GPU, dtype) where a committed kernels benchmark timed under CUDA graphs
+    (meta.device_time) found the fused head faster than eager at every head shape; older files (no capture)
+    cannot add a win."""
+    import json
+    from pathlib import Path
+
+    from fastreg.fused import HEAD_WINS
+
+    wins = set()
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("kernels_*.json"):
+        result = json.loads(path.read_text())
+        if "device_time" not in result["meta"]:
+            continue
+        by_case: dict[tuple[str, str], list[bool]] = {}
+        for shape in result["head_wins"]:
+            by_case.setdefault((shape["gpu"], shape["dtype"]), []).append(shape["faster"])
+        wins |= {case for case, faster in by_case.items() if all(faster)}
+    assert set(HEAD_WINS) == wins
