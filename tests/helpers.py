@@ -1,4 +1,5 @@
-"""Small generated ImageFolders and configs for fast CPU training tests, and what they compare runs by."""
+"""Small generated ImageFolders and configs for fast CPU training tests, what they compare runs by, and what
+torch.compile sees a Triton kernel write."""
 
 from __future__ import annotations
 
@@ -121,3 +122,35 @@ def add_bad_files(root):
 def add_odd_files(root):
     for name, write in ODD_BUT_READABLE.items():
         write(root / "class1" / f"{name}.jpg")
+
+
+class _CudaTarget:
+    """A CUDA target for Triton's front end, so TTIR can be generated (not compiled) on a machine without a GPU."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def tensors_compile_sees_written(kernel, kwargs: dict) -> set[str]:
+    """The kernel arguments torch.compile treats as written: its own analysis of the kernel's TTIR, which decides
+    what functionalization clones and keeps (a written tensor it misses keeps its stale contents)."""
+    from triton.runtime import driver
+
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+
+    try:
+        driver.active.get_current_target()
+        fake = False
+    except RuntimeError:  # no GPU driver here
+        driver.set_active(_CudaTarget())
+        fake = True
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+            accesses = wrap.identify_accessed_tensors(kernel, dict(kwargs), {})
+            return {dep.name for dep in accesses.read_writes.writes}
+        return set(wrap.identify_mutated_tensors(kernel, dict(kwargs), {}))
+    finally:
+        if fake:
+            driver._active = None  # as before: reset_active() would look for a GPU driver
