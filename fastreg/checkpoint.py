@@ -11,6 +11,7 @@ a file system without atomic rename) is skipped by trainer.resume=auto, with a w
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import os
 import random
@@ -191,15 +192,18 @@ FREE_KEYS = ("name", "trainer.out_dir", "trainer.resume", "trainer.resume_force"
              "trainer.monitor", "trainer.max_bad_steps", "trainer.stop_check_every", "data.workers",
              "data.val_root", "data.knn_train_root", "data.max_bad_fraction", "eval", "optim.recipe_batch")
 ABSENT = "(absent)"  # a key only one config has: a checkpoint of an older version, or another number of teachers
-# Keys added after checkpoints were written, with the value that reproduces how those checkpoints were trained.
-LATER_KEYS = {"optim.schedule": "iteration", "optim.recipe_batch": None}
+# Keys added after checkpoints were written, with the value that reproduces how those checkpoints were trained
+# (fnmatch patterns: teachers.* is each of several teachers).
+LATER_KEYS = {"optim.schedule": "iteration", "optim.recipe_batch": None, "teacher.inference": "eager",
+              "teachers.*.inference": "eager"}
 
 
 def compare_configs(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume when a setting that changes the result differs from the checkpoint's, unless the
     current config has trainer.resume_force=true; log every difference either way, with both values."""
     new = flatten(current)
-    old = {**{k: v for k, v in LATER_KEYS.items() if k in new}, **flatten(saved)}
+    later = {k: v for k in new for pattern, v in LATER_KEYS.items() if fnmatch.fnmatchcase(k, pattern)}
+    old = {**later, **flatten(saved)}
     changed = [k for k in sorted(old.keys() | new.keys()) if k not in old or k not in new or old[k] != new[k]]
     free = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
     binding = [k for k in changed if k not in free]

@@ -76,9 +76,14 @@ class TeacherConfig:
     weight: float = 1.0  # weight of this teacher's loss in the weighted mean over teachers
     head: Optional[HeadConfig] = None  # this teacher's head; None uses the global `head`
     name: Optional[str] = None  # label in logs and metrics; defaults to arch (made unique)
+    # folded: a conv teacher's BatchNorms folded into its convolutions and its weights stored in the training
+    # precision (no per-step casts; fastreg.teacher_inference); the same features up to rounding. eager: the
+    # network as loaded, under autocast. Vision transformers run eager either way (nothing to fold).
+    inference: str = "folded"
 
     def __post_init__(self) -> None:
         _check_choice("teacher.format", self.format, TEACHER_FORMATS)
+        _check_choice("teacher.inference", self.inference, ("folded", "eager"))
         _check_positive("teacher.weight", self.weight)
 
 

@@ -36,6 +36,7 @@ from torchvision import models as tvm
 from fastreg.config import TEACHER_FORMATS, TeacherConfig
 from fastreg.heads import L2Norm
 from fastreg.students import SmallCNN, drop_module
+from fastreg.teacher_inference import fold_batch_norms
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +515,16 @@ class Teacher(nn.Module):
         self.name, self.arch, self.dim = name, arch, dim
         self.backbone, self.projection = backbone, projection
         self.amp_dtype = amp_dtype  # autocast dtype, e.g. torch.bfloat16; None runs fp32
+        self.backbone_dtype: Optional[torch.dtype] = None  # set by fold(): the backbone runs in it, no autocast
         self.float().requires_grad_(False).eval()  # float: a checkpoint may hold fp16 tensors
+
+    def fold(self) -> int:
+        """The backbone as inference code (fastreg.teacher_inference): BatchNorms folded into the convolutions,
+        weights stored in the autocast dtype. Returns how many BatchNorms were folded."""
+        folded = fold_batch_norms(self.backbone)
+        self.backbone_dtype = self.amp_dtype or torch.float32
+        self.backbone.to(self.backbone_dtype)
+        return folded
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
@@ -523,7 +533,11 @@ class Teacher(nn.Module):
         """images (B, 3, H, W) -> (B, dim) float32, a plain tensor (no grad) usable in a loss with the student."""
         amp = dict(device_type=images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with torch.inference_mode(), torch.autocast(**amp):
-            feat = self.backbone(images)  # (B, D) pooled
+            if self.backbone_dtype is not None:  # folded: stored in the compute dtype already
+                with torch.autocast(images.device.type, enabled=False):
+                    feat = self.backbone(images.to(self.backbone_dtype)).float()  # (B, D) pooled
+            else:
+                feat = self.backbone(images)  # (B, D) pooled
             if self.projection is not None:
                 feat = self.projection(feat)  # (B, D) -> (B, dim)
         # Inference tensors cannot be saved for backward: copy out of inference mode, into a normal fp32 tensor
@@ -549,5 +563,11 @@ def build_teacher(
         backbone, projection = _load_backbone(cfg)
     dim = _projection_dim(projection) if projection is not None else arch.dim
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
+    if cfg.inference == "folded" and arch.conv:
+        log.info("teacher %s: %d BatchNorms folded into their convolutions, weights in %s", name, teacher.fold(),
+                 teacher.backbone_dtype)
+    else:
+        log.info("teacher %s: run as loaded, under autocast (%s)", name,
+                 "teacher.inference=eager" if arch.conv else "a transformer: no BatchNorm to fold")
     # channels_last: the layout the GPU loader already yields (DESIGN.md, data flow) and cuDNN's fastest for convs
     return teacher.to(device, memory_format=torch.channels_last if arch.conv else torch.contiguous_format)

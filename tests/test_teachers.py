@@ -3,12 +3,15 @@
 Checkpoints are built from the real architectures (random torchvision/timm models) under each format's real key
 names, and the teacher's features must equal those of the reference model holding the same weights. Where the
 network itself is in question (MoCo-v3's 12-head ViT-S, BYOL's "SAME" padding, SwAV's RN50-w2 and its head), the
-reference is a forward written out here with torch.nn.functional from the checkpoint's tensors.
+reference is a forward written out here with torch.nn.functional from the checkpoint's tensors. Tests of exact
+loading run the network as loaded (teacher.inference=eager); the folded inference path (BatchNorm folded into the
+convolutions, which changes rounding) has its own tests at the end, against the plain eval-mode network.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -224,16 +227,16 @@ def test_checkpoint_layout_loads_exact_weights(case, request, tmp_path, caplog):
 
     caplog.set_level(logging.INFO, logger="fastreg.teachers")
     for fmt in ("auto", case.format):
-        teacher = build_teacher(TeacherConfig(arch=case.arch, checkpoint=str(path), format=fmt))
+        teacher = build_teacher(TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), format=fmt))
         assert torch.equal(teacher(x), pooled), fmt
         assert teacher.dim == pooled.shape[1]
     assert f"(format {case.detected}, detected)" in caplog.text
 
     if head is None:
         with pytest.raises(ValueError, match="no projection head"):
-            build_teacher(TeacherConfig(arch=case.arch, checkpoint=str(path), projection=True))
+            build_teacher(TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), projection=True))
         return
-    teacher = build_teacher(TeacherConfig(arch=case.arch, checkpoint=str(path), format=case.format, projection=True))
+    teacher = build_teacher(TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), format=case.format, projection=True))
     with torch.no_grad():
         projected = head(pooled)
     torch.testing.assert_close(teacher(x), projected, rtol=0, atol=0)
@@ -386,7 +389,7 @@ def test_byol_resnet50_pads_as_tensorflow(resnet50, tmp_path):
     "SAME" pad is symmetric (33 px: 33, 17, 9, 5, 3 are odd), not at 32 px."""
     sd = resnet50.state_dict()
     torch.save(sd, tmp_path / "byol.pth")
-    teacher = build_teacher(TeacherConfig(arch="byol_resnet50", checkpoint=str(tmp_path / "byol.pth"), format="byol"))
+    teacher = build_teacher(TeacherConfig(inference="eager", arch="byol_resnet50", checkpoint=str(tmp_path / "byol.pth"), format="byol"))
     for size in (32, 33, 40):
         x = torch.randn(2, 3, size, size)
         expected = _resnet50_forward(sd, x, _tf_conv, _tf_maxpool)
@@ -487,7 +490,7 @@ def test_simclr_converter_checkpoint(resnet50, tmp_path, monkeypatch):
     fc = {"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}  # the converter keeps its linear head
     torch.save({"state_dict": {**resnet50.state_dict(), **fc}}, tmp_path / "simclr.pth")
     x = torch.randn(2, 3, 32, 32)
-    teacher = build_teacher(TeacherConfig(arch="resnet50x1", checkpoint=str(tmp_path / "simclr.pth")))
+    teacher = build_teacher(TeacherConfig(inference="eager", arch="resnet50x1", checkpoint=str(tmp_path / "simclr.pth")))
     with torch.no_grad():
         assert torch.equal(teacher(x), resnet50(x))
 
@@ -552,7 +555,7 @@ def test_old_and_half_precision_checkpoints_load(cnn_small, tmp_path):
     sd = {k: v.half() if v.is_floating_point() else v for k, v in cnn_small.state_dict().items()
           if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "old.pth")
-    teacher = build_teacher(TeacherConfig(arch="cnn_small", checkpoint=str(tmp_path / "old.pth")))
+    teacher = build_teacher(TeacherConfig(inference="eager", arch="cnn_small", checkpoint=str(tmp_path / "old.pth")))
     x = torch.randn(2, 3, 16, 16)
     ref = SmallCNN((32, 64, 128))
     ref.load_state_dict(sd)
@@ -570,7 +573,7 @@ def test_random_teacher_warns(caplog):
 
 
 def test_teacher_is_frozen_and_its_output_feeds_a_loss():
-    teacher = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", name="t0"), amp_dtype=torch.bfloat16)
+    teacher = build_teacher(TeacherConfig(inference="eager", arch="cnn_small", checkpoint="random", name="t0"), amp_dtype=torch.bfloat16)
     teacher.train()
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -609,3 +612,89 @@ def test_wide_resnets_are_simclrs():
         assert abs(sum(p.numel() for p in model.parameters()) / params - 1) < 0.01
         assert set(model.state_dict()) == names
         assert model.layer4[-1].conv3.weight.shape == (2048 * width, 512 * width, 1, 1)
+
+
+def random_batch_norms(model: nn.Module, seed: int = 1) -> None:
+    """Running statistics and affine parameters away from BatchNorm's (0, 1) defaults, so folding them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+CONV_TEACHERS = [arch for arch, spec in TEACHERS.items() if spec.conv]
+
+
+@pytest.mark.parametrize("arch", CONV_TEACHERS)
+def test_folded_teacher_gives_the_eval_models_features(arch):
+    """Every registered conv teacher, random weights and BatchNorm statistics, fp32: every BatchNorm is folded
+    (none left in the network) and the features equal the plain eval-mode network's to float32 rounding
+    (relative to the largest feature: random deep ResNets grow their residual stream to 1e9)."""
+    plain = build_teacher(TeacherConfig(arch=arch, checkpoint="random", inference="eager"))
+    random_batch_norms(plain)
+    folded = copy.deepcopy(plain)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert folded.fold() == n_bn and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last)
+    want, got = plain(x), folded(x)
+    assert (got - want).abs().max() <= 2e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["cnn_small", "resnet50", "byol_resnet50"])
+def test_folded_teacher_in_bf16_is_as_accurate_as_autocast(arch):
+    """Stored and run in bf16 without autocast, its features are about as close to fp32's as the unfolded network
+    under bf16 autocast: Frobenius error within 1.5x, the largest error within 2.5x (one bf16 rounding of a few
+    features decides it)."""
+    fp32 = build_teacher(TeacherConfig(arch=arch, checkpoint="random", inference="eager"))
+    random_batch_norms(fp32)
+    autocast = copy.deepcopy(fp32)
+    autocast.amp_dtype = torch.bfloat16
+    folded = copy.deepcopy(autocast)
+    folded.fold()
+    assert next(folded.backbone.parameters()).dtype == torch.bfloat16
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last)
+    want = fp32(x)
+    eager_err, folded_err = autocast(x) - want, folded(x) - want
+    assert folded_err.norm() <= 1.5 * eager_err.norm()
+    assert folded_err.abs().max() <= 2.5 * eager_err.abs().max()
+
+
+def test_build_teacher_folds_conv_nets_only(caplog):
+    with caplog.at_level("INFO"):
+        cnn = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"), amp_dtype=torch.bfloat16)
+        vit = build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint="random"))
+        eager = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="eager"))
+    assert cnn.backbone_dtype == torch.bfloat16 and not any(isinstance(m, nn.BatchNorm2d) for m in cnn.modules())
+    assert vit.backbone_dtype is None and eager.backbone_dtype is None
+    assert "6 BatchNorms folded into their convolutions, weights in torch.bfloat16" in caplog.text
+    assert "a transformer: no BatchNorm to fold" in caplog.text
+
+
+def test_folding_needs_eval_mode():
+    from fastreg.teacher_inference import fold_batch_norms
+
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+
+
+def test_a_batch_norm_after_a_shared_conv_output_is_not_folded():
+    """Folding rewrites the conv's output; if something else reads it too, the BatchNorm stays."""
+    from fastreg.teacher_inference import conv_bn_pairs
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.bn(z) + z
+
+    assert conv_bn_pairs(Branch()) == []
+    assert conv_bn_pairs(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))) == [("0", "1")]

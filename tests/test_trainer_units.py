@@ -132,6 +132,21 @@ def test_a_checkpoint_older_than_a_setting_resumes_under_the_value_it_was_traine
         ckpt.compare_configs(saved, {**current, "optim": {**current["optim"], "schedule": "epoch"}}, tmp_path)
 
 
+def test_a_checkpoint_from_before_teacher_folding_resumes_only_with_eager_teachers(tmp_path):
+    """Checkpoints older than teacher.inference ran their teachers unfolded: 'eager', for one teacher or several."""
+    saved = {"teachers": [{"arch": "resnet50"}, {"arch": "resnet101"}], "trainer": {"resume_force": False}}
+    current = {"teachers": [{"arch": "resnet50", "inference": "eager"}, {"arch": "resnet101", "inference": "eager"}],
+               "trainer": {"resume_force": False}}
+    ckpt.compare_configs(saved, current, tmp_path)
+    current["teachers"][1]["inference"] = "folded"
+    with pytest.raises(ValueError, match="teachers.1.inference 'eager' -> 'folded'"):
+        ckpt.compare_configs(saved, current, tmp_path)
+    with pytest.raises(ValueError, match="teacher.inference 'eager' -> 'folded'"):
+        ckpt.compare_configs({"teacher": {"arch": "resnet50"}, "trainer": {"resume_force": False}},
+                             {"teacher": {"arch": "resnet50", "inference": "folded"}, "trainer": {"resume_force": False}},
+                             tmp_path)
+
+
 def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):
     import pickle
     import random
