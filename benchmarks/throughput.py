@@ -49,10 +49,12 @@ from benchmarks.data_throughput import batch_stream, device_name
 # ImageFolder decoded by PIL in DataLoader workers, fp32, NCHW, eager PyTorch, no fused kernels.
 ABLATION = [
     ("baseline", ["data.loader=torchvision", "trainer.precision=fp32", "trainer.channels_last=false",
-                  "trainer.compile=false", "head.impl=eager", "loss.impl=eager"]),
+                  "trainer.compile=false", "head.impl=eager", "loss.impl=eager", "teacher.inference=eager"]),
     ("+AMP (bf16)", ["trainer.precision=bf16"]),
     ("+channels_last", ["trainer.channels_last=true"]),
     ("+DALI", ["data.loader=dali"]),
+    ("+folded teacher", ["teacher.inference=folded"]),
+    ("+compiled teacher", ["teacher.compile=true"]),
     ("+compile", ["trainer.compile=true"]),
     ("+Triton kernels", ["head.impl=triton", "loss.impl=triton"]),
 ]
@@ -190,7 +192,15 @@ def implementations(trainer: Trainer) -> dict:
     return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
             "compile": t.compile, "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
             "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in trainer.distiller.losses],
+            "teachers": [teacher_inference(teacher) for teacher in trainer.distiller.teachers],
             "trainable_params": sum(p.numel() for p in trainer.distiller.model.parameters() if p.requires_grad)}
+
+
+def teacher_inference(teacher) -> str:
+    """How a teacher ran: eager, folded, or folded and compiled."""
+    if teacher.backbone_dtype is None:
+        return "eager"
+    return "folded+compiled" if isinstance(teacher.backbone, torch._dynamo.eval_frame.OptimizedModule) else "folded"
 
 
 def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:
@@ -271,10 +281,11 @@ def markdown(result: dict) -> str:
         lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f} ("
                   + ("the data pipeline is the limit" if result["e2e_over_compute"] < 0.9 else "data keeps up") + ")"]
     if result.get("ablation"):
-        lines += ["", "| ablation row | img/s | speed-up | loader | heads | fused loss |", "|---|--:|--:|---|---|---|"]
+        lines += ["", "| ablation row | img/s | speed-up | loader | teachers | heads | fused loss |",
+                  "|---|--:|--:|---|---|---|---|"]
         for r in result["ablation"]:
             lines.append(f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | "
-                         f"{', '.join(r['heads'])} | {r['fused_loss']} |")
+                         f"{', '.join(r['teachers'])} | {', '.join(r['heads'])} | {r['fused_loss']} |")
     return "\n".join(lines) + "\n"
 
 

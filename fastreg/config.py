@@ -80,10 +80,16 @@ class TeacherConfig:
     # precision (no per-step casts; fastreg.teacher_inference); the same features up to rounding. eager: the
     # network as loaded, under autocast. Vision transformers run eager either way (nothing to fold).
     inference: str = "folded"
+    # folded only: torch.compile the folded backbone with inductor's freezing (weights become graph constants,
+    # bias + ReLU and add + ReLU fuse into the convolutions). Costs a compile at the first steps; off until the
+    # throughput ablation shows it pays on the GPU at hand.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("teacher.format", self.format, TEACHER_FORMATS)
         _check_choice("teacher.inference", self.inference, ("folded", "eager"))
+        if self.compile and self.inference != "folded":
+            raise ValueError("teacher.compile=true compiles the folded teacher: set teacher.inference=folded")
         _check_positive("teacher.weight", self.weight)
 
 

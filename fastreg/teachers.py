@@ -564,8 +564,11 @@ def build_teacher(
     dim = _projection_dim(projection) if projection is not None else arch.dim
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
     if cfg.inference == "folded" and arch.conv:
-        log.info("teacher %s: %d BatchNorms folded into their convolutions, weights in %s", name, teacher.fold(),
-                 teacher.backbone_dtype)
+        log.info("teacher %s: %d BatchNorms folded into their convolutions, weights in %s%s", name, teacher.fold(),
+                 teacher.backbone_dtype, ", compiled with inductor's freezing" if cfg.compile else "")
+        if cfg.compile:
+            teacher.backbone = torch.compile(teacher.backbone, fullgraph=True, dynamic=False,
+                                             options={"freezing": True})
     else:
         log.info("teacher %s: run as loaded, under autocast (%s)", name,
                  "teacher.inference=eager" if arch.conv else "a transformer: no BatchNorm to fold")

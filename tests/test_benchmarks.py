@@ -114,6 +114,8 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert saved["ablation"][0]["loader"] == "torchvision" and saved["ablation"][0]["precision"] == "fp32"
     assert saved["ablation"][-1]["compile"] and saved["ablation"][-1]["fused_loss"] == [True]
     assert saved["ablation"][0]["speedup"] == 1.0
+    assert [r["teachers"] for r in saved["ablation"][:4]] == [["eager"]] * 4
+    assert saved["ablation"][4]["teachers"] == ["folded"] and saved["ablation"][5]["teachers"] == ["folded+compiled"]
     for key in ("device_name", "torch", "dali", "triton", "commit", "date"):
         assert saved["env"][key], key
     assert saved["config"]["student"]["arch"] == "cnn_tiny" and result["env"] == saved["env"]

@@ -698,3 +698,15 @@ def test_a_batch_norm_after_a_shared_conv_output_is_not_folded():
 
     assert conv_bn_pairs(Branch()) == []
     assert conv_bn_pairs(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))) == [("0", "1")]
+
+
+def test_compiled_folded_teacher_gives_the_folded_features():
+    """teacher.compile: the folded backbone through inductor with freezing, in one graph (fullgraph: a break is an
+    error), gives the folded network's features."""
+    folded = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"))
+    compiled = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", compile=True))
+    compiled.backbone._orig_mod.load_state_dict(folded.backbone.state_dict())  # before the first call compiles
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compiled(x), folded(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher.inference=folded"):
+        TeacherConfig(arch="cnn_small", inference="eager", compile=True)
