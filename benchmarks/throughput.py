@@ -10,8 +10,10 @@ modes run one after another in this process, on one device:
   e2e      Trainer.train_step fed by the real loader
 Each mode: warm-up steps excluded; img/s per window of --window steps (median, min, max); per step the data
 wait (asking the loader for a batch until it is there) and the compute (the step), from CUDA events on a GPU
-and the host clock on CPU; peak memory; GPU telemetry (fastreg.monitor). e2e / compute < 1 means data is the
-limit. --ablate adds e2e rows that switch the speed-ups on one by one (ABLATION).
+and the host clock on CPU; peak memory; GPU telemetry (fastreg.monitor). e2e / compute < 1 means data costs
+something, and `data_limit` names how: "starved" (the step waits for batches) or "contention" (the loader's GPU
+work slows the step itself), with both figures. --ablate adds e2e rows that switch the speed-ups on one by one
+(ABLATION).
 
 Results: benchmarks/results/<gpu or cpu>/<date>-<commit>.json (device, versions, config, every figure), a
 markdown table beside it and two PNGs (img/s per ablation row; data wait and compute per step and mode).
@@ -260,6 +262,22 @@ def nvidia_driver(device: torch.device) -> Optional[str]:
         return None
 
 
+MATERIAL = 0.05  # a share of the step that counts: data wait of the e2e step, or compute added by the loader
+
+
+def data_limit(e2e: dict, compute: dict) -> str:
+    """How the data pipeline limits the e2e run, with both figures: "starved" when the step waits for batches
+    (data wait >= 5% of the e2e step), "contention" when the loader's GPU work slows the step itself (e2e compute
+    per step >= 5% above compute-only's); both can hold; else "data keeps up"."""
+    step = e2e["data_wait_ms"] + e2e["compute_ms"]
+    wait_share, slowdown = e2e["data_wait_ms"] / step, e2e["compute_ms"] / compute["compute_ms"] - 1
+    figures = (f"data wait {e2e['data_wait_ms']:.2f} ms/step ({wait_share:.0%} of the e2e step); compute "
+               f"{e2e['compute_ms']:.2f} ms/step with the loader running, {compute['compute_ms']:.2f} without "
+               f"({slowdown:+.0%})")
+    named = [name for name, hit in (("starved", wait_share >= MATERIAL), ("contention", slowdown >= MATERIAL)) if hit]
+    return f"{' and '.join(named) or 'data keeps up'}: {figures}"
+
+
 def result_stem(out: Path, env: dict) -> Path:
     folder = "cpu" if env["device"] == "cpu" else env["device_name"].replace(" ", "_")
     return out / folder / f"{env['date']}-{env['commit'][:12]}"
@@ -278,8 +296,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {mode} | {f['img_per_s']:,.0f} | {f['img_per_s_min']:,.0f}-{f['img_per_s_max']:,.0f} | "
                      f"{f['data_wait_ms']:.2f} | {f['compute_ms']:.2f} | {f['loader']} |")
     if "e2e_over_compute" in result:
-        lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f} ("
-                  + ("the data pipeline is the limit" if result["e2e_over_compute"] < 0.9 else "data keeps up") + ")"]
+        lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f}: {result['limit']}"]
     if result.get("ablation"):
         lines += ["", "| ablation row | img/s | speed-up | loader | teachers | heads | fused loss |",
                   "|---|--:|--:|---|---|---|---|"]
@@ -333,6 +350,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   "modes": {mode: run_mode(mode, overrides, args, work) for mode in args.modes}}
         if "e2e" in result["modes"] and "compute" in result["modes"]:
             result["e2e_over_compute"] = result["modes"]["e2e"]["img_per_s"] / result["modes"]["compute"]["img_per_s"]
+            result["limit"] = data_limit(result["modes"]["e2e"], result["modes"]["compute"])
             result["img_per_s_per_device"] = result["modes"]["e2e"]["img_per_s"]  # one process, one device
         if args.ablate:
             result["ablation"] = ablation(overrides, args, work)

@@ -158,3 +158,19 @@ def test_scaling_on_paper_is_the_closed_form(tmp_path):
     eight_worst = 130 * IMAGENET_TRAIN / (8 * 256 / (t_step + t_allreduce)) / 3600
     assert f"| 1 | 256 | 5,000 | {one:,.1f} | {one:,.1f} | 100.0% |" in text
     assert f"| 8 | 2,048 | 40,000 | {one / 8:,.1f} | {eight_worst:,.1f} | {t_step / (t_step + t_allreduce):.1%} |" in text
+
+
+@pytest.mark.parametrize("wait, e2e_compute, named", [
+    (0.06, 37.4, "data keeps up"),      # the H200 run's wait, compute as without the loader
+    (0.06, 43.0, "contention"),         # the loader's GPU work slows the step 15%
+    (4.00, 37.4, "starved"),            # the step waits 10% of its time
+    (4.00, 43.0, "starved and contention"),
+])
+def test_the_data_limit_is_named_with_both_figures(wait, e2e_compute, named):
+    from benchmarks.throughput import data_limit
+
+    text = data_limit({"data_wait_ms": wait, "compute_ms": e2e_compute}, {"compute_ms": 37.4})
+    assert text.startswith(named + ": ")
+    assert f"data wait {wait:.2f} ms/step" in text and f"compute {e2e_compute:.2f} ms/step" in text
+    assert "37.40 without" in text
+
