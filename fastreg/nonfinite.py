@@ -1,9 +1,17 @@
-"""Steps whose loss is NaN or inf are undone on the device, with no host sync, and counted; a long run of
-them stops training (trainer.max_bad_steps).
+"""Steps whose loss is NaN or inf on any rank are skipped on the device, with no host sync, and counted; a long
+run of them stops training (trainer.max_bad_steps). build_guard picks one of two guards by the optimizer, and
+train.log names it:
 
+StepSkip, torch's fused SGD/Adam/AdamW (optim=sgd on CUDA): no copy of the weights
+    backup <- model buffers          before the forward (BatchNorm's running statistics move in it)
+    forward; backward
+    found_inf <- not ok              ok = the loss was finite on every rank; fp16: max with GradScaler's
+    optimizer step                   the fused kernel writes neither params nor state where found_inf = 1
+    buffers <- where(ok, buffers, backup)
+StepUndo, any other optimizer (timm Lars/Lamb, apex): a copy of everything the step changes
     backup <- x                     for x in trainable params, model buffers, optimizer state; before the forward
     forward; backward; optimizer step                                                  as always
-    x <- where(ok, x, backup)       after the step; ok = the loss was finite on every rank
+    x <- where(ok, x, backup)       after the step
     x <- where(ok, x, 0)            state the step created (a first step): zeros are its fresh value
 
 Zeroing the gradients would not skip the step (weight decay and momentum still move the weights), and
@@ -13,6 +21,7 @@ reads them where it syncs anyway (logging steps and saves).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +29,94 @@ import torch.distributed as dist
 from torch import nn
 
 
+def build_guard(model: nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler) -> StepSkip | StepUndo:
+    """StepSkip where every param group runs torch's fused kernel, which takes found_inf; StepUndo otherwise."""
+    fused = isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+    return StepSkip(model, optimizer, scaler) if fused else StepUndo(model, optimizer)
+
+
+class StepSkip:
+    """A bad step skipped inside torch's fused optimizer kernels through found_inf, the flag GradScaler hands
+    them: parameters and optimizer state (momentum, Adam's moments and step count) are left unwritten, bitwise,
+    so none of them is copied. Where no GradScaler runs, optimizer.found_inf is this guard's flag for good; with
+    fp16's, which sets found_inf from the gradients before each step and removes it after, a pre-step hook adds
+    the loss check (the scaler's scale update still sees only the gradients). The model's buffers, which the
+    optimizer does not own, are put back from a copy (BufferUndo). A skipped first step leaves zeros in the
+    state it created, as StepUndo does: fused SGD allocates its momentum uninitialized and would leave it so.
+    Not covered, as with StepUndo: the loss modules' buffers.
+    Cost per step: a few small kernels, whatever the size of the model."""
+
+    name = "skipped inside the fused optimizer kernel (found_inf); model buffers restored from a copy"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+        self.optimizer, self.buffers = optimizer, BufferUndo(model)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.bad = torch.zeros((), device=self.params[0].device)  # float32 1.0 = skip: what the kernels read
+        self.skipped, self.fresh = self.bad, []  # the flag the kernel got; params without state before the step
+        if scaler.is_enabled():
+            optimizer.register_step_pre_hook(self.add_loss_check)
+        else:
+            optimizer.found_inf = self.bad
+
+    def add_loss_check(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Runs inside scaler.step, after GradScaler has set found_inf; max, not sum: the kernels test == 1."""
+        self.skipped = optimizer.found_inf = torch.maximum(optimizer.found_inf, self.bad)
+
+    def save(self) -> None:
+        self.buffers.save()
+
+    def skip_unless(self, ok: torch.Tensor) -> None:
+        """ok: 0-dim bool on the device; before the optimizer step."""
+        torch.logical_not(ok, out=self.bad)
+        state = self.optimizer.state
+        self.fresh = [p for p in self.params if p not in state] if len(state) < len(self.params) else []
+
+    @torch.no_grad()
+    def undo_unless(self, ok: torch.Tensor) -> None:
+        """After the optimizer step; ok as given to skip_unless."""
+        created = [t for p in self.fresh for t in self.optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
+        if created:
+            skipped = self.skipped.bool()
+            for t in created:
+                torch.where(skipped, t.new_zeros(()), t, out=t)
+        self.buffers.undo_unless(ok)
+
+
+class BufferUndo:
+    """The model's buffers, put back on the device where the step was bad, bitwise. One flat copy per dtype
+    (float running statistics, int64 batch counts): a step costs a few kernels, not one per buffer."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.backup: dict[torch.dtype, torch.Tensor] = {}
+
+    def by_dtype(self) -> dict[torch.dtype, list[torch.Tensor]]:
+        groups = defaultdict(list)
+        for b in self.model.buffers():
+            groups[b.dtype].append(b)
+        return groups
+
+    @torch.no_grad()
+    def save(self) -> None:
+        self.backup = {dtype: flat(buffers) for dtype, buffers in self.by_dtype().items()}
+
+    @torch.no_grad()
+    def undo_unless(self, ok: torch.Tensor) -> None:
+        for dtype, buffers in self.by_dtype().items():
+            kept = torch.where(ok, flat(buffers), self.backup[dtype])
+            parts = kept.split([b.numel() for b in buffers])
+            torch._foreach_copy_(buffers, [part.view_as(b) for part, b in zip(parts, buffers)])
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 class StepUndo:
-    """A copy of what a training step changes, put back on the device where the step was bad.
+    """A copy of what a training step changes, put back on the device where the step was bad: the guard for
+    optimizers whose step takes no found_inf (timm Lars/Lamb, apex, torch's unfused ones, so SGD on CPU).
 
     Covered: the optimizer's parameters, the model's buffers (BatchNorm's running statistics: a NaN forward
     poisons them) and the optimizer's per-parameter tensor state (momentum buffers, Lamb's moments). Bitwise:
@@ -32,6 +127,8 @@ class StepUndo:
     only the frozen teachers feed.
     Cost: a second copy of all of it in memory; per step one copy and one torch.where per tensor.
     """
+
+    name = "undone from a copy of the weights, buffers and optimizer state (the optimizer takes no found_inf)"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
@@ -54,6 +151,9 @@ class StepUndo:
         if live.keys() != self.backup.keys():  # the first step created the optimizer state, or a resume replaced it
             self.backup = {key: torch.empty_like(t) for key, t in live.items()}
         torch._foreach_copy_(list(self.backup.values()), [live[key] for key in self.backup])
+
+    def skip_unless(self, ok: torch.Tensor) -> None:
+        """Nothing before the step: it runs, and undo_unless puts back what it changed."""
 
     @torch.no_grad()
     def undo_unless(self, ok: torch.Tensor) -> None:

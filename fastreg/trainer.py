@@ -9,7 +9,7 @@
 
 No host sync inside the step except at logging steps (and, with several processes, every
 trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is
-undone on the device (fastreg.nonfinite) and counted there; trainer.max_bad_steps consecutive ones stop
+skipped on the device (fastreg.nonfinite) and counted there; trainer.max_bad_steps consecutive ones stop
 training at the next logging step or save, before a checkpoint is written.
 The step's parts are named phases (fastreg.monitor.PHASES) for torch.profiler and nsys; rank 0's GPU
 telemetry is logged with the metrics as gpu/*.
@@ -39,7 +39,7 @@ from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig, TrainConfig
 from fastreg.distiller import build_distiller
 from fastreg.monitor import GPUMonitor, data_phase, phase
-from fastreg.nonfinite import BadSteps, BadStepsSeen, StepUndo
+from fastreg.nonfinite import BadSteps, BadStepsSeen, build_guard
 from fastreg.pipelines import build_loader
 from fastreg.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from fastreg.run_log import MetricsLog, attach_log_file, make_progress
@@ -172,13 +172,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0  # batch_in_epoch: batches done of epoch `epoch` + 1
         self.signals, self.stop_signal = StopSignals(), 0  # stop_signal: the one every rank agreed on; 0: none
-        self.undo = StepUndo(self.distiller.model, self.optimizer)
         self.bad_steps = BadSteps(["loss", *(f"loss/{teacher.name}" for teacher in self.distiller.teachers)],
                                   t.max_bad_steps, self.device)
         self.skipped_logged = 0  # bad steps up to the last logging step
         if resumed:
             self.resume(resumed)
             self.check_data_position()
+        # after the resume: a checkpoint's param groups bring their own `fused`
+        self.guard = build_guard(self.distiller.model, self.optimizer, self.scaler)
         self.wrap_model()
         self.metrics_log = MetricsLog(self.out_dir, self.is_main, self.step)
         # rank 0 samples its own GPU: it alone writes metrics, and DDP's all-reduces keep the ranks in step
@@ -325,23 +326,24 @@ class Trainer:
     def train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         """One optimizer step on one batch (B, 3, H, W): (loss, metrics, lr), the tensors still on the device.
 
-        A step whose loss is NaN or inf on any rank is undone on the device. It still counts as a step: the lr
+        A step whose loss is NaN or inf on any rank is skipped on the device. It still counts as a step: the lr
         schedule, the data position and the step numbers of checkpoints stay those of an unbroken run, on
         every rank."""
         lr = self.set_lr()
         with phase("optimizer"):
-            self.undo.save()  # before the forward: BatchNorm's running statistics move in it
+            self.guard.save()  # before the forward: BatchNorm's running statistics move in it
         loss, metrics = self.distiller(images)
         ok = self.loss_is_finite(loss)
         with phase("student_backward"):
             self.scaler.scale(loss).backward()
         with phase("optimizer"):
-            # fp16: the scaler skips a step whose gradients overflow (its own sync); with a finite loss that
-            # is the scaler's business, not a bad step
+            self.guard.skip_unless(ok)  # hands `not ok` to a fused optimizer's kernel
+            # fp16: the scaler skips a step whose gradients overflow (its own sync unless the optimizer is
+            # fused); with a finite loss that is the scaler's business, not a bad step
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)  # here, not before backward: no gradients held in forward
-            self.undo.undo_unless(ok)
+            self.guard.undo_unless(ok)
         self.bad_steps.record(ok, self.step + 1, {"loss": loss, **metrics})
         self.step += 1
         return loss, metrics, lr
@@ -487,6 +489,7 @@ class Trainer:
         log.info("device %s, world size %d, loader %s (%d batches/epoch), optimizer %s, peak lr %.4g "
                  "(global batch %d), lr schedule per %s", self.device, self.world, self.loader.name, len(self.loader),
                  self.optimizer_impl, self.peak_lr, self.global_batch, self.cfg.optim.schedule)
+        log.info("a step whose loss is NaN or inf is %s", self.guard.name)
         o = self.cfg.optim
         warning = lr_scaling_warning(o.recipe_batch, self.global_batch, self.world, o.base_lr, self.peak_lr)
         if warning:

@@ -15,7 +15,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+import fastreg.trainer as trainer_module
 from fastreg.config import TrainerConfig, to_config
+from fastreg.nonfinite import StepSkip, StepUndo
 from fastreg.trainer import Trainer
 from helpers import make_image_folder, tiny_overrides
 from test_train import DDP_SCRIPT
@@ -218,3 +220,128 @@ def test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path):
 def test_max_bad_steps_is_at_least_one():
     with pytest.raises(ValueError, match="trainer.max_bad_steps must be >= 1"):
         TrainerConfig(max_bad_steps=0)
+
+
+# ---- StepSkip: the fused optimizer's kernel skips a bad step (found_inf), with no copy of the weights ----
+
+@pytest.fixture
+def fused_sgd(monkeypatch):
+    """optim=sgd built as on CUDA: torch's fused SGD, whose CPU kernel takes found_inf too. The guard is then
+    StepSkip; building a StepUndo (a copy of the weights every step) fails the test."""
+    build = trainer_module.build_optimizer
+    monkeypatch.setattr(trainer_module, "build_optimizer",
+                        lambda cfg, params, lr, device: build(cfg, params, lr, torch.device("cuda")))
+
+    def copies_the_weights(*args):
+        raise AssertionError("StepUndo built on the found_inf path")
+
+    monkeypatch.setattr(StepUndo, "__init__", copies_the_weights)
+
+
+@pytest.fixture
+def uninitialized_is_nan(monkeypatch):
+    """torch.empty_like's memory holds anything (fused SGD's first-step momentum comes from it): NaN shows it."""
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
+
+
+def detached_nan(loss: torch.Tensor) -> torch.Tensor:
+    """A NaN loss with finite gradients: only the loss check can skip the step."""
+    return loss + (loss * float("nan")).detach()
+
+
+def test_found_inf_skips_a_bad_step_bitwise_with_a_copy_of_the_buffers_only(tmp_path, caplog, fused_sgd,
+                                                                           uninitialized_is_nan):
+    """Step 1 (it creates the momentum) and step 3 bad, step 3's gradients finite: as StepUndo, every parameter,
+    momentum buffer and BatchNorm statistic bitwise as before step 3, and zeros in the state step 1 created."""
+    trainer = make_trainer(tmp_path, "optim.base_lr=0.1")
+    assert isinstance(trainer.guard, StepSkip) and trainer.optimizer.found_inf is trainer.guard.bad
+    poison(trainer, {1})
+    poison(trainer, {3}, corrupt=detached_nan)
+    before, after = record_steps(trainer)
+    with caplog.at_level(logging.INFO):
+        trainer.fit()
+    assert equal(before[2], after[2]) and not equal(before[1]["params"], after[1]["params"])
+    assert not equal(before[1]["buffers"], after[1]["buffers"])
+    assert before[2]["optim"] and not equal(before[2]["optim"], before[1]["optim"])  # momentum is in the snapshots
+    assert equal(before[0]["params"], after[0]["params"]) and equal(before[0]["buffers"], after[0]["buffers"])
+    created = after[0]["optim"].values()
+    assert created and all(not v.any() for v in created)
+    assert all(v.isfinite().all() for part in after[3].values() for v in part.values() if v.is_floating_point())
+    assert {step: m["skipped_steps"] for step, m in metrics(trainer).items()} == {1: 1, 2: 0, 3: 1, 4: 0}
+    buffers = sum(b.numel() for b in trainer.distiller.model.buffers())
+    assert sum(t.numel() for t in trainer.guard.buffers.backup.values()) == buffers  # no parameter copied
+    assert "a step whose loss is NaN or inf is skipped inside the fused optimizer kernel (found_inf)" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [1, 2])
+@pytest.mark.parametrize("guard", ["StepSkip", "StepUndo"])
+def test_the_steps_after_a_bad_one_are_those_of_a_run_without_its_batch(tmp_path, request, guard, bad):
+    """Step `bad` NaN, against a run that leaves that batch out (same lr schedule, same following batches):
+    after step 4 the weights, BatchNorm statistics and momentum are bitwise the same."""
+    if guard == "StepSkip":
+        request.getfixturevalue("fused_sgd")
+    runs = []
+    for name in ("nan", "left_out"):
+        trainer = make_trainer(tmp_path / name, "optim.base_lr=0.1", "trainer.log_every=100")
+        assert type(trainer.guard).__name__ == guard
+        if name == "nan":
+            poison(trainer, {bad})
+        else:
+            train_step = trainer.train_step
+
+            def leave_out(images, trainer=trainer, train_step=train_step):
+                if trainer.step + 1 != bad:
+                    return train_step(images)
+                trainer.step += 1
+                return torch.zeros(()), {}, 0.0
+
+            trainer.train_step = leave_out
+        trainer.fit()
+        runs.append(snapshot(trainer))
+    assert equal(*runs)
+
+
+def test_fp16_the_loss_check_is_folded_into_the_scalers_found_inf(tmp_path, fused_sgd, uninitialized_is_nan):
+    """GradScaler's found_inf (the gradients) with the loss check added. Step 1's fp16 gradients overflow:
+    the scaler skips it, not counted, and the momentum it created is zeros. Step 3's loss is NaN with finite
+    gradients: skipped and counted, though the scaler saw nothing (its scale does not drop)."""
+    trainer = make_trainer(tmp_path, "trainer.precision=fp16", "trainer.deterministic=false")
+    assert isinstance(trainer.guard, StepSkip) and not hasattr(trainer.optimizer, "found_inf")
+    poison(trainer, {1}, corrupt=OverflowingGradient.apply)
+    poison(trainer, {3}, corrupt=detached_nan)
+    before, after = record_steps(trainer)
+    scale = trainer.scaler.get_scale()
+    trainer.fit()
+    assert {step: m["skipped_steps"] for step, m in metrics(trainer).items()} == {1: 0, 2: 0, 3: 1, 4: 0}
+    assert trainer.scaler.get_scale() == scale / 2  # the overflow at step 1 only
+    assert equal(before[0]["params"], after[0]["params"])
+    created = after[0]["optim"].values()
+    assert created and all(not v.any() for v in created)
+    assert equal(before[2], after[2]) and not equal(before[1]["params"], after[1]["params"])
+
+
+def test_found_inf_passes_the_undo_guards_tests(tmp_path, caplog, monkeypatch, fused_sgd, uninitialized_is_nan):
+    """StepSkip passes StepUndo's tests above: the same bad steps, limits, counts and messages, no host sync."""
+    test_a_bad_step_leaves_weights_and_optimizer_state_as_before(tmp_path / "a", caplog, "sgd")
+    test_max_bad_steps_in_a_row_stop_and_name_the_step_and_each_teachers_loss(tmp_path / "b")
+    test_a_run_of_bad_steps_is_not_forgotten_when_good_steps_follow(tmp_path / "c")
+    test_fp16_gradient_overflow_is_the_scalers_and_a_nan_loss_still_counts(tmp_path / "d")
+    test_no_host_sync_in_a_training_step(tmp_path / "e", monkeypatch)
+
+
+def test_ddp_found_inf_skips_the_step_on_every_rank(tmp_path, monkeypatch):
+    """Rank 1's loss is NaN at step 2, with torch's fused SGD on both ranks: both skip it."""
+    build_fused = ("import torch, fastreg.trainer as t\nbuild = t.build_optimizer\n"
+                   "t.build_optimizer = lambda cfg, p, lr, device: build(cfg, p, lr, torch.device('cuda'))\n")
+    script = DDP_SCRIPT.replace("trainer = Trainer(cfg)\n", build_fused + "trainer = Trainer(cfg)\n"
+                                "assert type(trainer.guard).__name__ == 'StepSkip'\n", 1)
+    monkeypatch.setattr(sys.modules[__name__], "DDP_SCRIPT", script)
+    test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path)
+
+
+def test_optimizers_without_found_inf_keep_step_undo(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, "optim=lars")
+    assert isinstance(trainer.guard, StepUndo)
+    with caplog.at_level(logging.INFO):
+        trainer.log_startup()
+    assert "a step whose loss is NaN or inf is undone from a copy of the weights" in caplog.text
