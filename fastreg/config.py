@@ -226,7 +226,10 @@ class TrainerConfig:
     epochs: int = 130
     precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast dtype of teacher and student
     channels_last: bool = True
-    compile: bool = False  # torch.compile the student and heads
+    # torch.compile the student and heads (one graph) and the losses (another); train.log gives the graphs and graph
+    # breaks after the first step (none for the registered students, heads and losses). The default mode; the
+    # others (max-autotune-no-cudagraphs, reduce-overhead) are not measured yet. Off until a GPU run shows it pays.
+    compile: bool = False
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     # CPU runs: intra-op threads; 0 keeps torch's default. Tiny models run fastest with 1 (on the 2-core CI
     # machines 2 threads were 10x slower than 1 for the demo's CNNs).

@@ -25,7 +25,8 @@ from fastreg.teachers import Teacher, build_teacher
 
 
 class StudentWithHeads(nn.Module):
-    """The trained part. DDP and torch.compile wrap this, never the frozen teachers."""
+    """The trained part. DDP and torch.compile wrap this, never the frozen teachers (their own compile:
+    teacher.compile)."""
 
     def __init__(self, student: Student, heads: nn.ModuleList):
         super().__init__()
@@ -52,8 +53,21 @@ class Distiller(nn.Module):
         return self.model.student
 
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
-        """Run the trained part through fn(model), e.g. DDP or torch.compile; state_dict keys don't change."""
+        """Run the trained part through fn(model), e.g. DDP; state_dict keys don't change."""
         self.__dict__["_run_model"] = fn(self.model)  # not a registered submodule: no duplicate keys
+        self.__dict__["_run_losses"] = self.weighted_losses
+
+    def compile(self) -> None:
+        """torch.compile the trained part (after wrap) and the losses: two graphs per step, the teachers between
+        them run as they are (fastreg.teachers: folded, optionally compiled on their own)."""
+        self.__dict__["_run_model"] = torch.compile(self._run_model)
+        self.__dict__["_run_losses"] = torch.compile(self.weighted_losses)
+
+    def weighted_losses(self, preds: list[torch.Tensor],
+                        targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(sum_i w_i L_i, [(L_i, cos_i)]) of the heads' outputs against the teachers' features."""
+        terms = loss_terms(list(self.losses), preds, targets)
+        return sum(w * loss for w, (loss, _) in zip(self.weights, terms)), terms
 
     def autocast(self, device_type: str):
         if self.amp_dtype is None:
@@ -67,12 +81,21 @@ class Distiller(nn.Module):
         with phase("teacher"):
             targets = [teacher(images) for teacher in self.teachers]  # the very same tensor the student saw; (B, D)
         with phase("loss"):
-            terms = loss_terms(list(self.losses), preds, targets)  # [(loss_i, cos_i)]
-            total = sum(w * loss for w, (loss, _) in zip(self.weights, terms))
+            total, terms = self._run_losses(preds, targets)  # [(loss_i, cos_i)]
         metrics = {}
         for teacher, (loss, cos) in zip(self.teachers, terms):
             metrics[f"loss/{teacher.name}"], metrics[f"cos/{teacher.name}"] = loss.detach(), cos
         return total, metrics
+
+
+def compile_report() -> str:
+    """For train.log after the first compiled step: torch.compile's graphs and graph breaks in this process so far,
+    with the most frequent break reasons (a break splits a graph and falls back to Python between the pieces)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    text = f"torch.compile: {counters['stats']['unique_graphs']} graphs, {sum(breaks.values())} graph breaks"
+    return text + "".join(f"; {n}x {reason}" for reason, n in breaks.most_common(5))
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig, TrainConfig
-from fastreg.distiller import build_distiller
+from fastreg.distiller import build_distiller, compile_report
 from fastreg.monitor import GPUMonitor, data_phase, phase
 from fastreg.nonfinite import BadSteps, BadStepsSeen, build_guard
 from fastreg.pipelines import build_loader
@@ -175,6 +175,7 @@ class Trainer:
         self.bad_steps = BadSteps(["loss", *(f"loss/{teacher.name}" for teacher in self.distiller.teachers)],
                                   t.max_bad_steps, self.device)
         self.skipped_logged = 0  # bad steps up to the last logging step
+        self.compile_reported = False
         if resumed:
             self.resume(resumed)
             self.check_data_position()
@@ -189,9 +190,11 @@ class Trainer:
         def wrap(model):
             if self.world > 1:
                 model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            return torch.compile(model) if self.cfg.trainer.compile else model
+            return model
 
         self.distiller.wrap(wrap)
+        if self.cfg.trainer.compile:
+            self.distiller.compile()
 
     # ---- checkpoints ----
 
@@ -313,6 +316,9 @@ class Trainer:
         for images, _ in data_phase(self.loader.epoch(epoch)):
             loss, metrics, lr = self.train_step(images)
             self.batch_in_epoch += 1
+            if self.cfg.trainer.compile and not self.compile_reported:  # the first step compiled every graph
+                log.info(compile_report())
+                self.compile_reported = True
             if self.step % self.cfg.trainer.log_every == 0:
                 ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
                 self.log_step(loss, metrics, lr, ips, progress, task)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fastreg.config import to_config
+from fastreg.config import LossConfig, to_config
 from fastreg.distiller import build_distiller
 from fastreg.train import train
 from helpers import (BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, assert_equal_states, logged_lines,
@@ -214,13 +215,40 @@ def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
     assert '"eval/knn20_majority"' in lines
 
 
-def test_torch_compile_trains_and_saves_plain_keys(tmp_path):
+def test_torch_compile_trains_and_saves_plain_keys(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")
-    train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.compile=true", "trainer.epochs=1",
-                                                                 "trainer.deterministic=false"]))
+    with caplog.at_level(logging.INFO, logger="fastreg.trainer"):
+        train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.compile=true", "trainer.epochs=1",
+                                                                     "trainer.deterministic=false"]))
     state = torch.load(tmp_path / "run" / "ckpt_epoch0001.pt", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["student"])
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert re.search(r"torch.compile: \d+ graphs, 0 graph breaks", caplog.text)
+
+
+@pytest.mark.parametrize("student, head, loss", [
+    ("cnn_tiny", "linear", LossConfig(center_teacher=True)),  # the demo's step
+    ("resnet18", "simreg4", LossConfig()),
+    ("resnet18", "simreg4", LossConfig(name="seed", queue_size=16)),
+])
+def test_compiled_step_has_no_graph_break(student, head, loss):
+    """What trainer.compile compiles, the trained part (student and heads) and the losses, each one graph:
+    torch._dynamo.explain counts the graphs and breaks of a real call (no backend needed)."""
+    from fastreg.config import HeadConfig, TeacherConfig
+    from fastreg.distiller import Distiller
+    from fastreg.heads import build_head
+    from fastreg.losses import build_loss
+    from fastreg.students import Student
+    from fastreg.teachers import build_teacher
+
+    teacher, s = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random")), Student(student)
+    distiller = Distiller([teacher], s, [build_head(HeadConfig(kind=head), s.dim, teacher.dim)],
+                          [build_loss(loss, teacher.dim, torch.device("cpu"))], [1.0])
+    images = torch.randn(4, 3, 32, 32)
+    preds, targets = distiller.model(images), [teacher(images)]
+    for fn, args in ((distiller.model, (images,)), (distiller.weighted_losses, (preds, targets))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_bad_images_are_left_out_and_the_dali_run_completes(tmp_path, caplog):
