@@ -195,7 +195,8 @@ ABSENT = "(absent)"  # a key only one config has: a checkpoint of an older versi
 # Keys added after checkpoints were written, with the value that reproduces how those checkpoints were trained
 # (fnmatch patterns: teachers.* is each of several teachers).
 LATER_KEYS = {"optim.schedule": "iteration", "optim.recipe_batch": None, "teacher.inference": "eager",
-              "teachers.*.inference": "eager"}
+              "teachers.*.inference": "eager", "teacher.compile": False, "teachers.*.compile": False,
+              "trainer.compile_mode": "default"}
 
 
 def compare_configs(saved: dict, current: dict, path: Path) -> None:

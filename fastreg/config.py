@@ -228,8 +228,11 @@ class TrainerConfig:
     channels_last: bool = True
     # torch.compile the student and heads (one graph) and the losses (another); train.log gives the graphs and graph
     # breaks after the first step (none for the registered students, heads and losses). The default mode; the
-    # others (max-autotune-no-cudagraphs, reduce-overhead) are not measured yet. Off until a GPU run shows it pays.
+    # others are not measured yet. Off until a GPU run shows it pays.
     compile: bool = False
+    # torch.compile's mode: default | max-autotune-no-cudagraphs (autotuned GEMMs and convolutions: longer first
+    # steps) | reduce-overhead (CUDA graphs: a static batch, the last partial batch of an epoch recompiles).
+    compile_mode: str = "default"
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     # CPU runs: intra-op threads; 0 keeps torch's default. Tiny models run fastest with 1 (on the 2-core CI
     # machines 2 threads were 10x slower than 1 for the demo's CNNs).
@@ -274,6 +277,8 @@ class TrainerConfig:
         _check_positive("trainer.epochs", self.epochs)
         _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
         _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
+        _check_choice("trainer.compile_mode", self.compile_mode, ("default", "max-autotune-no-cudagraphs",
+                                                                  "reduce-overhead"))
         _check_positive("trainer.log_every", self.log_every)
         if self.max_bad_steps < 1:
             raise ValueError(f"trainer.max_bad_steps must be >= 1 (1: stop at the first NaN or inf loss), "

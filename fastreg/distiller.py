@@ -57,11 +57,11 @@ class Distiller(nn.Module):
         self.__dict__["_run_model"] = fn(self.model)  # not a registered submodule: no duplicate keys
         self.__dict__["_run_losses"] = self.weighted_losses
 
-    def compile(self) -> None:
+    def compile(self, mode: str = "default") -> None:
         """torch.compile the trained part (after wrap) and the losses: two graphs per step, the teachers between
         them run as they are (fastreg.teachers: folded, optionally compiled on their own)."""
-        self.__dict__["_run_model"] = torch.compile(self._run_model)
-        self.__dict__["_run_losses"] = torch.compile(self.weighted_losses)
+        self.__dict__["_run_model"] = torch.compile(self._run_model, mode=mode)
+        self.__dict__["_run_losses"] = torch.compile(self.weighted_losses, mode=mode)
 
     def weighted_losses(self, preds: list[torch.Tensor],
                         targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

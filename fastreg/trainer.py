@@ -194,7 +194,7 @@ class Trainer:
 
         self.distiller.wrap(wrap)
         if self.cfg.trainer.compile:
-            self.distiller.compile()
+            self.distiller.compile(self.cfg.trainer.compile_mode)
 
     # ---- checkpoints ----
 

@@ -135,8 +135,9 @@ def test_a_checkpoint_older_than_a_setting_resumes_under_the_value_it_was_traine
 def test_a_checkpoint_from_before_teacher_folding_resumes_only_with_eager_teachers(tmp_path):
     """Checkpoints older than teacher.inference ran their teachers unfolded: 'eager', for one teacher or several."""
     saved = {"teachers": [{"arch": "resnet50"}, {"arch": "resnet101"}], "trainer": {"resume_force": False}}
-    current = {"teachers": [{"arch": "resnet50", "inference": "eager"}, {"arch": "resnet101", "inference": "eager"}],
-               "trainer": {"resume_force": False}}
+    current = {"teachers": [{"arch": "resnet50", "inference": "eager", "compile": False},
+                            {"arch": "resnet101", "inference": "eager", "compile": False}],
+               "trainer": {"resume_force": False, "compile_mode": "default"}}
     ckpt.compare_configs(saved, current, tmp_path)
     current["teachers"][1]["inference"] = "folded"
     with pytest.raises(ValueError, match="teachers.1.inference 'eager' -> 'folded'"):
