@@ -78,8 +78,9 @@ class TeacherConfig:
     name: Optional[str] = None  # label in logs and metrics; defaults to arch (made unique)
     # folded: a conv teacher's BatchNorms folded into its convolutions and its weights stored in the training
     # precision (no per-step casts; fastreg.teacher_inference); the same features up to rounding. eager: the
-    # network as loaded, under autocast. Vision transformers run eager either way (nothing to fold).
-    inference: str = "folded"
+    # network as loaded, under autocast. auto: folded on CUDA (eval-mode BatchNorm was the teacher's largest
+    # kernel on an H200), eager elsewhere. Vision transformers run eager either way (nothing to fold).
+    inference: str = "auto"
     # folded only: torch.compile the folded backbone with inductor's freezing (weights become graph constants,
     # bias + ReLU and add + ReLU fuse into the convolutions). Costs a compile at the first steps; off until the
     # throughput ablation shows it pays on the GPU at hand.
@@ -87,9 +88,9 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check_choice("teacher.format", self.format, TEACHER_FORMATS)
-        _check_choice("teacher.inference", self.inference, ("folded", "eager"))
-        if self.compile and self.inference != "folded":
-            raise ValueError("teacher.compile=true compiles the folded teacher: set teacher.inference=folded")
+        _check_choice("teacher.inference", self.inference, ("auto", "folded", "eager"))
+        if self.compile and self.inference == "eager":
+            raise ValueError("teacher.compile=true compiles the folded teacher: set teacher.inference=folded or auto")
         _check_positive("teacher.weight", self.weight)
 
 

@@ -563,7 +563,8 @@ def build_teacher(
         backbone, projection = _load_backbone(cfg)
     dim = _projection_dim(projection) if projection is not None else arch.dim
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
-    if cfg.inference == "folded" and arch.conv:
+    if arch.conv and (cfg.inference == "folded" or (cfg.inference == "auto" and torch.device(device).type == "cuda")
+                      or cfg.compile):
         log.info("teacher %s: %d BatchNorms folded into their convolutions, weights in %s%s", name, teacher.fold(),
                  teacher.backbone_dtype, ", compiled with inductor's freezing" if cfg.compile else "")
         if cfg.compile:
@@ -571,6 +572,7 @@ def build_teacher(
                                              options={"freezing": True})
     else:
         log.info("teacher %s: run as loaded, under autocast (%s)", name,
-                 "teacher.inference=eager" if arch.conv else "a transformer: no BatchNorm to fold")
+                 f"teacher.inference={cfg.inference} on {torch.device(device).type}" if arch.conv
+                 else "a transformer: no BatchNorm to fold")
     # channels_last: the layout the GPU loader already yields (DESIGN.md, data flow) and cuDNN's fastest for convs
     return teacher.to(device, memory_format=torch.channels_last if arch.conv else torch.contiguous_format)

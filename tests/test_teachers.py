@@ -667,11 +667,14 @@ def test_folded_teacher_in_bf16_is_as_accurate_as_autocast(arch):
 
 def test_build_teacher_folds_conv_nets_only(caplog):
     with caplog.at_level("INFO"):
-        cnn = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"), amp_dtype=torch.bfloat16)
-        vit = build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint="random"))
+        cnn = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="folded"),
+                            amp_dtype=torch.bfloat16)
+        vit = build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint="random", inference="folded"))
         eager = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="eager"))
+        auto = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"))  # auto: folded on CUDA only
     assert cnn.backbone_dtype == torch.bfloat16 and not any(isinstance(m, nn.BatchNorm2d) for m in cnn.modules())
-    assert vit.backbone_dtype is None and eager.backbone_dtype is None
+    assert vit.backbone_dtype is None and eager.backbone_dtype is None and auto.backbone_dtype is None
+    assert "teacher.inference=auto on cpu" in caplog.text
     assert "6 BatchNorms folded into their convolutions, weights in torch.bfloat16" in caplog.text
     assert "a transformer: no BatchNorm to fold" in caplog.text
 
@@ -703,10 +706,10 @@ def test_a_batch_norm_after_a_shared_conv_output_is_not_folded():
 def test_compiled_folded_teacher_gives_the_folded_features():
     """teacher.compile: the folded backbone through inductor with freezing, in one graph (fullgraph: a break is an
     error), gives the folded network's features."""
-    folded = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"))
-    compiled = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", compile=True))
+    folded = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="folded"))
+    compiled = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", compile=True))  # auto: folds
     compiled.backbone._orig_mod.load_state_dict(folded.backbone.state_dict())  # before the first call compiles
     x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(compiled(x), folded(x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="teacher.inference=folded"):
+    with pytest.raises(ValueError, match="teacher.inference=folded or auto"):
         TeacherConfig(arch="cnn_small", inference="eager", compile=True)
