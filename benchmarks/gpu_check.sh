@@ -10,6 +10,8 @@
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
 #   all         every part in order (more than one call's 10 minutes on an H100)
 #
+# BUDGET (seconds, default 540) bounds one invocation: every command runs under what is left of it, so the
+# call returns with its files before the device tool's 600 s limit.
 # On the device, after ../shared/tools/device-wheels.sh's calls have installed DALI and hydra:
 #   FASTREG_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_check.sh tests data   # results under $OUT
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
@@ -40,34 +42,43 @@ if [ -n "$(printf '%s\n' "${parts[@]}" | grep -vx kernels)" ]; then
     || { echo "DALI missing: run device-wheels.sh's calls first"; exit 2; }
 fi
 data=/tmp/fastreg_jpegs  # ImageNet-like JPEGs cut from real photos (~500x375, q90)
-jpegs() { [ -d "$data" ] || python3 -m benchmarks.make_jpegs "$data" --images 4000 --classes 10 > /dev/null; }
+jpegs() { [ -d "$data" ] || limited python3 -m benchmarks.make_jpegs "$data" --images 4000 --classes 10 > /dev/null; }
 # R50 -> R18 at 224 px, batch 256, bf16: the issue's reference configuration (random teacher weights: the
 # speed does not depend on them)
 r50_r18=(experiment=simreg_r50_r18 teacher.checkpoint=random "data.root=$data" data.batch_size=256
          trainer.precision=bf16 data.workers=8)
 
+# Every part runs under a deadline, so that a device call returns (and $OUT comes back) before its 600 s limit:
+# the parts' time in one call shares BUDGET seconds (default 540), each command getting what is left.
+deadline=$(( $(date +%s) + ${BUDGET:-540} ))
+limited() {
+  local left=$(( deadline - $(date +%s) ))
+  [ "$left" -gt 10 ] || { echo "no time left for: $*"; return 124; }
+  timeout --kill-after=10 "$left" "$@"
+}
+
 for part in "${parts[@]}"; do
   echo "== $part"
   case $part in
     tests)
-      python3 -m pytest -m gpu -q -rs tests 2>&1 | tee "$out/gpu_tests_$stamp.txt"
+      limited python3 -m pytest -m gpu -q -rs tests 2>&1 | tee "$out/gpu_tests_$stamp.txt"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     data)
       jpegs || status=1
       json="$out/data_$stamp.jsonl"
-      bench() { python3 -m benchmarks.data_throughput --root "$data" --batch-size 256 --batches 40 --json "$json" \
+      bench() { limited python3 -m benchmarks.data_throughput --root "$data" --batch-size 256 --batches 40 --json "$json" \
                   "$@" || status=1; }
       bench --loader dali --device cuda --workers 4 8 --hw-decoder-load 0 0.25 0.5 0.65 0.75 0.9 1.0
       bench --loader dali --device cpu --workers 8 16
       bench --loader torchvision --device cuda --workers 8 16 ;;
     kernels)
-      python3 -m benchmarks.kernels --out "$out" || status=1 ;;
+      limited python3 -m benchmarks.kernels --out "$out" || status=1 ;;
     throughput)
       jpegs || status=1
-      python3 -m benchmarks.throughput --ablate --steps 50 --warmup 15 --out "$out" "${r50_r18[@]}" || status=1 ;;
+      limited python3 -m benchmarks.throughput --ablate --steps 50 --warmup 15 --out "$out" "${r50_r18[@]}" || status=1 ;;
     profile)
       jpegs || status=1
-      python3 -m benchmarks.profile --out "$out" "${r50_r18[@]}" || status=1 ;;
+      limited python3 -m benchmarks.profile --out "$out" "${r50_r18[@]}" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
 done
