@@ -124,6 +124,28 @@ def add_odd_files(root):
         write(root / "class1" / f"{name}.jpg")
 
 
+class LaunchRecorder:
+    """Stands in for a Triton kernel (kernel[grid](...)): appends (kernel, {parameter name: argument}) to
+    launches instead of launching."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+        return launch
+
+
+def assert_compile_friendly_layout(kernel, kwargs: dict) -> None:
+    """No None argument, and every pointer before every scalar: the layout torch.compile's analysis and inductor's
+    launcher read the same way."""
+    name = getattr(kernel, "fn", kernel).__name__
+    assert all(value is not None for value in kwargs.values()), f"{name}: a None argument"
+    pointers = [n for n in kernel.arg_names if isinstance(kwargs.get(n), torch.Tensor)]
+    assert kernel.arg_names[: len(pointers)] == pointers, f"{name}: a scalar between the pointers"
+
+
 class _CudaTarget:
     """A CUDA target for Triton's front end, so TTIR can be generated (not compiled) on a machine without a GPU."""
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from fastreg.kernels.normalized_regression import (
     NormalizedRegressionLoss, normalized_regression_loss, normalized_regression_losses,
 )
-from helpers import make_image_folder, tensors_compile_sees_written, tiny_overrides
+from helpers import (LaunchRecorder, assert_compile_friendly_layout, make_image_folder,
+                     tensors_compile_sees_written, tiny_overrides)
 
 HERE = Path(__file__).resolve().parent
 
@@ -174,18 +175,6 @@ def test_multi_terms_compile_without_a_graph_break():
     torch.testing.assert_close(p2.grad, q2.grad)
 
 
-class _Recorder:
-    """Stands in for a Triton kernel: records the launch's arguments by the kernel's parameter names."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
-        return launch
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("with_grad", [[True, True, True], [False, True, True], [True, False, True]])
 def test_compile_sees_every_tensor_the_terms_kernel_writes(reduction, with_grad):
@@ -196,13 +185,11 @@ def test_compile_sees_every_tensor_the_terms_kernel_writes(reduction, with_grad)
     import fastreg.kernels.normalized_regression as nr
 
     terms = multi_terms(batches=(257, 257, 1), dims=(7, 768, 8200))
-    recorder = _Recorder(nr._terms_kernel)
-    nr._launch_terms(recorder, *map(list, zip(*terms)), reduction == "mean", reduction != "none", with_grad)
-    (kwargs,) = recorder.launches
-    assert all(v is not None for v in kwargs.values())
-    names = nr._terms_kernel.arg_names
-    pointers = [n for n in names if isinstance(kwargs[n], torch.Tensor)]
-    assert names[: len(pointers)] == pointers, "a scalar between the pointers"
+    launches = []
+    nr._launch_terms(LaunchRecorder(nr._terms_kernel, launches), *map(list, zip(*terms)), reduction == "mean",
+                     reduction != "none", with_grad)
+    ((_, kwargs),) = launches
+    assert_compile_friendly_layout(nr._terms_kernel, kwargs)
     assert {p.name for p in nr._terms_kernel.params if p.do_not_specialize} >= {"B0", "D0", "B2", "SP2", "ST3"}
     written = tensors_compile_sees_written(nr._terms_kernel, kwargs)
     assert written == {"OUT"} | {f"G{k}" for k, g in enumerate(with_grad) if g}
@@ -211,9 +198,11 @@ def test_compile_sees_every_tensor_the_terms_kernel_writes(reduction, with_grad)
 def test_compile_sees_the_scale_kernel_write_the_gradient():
     import fastreg.kernels.normalized_regression as nr
 
-    recorder = _Recorder(nr._scale_kernel)
-    nr._launch_scale(recorder, torch.randn(257, 7), torch.rand(257))
-    assert tensors_compile_sees_written(nr._scale_kernel, recorder.launches[0]) == {"G"}
+    launches = []
+    nr._launch_scale(LaunchRecorder(nr._scale_kernel, launches), torch.randn(257, 7), torch.rand(257))
+    ((_, kwargs),) = launches
+    assert_compile_friendly_layout(nr._scale_kernel, kwargs)
+    assert tensors_compile_sees_written(nr._scale_kernel, kwargs) == {"G"}
 
 
 def test_multi_terms_bad_inputs_name_the_term():

@@ -10,7 +10,7 @@ import torch
 from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
 
 from fastreg.kernels.mlp_head import FusedMLPHead, mlp_head_bwd, mlp_head_fwd
-from helpers import tensors_compile_sees_written
+from helpers import LaunchRecorder, assert_compile_friendly_layout, tensors_compile_sees_written
 from head_reference import (
     SHAPES, SPECS, assert_as_accurate_as_eager, assert_compiled_model_matches_float64, assert_equal,
     assert_matches_float64, assert_runs_equal, eager_head, run,
@@ -80,16 +80,7 @@ def test_compile_sees_every_tensor_each_kernel_writes(monkeypatch, training):
     from fastreg.kernels import mlp_head
 
     launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(
-                (self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
-
-    monkeypatch.setattr(mlp_head, "wrap_triton", Recorder)
+    monkeypatch.setattr(mlp_head, "wrap_triton", lambda kernel: LaunchRecorder(kernel, launches))
     fwd = op_args(FusedMLPHead(*eager_head("simreg4", 6, 5)), torch.randn(7, 6), training)
     mlp_head._forward(mlp_head.linear_forward, mlp_head.batch_norm_stats, *fwd.values())
     mlp_head._backward(mlp_head.linear_dgrad, mlp_head.batch_norm_backward, mlp_head.linear_wgrad,
@@ -98,10 +89,7 @@ def test_compile_sees_every_tensor_each_kernel_writes(monkeypatch, training):
     assert len(launches) == 6 + 10
     for kernel, kwargs in launches:
         name = getattr(kernel, "fn", kernel).__name__
-        assert all(value is not None for value in kwargs.values()), name
-        names = kernel.arg_names
-        pointers = [n for n in names if isinstance(kwargs.get(n), torch.Tensor)]
-        assert names[: len(pointers)] == pointers, f"{name}: a scalar between the pointers"
+        assert_compile_friendly_layout(kernel, kwargs)
         assert tensors_compile_sees_written(kernel, kwargs) == writes(name, kwargs), name
 
 
