@@ -7,6 +7,8 @@
 #               and host time (needs hydra, not DALI: it fits in device-wheels.sh's first call)
 #   throughput  python -m benchmarks.throughput --ablate: R50 -> R18, 224 px, batch 256, bf16 (data, compute,
 #               e2e and the ablation rows from the official-style baseline)
+#   step        python -m benchmarks.throughput --modes compute --step-variants: the same configuration's step
+#               eager, under each torch.compile mode and as a CUDA graph (picks trainer.compile_mode, cuda_graph)
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
 #   all         every part in order (more than one call's 10 minutes on an H100)
 #
@@ -17,8 +19,8 @@
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
 set -uo pipefail
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|profile|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(tests data kernels throughput profile)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|step|profile|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(tests data kernels throughput step profile)
 out=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$out"
 # The device tool's copy of the tree has no .git: pass the commit in, FASTREG_COMMIT=$(git rev-parse HEAD)
@@ -36,8 +38,8 @@ python3 -c "import fastreg.kernels, fastreg.pipelines, fastreg.configs" 2>/dev/n
 nvidia-smi > "$out/nvidia-smi_$stamp.txt"
 python3 -c "import torch, triton, hydra; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee "$out/versions_$stamp.txt" || { echo "hydra missing: run device-wheels.sh's first call first"; exit 2; }
-# kernels needs no DALI (it can run in device-wheels.sh's first call); every other part does
-if [ -n "$(printf '%s\n' "${parts[@]}" | grep -vx kernels)" ]; then
+# kernels and step need no DALI (they fit in device-wheels.sh's first call); every other part does
+if [ -n "$(printf '%s\n' "${parts[@]}" | grep -vxE 'kernels|step')" ]; then
   python3 -c "import nvidia.dali; print('dali', nvidia.dali.__version__)" | tee -a "$out/versions_$stamp.txt" \
     || { echo "DALI missing: run device-wheels.sh's calls first"; exit 2; }
 fi
@@ -76,6 +78,9 @@ for part in "${parts[@]}"; do
     throughput)
       jpegs || status=1
       limited python3 -m benchmarks.throughput --ablate --steps 50 --warmup 15 --out "$out" "${r50_r18[@]}" || status=1 ;;
+    step)
+      limited python3 -m benchmarks.throughput --modes compute --step-variants --steps 50 --warmup 15 --out "$out" \
+        "${r50_r18[@]}" || status=1 ;;
     profile)
       jpegs || status=1
       limited python3 -m benchmarks.profile --out "$out" "${r50_r18[@]}" || status=1 ;;

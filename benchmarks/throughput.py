@@ -59,7 +59,19 @@ ABLATION = [
     ("+compiled teacher", ["teacher.compile=true"]),
     ("+compile", ["trainer.compile=true"]),
     ("+Triton kernels", ["head.impl=triton", "loss.impl=triton"]),
+    ("+CUDA graph (whole step)", ["trainer.cuda_graph=true"]),
 ]
+# (row, overrides on top of the command's, each row on its own): how the step runs, compute-only. Picks
+# trainer.compile_mode and whether trainer.cuda_graph pays.
+STEP_VARIANTS = [
+    ("eager", ["trainer.compile=false", "trainer.cuda_graph=false"]),
+    *((f"compile {mode}", ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graph=false"])
+      for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead")),
+    ("CUDA graph (whole step)", ["trainer.compile=false", "trainer.cuda_graph=true"]),
+    ("CUDA graph + compile default", ["trainer.compile=true", "trainer.compile_mode=default",
+                                      "trainer.cuda_graph=true"]),
+]
+CUDA_ONLY = "trainer.cuda_graph=true"  # a row with it is recorded as not run on a CPU
 MODES = ("data", "compute", "e2e")
 
 
@@ -70,6 +82,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     parser.add_argument("--window", type=int, default=10, help="steps per img/s window")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--ablate", action="store_true", help="also the ablation rows (e2e each)")
+    parser.add_argument("--step-variants", action="store_true",
+                        help="also compute-only rows for each way to run the step (STEP_VARIANTS)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args, overrides = parser.parse_known_args(argv)
     if bad := [o for o in overrides if o.startswith("-") or "=" not in o]:
@@ -192,7 +206,8 @@ def implementations(trainer: Trainer) -> dict:
     parameters (student and heads: what DDP all-reduces, see benchmarks.scaling)."""
     t = trainer.cfg.trainer
     return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
-            "compile": t.compile, "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
+            "compile": t.compile, "compile_mode": t.compile_mode, "cuda_graph": t.cuda_graph,
+            "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
             "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in trainer.distiller.losses],
             "teachers": [teacher_inference(teacher) for teacher in trainer.distiller.teachers],
             "trainable_params": sum(p.numel() for p in trainer.distiller.model.parameters() if p.requires_grad)}
@@ -220,14 +235,31 @@ def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Pa
     return figures
 
 
-def ablation(overrides: list[str], args: argparse.Namespace, work: Path) -> list[dict]:
-    rows, added = [], []
+def ablation(overrides: list[str], args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
+    """ABLATION's rows, each adding its overrides to the previous row's, e2e."""
+    added, steps = [], []
     for name, delta in ABLATION:
-        added += delta
-        print(f"ablation row {name}: {' '.join(delta)}", flush=True)
-        rows.append({"row": name, "overrides": list(added), **run_mode("e2e", [*overrides, *added], args, work)})
-        rows[-1]["speedup"] = rows[-1]["img_per_s"] / rows[0]["img_per_s"]
-    return rows
+        added = [*added, *delta]
+        steps.append((name, added))
+    return run_rows(steps, "e2e", overrides, args, work, device)
+
+
+def step_variants(overrides: list[str], args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
+    return run_rows(STEP_VARIANTS, "compute", overrides, args, work, device)
+
+
+def run_rows(rows: list[tuple[str, list[str]]], mode: str, overrides: list[str], args: argparse.Namespace, work: Path,
+             device: torch.device) -> list[dict]:
+    """One `mode` run per (row, its overrides), with the speed-up over the first row."""
+    results = []
+    for name, delta in rows:
+        print(f"{mode} row {name}: {' '.join(delta)}", flush=True)
+        if device.type == "cpu" and CUDA_ONLY in delta:
+            results.append({"row": name, "overrides": delta, "not_run": "needs a CUDA device"})
+            continue
+        results.append({"row": name, "overrides": delta, **run_mode(mode, [*overrides, *delta], args, work)})
+        results[-1]["speedup"] = results[-1]["img_per_s"] / results[0]["img_per_s"]
+    return results
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -278,9 +310,10 @@ def data_limit(e2e: dict, compute: dict) -> str:
     return f"{' and '.join(named) or 'data keeps up'}: {figures}"
 
 
-def result_stem(out: Path, env: dict) -> Path:
+def result_stem(out: Path, env: dict, tag: str = "") -> Path:
+    """<out>/<gpu or cpu>/<date>-<commit>[-tag]"""
     folder = "cpu" if env["device"] == "cpu" else env["device_name"].replace(" ", "_")
-    return out / folder / f"{env['date']}-{env['commit'][:12]}"
+    return out / folder / f"{env['date']}-{env['commit'][:12]}{'-' + tag if tag else ''}"
 
 
 def markdown(result: dict) -> str:
@@ -297,13 +330,18 @@ def markdown(result: dict) -> str:
                      f"{f['data_wait_ms']:.2f} | {f['compute_ms']:.2f} | {f['loader']} |")
     if "e2e_over_compute" in result:
         lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f}: {result['limit']}"]
-    if result.get("ablation"):
-        lines += ["", "| ablation row | img/s | speed-up | loader | teachers | heads | fused loss |",
-                  "|---|--:|--:|---|---|---|---|"]
-        for r in result["ablation"]:
-            lines.append(f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | "
-                         f"{', '.join(r['teachers'])} | {', '.join(r['heads'])} | {r['fused_loss']} |")
+    for key, title in (("ablation", "ablation row (e2e)"), ("step_variants", "step variant (compute-only)")):
+        if result.get(key):
+            lines += ["", f"| {title} | img/s | speed-up | loader | teachers | heads | fused loss |",
+                      "|---|--:|--:|---|---|---|---|", *map(row_line, result[key])]
     return "\n".join(lines) + "\n"
+
+
+def row_line(r: dict) -> str:
+    if "not_run" in r:
+        return f"| {r['row']} | not run: {r['not_run']} | | | | | |"
+    return (f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | {', '.join(r['teachers'])} "
+            f"| {', '.join(r['heads'])} | {r['fused_loss']} |")
 
 
 def plots(result: dict, stem: Path) -> list[Path]:
@@ -326,7 +364,7 @@ def plots(result: dict, stem: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     if result.get("ablation"):
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        rows = result["ablation"]
+        rows = [r for r in result["ablation"] if "not_run" not in r]
         ax.bar([r["row"] for r in rows], [r["img_per_s"] for r in rows])
         for i, r in enumerate(rows):
             ax.annotate(f"{r['speedup']:.2f}x", (i, r["img_per_s"]), ha="center", va="bottom")
@@ -353,8 +391,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result["limit"] = data_limit(result["modes"]["e2e"], result["modes"]["compute"])
             result["img_per_s_per_device"] = result["modes"]["e2e"]["img_per_s"]  # one process, one device
         if args.ablate:
-            result["ablation"] = ablation(overrides, args, work)
-    stem = result_stem(args.out, result["env"])
+            result["ablation"] = ablation(overrides, args, work, device)
+        if args.step_variants:
+            result["step_variants"] = step_variants(overrides, args, work, device)
+    # one file per kind of run: a call that runs the ablation and the step variants separately keeps both
+    tag = "-".join([*(args.modes if args.modes != list(MODES) else []), *(["ablate"] if args.ablate else []),
+                    *(["step-variants"] if args.step_variants else [])])
+    stem = result_stem(args.out, result["env"], tag)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(result))

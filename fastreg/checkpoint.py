@@ -196,7 +196,7 @@ ABSENT = "(absent)"  # a key only one config has: a checkpoint of an older versi
 # (fnmatch patterns: teachers.* is each of several teachers).
 LATER_KEYS = {"optim.schedule": "iteration", "optim.recipe_batch": None, "teacher.inference": "eager",
               "teachers.*.inference": "eager", "teacher.compile": False, "teachers.*.compile": False,
-              "trainer.compile_mode": "default"}
+              "trainer.compile_mode": "default", "trainer.cuda_graph": False}
 
 
 def compare_configs(saved: dict, current: dict, path: Path) -> None:

@@ -234,6 +234,11 @@ class TrainerConfig:
     # torch.compile's mode: default | max-autotune-no-cudagraphs (autotuned GEMMs and convolutions: longer first
     # steps) | reduce-overhead (CUDA graphs: a static batch, the last partial batch of an epoch recompiles).
     compile_mode: str = "default"
+    # Capture the whole update (forward, teachers, losses, backward, NaN guard, fused SGD) as one CUDA graph after
+    # 3 eager steps and replay it for every batch (fastreg.step_graph): no Python between the step's kernels. One
+    # CUDA process, bf16 or fp32, optim=sgd, not with compile_mode=reduce-overhead. Off until the throughput
+    # ablation shows it pays on the GPU at hand.
+    cuda_graph: bool = False
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     # CPU runs: intra-op threads; 0 keeps torch's default. Tiny models run fastest with 1 (on the 2-core CI
     # machines 2 threads were 10x slower than 1 for the demo's CNNs).
@@ -291,6 +296,12 @@ class TrainerConfig:
         if self.checkpoint_every < 0:
             raise ValueError(f"trainer.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
         _check_positive("trainer.stop_check_every", self.stop_check_every)
+        if self.cuda_graph and self.precision == "fp16":
+            raise ValueError("trainer.cuda_graph=true cannot capture fp16's GradScaler, which updates its scale on the "
+                             "host: use trainer.precision=bf16 (or fp32), or trainer.cuda_graph=false")
+        if self.cuda_graph and self.compile_mode == "reduce-overhead":
+            raise ValueError("trainer.compile_mode=reduce-overhead captures CUDA graphs of its own inside the step that "
+                             "trainer.cuda_graph=true captures whole: pick one (compile_mode=default with cuda_graph)")
 
 
 @dataclass
@@ -330,6 +341,9 @@ class TrainConfig:
             if t.head is None:
                 t.head = self.head
         self._check_required()
+        if self.trainer.cuda_graph and self.optim.name != "sgd":
+            raise ValueError(f"trainer.cuda_graph=true needs optim=sgd (torch's fused SGD takes its lr as a device "
+                             f"tensor), not optim={self.optim.name}: set optim=sgd or trainer.cuda_graph=false")
 
     def _check_required(self) -> None:
         """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""

@@ -43,6 +43,7 @@ from fastreg.nonfinite import BadSteps, BadStepsSeen, build_guard
 from fastreg.pipelines import build_loader
 from fastreg.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from fastreg.run_log import MetricsLog, attach_log_file, make_progress
+from fastreg.step_graph import StepGraph, check_device, lr_tensors
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,15 @@ def build_apex_optimizer(cfg: OptimConfig, params: list, kw: dict) -> tuple[torc
     return FusedLAMB(params, **kw), "apex.optimizers.FusedLAMB"
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with each lr a float, also where trainer.cuda_graph keeps it in a device tensor: a
+    checkpoint resumes with or without the graph, on any device."""
+    state = optimizer.state_dict()  # param_groups are fresh dicts: changing them leaves the optimizer as it is
+    for group in state["param_groups"]:
+        group["lr"] = float(group["lr"])
+    return state
+
+
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """optim.schedule=iteration: linear warmup from 0 to peak, then cosine from peak to min_lr, per iteration."""
     if step < warmup_steps:
@@ -143,6 +153,8 @@ class Trainer:
         t = cfg.trainer
         set_deterministic(t.deterministic)
         self.rank, self.world, self.device = setup_distributed(t.device)
+        if t.cuda_graph:
+            check_device(self.device, self.world)
         if self.device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         self.is_main = self.rank == 0
@@ -182,6 +194,10 @@ class Trainer:
         # after the resume: a checkpoint's param groups bring their own `fused`
         self.guard = build_guard(self.distiller.model, self.optimizer, self.scaler)
         self.wrap_model()
+        self.run_update = self.update
+        if t.cuda_graph:
+            lr_tensors(self.optimizer, self.device)
+            self.run_update = StepGraph(self.update, self.device)
         self.metrics_log = MetricsLog(self.out_dir, self.is_main, self.step)
         # rank 0 samples its own GPU: it alone writes metrics, and DDP's all-reduces keep the ranks in step
         self.monitor = GPUMonitor(self.device) if t.monitor and self.is_main else None
@@ -206,7 +222,7 @@ class Trainer:
             "student": self.distiller.student.backbone.state_dict(),
             "heads": self.distiller.model.heads.state_dict(),
             "loss": self.distiller.losses.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step,
             "config": self.config_dict, "commit": self.commit,
@@ -336,6 +352,14 @@ class Trainer:
         schedule, the data position and the step numbers of checkpoints stay those of an unbroken run, on
         every rank."""
         lr = self.set_lr()
+        loss, metrics, ok = self.run_update(images)  # self.update, or its CUDA graph (trainer.cuda_graph)
+        self.bad_steps.record(ok, self.step + 1, {"loss": loss, **metrics})
+        self.step += 1
+        return loss, metrics, lr
+
+    def update(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, backward and optimizer step: (loss, metrics, ok), ok the 0-dim bool "the loss was finite on
+        every rank"; the guard leaves weights, optimizer state and buffers as they were where it is False."""
         with phase("optimizer"):
             self.guard.save()  # before the forward: BatchNorm's running statistics move in it
         loss, metrics = self.distiller(images)
@@ -350,9 +374,7 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)  # here, not before backward: no gradients held in forward
             self.guard.undo_unless(ok)
-        self.bad_steps.record(ok, self.step + 1, {"loss": loss, **metrics})
-        self.step += 1
-        return loss, metrics, lr
+        return loss, metrics, ok
 
     def loss_is_finite(self, loss: torch.Tensor) -> torch.Tensor:
         """0-dim bool on the device, the same on every rank: DDP averages the gradients, so one rank's NaN
@@ -401,7 +423,10 @@ class Trainer:
         else:
             lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):  # trainer.cuda_graph: the graph reads this tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def log_step(self, loss, metrics, lr: float, ips: float, progress, task) -> None:

@@ -112,7 +112,8 @@ def test_throughput_smoke_on_cpu(tmp_path):
         saved["modes"]["e2e"]["img_per_s"] / saved["modes"]["compute"]["img_per_s"])
     assert [r["row"] for r in saved["ablation"]] == [name for name, _ in ABLATION]
     assert saved["ablation"][0]["loader"] == "torchvision" and saved["ablation"][0]["precision"] == "fp32"
-    assert saved["ablation"][-1]["compile"] and saved["ablation"][-1]["fused_loss"] == [True]
+    assert saved["ablation"][-2]["compile"] and saved["ablation"][-2]["fused_loss"] == [True]
+    assert saved["ablation"][-1]["not_run"] == "needs a CUDA device"  # the CUDA graph
     assert saved["ablation"][0]["speedup"] == 1.0
     assert [r["teachers"] for r in saved["ablation"][:4]] == [["eager"]] * 4
     assert saved["ablation"][4]["teachers"] == ["folded"] and saved["ablation"][5]["teachers"] == ["folded+compiled"]
@@ -174,3 +175,25 @@ def test_the_data_limit_is_named_with_both_figures(wait, e2e_compute, named):
     assert f"data wait {wait:.2f} ms/step" in text and f"compute {e2e_compute:.2f} ms/step" in text
     assert "37.40 without" in text
 
+
+
+def test_step_variants_on_cpu(tmp_path):
+    """Each way to run the step, compute-only: torch.compile's modes run and are recorded; the CUDA graph rows
+    say they need a CUDA device instead of failing the benchmark."""
+    from benchmarks.throughput import STEP_VARIANTS, main
+    from helpers import make_image_folder, tiny_overrides
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
+    main(["--modes", "compute", "--step-variants", "--steps", "2", "--warmup", "1", "--window", "1",
+          "--out", str(tmp_path / "out"), *overrides])
+    saved = json.loads(next((tmp_path / "out" / "cpu").glob("*.json")).read_text())
+    rows = saved["step_variants"]
+    assert [r["row"] for r in rows] == [name for name, _ in STEP_VARIANTS]
+    assert [(r["compile"], r["compile_mode"], r["cuda_graph"]) for r in rows[:4]] == [
+        (False, "default", False), (True, "default", False), (True, "max-autotune-no-cudagraphs", False),
+        (True, "reduce-overhead", False)]
+    assert all(r["loader"] == "synthetic" and r["img_per_s"] > 0 for r in rows[:4]) and rows[0]["speedup"] == 1.0
+    assert [r["not_run"] for r in rows[4:]] == ["needs a CUDA device"] * 2
+    text = next((tmp_path / "out" / "cpu").glob("*.md")).read_text()
+    assert "| step variant (compute-only) |" in text and "| CUDA graph (whole step) | not run: needs a CUDA device |" in text
