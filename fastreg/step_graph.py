@@ -17,7 +17,8 @@ Every batch must have the captured shape; the loaders drop partial batches, and 
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -67,7 +68,7 @@ class StepGraph:
         """One eager update on a side stream: lazy initialization must not happen on the capture's stream."""
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), no_autocast_cache():
             outputs = self.update(images)
         current.wait_stream(side)
         return outputs
@@ -75,18 +76,14 @@ class StepGraph:
     def capture(self, images: torch.Tensor) -> None:
         self.inputs = torch.empty_like(images)  # same dtype and memory format (channels-last)
         self.graph = torch.cuda.CUDAGraph()
-        cache = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)  # autocast's cached weight casts must not outlive the capture
         try:
             # thread_local: DALI's threads and the GPU monitor keep running while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with no_autocast_cache(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self.update(self.inputs)
         except RuntimeError as e:
             raise RuntimeError(
                 f"trainer.cuda_graph=true: capturing the training step as a CUDA graph failed ({e}). Some operation "
                 "in the step waits on the host or cannot be captured; train with trainer.cuda_graph=false") from e
-        finally:
-            torch.set_autocast_cache_enabled(cache)
 
     def check_batch(self, images: torch.Tensor) -> None:
         if images.shape != self.inputs.shape or images.dtype != self.inputs.dtype:
@@ -94,3 +91,15 @@ class StepGraph:
                 f"trainer.cuda_graph=true captured the step for batches of {tuple(self.inputs.shape)} "
                 f"{self.inputs.dtype}, and this batch is {tuple(images.shape)} {images.dtype}: a CUDA graph "
                 "replays fixed shapes. Keep every batch the same size, or set trainer.cuda_graph=false")
+
+
+@contextmanager
+def no_autocast_cache() -> Iterator[None]:
+    """autocast's cached weight casts must not outlive a capture (torch.cuda.graphs). Off in the warm-up steps too:
+    torch.compile guards on the autocast state, and a change at the capture would recompile inside it."""
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(cache)
