@@ -221,7 +221,7 @@ def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
     images, _ = next(iter(dali_loader(data, batch_size=1, crop_size=48, scale=[1.0, 1.0], ratio=[4 / 3, 4 / 3])
                           .epoch(0)))
     crop = pixels(images.float())[0]  # (3, 48, 48), maybe flipped
-    ref = torch.from_numpy(np.asarray(stored.resize((48, 48), Image.BILINEAR))).permute(2, 0, 1).float()
+    ref = torch.from_numpy(np.array(stored.resize((48, 48), Image.BILINEAR))).permute(2, 0, 1).float()
     assert min((crop - ref).abs().mean(), (crop.flip(-1) - ref).abs().mean()) < 6
 
 
