@@ -1,0 +1,39 @@
+"""Where and in what precision a run computes, decided once from the config and handed to the trainer, the
+Distiller, the loaders and evaluation (none of them re-derives it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def pick_device(choice: str, key: str = "trainer.device", index: int = 0) -> torch.device:
+    """auto: CUDA where one is visible, else the CPU. `key` names the setting in the error; `index`: the CUDA
+    device (torchrun's LOCAL_RANK)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # autocast's dtype for teachers and student; None: fp32, no autocast
+    memory_format: torch.memory_format  # of images and convolution weights
+    scaler: bool  # fp16: a GradScaler scales the loss
+
+    @property
+    def half_images(self) -> bool:
+        """Whether loaders may hand over float16 images (where that is fast: DALI on a GPU): under autocast."""
+        return self.amp_dtype is not None
+
+    @classmethod
+    def of(cls, precision: str, channels_last: bool, device: torch.device) -> "Placement":
+        return cls(device, AMP_DTYPES[precision], torch.channels_last if channels_last else torch.contiguous_format,
+                   precision == "fp16")
