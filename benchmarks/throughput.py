@@ -40,10 +40,10 @@ from hydra import compose, initialize_config_module
 
 from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
-from fastreg.losses import FusedRegressionLoss
 from fastreg.monitor import GPUMonitor
 from fastreg.pipelines import build_loader
-from fastreg.trainer import Trainer, setup_distributed
+from fastreg.distributed import setup_distributed
+from fastreg.trainer import Trainer
 
 from benchmarks.data_throughput import batch_stream, device_name
 
@@ -197,7 +197,7 @@ def step_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
         figures = time_steps(images_of(stream), trainer.train_step, Clock(device), args, cfg.data.batch_size)
     finally:
         stream.close()
-        trainer.metrics_log.close()
+        trainer.log.close()
     return {**figures, **implementations(trainer)}
 
 
@@ -207,17 +207,8 @@ def implementations(trainer: Trainer) -> dict:
     t = trainer.cfg.trainer
     return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
             "compile": t.compile, "compile_mode": t.compile_mode, "cuda_graph": t.cuda_graph,
-            "heads": [type(h).__name__ for h in trainer.distiller.model.heads],
-            "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in trainer.distiller.losses],
-            "teachers": [teacher_inference(teacher) for teacher in trainer.distiller.teachers],
-            "trainable_params": sum(p.numel() for p in trainer.distiller.model.parameters() if p.requires_grad)}
-
-
-def teacher_inference(teacher) -> str:
-    """How a teacher ran: eager, folded, or folded and compiled."""
-    if teacher.backbone_dtype is None:
-        return "eager"
-    return "folded+compiled" if isinstance(teacher.backbone, torch._dynamo.eval_frame.OptimizedModule) else "folded"
+            **trainer.distiller.implementations(),
+            "trainable_params": sum(p.numel() for p in trainer.distiller.trainable_parameters())}
 
 
 def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:

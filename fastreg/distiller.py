@@ -5,21 +5,26 @@
                          L_i = loss_i(head_i(s), t_i)    # fused simreg: all i in one kernel launch
     L = sum_i w_i L_i / sum_i w_i
 
-The trainer only sees `loss, metrics = distiller(images)`; it never knows the loss or the teachers.
+The trainer sees `loss, metrics = distiller(images)` and the interface below (trainable_parameters,
+trained_buffers, save_state/load_state of the trained part, loss_names, student, wrap, compile); it never
+reaches into the heads, the losses or the teachers.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from fastreg import checkpoint as ckpt
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
-from fastreg.losses import build_loss, loss_terms
+from fastreg.losses import FusedRegressionLoss, build_loss, loss_terms
 from fastreg.monitor import phase
+from fastreg.placement import Placement
 from fastreg.students import Student
 from fastreg.teachers import Teacher, build_teacher
 
@@ -50,7 +55,38 @@ class Distiller(nn.Module):
 
     @property
     def student(self) -> Student:
+        """The student with its pooled feature: what evaluation and export see."""
         return self.model.student
+
+    @property
+    def loss_names(self) -> list[str]:
+        """The per-teacher losses among the metrics, loss/<teacher>."""
+        return [f"loss/{teacher.name}" for teacher in self.teachers]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trained_buffers(self) -> dict[str, torch.Tensor]:
+        """The trained part's buffers by name (BatchNorm's running statistics): a training step changes them."""
+        return dict(self.model.named_buffers())
+
+    def save_state(self) -> dict[str, Any]:
+        """The trained part for a checkpoint (fastreg.checkpointer): the student's backbone, the heads, and the
+        losses' buffers (SEED's queue, the teacher center)."""
+        return {"student": self.student.backbone.state_dict(), "heads": self.model.heads.state_dict(),
+                "loss": self.losses.state_dict()}
+
+    def load_state(self, state: dict[str, Any], source: Path) -> None:
+        """save_state's entries back; a tensor that does not fit is an error naming it and `source`."""
+        ckpt.load_state(self.student.backbone, state["student"], "student", source)
+        ckpt.load_state(self.model.heads, state["heads"], "heads", source)
+        ckpt.load_state(self.losses, state["loss"], "loss", source)
+
+    def implementations(self) -> dict[str, list]:
+        """What runs, for benchmarks: each head's class, whether each loss is fused, each teacher's inference."""
+        return {"heads": [type(h).__name__ for h in self.model.heads],
+                "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in self.losses],
+                "teachers": [inference(teacher) for teacher in self.teachers]}
 
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """Run the trained part through fn(model), e.g. DDP; state_dict keys don't change."""
@@ -88,6 +124,13 @@ class Distiller(nn.Module):
         return total, metrics
 
 
+def inference(teacher: Teacher) -> str:
+    """How a teacher runs: eager, folded, or folded and compiled (fastreg.teacher_inference)."""
+    if teacher.backbone_dtype is None:
+        return "eager"
+    return "folded+compiled" if isinstance(teacher.backbone, torch._dynamo.eval_frame.OptimizedModule) else "folded"
+
+
 def compile_report() -> str:
     """For train.log after the first compiled step: torch.compile's graphs and graph breaks in this process so far,
     with the most frequent break reasons (a break splits a graph and falls back to Python between the pieces)."""
@@ -98,18 +141,14 @@ def compile_report() -> str:
     return text + "".join(f"; {n}x {reason}" for reason, n in breaks.most_common(5))
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def build_distiller(cfg: TrainConfig, device: torch.device) -> Distiller:
-    amp_dtype = AMP_DTYPES[cfg.trainer.precision]
+def build_distiller(cfg: TrainConfig, place: Placement) -> Distiller:
+    amp_dtype, device = place.amp_dtype, place.device
     teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
     student = Student(cfg.student.arch)
     heads = [build_head(t.head, student.dim, teacher.dim, device, amp_dtype or torch.float32)
              for t, teacher in zip(cfg.teachers, teachers)]
     losses = [build_loss(cfg.loss, teacher.dim, device) for teacher in teachers]
     distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    distiller.model.to(device, memory_format=memory_format)
+    distiller.model.to(device, memory_format=place.memory_format)
     distiller.losses.to(device)
     return distiller

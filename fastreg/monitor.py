@@ -22,7 +22,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # The training step's phases, in order; profiles and NVTX timelines are read by these names.
-PHASES = ("data", "teacher", "student_forward", "loss", "student_backward", "optimizer")
+# In the order a step runs them; "guard" is the NaN guard's copy before the forward and its restore after the
+# optimizer step (fastreg.nonfinite)
+PHASES = ("data", "guard", "student_forward", "teacher", "loss", "student_backward", "optimizer")
 
 
 @contextmanager

@@ -21,20 +21,24 @@ reads them where it syncs anyway (logging steps and saves).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+log = logging.getLogger(__name__)
 
 
-def build_guard(model: nn.Module, optimizer: torch.optim.Optimizer,
+def build_guard(buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler) -> StepSkip | StepUndo:
-    """StepSkip where every param group runs torch's fused kernel, which takes found_inf; StepUndo otherwise."""
+    """StepSkip where every param group runs torch's fused kernel, which takes found_inf; StepUndo otherwise.
+    `buffers`: the trained model's, by name (BatchNorm's running statistics move in the forward)."""
     fused = isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) and all(
         group.get("fused") for group in optimizer.param_groups)
-    return StepSkip(model, optimizer, scaler) if fused else StepUndo(model, optimizer)
+    return StepSkip(buffers, optimizer, scaler) if fused else StepUndo(buffers, optimizer)
 
 
 class StepSkip:
@@ -50,8 +54,9 @@ class StepSkip:
 
     name = "skipped inside the fused optimizer kernel (found_inf); model buffers restored from a copy"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
-        self.optimizer, self.buffers = optimizer, BufferUndo(model)
+    def __init__(self, buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler):
+        self.optimizer, self.buffers = optimizer, BufferUndo(buffers)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad = torch.zeros((), device=self.params[0].device)  # float32 1.0 = skip: what the kernels read
         self.skipped, self.fresh = self.bad, []  # the flag the kernel got; params without state before the step
@@ -88,23 +93,19 @@ class BufferUndo:
     """The model's buffers, put back on the device where the step was bad, bitwise. One flat copy per dtype
     (float running statistics, int64 batch counts): a step costs a few kernels, not one per buffer."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, buffers: dict[str, torch.Tensor]):
+        self.groups: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for b in buffers.values():
+            self.groups[b.dtype].append(b)
         self.backup: dict[torch.dtype, torch.Tensor] = {}
-
-    def by_dtype(self) -> dict[torch.dtype, list[torch.Tensor]]:
-        groups = defaultdict(list)
-        for b in self.model.buffers():
-            groups[b.dtype].append(b)
-        return groups
 
     @torch.no_grad()
     def save(self) -> None:
-        self.backup = {dtype: flat(buffers) for dtype, buffers in self.by_dtype().items()}
+        self.backup = {dtype: flat(buffers) for dtype, buffers in self.groups.items()}
 
     @torch.no_grad()
     def undo_unless(self, ok: torch.Tensor) -> None:
-        for dtype, buffers in self.by_dtype().items():
+        for dtype, buffers in self.groups.items():
             kept = torch.where(ok, flat(buffers), self.backup[dtype])
             parts = kept.split([b.numel() for b in buffers])
             torch._foreach_copy_(buffers, [part.view_as(b) for part, b in zip(parts, buffers)])
@@ -130,15 +131,15 @@ class StepUndo:
 
     name = "undone from a copy of the weights, buffers and optimizer state (the optimizer takes no found_inf)"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer):
+        self.buffers, self.optimizer = buffers, optimizer
         self.backup: dict[tuple, torch.Tensor] = {}
 
     def tensors(self) -> dict[tuple, torch.Tensor]:
         """The live tensors, keyed so that a state tensor the optimizer replaces still finds its backup."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         named = {("param", i): p for i, p in enumerate(params)}
-        named.update({("buffer", name): b for name, b in self.model.named_buffers()})
+        named.update({("buffer", name): b for name, b in self.buffers.items()})
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value):
@@ -207,3 +208,58 @@ class BadSteps:
             packed /= world
         tripped, run, first, total, *losses = packed.tolist()
         return BadStepsSeen(bool(tripped), int(run), int(first), int(total), dict(zip(self.names, losses)))
+
+
+class Divergence:
+    """The trainer's view of bad steps: the agreed loss check, the device counters, and at logging steps and saves
+    the warning about skipped steps or the error that stops a diverged run.
+
+    world: processes; batches: per epoch (to name the epoch); out_dir: where the intact checkpoints are."""
+
+    def __init__(self, loss_names: list[str], limit: int, world: int, device: torch.device, batches: int,
+                 out_dir: Path):
+        self.counts = BadSteps(["loss", *loss_names], limit, device)
+        self.limit, self.world, self.batches, self.out_dir = limit, world, batches, out_dir
+        self.logged = 0  # bad steps up to the last logging step
+
+    def loss_is_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device, the same on every rank: DDP averages the gradients, so one rank's NaN
+        reaches every rank's weights. NCCL queues the all-reduce on the stream: no host sync."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)  # int: gloo and NCCL both reduce it
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return finite.bool()
+
+    def record(self, ok: torch.Tensor, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        self.counts.record(ok, step, metrics)
+
+    def check(self) -> int:
+        """Raise once trainer.max_bad_steps consecutive steps had a NaN or inf loss; else the number of steps
+        skipped so far. Every rank calls it at the same steps (logging steps, saves): the counters are reduced
+        over the ranks, so all of them stop together rather than some waiting in the next collective."""
+        seen = self.counts.read(self.world)  # a host sync: only at logging steps and saves
+        if seen.tripped:
+            raise FloatingPointError(self.message(seen))
+        return seen.total
+
+    def skipped_since_log(self, step: int, warn: bool) -> int:
+        """Steps skipped since the previous logging step, with a warning (where `warn`) if there are any."""
+        total = self.check()
+        skipped, self.logged = total - self.logged, total
+        if skipped and warn:
+            log.warning("%d step(s) up to step %d had a NaN or inf loss and were skipped (weights and optimizer "
+                        "state left as before them); trainer.max_bad_steps=%d consecutive ones stop training",
+                        skipped, step, self.limit)
+        return skipped
+
+    def message(self, seen: BadStepsSeen) -> str:
+        losses = ", ".join(f"{name} {value:.4g}" for name, value in seen.losses.items())
+        over = f" (mean over the {self.world} ranks)" if self.world > 1 else ""
+        return (
+            f"the loss was NaN or inf in trainer.max_bad_steps={self.limit} consecutive steps from step {seen.first} "
+            f"(epoch {(seen.first - 1) // self.batches + 1}); at step {seen.first}: {losses}{over}. Those steps "
+            f"were skipped: the weights, and any checkpoint written since, are those from before step {seen.first}, "
+            f"and the last checkpoint in {self.out_dir} is intact. Lower optim.base_lr, add warmup "
+            "(optim.warmup_epochs) or use trainer.precision=bf16/fp32, and check the teacher whose loss is not "
+            "finite; then resume from that checkpoint"
+        )

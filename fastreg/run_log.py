@@ -1,15 +1,88 @@
-"""Rank 0's record of a run: train.log, metrics.jsonl, TensorBoard scalars and the progress bar."""
+"""Rank 0's record of a run: train.log, metrics.jsonl, TensorBoard scalars, the progress bar and GPU telemetry."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
-from fastreg.checkpoint import atomic_write
+import torch
+from omegaconf import OmegaConf
+
+from fastreg.checkpoint import atomic_write, remove_partial_saves
+from fastreg.monitor import GPUMonitor
 
 log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """The run's record, entered around the training loop. Rank 0 writes it all; the other ranks log warnings
+    only (set up by the trainer) and write nothing here. The GPU monitor samples rank 0's GPU: it alone writes
+    metrics, and DDP's all-reduces keep the ranks in step."""
+
+    def __init__(self, out_dir: Path, is_main: bool, start_step: int, device: torch.device, monitor: bool,
+                 progress: bool):
+        self.is_main, self.device = is_main, device
+        self.metrics = MetricsLog(out_dir, is_main, start_step)
+        self.monitor = GPUMonitor(device) if monitor and is_main else None
+        self.progress = make_progress(is_main and progress)
+        self.stack = ExitStack()
+
+    def __enter__(self) -> RunLogger:
+        if self.monitor:
+            self.stack.enter_context(self.monitor)
+        self.stack.enter_context(self.progress)
+        self.log_monitor_start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()  # stops the monitor's sampler, also when training raised
+        if self.monitor and self.monitor.summary()["available"]:
+            log.info("GPU telemetry over the run: %s", json.dumps(self.monitor.summary()))
+        self.close()
+
+    def close(self) -> None:
+        """metrics.jsonl and TensorBoard closed; for a trainer stepped without fit (benchmarks)."""
+        self.metrics.close()
+
+    def startup(self, config: dict, commit: str, lines: list[str]) -> None:
+        """The commit, the resolved config and `lines` (what runs: device, loader, optimizer...) in train.log."""
+        if self.is_main:
+            log.info("fastreg commit %s", commit)
+            log.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.create(config)))
+            for line in lines:
+                log.info(line)
+
+    def log_monitor_start(self) -> None:
+        if not self.monitor:
+            return
+        status = self.monitor.summary()
+        if status["available"]:
+            log.info("GPU telemetry of %s every %g s: gpu/* in the metrics", self.device, self.monitor.interval_s)
+        else:
+            log.info("GPU telemetry unavailable (%s): no gpu/* metrics", status["reason"])
+
+    def epoch_task(self, epoch: int, epochs: int, batches: int, done: int):
+        """The progress bar's task for 0-based `epoch`, `done` of its `batches` already trained (a resume)."""
+        return self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=batches, completed=done, loss="-", lr="-",
+                                      ips="-")
+
+    def window(self) -> dict[str, float]:
+        """gpu/* mean and peak since the last call; {} without a monitor or telemetry."""
+        return self.monitor.window() if self.monitor else {}
+
+    def step(self, step: int, values: dict[str, float], task) -> None:
+        """A logging step's metrics (loss, lr and img_per_s among them), with the GPU window since the last one."""
+        self.metrics.write(step, {**values, **self.window()})
+        self.progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
+                             ips=f"{values['img_per_s']:,.0f}")
+
+    def evaluation(self, step: int, epoch: int, results: dict[str, float]) -> None:
+        log.info("epoch %d k-NN: %s", epoch, json.dumps(results))
+        self.metrics.write(step, {f"eval/{k}": v for k, v in results.items()})
 
 
 class MetricsLog:
@@ -79,3 +152,26 @@ def attach_log_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root.addHandler(handler)
+
+
+def open_run_dir(out_dir: Path, is_main: bool) -> None:
+    """Rank 0: trainer.out_dir created and writable, train.log attached, the files of saves that were killed
+    removed. Other ranks log warnings only."""
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+        return
+    make_out_dir(out_dir)
+    attach_log_file(out_dir / "train.log")
+    remove_partial_saves(out_dir)
+
+
+def make_out_dir(path: Path) -> None:
+    """Create trainer.out_dir and check that a file can be written there, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # unnamed (O_TMPFILE): nothing is left behind
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"trainer.out_dir={path} is not a writable directory ({e.strerror}); checkpoints, "
+                               "train.log and the metrics go there. Pass trainer.out_dir=<a directory you can "
+                               "write to>, or fix its permissions") from e

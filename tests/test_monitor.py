@@ -12,11 +12,10 @@ import time
 import pytest
 import torch
 
-import fastreg.trainer
+import fastreg.run_log
 from fastreg.config import to_config
 from fastreg.monitor import PHASES, GPUMonitor, nvml_handle, phase
 from fastreg.train import train
-from fastreg.run_log import make_progress
 from fastreg.trainer import Trainer
 from helpers import make_image_folder, tiny_overrides
 from test_train import compose_cfg
@@ -126,7 +125,7 @@ def one_step_trainer(tmp_path, *extra):
 def test_a_training_step_marks_every_phase_for_the_profiler(tmp_path):
     trainer = one_step_trainer(tmp_path)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        trainer.train_epoch(0, make_progress(False))
+        trainer.train_epoch(0)
     assert trainer.step == 1
     names = {e.key for e in prof.key_averages()}
     assert set(PHASES) <= names, set(PHASES) - names
@@ -134,7 +133,7 @@ def test_a_training_step_marks_every_phase_for_the_profiler(tmp_path):
 
 def test_cpu_training_with_the_monitor_logs_why_and_writes_no_gpu_metrics(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")
-    with caplog.at_level(logging.INFO, logger="fastreg.trainer"):
+    with caplog.at_level(logging.INFO, logger="fastreg"):
         train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.epochs=1", "trainer.monitor=true"]))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all("loss" in m for m in lines)
@@ -152,9 +151,9 @@ class ConstantMonitor(FedMonitor):
 
 
 def test_the_trainer_writes_each_windows_gpu_metrics_and_stops_the_monitor(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(fastreg.trainer, "GPUMonitor", ConstantMonitor)
+    monkeypatch.setattr(fastreg.run_log, "GPUMonitor", ConstantMonitor)
     trainer = one_step_trainer(tmp_path, "data.batch_size=2")  # 4 steps, each logged
-    with caplog.at_level(logging.INFO, logger="fastreg.trainer"):
+    with caplog.at_level(logging.INFO, logger="fastreg"):
         trainer.fit()
     assert not sampler_running()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -165,7 +164,7 @@ def test_the_trainer_writes_each_windows_gpu_metrics_and_stops_the_monitor(tmp_p
 
 
 def test_the_monitor_stops_when_training_raises(tmp_path, monkeypatch):
-    monkeypatch.setattr(fastreg.trainer, "GPUMonitor", ConstantMonitor)
+    monkeypatch.setattr(fastreg.run_log, "GPUMonitor", ConstantMonitor)
     trainer = one_step_trainer(tmp_path)
     monkeypatch.setattr(trainer, "train_step", lambda images: 1 / 0)
     with pytest.raises(ZeroDivisionError):

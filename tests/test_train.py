@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_module
 
 from fastreg.config import LossConfig, to_config
 from fastreg.distiller import build_distiller
+from fastreg.placement import Placement
 from fastreg.train import train
 from helpers import (BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, assert_equal_states, logged_lines,
                      make_image_folder, step_losses, tiny_overrides, trained_state)
@@ -65,7 +66,7 @@ def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp
 def test_teachers_and_student_see_the_same_tensor(tmp_path):
     cfg = to_config(compose_cfg(tiny_overrides(tmp_path, tmp_path) + [
         "teachers=[{arch: cnn_small, checkpoint: random}, {arch: cnn_small, checkpoint: random}]"]))
-    distiller = build_distiller(cfg, torch.device("cpu"))
+    distiller = build_distiller(cfg, Placement.of(cfg.trainer.precision, cfg.trainer.channels_last, torch.device("cpu")))
     seen = []
     for module in [distiller.student, *distiller.teachers]:
         module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -217,7 +218,7 @@ def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
 
 def test_torch_compile_trains_and_saves_plain_keys(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")
-    with caplog.at_level(logging.INFO, logger="fastreg.trainer"):
+    with caplog.at_level(logging.INFO, logger="fastreg"):
         train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.compile=true", "trainer.epochs=1",
                                                                      "trainer.deterministic=false"]))
     state = torch.load(tmp_path / "run" / "ckpt_epoch0001.pt", weights_only=True)

@@ -8,7 +8,7 @@ import torch
 
 from fastreg import checkpoint as ckpt
 from fastreg.config import OptimConfig
-from fastreg.trainer import build_optimizer, epoch_lr, lr_at, lr_scaling_warning
+from fastreg.optim import build_optimizer, epoch_lr, lr_at, lr_scaling_warning
 
 CPU = torch.device("cpu")
 

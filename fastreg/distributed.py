@@ -1,0 +1,58 @@
+"""Processes, devices and seeds: torchrun's ranks (NCCL on GPUs, gloo on CPUs), per-epoch seeding, deterministic
+kernels, and gathering a small object from every rank."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastreg.placement import pick_device
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_choice, "trainer.device", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Seed per (seed, epoch, rank): each epoch's randomness is fixed, so a resumed run repeats it exactly."""
+    s = (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def set_deterministic(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = not on
+
+
+def ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """The trained part under DistributedDataParallel with several processes; as it is with one."""
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gather(obj: dict, world: int) -> list[dict]:
+    """Every rank's `obj`, in rank order (a collective: all ranks call it)."""
+    if world == 1:
+        return [obj]
+    objs: list = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
