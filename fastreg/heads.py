@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import HeadConfig
-from fastreg.fused import head_auto, impl_name, use_triton
+from fastreg.kernel_choice import head_auto, impl_name, use_triton
 
 log = logging.getLogger(__name__)
 

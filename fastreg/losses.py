@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import LossConfig
-from fastreg.fused import impl_name, loss_auto, use_triton
+from fastreg.kernel_choice import impl_name, loss_auto, use_triton
 
 log = logging.getLogger(__name__)
 

@@ -57,13 +57,13 @@ def test_head_impl_choice(caplog):
 
 def test_head_impl_auto_on_a_gpu_follows_the_committed_wins(monkeypatch):
     """On CUDA, auto picks the fused head only for a (GPU, dtype) in HEAD_WINS, and says why either way."""
-    import fastreg.fused as fused
+    import fastreg.kernel_choice as fused
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda")
     assert fused.head_auto(cuda, torch.bfloat16) == (False, "head.impl=auto: eager, no committed benchmark shows the "
                                                      "fused head faster than eager on NVIDIA H200 in bf16 "
-                                                     "(fastreg.fused.HEAD_WINS; head.impl=triton forces it)")
+                                                     "(fastreg.kernel_choice.HEAD_WINS; head.impl=triton forces it)")
     monkeypatch.setattr(fused, "HEAD_WINS", frozenset({("NVIDIA H200", "bf16")}))
     assert fused.head_auto(cuda, torch.bfloat16)[0] and not fused.head_auto(cuda, torch.float32)[0]
 
@@ -79,7 +79,7 @@ def test_head_wins_are_what_the_committed_benchmarks_show():
     import json
     from pathlib import Path
 
-    from fastreg.fused import HEAD_WINS
+    from fastreg.kernel_choice import HEAD_WINS
 
     wins = set()
     for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("kernels_*.json"):

@@ -40,7 +40,7 @@ def head_auto(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     if (gpu, name) in HEAD_WINS:
         return True, f"head.impl=auto: fused, faster than eager on {gpu} in {name} (benchmarks/results)"
     return False, (f"head.impl=auto: eager, no committed benchmark shows the fused head faster than eager on "
-                   f"{gpu} in {name} (fastreg.fused.HEAD_WINS; head.impl=triton forces it)")
+                   f"{gpu} in {name} (fastreg.kernel_choice.HEAD_WINS; head.impl=triton forces it)")
 
 
 def use_triton(key: str, impl: str, device: torch.device, probe: Callable[[], object],
