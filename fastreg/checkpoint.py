@@ -6,23 +6,31 @@ fsynced, then renamed: a file with the final name is always complete, and a cras
 previous checkpoint intact (and a temporary file, removed at the next start). Older checkpoints are pruned
 only after the new one is complete. A file with a final name that still cannot be read (a copy gone wrong,
 a file system without atomic rename) is skipped by trainer.resume=auto, with a warning.
+
+`read` is how fastreg reads every file torch.save wrote (checkpoints, teacher weights, exported students, cached
+features): weights_only=True, the CRC-32s checked, and one error that says what is wrong with the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fnmatch
 import logging
 import os
+import pickle
 import random
 import re
 import subprocess
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from fastreg.files import atomic_write, temporary_path
+from fastreg.messages import listing
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})(?:_step(\d{8,}))?\.pt$")
@@ -40,32 +48,6 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`path` holds either its old content or all that write(file) wrote, never part of it: the bytes go to a
-    temporary file, are fsynced, then renamed over `path`. A write that fails, or is interrupted, removes its
-    temporary file: a failed write leaves the directory as it found it."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an error, or an interrupt: either way the partial file must go
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def temporary_path(path: Path) -> Path:
-    """Where atomic_write puts `path`'s bytes until the rename (remove_partial_saves finds them by this name)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -125,19 +107,83 @@ def is_inside_epoch(path: Path) -> bool:
 
 
 class UnreadableCheckpoint(ValueError):
-    """A file with a checkpoint's name that is truncated, corrupt or not a checkpoint (a user's error: the
-    command line prints its message, fastreg.train.USER_ERRORS)."""
+    """A file that is there yet holds nothing torch.load(weights_only=True) reads: empty, text, cut short,
+    damaged, or pickling code (a user's error: the command line prints its message, fastreg.train.USER_ERRORS)."""
+
+
+def read(path: str | Path, what: str = "checkpoint", fix: str = "check the path",
+         verdict: str | None = None) -> Any:
+    """The object torch.save wrote to `path`, on the CPU, read with weights_only=True after its CRC-32s are
+    checked: the one place fastreg reads a .pt or .pth file.
+
+    weights_only=True reads tensors and plain containers only: unpickling anything else imports and calls code
+    that the file names, so such a file is refused, never run. A missing file raises FileNotFoundError, any
+    other failure UnreadableCheckpoint, saying what is wrong with the file (empty, text, cut short, damaged, or
+    holding code) and what fixes that: '<what> <path> is empty (0 bytes): ...; fetch it again, or <fix>'.
+    `what` names the file ("teacher checkpoint"), `fix` says what to do instead ("set teacher.checkpoint to
+    ..."), and `verdict`, when given, comes first whatever the fault ("<what> <path> cannot be read: it is empty
+    ..."), for callers that skip or report every unreadable file alike.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (or is not a file): {fix}")
+    try:
+        check_crcs(path)
+        # DINO's full checkpoints pickle their argparse args next to the weights: a Namespace is plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, BadZipFile ... depending on what the file is
+        fault = diagnose(path, e)
+        if verdict:
+            fault = f"{verdict}: it {fault}"
+        raise UnreadableCheckpoint(f"{what} {path} {fault}, or {fix}") from e
+
+
+def diagnose(path: Path, error: Exception) -> str:
+    """What the file is, given why reading it failed, and what fixes that: empty, code to call (a GLOBAL that
+    weights_only refuses), text, or damaged."""
+    code = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes): its download or copy failed; fetch it again"
+    if code is not None:
+        return (f"is refused: besides tensors it holds a Python object ({code.group(1)}) that loading would have to "
+                "import and call, and unpickling such a file can run any code, so fastreg reads files with "
+                "torch.load(weights_only=True) only. If you trust its source, convert it once in a trusted "
+                "environment (torch.load(path, weights_only=False), then torch.save its state_dict alone)")
+    text = text_start(path)
+    if text is not None:
+        return (f"is a text file, not a PyTorch checkpoint (it begins {text!r}): a failed download saves its error "
+                "page; fetch the file again")
+    return (f"is not a readable PyTorch checkpoint ({load_failure(error)}): the file is damaged, cut short or of "
+            "another kind; fetch the file again")
+
+
+def text_start(path: Path) -> str | None:
+    """The first line of a file that starts as text (an HTML error page, a Git LFS pointer), else None."""
+    with open(path, "rb") as f:
+        start = f.read(80)
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.splitlines()[0] if text.strip() and all(c.isprintable() or c.isspace() for c in text) else None
+
+
+def load_failure(error: Exception) -> str:
+    """The first sentence of why torch.load failed: torch wraps the cause in paragraphs of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    cause = [line for line in lines if not line.startswith(boilerplate)] or lines or ["no message"]
+    return f"{type(error).__name__}: {cause[0].split('. ', 1)[0]}"
+
+
+RESUME_FIX = "pass trainer.resume=<another checkpoint> (or auto: the newest readable one in trainer.out_dir)"
 
 
 def load(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        check_crcs(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it or pass "
-                                   "trainer.resume=<an older checkpoint>") from e
+    """A checkpoint to resume from; an unreadable one 'cannot be read', which the warning of trainer.resume=auto
+    follows with 'skips it'."""
+    return read(path, "checkpoint", RESUME_FIX, verdict="cannot be read")
 
 
 def check_crcs(path: Path) -> None:
@@ -254,15 +300,14 @@ def load_state(module: torch.nn.Module, state: dict, name: str, path: Path) -> N
                + [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                   if k in state and state[k].shape != v.shape])
     if misfits:
-        listed = ", ".join(misfits[:10]) + (f", ... ({len(misfits)} in all)" if len(misfits) > 10 else "")
         # A head's last Linear and the loss's buffers are as wide as their teacher's feature: a teacher file
         # replaced by one of another width fits the config, yet not these tensors.
         raise ValueError(
-            f"checkpoint {path} does not fit this run's {name} (checkpoint vs this run): {listed}. The heads and "
-            "the loss are as wide as their teacher's feature: was the teacher checkpoint file replaced by one of "
-            "another width, or a setting changed with trainer.resume_force=true? Resume with the teacher weights "
-            "and settings the checkpoint was trained with, or start afresh with trainer.resume=none or another "
-            "trainer.out_dir"
+            f"checkpoint {path} does not fit this run's {name} (checkpoint vs this run): {listing(misfits)}. The "
+            "heads and the loss are as wide as their teacher's feature: was the teacher checkpoint file replaced by "
+            "one of another width, or a setting changed with trainer.resume_force=true? Resume with the teacher "
+            "weights and settings the checkpoint was trained with, or start afresh with trainer.resume=none or "
+            "another trainer.out_dir"
         )
     module.load_state_dict(state)
 

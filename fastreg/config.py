@@ -345,6 +345,14 @@ class TrainConfig:
             raise ValueError(f"trainer.cuda_graph=true needs optim=sgd (torch's fused SGD takes its lr as a device "
                              f"tensor), not optim={self.optim.name}: set optim=sgd or trainer.cuda_graph=false")
 
+    def paths(self) -> dict[str, str]:
+        """The data folders, file list and teacher weights this config names, by key: those that are set."""
+        d = self.data
+        keys = {"data.root": d.root, "data.file_list": d.file_list, "data.val_root": d.val_root,
+                "data.knn_train_root": d.knn_train_root,
+                **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self._teacher_keys, self.teachers)}}
+        return {key: value for key, value in keys.items() if value is not None}
+
     def _check_required(self) -> None:
         """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""
         for key, t in zip(self._teacher_keys, self.teachers):

@@ -1,11 +1,11 @@
 """The embedded demo: cluttered UCI digits as a JPEG ImageFolder, and a small teacher trained on them.
 
-`python -m fastreg.train` with no arguments distills this teacher (`cnn_small`, trained here with labels)
-into `cnn_tiny` with SimReg. The data comes with scikit-learn (`load_digits`: 1,797 8x8 digits), so
-the demo needs no download. Plain 8x8 digits are too easy to show anything, so each digit is upscaled
-and pasted at a random scale, colour and position onto a cluttered, coloured 40x40 background: an
-untrained network's features then mostly encode the clutter (k-NN about 10%, chance), while the
-supervised teacher reaches 81-89% (20-NN on val, over four seeds).
+`python -m fastreg.demo` (or `python -m fastreg.train` with no experiment=) distills this teacher
+(`cnn_small`, trained here with labels) into `cnn_tiny` with SimReg. The data comes with scikit-learn
+(`load_digits`: 1,797 8x8 digits), so the demo needs no download. Plain 8x8 digits are too easy to show
+anything, so each digit is upscaled and pasted at a random scale, colour and position onto a cluttered,
+coloured 40x40 background: an untrained network's features then mostly encode the clutter (k-NN about 10%,
+chance), while the supervised teacher reaches 81-89% (20-NN on val, over four seeds).
 
 Both products are built once and cached under `cache_dir`; every write is atomic, so an interrupted
 build is never mistaken for a finished one:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -33,11 +34,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.functional import pil_to_tensor
 
+import fastreg.configs
+from fastreg import files
 from fastreg.checkpoint import atomic_save
 from fastreg.config import TrainConfig
+from fastreg.messages import listing
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
 from fastreg.students import SmallCNN
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "fastreg" / "demo"
 DATA_NAME = "digits40-v1"  # bump the version whenever the rendering changes, so old caches are not reused
 SIZE = 40  # image side in pixels
 SEED = 0
@@ -46,8 +50,6 @@ TRAIN_VIEWS = 3  # random renderings per training source digit: ~1,350 sources -
 VAL_VIEWS = 2  # ~450 sources -> ~900 images
 JPEG_QUALITY = 90
 TEACHER_EPOCHS = 6  # 20-NN 84-89% over four seeds, ~1 min on 2 idle cores
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as everywhere in fastreg
-STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------- rendering
@@ -162,23 +164,23 @@ def _write_split(root: Path, split: str, sources: np.ndarray, views: int, progre
 
 
 def _sync_tree(root: Path) -> None:
-    """fsync every file, so the rename that publishes `root` never exposes files still in the page cache."""
-    for path in sorted(root.rglob("*.jpg")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """fsync every file and folder, so the rename that publishes `root` never exposes files or folder entries
+    still in the page cache."""
+    for path in sorted(root.rglob("*")):
+        files.sync(path)
+    files.sync(root)
 
 
 def _publish(tmp: Path, root: Path) -> None:
-    """Rename a finished build into place: one atomic step, so `root` holds all of it or does not exist."""
+    """Rename a finished build into place: one atomic step, so `root` holds all of it or does not exist. The
+    rename is fsynced as atomic_write's is (fastreg.files)."""
     try:
         os.replace(tmp, root)
     except OSError:
         if not root.is_dir():
             raise
-        # another process (e.g. another rank) published the same deterministic build first: keep theirs
+        return  # another process (e.g. another rank) published the same deterministic build first: keep theirs
+    files.sync(root.parent)
 
 
 def _progress() -> Progress:
@@ -237,8 +239,8 @@ def load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, normalized with the ImageNet mean and std."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
@@ -316,20 +318,35 @@ def ensure_demo_teacher(cache_dir: Path, data_root: Path, epochs: int = TEACHER_
 # ---------------------------------------------------------------- the demo run
 
 
-def demo_cache_dir() -> Path:
-    """$FASTREG_CACHE/demo, else ~/.cache/fastreg/demo."""
-    base = os.environ.get("FASTREG_CACHE")
-    return Path(base) / "demo" if base else DEFAULT_CACHE_DIR
+def recipes() -> list[str]:
+    """The papers' recipes: every experiment= but the demo and none."""
+    folder = Path(fastreg.configs.__file__).parent / "experiment"
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem not in ("demo", "none"))
+
+
+def refuse_paths(cfg: TrainConfig) -> None:
+    """Stop before any work when the command names data or teacher weights: the demo would replace them with its
+    own, and whoever passes them means a run on their data, which needs an experiment= other than the demo."""
+    given = cfg.paths()
+    if given:
+        raise ValueError(
+            f"{listing(f'{key}={value}' for key, value in given.items())} given, but this runs the demo "
+            "(experiment=demo, the default when no experiment= is given), which builds its own data and teacher "
+            "and would replace those. To train on your data, add experiment=none (only the groups and keys you "
+            f"pass) or a paper's recipe, experiment=<{'|'.join(recipes())}> (each described in "
+            "configs/experiment/<name>.yaml)"
+        )
 
 
 def run_demo(cfg: TrainConfig) -> dict[str, float]:
     """Build (or reuse) the data and the teacher, distill the student, print the k-NN table."""
+    refuse_paths(cfg)
     from fastreg.eval import knn_eval
     from fastreg.trainer import Trainer
 
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)  # the teacher's training runs before the Trainer's
-    cache = demo_cache_dir()
+    cache = files.cache_dir("demo")
     root = ensure_demo_data(cache)
     cfg.data.root, cfg.data.val_root = str(root / "train"), str(root / "val")
     cfg.teachers[0].checkpoint = str(ensure_demo_teacher(cache, root))
@@ -365,3 +382,16 @@ def print_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> N
     console.print(table)
     console.print(f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
                   f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})")
+
+
+def main() -> None:
+    """python -m fastreg.demo [key=value ...]: python -m fastreg.train experiment=demo, with the same overrides,
+    output folder (runs/demo) and exit codes."""
+    from fastreg.train import main as train
+
+    sys.argv[1:1] = ["experiment=demo"]  # hydra reads its overrides from the command line
+    train()
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastreg.placement import pick_device
+from fastreg.seeding import mix_seed
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -29,7 +30,7 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     """Seed per (seed, epoch, rank): each epoch's randomness is fixed, so a resumed run repeats it exactly."""
-    s = (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+    s = mix_seed("epoch", seed, epoch, rank)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)

@@ -21,9 +21,10 @@ Linear evaluation (--linear, one or more of):
           of its own cached variant, --use_cache), but no pass through the backbone per epoch.
 The linear figures are top-1 on the val set's center crops.
 
-The CLI caches the raw center-crop features in a cache dir per (weights, data folder, crop size,
-precision), so later runs and the linear protocols reuse what k-NN extracted. `knn_eval`, which the
-trainer calls, never caches: its model changes between calls.
+The CLI caches the raw center-crop features in --cache-dir (default: fastreg.files.cache_dir("features"),
+$FASTREG_CACHE/features) per (weights, data folder, crop size, precision), so later runs and the linear
+protocols reuse what k-NN extracted. `knn_eval`, which the trainer calls, never caches: its model changes
+between calls.
 """
 
 from __future__ import annotations
@@ -44,17 +45,19 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from fastreg.checkpoint import atomic_save
+from fastreg import checkpoint, files
 from fastreg.config import DataConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm
+from fastreg.messages import listing
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
+from fastreg.placement import pick_device
+from fastreg.seeding import mix_seed
 from fastreg.students import STUDENTS, Student
 
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
 TIE_SEED = 0  # the majority vote's tie-break when no --seed is given (the trainer's k-NN)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast dtype
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fastreg" / "features"
 
 
 # ----------------------------------------------------------------------------------------- features
@@ -147,11 +150,10 @@ def _weighted_vote(sim: torch.Tensor, neighbour_labels: torch.Tensor, num_classe
 def tie_order(query: int, num_classes: int, seed: int) -> torch.Tensor:
     """The majority vote's tie keys of global query index `query`: a random permutation of the classes (C,).
 
-    Its generator's seed is the first 4 bytes of blake2b("<seed>:<query>"): torch's CPU generator reads only
-    the low 32 bits of a seed, and a hash keeps (seed, query) pairs from sharing one.
+    Its generator's seed is mix_seed("tie", seed, query, bits=32): a hash keeps (seed, query) pairs from sharing
+    one, and torch's CPU generator reads only the low 32 bits of a seed.
     """
-    digest = hashlib.blake2b(f"{seed}:{query}".encode(), digest_size=4).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    generator = torch.Generator().manual_seed(mix_seed("tie", seed, query, bits=32))
     return torch.randperm(num_classes, generator=generator)
 
 
@@ -294,14 +296,15 @@ def cached_features(
     key = _hash(weights_digest(model), folder_stamp(root), str(amp_dtype), resolve_loader(loader), "raw")
     path = cache_dir / f"{slot}-{key}.pt"
     if path.is_file():
-        return {**torch.load(path, map_location="cpu", weights_only=True), "cached": True}
+        cached = checkpoint.read(path, "cached features", fix="delete it: the next run extracts them again")
+        return {**cached, "cached": True}
     batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
     feats, labels = extract_features(model, batches, device, amp_dtype, normalize=False)
     entry = {"feats": feats, "labels": labels, "classes": batches.classes}
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"{slot}-*.pt"):
         stale.unlink(missing_ok=True)
-    atomic_save(entry, path)
+    checkpoint.atomic_save(entry, path)
     return {**entry, "cached": False}
 
 
@@ -518,7 +521,7 @@ def load_student(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Modul
     else:
         raise ValueError(
             f"{path} is neither a trainer checkpoint (no 'student' entry) nor a state_dict of tensors "
-            f"(keys: {', '.join(map(str, list(ckpt)[:8]))})"
+            f"(keys: {listing(map(str, ckpt))})"
         )
     if arch not in STUDENTS:
         raise ValueError(f"--arch {arch!r} is not one of {', '.join(STUDENTS)}")
@@ -526,14 +529,6 @@ def load_student(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Modul
     backbone = Student(arch).backbone
     backbone.load_state_dict(state_dict, strict=False)  # check_keys allowed only the classifier to be missing
     return backbone, arch, config
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def _settings(args: argparse.Namespace, config: dict) -> argparse.Namespace:
@@ -598,7 +593,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
     backbone, arch, config = load_student(args.checkpoint, args.arch)
     s = _settings(args, config)
-    device = _pick_device(args.device)
+    device = pick_device(args.device, key="--device")
     amp_dtype = PRECISIONS[args.precision]
     backbone.to(device)
     tag = str(Path(args.checkpoint).resolve())
@@ -684,7 +679,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--loader", choices=("auto", "dali", "torchvision"),
                    help="decoder of the images (default: data.loader, else auto: DALI when installed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"feature cache (default: {DEFAULT_CACHE})")
+    default_cache = files.cache_dir("features")
+    p.add_argument("--cache-dir", type=Path, default=default_cache, help=f"feature cache (default: {default_cache})")
     args = p.parse_args(argv)
     try:
         results, facts = evaluate(args)

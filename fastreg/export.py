@@ -20,20 +20,15 @@ from typing import Optional
 import torch
 import torchvision
 
-from fastreg.checkpoint import atomic_save, check_crcs
+from fastreg import checkpoint
+from fastreg.messages import listing
 from fastreg.students import STUDENTS, Student
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A dict loaded with weights_only=True, or an error saying why the file is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        check_crcs(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types on a file that is not a torch checkpoint
-        raise ValueError(f"{path} is not a torch checkpoint readable with weights_only=True ({type(e).__name__}: {e})") from e
+    """A trainer checkpoint or a state_dict (fastreg.checkpoint.read), or an error saying why the file is neither."""
+    obj = checkpoint.read(path, "file", "check the path (trainer checkpoints are runs/<name>/ckpt_epochNNNN.pt)",
+                          verdict="is not a torch checkpoint")
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a trainer checkpoint or a state_dict")
     return obj
@@ -45,10 +40,6 @@ def checkpoint_arch(ckpt: dict, path: str | Path) -> str:
     if arch not in STUDENTS:
         raise ValueError(f"{path}: config.student.arch={arch!r} is not one of {', '.join(STUDENTS)}")
     return arch
-
-
-def _short(keys: list[str], n: int = 12) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def check_keys(state_dict: dict, arch: str) -> None:
@@ -72,7 +63,8 @@ def check_keys(state_dict: dict, arch: str) -> None:
     missing = [k for k in missing if k not in droppable]
     if missing or unexpected:
         raise ValueError(
-            f"the student weights do not fit {arch}: missing keys [{_short(missing)}], unexpected keys [{_short(unexpected)}]"
+            f"the student weights do not fit {arch}: missing keys [{listing(missing)}], unexpected keys "
+            f"[{listing(unexpected)}]"
         )
 
 
@@ -81,7 +73,8 @@ def student_state_dict(checkpoint_path: str | Path) -> tuple[dict, str]:
     ckpt = read_checkpoint(checkpoint_path)
     if "student" not in ckpt:
         raise ValueError(
-            f"{checkpoint_path} is not a trainer checkpoint: it has no 'student' entry (keys: {_short(sorted(map(str, ckpt)))})"
+            f"{checkpoint_path} is not a trainer checkpoint: it has no 'student' entry (keys: "
+            f"{listing(sorted(map(str, ckpt)))})"
         )
     arch = checkpoint_arch(ckpt, checkpoint_path)
     state_dict = ckpt["student"]
@@ -98,7 +91,7 @@ def export_student(checkpoint_path: str | Path, out_path: str | Path) -> Path:
 def _write(state_dict: dict, out_path: str | Path) -> Path:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state_dict, out)
+    checkpoint.atomic_save(state_dict, out)
     return out
 
 

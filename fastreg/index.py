@@ -34,6 +34,9 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fastreg import files
+from fastreg.messages import listing
+
 log = logging.getLogger(__name__)
 
 # Part of the fingerprint: bump it when check_image's rule changes, so that cached indexes are rebuilt.
@@ -97,11 +100,6 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
     return None
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("FASTREG_CACHE")
-    return Path(base) / "index" if base else Path.home() / ".cache" / "fastreg" / "index"
-
-
 def load_index(
     root: str | os.PathLike,
     *,
@@ -143,7 +141,7 @@ def load_index(
             raise ValueError(f"{str(root / rel)!r}: a line break in the file name cannot be written to DALI's "
                              "file_list; rename the file")
 
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir("index")
     folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
     fingerprint = _fingerprint(root, classes, entries)
     index = _read_cached(folder, root, fingerprint)
@@ -177,7 +175,7 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     used = {label for _, label in entries}
     empty = [c for i, c in enumerate(classes) if i not in used]
     if empty and entries:
-        log.warning("%s: class folders without images (they keep their label): %s", root, ", ".join(empty))
+        log.warning("%s: class folders without images (they keep their label): %s", root, listing(empty))
     return classes, entries
 
 
@@ -246,9 +244,9 @@ def _build(root: Path, classes: list[str], entries: list[tuple[str, int]], folde
     folder.mkdir(parents=True, exist_ok=True)
     # index.json goes first and comes back last: while it exists, the lists beside it belong to it.
     (folder / "index.json").unlink(missing_ok=True)
-    _write_atomic(folder / "file_list.txt", "".join(f"{rel} {label}\n" for rel, label in samples))
-    _write_atomic(folder / "bad_files.txt", "".join(f"{rel}\t{reason}\n" for rel, reason in bad))
-    _write_atomic(folder / "index.json", json.dumps({"fingerprint": fingerprint, "classes": classes}))
+    _write_text(folder / "file_list.txt", "".join(f"{rel} {label}\n" for rel, label in samples))
+    _write_text(folder / "bad_files.txt", "".join(f"{rel}\t{reason}\n" for rel, reason in bad))
+    _write_text(folder / "index.json", json.dumps({"fingerprint": fingerprint, "classes": classes}))
     return DatasetIndex(root, classes, samples, bad, folder / "file_list.txt")
 
 
@@ -277,11 +275,9 @@ def _mapper(workers: int) -> Iterator[Callable[[Callable, Sequence], Iterable]]:
         yield pool.map
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so that a killed process leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, newline="\n", **ENCODING)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    """A killed process leaves the old file or the new one, never half of one (fastreg.files.atomic_write)."""
+    files.atomic_write(path, lambda f: f.write(text.encode(**ENCODING)))
 
 
 def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
@@ -290,7 +286,7 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
     bad_list = index.file_list.with_name("bad_files.txt")
     total = len(index.samples) + len(index.bad)
     fraction = len(index.bad) / total
-    examples = "; ".join(f"{rel} ({reason})" for rel, reason in index.bad[:3]) + ("; ..." if len(index.bad) > 3 else "")
+    examples = listing((f"{rel} ({reason})" for rel, reason in index.bad), first=3, sep="; ")
     if not index.samples:
         raise ValueError(f"{index.root}: none of the {total} images passes the decode check ({examples}); all are "
                          f"listed in {bad_list} with the reasons. The loaders read JPEG, PNG, BMP and PNM images: "
@@ -307,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastreg.index", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="ImageFolder root: one subfolder of images per class")
     parser.add_argument("--file-list", help="'relpath label' lines to check instead of scanning root")
-    parser.add_argument("--cache-dir", help=f"where indexes are kept (default {default_cache_dir()})")
+    parser.add_argument("--cache-dir", help=f"where indexes are kept (default {files.cache_dir('index')})")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail when more than this fraction of the images is bad (default 0.01)")
     parser.add_argument("--workers", type=int, help="decode-check threads (default: one per CPU)")

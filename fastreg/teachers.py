@@ -16,11 +16,8 @@ Keys do not always tell the network: BYOL's TF-converted ResNet-50 has torchvisi
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import pickle
-import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -33,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
+from fastreg import checkpoint
 from fastreg.config import TEACHER_FORMATS, TeacherConfig
 from fastreg.heads import L2Norm
+from fastreg.messages import listing
 from fastreg.students import SmallCNN, drop_module
 from fastreg.teacher_inference import fold_batch_norms
 
@@ -229,10 +228,6 @@ _MARKERS = (
 _FORMAT_HINT = f"set the layout with teacher.format=<{'|'.join(f for f in TEACHER_FORMATS if f != 'auto')}>"
 
 
-def _first(keys: List[str], n: int = 20) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _unwrap(ckpt):
     """The state_dict inside the common containers. DINO's full checkpoints hold `teacher` next to `student`:
     the teacher (the EMA) is the one to distill."""
@@ -244,67 +239,21 @@ def _unwrap(ckpt):
     return ckpt
 
 
-def read_state_dict(path: Union[str, Path]) -> StateDict:
-    """The tensors of a checkpoint file, out of their container and without DDP's `module.` prefix.
+TEACHER_FIX = "set teacher.checkpoint (teachers.<i>.checkpoint with several teachers) to the teacher's weights file"
 
-    torch.load(weights_only=True) reads only tensors and plain containers: unpickling anything else imports
-    and calls code that the file names, so a file that holds it is refused, never run."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist (or is not a file): set teacher.checkpoint "
-                                "(teachers.<i>.checkpoint with several teachers) to the teacher's weights file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"teacher checkpoint {path} is empty (0 bytes): its download or copy failed; fetch it again")
-    try:
-        # DINO's full checkpoints pickle their argparse args next to the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, KeyError ... depending on what the file is
-        raise ValueError(_load_refused(path, e)) from e
+
+def read_state_dict(path: Union[str, Path]) -> StateDict:
+    """The tensors of a checkpoint file (fastreg.checkpoint.read), out of their container and without DDP's
+    `module.` prefix."""
+    ckpt = _unwrap(checkpoint.read(path, "teacher checkpoint", TEACHER_FIX))
     tensors = {}
     if isinstance(ckpt, dict):
         tensors = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        found = list(ckpt)[:20] if isinstance(ckpt, dict) else type(ckpt).__name__
+        found = listing(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"teacher checkpoint {path} holds no state_dict (found: {found}): point teacher.checkpoint "
                          "at a file of the teacher's weights")
     return tensors
-
-
-def _load_refused(path: Path, error: Exception) -> str:
-    """Why torch.load(weights_only=True) failed: the file names code to call (a GLOBAL), or is no checkpoint."""
-    code = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
-    text = _text_start(path)
-    if code is None and text is not None:
-        return (f"teacher checkpoint {path} is a text file, not a PyTorch checkpoint (it begins {text!r}); a failed "
-                "download saves its error page. Check teacher.checkpoint, or fetch the file again")
-    if code is None:
-        return (f"teacher checkpoint {path} is not a readable PyTorch checkpoint ({_load_failure(error)}): the file "
-                "is damaged, cut short or of another kind. Check teacher.checkpoint, or fetch the file again")
-    return (f"teacher checkpoint {path} is refused: besides tensors it holds a Python object ({code.group(1)}) that "
-            "loading would have to import and call, and unpickling such a file can run any code. Teacher files are "
-            "read with torch.load(weights_only=True) only. If you trust its source, convert it once in a trusted "
-            "environment: load it with torch.load(path, weights_only=False), torch.save its state_dict alone, and "
-            "pass that file as teacher.checkpoint")
-
-
-def _text_start(path: Path) -> Optional[str]:
-    """The first line of a file that starts as text (an HTML error page, a Git LFS pointer), else None."""
-    with open(path, "rb") as f:
-        start = f.read(80)
-    try:
-        text = start.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text.splitlines()[0] if text.strip() and all(c.isprintable() or c.isspace() for c in text) else None
-
-
-def _load_failure(error: Exception) -> str:
-    """The first sentence of why torch.load failed: torch wraps the cause in paragraphs of advice."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    cause = [line for line in lines if not line.startswith(boilerplate)] or lines or ["no message"]
-    return f"{type(error).__name__}: {cause[0].split('. ', 1)[0]}"
 
 
 def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Union[str, Path] = "") -> str:
@@ -321,7 +270,7 @@ def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Un
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("predictor.") for k in keys):
         return "simsiam"
     raise ValueError(
-        f"teacher checkpoint {path}: no known layout matches its keys ({_first(sorted(keys), 10)}); "
+        f"teacher checkpoint {path}: no known layout matches its keys ({listing(sorted(keys))}); "
         f"wrong teacher.arch, or {_FORMAT_HINT}"
     )
 
@@ -375,7 +324,7 @@ def _check_backbone(split: _Split, model_keys: Dict[str, torch.Tensor], arch: st
     for problem, keys in problems:
         if keys:
             raise ValueError(
-                f"{where} does not fit teacher.arch={arch}: {len(keys)} {problem}: {_first(keys)}. "
+                f"{where} does not fit teacher.arch={arch}: {len(keys)} {problem}: {listing(keys)}. "
                 f"Check teacher.arch, or {_FORMAT_HINT}"
             )
 
@@ -478,7 +427,7 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequentia
     backbone.load_state_dict(split.backbone, assign=True)  # strict: the keys were checked above
     leftover = [n for n, t in chain(backbone.named_parameters(), backbone.named_buffers()) if t.is_meta]
     if leftover:  # a non-persistent buffer is never in a state_dict
-        raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {_first(leftover)}")
+        raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {listing(leftover)}")
     projection = _build_projection(split.projection, arch.dim, where) if cfg.projection else None
     if projection is not None and layout.l2_normalized:
         projection.append(L2Norm())

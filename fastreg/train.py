@@ -1,6 +1,8 @@
 """python -m fastreg.train [experiment=NAME] [group=option ...] [key=value ...]
 
-With no arguments it runs the embedded demo (experiment=demo). One GPU or CPU:
+With no experiment= it runs the embedded demo (experiment=demo; python -m fastreg.demo is the same), which
+stops at once when data.root=, teacher.checkpoint= or another path is given: those need experiment=none or a
+recipe. One GPU or CPU:
     python -m fastreg.train experiment=simreg_r50_r18 teacher.checkpoint=moco_v2_800ep.pth.tar data.root=/imagenet/train
 Several GPUs (every rank gets the same output directory, runs/<name>):
     torchrun --nproc_per_node=8 -m fastreg.train experiment=simreg_r50_r18 ...

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastreg import checkpoint as ckpt
 from fastreg import checkpointer
-from fastreg.checkpointer import Checkpointer, Entry, Progress, Resumed
+from fastreg.checkpointer import Checkpointer, Entry, Progress
 from fastreg.config import TrainConfig
 from fastreg.distiller import build_distiller, compile_report
 from fastreg.distributed import ddp, seed_everything, set_deterministic, setup_distributed

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fastreg.config import DataConfig
+from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,8 +125,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
     if kind == "synthetic":
         from fastreg.pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(cfg, seed=seed + rank, device=device, memory_format=memory_format,
-                               checkpoint=checkpoint)
+        return SyntheticLoader(cfg, seed=mix_seed("synthetic", seed, rank), device=device,
+                               memory_format=memory_format, checkpoint=checkpoint)
     if kind == "dali":
         from fastreg.pipelines.dali import DaliLoader, Shard
 

@@ -29,6 +29,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
+from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 READER = "reader"  # the iterator finds epoch size and shard geometry through the reader's name
@@ -280,7 +281,8 @@ class DaliLoader:
         pipe = train_view(
             index, shard, cfg, self.gpu, shuffle_seed=seed, half=half and self.gpu,
             batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
-            seed=seed * 1_000 + shard.shard_id,  # augmentation differs across ranks; the shuffle does not
+            # the augmentation differs across ranks; the shuffle does not
+            seed=mix_seed("augment", seed, shard.shard_id),
             prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True,
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import pil_loader
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
+from fastreg.seeding import mix_seed
 
 
 class IndexedImages(Dataset):
@@ -80,7 +81,7 @@ class SeededViews(Dataset):
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**63)
+            torch.manual_seed(mix_seed("views", self.seed, self.epoch, i, bits=63))
             return self.dataset[i]
 
 
@@ -119,7 +120,7 @@ class TorchvisionLoader:
         # Its own generator for the workers' base seed, which DataLoader otherwise draws from the global torch
         # RNG: a run resumed inside the epoch starts this iterator later than the uninterrupted run did, and
         # that draw would shift every random op after it (dropout, stochastic depth).
-        generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) % 2**63)
+        generator = torch.Generator().manual_seed(mix_seed("worker seeds", self.dataset.seed, epoch, bits=63))
         loader = DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=order, drop_last=True,
             num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", generator=generator,

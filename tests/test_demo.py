@@ -1,9 +1,13 @@
-"""The embedded demo's data and teacher, built at a tiny size (3 source digits per class)."""
+"""The embedded demo's data and teacher, built at a tiny size (3 source digits per class), and its door:
+`python -m fastreg.demo`, and the demo's refusal of paths meant for a run on one's own data."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from fastreg import demo
@@ -127,3 +131,48 @@ def test_table_shows_the_three_knn_figures(capsys):
     assert "knn5_majority" in out and "knn5_weighted" in out and "nn1" in out
     assert "48.5" in out and "58.0" in out
     assert "closes 50% of the knn5_weighted gap" in out  # (48.5 - 12) / (85 - 12)
+
+
+# ---------------------------------------------------------------- the demo's door
+
+
+def _config(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from fastreg.config import to_config
+
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        return to_config(compose("config", overrides=["trainer.out_dir=/tmp/x", *overrides]))
+
+
+@pytest.mark.parametrize("overrides", [["data.root=/some/folder"], ["teacher.checkpoint=/w/moco.pth"],
+                                       ["experiment=demo", "data.root=/d", "data.val_root=/v"]])
+def test_the_demo_refuses_paths_before_any_work(overrides, monkeypatch):
+    """Without experiment= the demo runs; paths given for a run on one's own data would be replaced by its own."""
+    monkeypatch.setattr(demo, "ensure_demo_data", lambda *a: pytest.fail("built the demo's data"))
+    given = ", ".join(o for o in overrides if not o.startswith("experiment="))
+    with pytest.raises(ValueError, match=f"^{given} given, but this runs the demo") as err:
+        demo.run_demo(_config(overrides))
+    assert "add experiment=none" in str(err.value) and "simreg_r50_r18" in str(err.value)
+
+
+def test_the_demo_without_paths_passes_the_check():
+    demo.refuse_paths(_config([]))
+    demo.refuse_paths(_config(["experiment=demo", "trainer.epochs=1"]))
+
+
+def test_train_with_a_data_root_and_no_experiment_stops_with_the_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastreg.train", "data.root=/some/folder"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: data.root=/some/folder given, but this runs the demo"), proc.stderr
+    assert "experiment=none" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fastreg_demo_is_the_demo_experiment(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastreg.demo", "trainer.epochs=3", "--cfg", "job"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = yaml.safe_load(proc.stdout)
+    assert job["demo"] and job["name"] == "demo" and job["teacher"]["arch"] == "cnn_small"
+    assert job["trainer"]["epochs"] == 3  # the overrides reach it

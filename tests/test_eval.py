@@ -358,6 +358,23 @@ def test_feature_cache_sees_new_images(tmp_path):
     assert not again["cached"] and len(again["labels"]) == 5
 
 
+def test_a_damaged_cache_file_is_an_error_that_says_to_delete_it(folders, tmp_path):
+    model = Student("cnn_tiny").backbone
+    ev.cached_features(model, str(folders[0]), 32, tmp_path, "ckpt.pt", 4, 0, "cpu")
+    [cached] = tmp_path.glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=f"cached features {cached} is not a readable PyTorch checkpoint.*delete it"):
+        ev.cached_features(model, str(folders[0]), 32, tmp_path, "ckpt.pt", 4, 0, "cpu")
+
+
+def test_the_cli_caches_features_under_fastreg_cache(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTREG_CACHE", str(tmp_path / "cache"))
+    torch.save(Student("cnn_tiny").backbone.state_dict(), tmp_path / "tiny.pt")
+    ev.main([str(tmp_path / "tiny.pt"), "--arch", "cnn_tiny", "--train-root", str(folders[0]), "--val-root",
+             str(folders[1]), "--crop-size", "32", "--workers", "0", "--k", "3", "--device", "cpu"])
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2  # the bank's and the queries'
+
+
 def test_knn_eval_on_an_image_folder(folders):
     result = ev.knn_eval(Student("cnn_tiny").backbone, str(folders[0]), str(folders[1]), 32, 4, 0, "cpu", k=5, t=0.07)
     assert set(result) == {"knn5_majority", "knn5_weighted", "nn1"} and all(0 <= v <= 100 for v in result.values())
