@@ -134,7 +134,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, devi
                           device=device, memory_format=memory_format, half=half, checkpoint=checkpoint)
     if cfg.augment != "weak":
         raise ValueError(f"data.augment={cfg.augment} is built with DALI ops, and DALI cannot be imported here")
-    from fastreg.pipelines.torchvision import TorchvisionLoader
+    from fastreg.pipelines.pil_folder import TorchvisionLoader
 
     return TorchvisionLoader(cfg, dataset_index(cfg, rank, world_size), rank=rank, world_size=world_size, seed=seed,
                              device=device, memory_format=memory_format, checkpoint=checkpoint)
@@ -149,6 +149,6 @@ def eval_batches(kind: str, root: str, crop_size: int, batch_size: int, workers:
         from fastreg.pipelines.dali import dali_eval_loader
 
         return dali_eval_loader(root, crop_size, batch_size, workers, device, **index_options)
-    from fastreg.pipelines.torchvision import eval_loader
+    from fastreg.pipelines.pil_folder import eval_loader
 
     return eval_loader(root, crop_size, batch_size, workers, **index_options)

@@ -11,7 +11,7 @@ The file list comes from `fastreg.index`, which decode-checks every image first:
 would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cannot skip samples). The
 decoders read JPEG (CMYK too), PNG, BMP and PNM by content, whatever the file is named. They ignore EXIF
 orientation (adjust_orientation=False), as PIL's Image.open in SimReg's and SEED's loaders and in
-pipelines/torchvision.py does: a camera-rotated JPEG is seen as stored, by both loaders alike.
+pipelines/pil_folder.py does: a camera-rotated JPEG is seen as stored, by both loaders alike.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from fastreg.config import DataConfig
 from fastreg.index import load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_batches, resolve_loader
 from fastreg.pipelines.dali import DaliLoader, Shard, colour_jitter, dali_eval_loader, random_order
-from fastreg.pipelines.torchvision import eval_loader
+from fastreg.pipelines.pil_folder import eval_loader
 from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder
 
 CPU = torch.device("cpu")
@@ -206,7 +206,7 @@ def test_cpu_decoder_upsamples_chroma_like_pil_with_or_without_the_flag(photo_jp
 
 def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
     """A JPEG whose EXIF says "rotate 90" is decoded as stored, as PIL's Image.open (the papers' loaders, and
-    pipelines/torchvision.py) reads it: DALI's default would turn it, and the two loaders would disagree."""
+    pipelines/pil_folder.py) reads it: DALI's default would turn it, and the two loaders would disagree."""
     photos = make_photo_folder(tmp_path / "photos", classes=1, per_class=1, size=(320, 240))
     stored = Image.open(photos / "class0" / "0.jpg").convert("RGB")  # 320 wide, 240 high
     exif = Image.Exif()

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 from fastreg import eval as ev
-from fastreg.pipelines.torchvision import eval_loader
+from fastreg.pipelines.pil_folder import eval_loader
 from fastreg.students import Student
 from helpers import make_image_folder, tiny_overrides
 

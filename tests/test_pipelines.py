@@ -9,7 +9,7 @@ from torchvision import transforms as T
 from fastreg.config import DataConfig
 from fastreg.index import load_index
 from fastreg.pipelines import build_loader
-from fastreg.pipelines.torchvision import IndexedImages, eval_loader, train_transform
+from fastreg.pipelines.pil_folder import IndexedImages, eval_loader, train_transform
 from helpers import add_odd_files, make_image_folder, noise
 
 CPU = torch.device("cpu")
