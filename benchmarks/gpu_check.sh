@@ -45,7 +45,7 @@ if [ -n "$(printf '%s\n' "${parts[@]}" | grep -vxE 'kernels|step')" ]; then
 fi
 data=/tmp/fastreg_jpegs  # ImageNet-like JPEGs cut from real photos (~500x375, q90)
 jpegs() { [ -d "$data" ] || limited python3 -m benchmarks.make_jpegs "$data" --images 4000 --classes 10 > /dev/null; }
-# R50 -> R18 at 224 px, batch 256, bf16: the reference configuration (random teacher weights: the
+# R50 -> R18 at 224 px, batch 256, bf16: the reference configuration of the throughput targets (random teacher weights: the
 # speed does not depend on them)
 r50_r18=(experiment=simreg_r50_r18 teacher.checkpoint=random "data.root=$data" data.batch_size=256
          trainer.precision=bf16 data.workers=8)

@@ -25,7 +25,7 @@ loss's fwd+bwd, GB/s as 3 B D itemsize / device time (read pred and target, writ
 fused forward does all three, its backward only scales) and that as a share of the device-to-device copy
 bandwidth measured the same way in the same run. The head is SimReg's simreg4 d -> 2d -> d -> 2d -> D in
 training mode, fp32 or under bf16 autocast over fp32 parameters, as in training: all three CUDA-graph
-replayed. The markdown starts with the issue's targets, met or not, and the JSON's "head_wins" says for each
+replayed. The markdown starts with the targets (LOSS_TARGETS, HEAD_TARGETS), met or not, and the JSON's "head_wins" says for each
 (gpu, dtype, head shape) whether the fused head's fwd+bwd device time beats eager's (head.impl=auto's evidence).
 
     python -m benchmarks.kernels --out benchmarks/results        # writes kernels_<gpu>_<date>.{json,md,png}

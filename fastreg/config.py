@@ -47,8 +47,8 @@ class HeadConfig:
     bn: bool = True  # mlp only: BatchNorm1d after every hidden Linear
     relu: bool = True  # mlp only: ReLU after every hidden Linear (after BN)
     # triton (fastreg.kernels' FusedMLPHead: BN statistics in the GEMM epilogues) | eager | auto: triton only on
-    # the GPUs and dtypes where a committed benchmark shows it faster than eager (fastreg.fused.HEAD_WINS; none
-    # yet), else eager; train.log says why. Both have the same state_dict, so a checkpoint moves between them.
+    # the GPUs and dtypes where a committed benchmark shows it faster than eager (fastreg.kernel_choice.HEAD_WINS),
+    # else eager; train.log says why. Both have the same state_dict, so a checkpoint moves between them.
     impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -78,12 +78,13 @@ class TeacherConfig:
     name: Optional[str] = None  # label in logs and metrics; defaults to arch (made unique)
     # folded: a conv teacher's BatchNorms folded into its convolutions and its weights stored in the training
     # precision (no per-step casts; fastreg.teacher_inference); the same features up to rounding. eager: the
-    # network as loaded, under autocast. auto: folded on CUDA (eval-mode BatchNorm was the teacher's largest
-    # kernel on an H200), eager elsewhere. Vision transformers run eager either way (nothing to fold).
+    # network as loaded, under autocast. auto: folded on CUDA (where eval-mode BatchNorm as its own kernel costs
+    # the teacher most), eager elsewhere (CPU runs keep the exact features). Vision transformers run eager either
+    # way (nothing to fold).
     inference: str = "auto"
     # folded only: torch.compile the folded backbone with inductor's freezing (weights become graph constants,
-    # bias + ReLU and add + ReLU fuse into the convolutions). Costs a compile at the first steps; off until the
-    # throughput ablation shows it pays on the GPU at hand.
+    # bias + ReLU and add + ReLU fuse into the convolutions). Costs a compile at the first steps; off by default:
+    # turn it on where the throughput ablation's "+compiled teacher" row shows it faster on your GPU.
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -158,8 +159,8 @@ class DataConfig:
     # path. The best value depends on data.workers: sweep it with python -m benchmarks.data_throughput.
     hw_decoder_load: float = 0.65
     prefetch: int = 2  # DALI batches prepared ahead; raise it when the data loader time is spiky
-    # DALI resize: antialias=false is 15-24% faster on CPU (939 vs 815 img/s on 2 cores,
-    # benchmarks/results/data_cpu_2026-11-23.md) but aliases on downscaled crops.
+    # DALI resize: antialias=false is faster on CPU (15-24% on 2 cores: python -m benchmarks.data_throughput)
+    # but aliases on downscaled crops.
     antialias: bool = True
     max_bad_fraction: float = 0.01  # fail when more of the images than this fail the index's decode check
     synthetic_batches: int = 50  # synthetic: batches per epoch
@@ -228,20 +229,20 @@ class TrainerConfig:
     precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast dtype of teacher and student
     channels_last: bool = True
     # torch.compile the student and heads (one graph) and the losses (another); train.log gives the graphs and graph
-    # breaks after the first step (none for the registered students, heads and losses). The default mode; the
-    # others are not measured yet. Off until a GPU run shows it pays.
+    # breaks after the first step (none for the registered students, heads and losses). Off by default: turn it on
+    # where `bash benchmarks/gpu_check.sh step` shows it faster on your GPU (compilation costs the first steps).
     compile: bool = False
     # torch.compile's mode: default | max-autotune-no-cudagraphs (autotuned GEMMs and convolutions: longer first
     # steps) | reduce-overhead (CUDA graphs: a static batch, the last partial batch of an epoch recompiles).
     compile_mode: str = "default"
     # Capture the whole update (forward, teachers, losses, backward, NaN guard, fused SGD) as one CUDA graph after
     # 3 eager steps and replay it for every batch (fastreg.step_graph): no Python between the step's kernels. One
-    # CUDA process, bf16 or fp32, optim=sgd, not with compile_mode=reduce-overhead. Off until the throughput
-    # ablation shows it pays on the GPU at hand.
+    # CUDA process, bf16 or fp32, optim=sgd, not with compile_mode=reduce-overhead. Off by default: turn it on
+    # where `bash benchmarks/gpu_check.sh step` shows it faster on your GPU.
     cuda_graph: bool = False
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     # CPU runs: intra-op threads; 0 keeps torch's default. Tiny models run fastest with 1 (on the 2-core CI
-    # machines 2 threads were 10x slower than 1 for the demo's CNNs).
+    # machines 2 threads ran the demo's CNNs 10x slower than 1: the threads spin against each other).
     cpu_threads: int = 0
     seed: int = 0
     deterministic: bool = False  # bitwise-reproducible kernels (slower); needed for exact resume checks

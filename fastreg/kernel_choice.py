@@ -1,6 +1,6 @@
 """Which implementation runs for head.impl and loss.impl: fastreg.kernels' fused Triton kernels or eager PyTorch.
 
-    auto    loss: triton on CUDA (faster than eager at every size measured in benchmarks/results/h200); head:
+    auto    loss: triton on CUDA (faster than eager at every size in the committed benchmarks/results); head:
             triton only on the GPUs and dtypes in HEAD_WINS, eager elsewhere; train.log says which and why
     triton  the fused kernels; where they cannot run (no Triton, a device it cannot compile for) eager runs,
             with a warning naming the key and the error
@@ -17,9 +17,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # (GPU name, dtype) where FusedMLPHead (simreg4, training mode) ran fwd+bwd faster than eager PyTorch at every
-# head shape, both replayed from CUDA graphs, in a committed benchmarks/results/**/kernels_*.json. The one run
-# so far (H200 at b298635, benchmarks/results/h200/) measured 0.55-1.00x eager, and not under capture: no entry.
-# tests/test_heads.py recomputes this set from the committed results; add an entry only with its result file.
+# head shape, both replayed from CUDA graphs, in a committed benchmarks/results/**/kernels_*.json. Empty: no
+# committed result shows such a win. tests/test_heads.py recomputes this set from the committed results; add an
+# entry only with its result file.
 HEAD_WINS: frozenset[tuple[str, str]] = frozenset()
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

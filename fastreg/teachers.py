@@ -7,7 +7,7 @@ Every SSL repository saves its weights in its own layout (prefixes, heads, a sec
 detected from the key names, or set with `teacher.format=`. Backbone keys are then matched exactly. A
 missing, unexpected or mis-shaped backbone key is an error. Everything else the checkpoint holds (heads,
 prototypes, predictors, momentum encoders) is logged as ignored. DINO's own loader uses strict=False and
-only prints, so a wrong layout would silently distill a random teacher (DESIGN.md, Pitfalls: Checkpoints).
+only prints, so a wrong layout would silently distill a random teacher.
 
 Keys do not always tell the network: BYOL's TF-converted ResNet-50 has torchvision's keys but pads "SAME"
 (teacher.arch=byol_resnet50), and MoCo-v3's ViT-S has DINO's ViT-S keys but 12 heads, not 6
@@ -523,5 +523,5 @@ def build_teacher(
         log.info("teacher %s: run as loaded, under autocast (%s)", name,
                  f"teacher.inference={cfg.inference} on {torch.device(device).type}" if arch.conv
                  else "a transformer: no BatchNorm to fold")
-    # channels_last: the layout the GPU loader already yields (DESIGN.md, data flow) and cuDNN's fastest for convs
+    # channels_last: the layout the loaders yield (trainer.channels_last) and cuDNN's fastest for convolutions
     return teacher.to(device, memory_format=torch.channels_last if arch.conv else torch.contiguous_format)

@@ -161,9 +161,8 @@ def photo_jpegs(tmp_path_factory) -> Path:
 
 
 # Mean |difference| of one 224 eval crop, in grey levels, allowed between DALI and torchvision, and between
-# DALI's mixed and CPU decoders. Measured on photo_jpegs (CPU): 0.14-0.16 per image now; 2.6 on average and
-# up to 11.2 with the earlier fn.resize(resize_shorter=) and DALI's crop offset (half-pixel shifts). The
-# H200 run of b298635 measured 3.1 between the mixed decoder (without jpeg_fancy_upsampling) and the CPU one.
+# DALI's mixed and CPU decoders. On photo_jpegs (CPU) the loaders differ by 0.14-0.16 per image; a half-pixel
+# shift of the crop or resize gives 2.6 on average, and the mixed decoder without jpeg_fancy_upsampling 3.1.
 EVAL_TOLERANCE = 1.0
 
 
