@@ -28,19 +28,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.make_jpegs import make_image_folder
 from fastreg.checkpoint import git_commit
 from fastreg.config import DataConfig
 from fastreg.pipelines import build_loader
-
-from benchmarks.make_jpegs import make_image_folder
 
 DEFAULTS = DataConfig()
 SWEPT = ("loader", "batch_size", "workers", "prefetch", "antialias", "hw_decoder_load")
@@ -54,28 +53,46 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sweep = dict(action="extend", nargs="+")  # `--workers 1 2` and `--workers 1 --workers 2` both sweep
     parser.add_argument("--root", help="ImageFolder of JPEGs; default: generate --images JPEGs in a temp folder")
     parser.add_argument("--images", type=int, default=400, help="JPEGs to generate without --root (default 400)")
-    parser.add_argument("--loader", choices=("dali", "torchvision"), **sweep,
-                        help="data.loader (default: dali torchvision)")
+    parser.add_argument(
+        "--loader", choices=("dali", "torchvision"), **sweep, help="data.loader (default: dali torchvision)"
+    )
     parser.add_argument("--batch-size", type=int, **sweep, help="data.batch_size (default 32)")
     parser.add_argument("--crop-size", type=int, default=224, help="data.crop_size (default 224)")
-    parser.add_argument("--workers", type=int, **sweep,
-                        help="data.workers: DataLoader workers or DALI threads (default: usable CPU cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        **sweep,
+        help="data.workers: DataLoader workers or DALI threads (default: usable CPU cores)",
+    )
     parser.add_argument("--prefetch", type=int, **sweep, help=f"data.prefetch, DALI only (default {DEFAULTS.prefetch})")
-    parser.add_argument("--antialias", type=parse_bool, **sweep,
-                        help=f"data.antialias true|false, DALI only (default {str(DEFAULTS.antialias).lower()})")
-    parser.add_argument("--hw-decoder-load", type=float, **sweep,
-                        help=f"data.hw_decoder_load, DALI on CUDA only (default {DEFAULTS.hw_decoder_load})")
+    parser.add_argument(
+        "--antialias",
+        type=parse_bool,
+        **sweep,
+        help=f"data.antialias true|false, DALI only (default {str(DEFAULTS.antialias).lower()})",
+    )
+    parser.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        **sweep,
+        help=f"data.hw_decoder_load, DALI on CUDA only (default {DEFAULTS.hw_decoder_load})",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
     parser.add_argument("--batches", type=int, default=30, help="timed batches (default 30)")
-    parser.add_argument("--repeats", type=int, default=1, help="measurements of each configuration; the median "
-                                                               "is reported (default 1)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="training device: DALI decodes on it (dali-mixed) or on the CPU (dali-cpu)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measurements of each configuration; the median is reported (default 1)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="training device: DALI decodes on it (dali-mixed) or on the CPU (dali-cpu)",
+    )
     parser.add_argument("--json", type=Path, help="append one JSON line per configuration to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,8 +105,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def configurations(args: argparse.Namespace) -> list[dict]:
     """The product of the swept values, without settings the loader ignores, each configuration once."""
     values = dict(
-        loader=args.loader or ["dali", "torchvision"], batch_size=args.batch_size or [32],
-        workers=args.workers or [len(os.sched_getaffinity(0))], prefetch=args.prefetch or [DEFAULTS.prefetch],
+        loader=args.loader or ["dali", "torchvision"],
+        batch_size=args.batch_size or [32],
+        workers=args.workers or [len(os.sched_getaffinity(0))],
+        prefetch=args.prefetch or [DEFAULTS.prefetch],
         antialias=args.antialias or [DEFAULTS.antialias],
         hw_decoder_load=args.hw_decoder_load or [DEFAULTS.hw_decoder_load],
     )
@@ -177,8 +196,12 @@ def print_table(rows: list[dict], caption: str) -> None:
     for row in rows:
         runs = ", ".join(f"{run:.0f}" for run in row["runs"])
         rate = f"{row['img_per_s']:.0f}"
-        table.add_row(row["loader"], *(cell(row[key]) for key in SWEPT[1:]),
-                      f"[bold]{rate}[/bold]" if row["img_per_s"] == best else rate, runs)
+        table.add_row(
+            row["loader"],
+            *(cell(row[key]) for key in SWEPT[1:]),
+            f"[bold]{rate}[/bold]" if row["img_per_s"] == best else rate,
+            runs,
+        )
     console = Console()
     console.width = max(console.width, 100)  # piped output defaults to 80 columns, which wraps the table
     console.print(table)
@@ -194,14 +217,23 @@ def run_all(root: str, args: argparse.Namespace) -> list[dict]:
         runs[i].append(rate)
         shown = ", ".join(f"{key}={cell(value)}" for key, value in setting.items() if value is not None)
         print(f"[{repeat + 1}/{args.repeats}] {shown}: {rate:.0f} img/s", file=sys.stderr)
-    stamp = dict(device=device_name(args.device), date=datetime.date.today().isoformat(), commit=git_commit(),
-                 root=root, dataset_images=count_jpegs(root), crop_size=args.crop_size, warmup=args.warmup,
-                 batches=args.batches)
-    return [dict(setting, loader=name, img_per_s=statistics.median(rates), runs=rates, **stamp)
-            for setting, name, rates in zip(settings, names, runs)]
+    stamp = dict(
+        device=device_name(args.device),
+        date=datetime.date.today().isoformat(),
+        commit=git_commit(),
+        root=root,
+        dataset_images=count_jpegs(root),
+        crop_size=args.crop_size,
+        warmup=args.warmup,
+        batches=args.batches,
+    )
+    return [
+        dict(setting, loader=name, img_per_s=statistics.median(rates), runs=rates, **stamp)
+        for setting, name, rates in zip(settings, names, runs)
+    ]
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     with ExitStack() as stack:
@@ -213,8 +245,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             os.environ["FASTREG_CACHE"] = root
             root = str(Path(root) / "train")
         rows = run_all(root, args)
-    print_table(rows, f"{rows[0]['device']}, crop {args.crop_size}, {args.batches} timed batches, "
-                      f"median of {args.repeats}")
+    print_table(
+        rows, f"{rows[0]['device']}, crop {args.crop_size}, {args.batches} timed batches, median of {args.repeats}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as out:

@@ -40,8 +40,9 @@ import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,13 @@ LOSS_TARGETS = (
     Target("device time >= 85% of copy bandwidth", lambda i: i["triton"]["copy_share"], 0.85, "{:.0%}"),
     Target("device time >= 3x eager", lambda i: i["eager"]["ms"] / i["triton"]["ms"], 3.0, "{:.2f}x"),
     Target("device time >= 1.25x torch.compile", lambda i: i["compile"]["ms"] / i["triton"]["ms"], 1.25, "{:.2f}x"),
-    Target("host time per call below eager's", lambda i: i["eager"]["host_ms"] / i["triton"]["host_ms"], 1.0,
-           "eager's / triton's = {:.2f}", strict=True),
+    Target(
+        "host time per call below eager's",
+        lambda i: i["eager"]["host_ms"] / i["triton"]["host_ms"],
+        1.0,
+        "eager's / triton's = {:.2f}",
+        strict=True,
+    ),
 )
 HEAD_TARGET_DTYPE = "bf16"
 HEAD_TARGETS = (
@@ -172,12 +178,15 @@ def peak_mib(run: Callable[[], object], leaves: list[torch.Tensor]) -> float:
 def runner(forward: Callable[[], torch.Tensor], mode: str) -> Callable[[], None]:
     """One call of mode: fwd under no_grad, or fwd+bwd (forward().sum().backward()). No host sync in either."""
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 forward()
     else:
+
         def run():
             forward().sum().backward()
+
     return run
 
 
@@ -191,8 +200,13 @@ def measure(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mod
         host, covered = host_ms(run, leaves)
         ms = device_ms(run, leaves)
     except Exception as e:  # noqa: BLE001 - report it in the row and measure the next case
-        return {"ms": None, "host_ms": None, "host_covered": None, "peak_mib": None,
-                "error": f"{type(e).__name__}: {e}"[:500]}
+        return {
+            "ms": None,
+            "host_ms": None,
+            "host_covered": None,
+            "peak_mib": None,
+            "error": f"{type(e).__name__}: {e}"[:500],
+        }
     return {"ms": ms, "host_ms": host, "host_covered": covered, "peak_mib": peak}
 
 
@@ -200,9 +214,11 @@ def say(label: str, row: dict) -> None:
     if row["ms"] is None:
         print(f"{label}: FAILED {row['error']}")
         return
-    print(f"{label}: device {row['ms']:.4f} ms, host {row['host_ms']:.4f} ms/call"
-          f"{'' if row['host_covered'] else ' (sleep did not cover)'}, {row['peak_mib']:.1f} MiB"
-          + (f", {row['GBps']:.0f} GB/s ({row['copy_share']:.0%} of copy)" if row.get("GBps") else ""))
+    print(
+        f"{label}: device {row['ms']:.4f} ms, host {row['host_ms']:.4f} ms/call"
+        f"{'' if row['host_covered'] else ' (sleep did not cover)'}, {row['peak_mib']:.1f} MiB"
+        + (f", {row['GBps']:.0f} GB/s ({row['copy_share']:.0%} of copy)" if row.get("GBps") else "")
+    )
 
 
 def loss_rows(copy_gbs: float) -> list[dict]:
@@ -215,8 +231,15 @@ def loss_rows(copy_gbs: float) -> list[dict]:
                 floor_bytes = 3 * batch * dim * dtype.itemsize  # read pred, target; write d pred
                 for mode in MODES:
                     for name, impl in IMPLS.items():
-                        row = {"op": "normalized_regression", "impl": name, "mode": mode, "dtype": dtype_name,
-                               "B": batch, "D": dim, **measure(lambda: impl(pred, target), [pred], mode)}
+                        row = {
+                            "op": "normalized_regression",
+                            "impl": name,
+                            "mode": mode,
+                            "dtype": dtype_name,
+                            "B": batch,
+                            "D": dim,
+                            **measure(lambda impl=impl, pred=pred, target=target: impl(pred, target), [pred], mode),
+                        }
                         gbs = floor_bytes / row["ms"] / 1e6 if mode == "fwd+bwd" and row["ms"] else None
                         row.update(GBps=gbs, copy_share=gbs / copy_gbs if gbs else None)
                         rows.append(row)
@@ -227,8 +250,11 @@ def loss_rows(copy_gbs: float) -> list[dict]:
 def heads(d: int, D: int) -> dict[str, torch.nn.Module]:
     """simreg4 as fastreg builds it, eager; the same modules fused; and the eager one under torch.compile."""
     eager = build_head(HeadConfig(kind="simreg4", impl="eager"), d, D).cuda()
-    return {"triton": FusedMLPHead(*copy.deepcopy(eager)), "eager": eager,
-            "compile": torch.compile(copy.deepcopy(eager), dynamic=False)}
+    return {
+        "triton": FusedMLPHead(*copy.deepcopy(eager)),
+        "eager": eager,
+        "compile": torch.compile(copy.deepcopy(eager), dynamic=False),
+    }
 
 
 def head_rows() -> list[dict]:
@@ -240,11 +266,21 @@ def head_rows() -> list[dict]:
             x = torch.randn(batch, d, device="cuda", requires_grad=True)
             for name, head in heads(d, D).items():
                 for mode in MODES:
-                    def forward():
+
+                    def forward(head=head, x=x, autocast=autocast):
                         with autocast:
                             return head(x)
-                    row = {"op": "mlp_head", "impl": name, "mode": mode, "dtype": dtype_name, "B": batch, "d": d,
-                           "D": D, **measure(forward, [x, *head.parameters()], mode)}
+
+                    row = {
+                        "op": "mlp_head",
+                        "impl": name,
+                        "mode": mode,
+                        "dtype": dtype_name,
+                        "B": batch,
+                        "d": d,
+                        "D": D,
+                        **measure(forward, [x, *head.parameters()], mode),
+                    }
                     rows.append(row)
                     say(f"head {dtype_name} B={batch:>5} {d}->{2 * d}->{d}->{2 * d}->{D} {mode:>7} {name:>7}", row)
     return rows
@@ -273,9 +309,18 @@ def head_wins(rows: list[dict], gpu: str) -> list[dict]:
         for B, d, D in HEAD_SHAPES:
             impls = head.get((dtype, B, d, D), {})
             vs_eager = speedup(impls, "eager")
-            entries.append({"gpu": gpu, "dtype": dtype, "B": B, "d": d, "D": D, "speedup_vs_eager": vs_eager,
-                            "speedup_vs_compile": speedup(impls, "compile"),
-                            "faster": vs_eager is not None and vs_eager > 1.0})
+            entries.append(
+                {
+                    "gpu": gpu,
+                    "dtype": dtype,
+                    "B": B,
+                    "d": d,
+                    "D": D,
+                    "speedup_vs_eager": vs_eager,
+                    "speedup_vs_compile": speedup(impls, "compile"),
+                    "faster": vs_eager is not None and vs_eager > 1.0,
+                }
+            )
     return entries
 
 
@@ -291,32 +336,47 @@ def ratios(impls: dict[str, dict]) -> list[str]:
 
 def host_cells(impls: dict[str, dict]) -> list[str]:
     """Host ms per call of triton, eager and compile ('*': the sleep did not cover it); triton's bound."""
-    host = [f"{impls[i]['host_ms']:.4f}{'' if impls[i]['host_covered'] else '*'}" if i in impls else "-"
-            for i in IMPL_NAMES]
+    host = [
+        f"{impls[i]['host_ms']:.4f}{'' if impls[i]['host_covered'] else '*'}" if i in impls else "-" for i in IMPL_NAMES
+    ]
     t = impls.get("triton")
     return host + ["-" if t is None else "host" if t["host_ms"] > t["ms"] else "device"]
 
 
 def loss_table(rows: list[dict]) -> list[str]:
-    lines = ["| dtype | B | D | triton ms | eager ms | compile ms | vs eager | vs compile | triton GB/s | % of copy "
-             "| triton host ms | eager host ms | compile host ms | triton bound |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    lines = [
+        "| dtype | B | D | triton ms | eager ms | compile ms | vs eager | vs compile | triton GB/s | % of copy "
+        "| triton host ms | eager host ms | compile host ms | triton bound |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for (dtype, B, D), impls in by_impl(rows, "normalized_regression", ("dtype", "B", "D")).items():
         t = impls.get("triton")
         bandwidth = [f"{t['GBps']:.0f}", f"{t['copy_share']:.0%}"] if t else ["-", "-"]
-        lines.append("| " + " | ".join([dtype, str(B), str(D), *cells(impls, "ms", "{:.4f}"), *ratios(impls),
-                                        *bandwidth, *host_cells(impls)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [dtype, str(B), str(D), *cells(impls, "ms", "{:.4f}"), *ratios(impls), *bandwidth, *host_cells(impls)]
+            )
+            + " |"
+        )
     return lines
 
 
 def head_table(rows: list[dict]) -> list[str]:
-    lines = ["| dtype | B | d | D | triton ms | eager ms | compile ms | vs eager | vs compile | triton host ms "
-             "| eager host ms | compile host ms | triton bound | triton MiB | eager MiB |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
+    lines = [
+        "| dtype | B | d | D | triton ms | eager ms | compile ms | vs eager | vs compile | triton host ms "
+        "| eager host ms | compile host ms | triton bound | triton MiB | eager MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|",
+    ]
     for (dtype, B, d, D), impls in by_impl(rows, "mlp_head", ("dtype", "B", "d", "D")).items():
         mib = cells(impls, "peak_mib", "{:.0f}")[:2]
-        lines.append("| " + " | ".join([dtype, str(B), str(d), str(D), *cells(impls, "ms", "{:.4f}"),
-                                        *ratios(impls), *host_cells(impls), *mib]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [dtype, str(B), str(d), str(D), *cells(impls, "ms", "{:.4f}"), *ratios(impls), *host_cells(impls), *mib]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -330,48 +390,71 @@ def target_line(what: str, target: Target, cases: dict[str, dict[str, dict]]) ->
     if not values:
         return f"| {what} | {target.what} | - | not measured |"
     label, worst = min(values.items(), key=lambda kv: kv[1])
-    return (f"| {what} | {target.what} | {target.fmt.format(worst)} ({label}) | "
-            f"{'met' if all(target.met(v) for v in values.values()) else 'not met'} |")
+    return (
+        f"| {what} | {target.what} | {target.fmt.format(worst)} ({label}) | "
+        f"{'met' if all(target.met(v) for v in values.values()) else 'not met'} |"
+    )
 
 
 def targets(rows: list[dict]) -> list[str]:
     lines = ["| case | target | worst measured | status |", "|---|---|---|---|"]
     loss = by_impl(rows, "normalized_regression", ("dtype", "B", "D"))
     for dtype in DTYPES:  # every grid shape from 2^22 elements on: one not measured leaves the target unjudged
-        cases = {f"B {B}, D {D}": loss.get((dtype, B, D), {}) for B in BATCHES for D in DIMS
-                 if B * D >= LOSS_TARGET_ELEMENTS}
+        cases = {
+            f"B {B}, D {D}": loss.get((dtype, B, D), {}) for B in BATCHES for D in DIMS if B * D >= LOSS_TARGET_ELEMENTS
+        }
         case = f"loss fwd+bwd {dtype}, B x D >= 2^{LOSS_TARGET_ELEMENTS.bit_length() - 1}"
         lines += [target_line(case, t, cases) for t in LOSS_TARGETS]
     head = by_impl(rows, "mlp_head", ("dtype", "B", "d", "D"))
     for B, d, D in HEAD_SHAPES:
         cases = {f"B {B}, d {d}, D {D}": head.get((HEAD_TARGET_DTYPE, B, d, D), {})}
-        lines += [target_line(f"head fwd+bwd {HEAD_TARGET_DTYPE}, (B, d, D) = ({B}, {d}, {D})", t, cases)
-                  for t in HEAD_TARGETS]
+        lines += [
+            target_line(f"head fwd+bwd {HEAD_TARGET_DTYPE}, (B, d, D) = ({B}, {d}, {D})", t, cases)
+            for t in HEAD_TARGETS
+        ]
     return lines
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     uncovered = sum(r["host_covered"] is False for r in rows if r["mode"] == "fwd+bwd")  # the tables' rows
     failed = [r for r in rows if r["ms"] is None]
-    lines = [f"# fastreg.kernels on {meta['gpu']} ({meta['date']}, commit {meta['commit']})", "",
-             f"Device-to-device copy: {meta['copy_GBps']:.0f} GB/s. fwd+bwd per call: device ms = median of "
-             "triton.testing.do_bench_cudagraph (CUDA-graph replay, the GPU's time alone); host ms = CPU time to "
-             f"issue one call while the GPU sleeps (median of {HOST_REPEATS} batches of {HOST_CALLS} calls). "
-             "\"triton bound\": host where its host time exceeds its device time.", "",
-             "## Targets", "",
-             "Met where every case meets it; \"worst measured\" is the case furthest from it.", "",
-             *targets(rows), "",
-             "## Normalized-regression loss", "", *loss_table(rows), "",
-             "## FusedMLPHead, simreg4 d -> 2d -> d -> 2d -> D, training mode", "",
-             "All three CUDA-graph replayed; fp32, or bf16 autocast over fp32 parameters. Peak MiB of one call "
-             "above the inputs and parameters.", "", *head_table(rows)]
+    lines = [
+        f"# fastreg.kernels on {meta['gpu']} ({meta['date']}, commit {meta['commit']})",
+        "",
+        f"Device-to-device copy: {meta['copy_GBps']:.0f} GB/s. fwd+bwd per call: device ms = median of "
+        "triton.testing.do_bench_cudagraph (CUDA-graph replay, the GPU's time alone); host ms = CPU time to "
+        f"issue one call while the GPU sleeps (median of {HOST_REPEATS} batches of {HOST_CALLS} calls). "
+        '"triton bound": host where its host time exceeds its device time.',
+        "",
+        "## Targets",
+        "",
+        'Met where every case meets it; "worst measured" is the case furthest from it.',
+        "",
+        *targets(rows),
+        "",
+        "## Normalized-regression loss",
+        "",
+        *loss_table(rows),
+        "",
+        "## FusedMLPHead, simreg4 d -> 2d -> d -> 2d -> D, training mode",
+        "",
+        "All three CUDA-graph replayed; fp32, or bf16 autocast over fp32 parameters. Peak MiB of one call "
+        "above the inputs and parameters.",
+        "",
+        *head_table(rows),
+    ]
     if uncovered:
-        lines += ["", f"\\* {uncovered} host time(s) not covered by the sleep: the GPU woke before the last call "
-                      "was issued, so these may include waiting for it."]
+        lines += [
+            "",
+            f"\\* {uncovered} host time(s) not covered by the sleep: the GPU woke before the last call "
+            "was issued, so these may include waiting for it.",
+        ]
     if failed:
         lines += ["", "## Failed measurements", ""] + [
             f"- {r['op']} {r['impl']} {r['mode']} {r['dtype']} "
-            f"{', '.join(f'{k} {r[k]}' for k in ('B', 'd', 'D') if k in r)}: {r['error']}" for r in failed]
+            f"{', '.join(f'{k} {r[k]}' for k in ('B', 'd', 'D') if k in r)}: {r['error']}"
+            for r in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -385,8 +468,9 @@ def plot(rows: list[dict], path: Path) -> None:
     loss = by_impl(rows, "normalized_regression", ("dtype", "B", "D"))
     for ax, dtype in zip(axes, DTYPES):
         for impl in IMPL_NAMES:
-            pts = sorted((B * D, impls[impl]["GBps"]) for (dt, B, D), impls in loss.items()
-                         if dt == dtype and impl in impls)
+            pts = sorted(
+                (B * D, impls[impl]["GBps"]) for (dt, B, D), impls in loss.items() if dt == dtype and impl in impls
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_title(f"loss fwd+bwd, {dtype} (device time)")
@@ -402,11 +486,14 @@ def head_plot(ax, head: dict[tuple, dict[str, dict]]) -> None:
     """Device-time speed-up of triton and compile over eager per head dtype and shape, as bars."""
     cases = [case for case, impls in head.items() if set(IMPL_NAMES) <= impls.keys()]
     for i, impl in enumerate(("triton", "compile")):
-        ax.bar([c + 0.4 * i for c in range(len(cases))],
-               [head[case]["eager"]["ms"] / head[case][impl]["ms"] for case in cases], width=0.4, label=impl)
+        ax.bar(
+            [c + 0.4 * i for c in range(len(cases))],
+            [head[case]["eager"]["ms"] / head[case][impl]["ms"] for case in cases],
+            width=0.4,
+            label=impl,
+        )
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_xticks([c + 0.2 for c in range(len(cases))], [f"{dt} B{b}\n{d}->{D}" for dt, b, d, D in cases],
-                  fontsize=7)
+    ax.set_xticks([c + 0.2 for c in range(len(cases))], [f"{dt} B{b}\n{d}->{D}" for dt, b, d, D in cases], fontsize=7)
     ax.set_title("simreg4 head fwd+bwd, CUDA graphs")
     ax.set_ylabel("speed-up over eager")
     ax.legend()
@@ -421,10 +508,18 @@ def main() -> None:
     import triton
 
     torch._dynamo.config.cache_size_limit = 256  # every (shape, dtype, mode) gets its own compiled graph
-    meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "commit": git_commit()[:12], "torch": torch.__version__, "triton": triton.__version__,
-            "device_time": "triton.testing.do_bench_cudagraph, median", "copy_GBps": copy_bandwidth(),
-            "host_calls": HOST_CALLS, "host_repeats": HOST_REPEATS, "sleep_cycles_per_ms": sleep_cycles_per_ms()}
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit()[:12],
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device_time": "triton.testing.do_bench_cudagraph, median",
+        "copy_GBps": copy_bandwidth(),
+        "host_calls": HOST_CALLS,
+        "host_repeats": HOST_REPEATS,
+        "sleep_cycles_per_ms": sleep_cycles_per_ms(),
+    }
     rows = loss_rows(meta["copy_GBps"]) + head_rows()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kernels_{meta['gpu'].replace(' ', '_')}_{meta['date']}"

@@ -78,8 +78,10 @@ def main() -> None:
     args = parser.parse_args()
     paths = make_image_folder(args.out, args.images, args.classes, args.seed, args.quality)
     sizes = [p.stat().st_size for p in paths]
-    print(f"wrote {len(paths)} JPEGs in {args.classes} classes to {args.out}: mean {np.mean(sizes) / 1024:.1f} KB "
-          f"(min {min(sizes) / 1024:.1f}, max {max(sizes) / 1024:.1f})")
+    print(
+        f"wrote {len(paths)} JPEGs in {args.classes} classes to {args.out}: mean {np.mean(sizes) / 1024:.1f} KB "
+        f"(min {min(sizes) / 1024:.1f}, max {max(sizes) / 1024:.1f})"
+    )
 
 
 if __name__ == "__main__":

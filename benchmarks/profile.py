@@ -20,7 +20,6 @@ import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,7 +32,7 @@ from fastreg.trainer import Trainer
 TOP = 5  # kernels listed per phase
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=10, help="steps before profiling: compile, autotune, caches")
@@ -92,17 +91,24 @@ def per_step(table: dict[str, dict[str, float]], steps: int) -> dict[str, dict]:
     for phase in [*PHASES, "other"]:
         if phase in table:
             items = sorted(table[phase].items(), key=lambda kv: -kv[1])
-            phases[phase] = {"ms": sum(us for _, us in items) / steps / 1e3,
-                             "top": [(name, us / steps / 1e3) for name, us in items[:TOP]]}
+            phases[phase] = {
+                "ms": sum(us for _, us in items) / steps / 1e3,
+                "top": [(name, us / steps / 1e3) for name, us in items[:TOP]],
+            }
     return phases
 
 
 def markdown(phases: dict[str, dict], steps: int, env: dict, cuda: bool) -> str:
     total = sum(p["ms"] for p in phases.values()) or 1.0
     what = "device time of the kernels it launched" if cuda else "self CPU time of its ops"
-    lines = [f"# Profile of {steps} e2e steps on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})",
-             "", f"Per phase: the {what}, ms per step.", "",
-             f"| phase | ms/step | share | top {'kernels' if cuda else 'ops'} (ms/step) |", "|---|--:|--:|---|"]
+    lines = [
+        f"# Profile of {steps} e2e steps on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})",
+        "",
+        f"Per phase: the {what}, ms per step.",
+        "",
+        f"| phase | ms/step | share | top {'kernels' if cuda else 'ops'} (ms/step) |",
+        "|---|--:|--:|---|",
+    ]
     for phase, p in phases.items():
         top = "; ".join(f"`{name[:60]}` {ms:.3f}" for name, ms in p["top"])
         lines.append(f"| {phase} | {p['ms']:.3f} | {p['ms'] / total:.0%} | {top} |")
@@ -125,7 +131,7 @@ def plot(phases: dict[str, dict], env: dict, cuda: bool, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     args, overrides = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastreg-profile-") as tmp:
         trainer = Trainer(compose_config(overrides, Path(tmp)))
@@ -139,8 +145,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
     phases = per_step(by_phase(prof, cuda), args.steps)
     text = markdown(phases, args.steps, env, cuda)
     report.with_suffix(".md").write_text(text)
-    report.with_suffix(".json").write_text(json.dumps({"env": env, "overrides": overrides, "steps": args.steps,
-                                                       "phases": phases}, indent=1))
+    report.with_suffix(".json").write_text(
+        json.dumps({"env": env, "overrides": overrides, "steps": args.steps, "phases": phases}, indent=1)
+    )
     plot(phases, env, cuda, report.with_suffix(".png"))
     print(text)
     print("wrote", trace, "and", ", ".join(str(report.with_suffix(s)) for s in (".md", ".json", ".png")))

@@ -32,26 +32,35 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from hydra import compose, initialize_config_module
 
+from benchmarks.data_throughput import batch_stream, device_name
 from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
+from fastreg.distributed import setup_distributed
 from fastreg.monitor import GPUMonitor
 from fastreg.pipelines import build_loader
-from fastreg.distributed import setup_distributed
 from fastreg.trainer import Trainer
-
-from benchmarks.data_throughput import batch_stream, device_name
 
 # (row, overrides added to the previous row's). The baseline is the official SimReg code path: a torchvision
 # ImageFolder decoded by PIL in DataLoader workers, fp32, NCHW, eager PyTorch, no fused kernels.
 ABLATION = [
-    ("baseline", ["data.loader=torchvision", "trainer.precision=fp32", "trainer.channels_last=false",
-                  "trainer.compile=false", "head.impl=eager", "loss.impl=eager", "teacher.inference=eager"]),
+    (
+        "baseline",
+        [
+            "data.loader=torchvision",
+            "trainer.precision=fp32",
+            "trainer.channels_last=false",
+            "trainer.compile=false",
+            "head.impl=eager",
+            "loss.impl=eager",
+            "teacher.inference=eager",
+        ],
+    ),
     ("+AMP (bf16)", ["trainer.precision=bf16"]),
     ("+channels_last", ["trainer.channels_last=true"]),
     ("+DALI", ["data.loader=dali"]),
@@ -65,32 +74,38 @@ ABLATION = [
 # trainer.compile_mode and whether trainer.cuda_graph pays.
 STEP_VARIANTS = [
     ("eager", ["trainer.compile=false", "trainer.cuda_graph=false"]),
-    *((f"compile {mode}", ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graph=false"])
-      for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead")),
+    *(
+        (f"compile {mode}", ["trainer.compile=true", f"trainer.compile_mode={mode}", "trainer.cuda_graph=false"])
+        for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+    ),
     ("CUDA graph (whole step)", ["trainer.compile=false", "trainer.cuda_graph=true"]),
-    ("CUDA graph + compile default", ["trainer.compile=true", "trainer.compile_mode=default",
-                                      "trainer.cuda_graph=true"]),
+    (
+        "CUDA graph + compile default",
+        ["trainer.compile=true", "trainer.compile_mode=default", "trainer.cuda_graph=true"],
+    ),
 ]
 CUDA_ONLY = "trainer.cuda_graph=true"  # a row with it is recorded as not run on a CPU
 MODES = ("data", "compute", "e2e")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per mode (and per ablation row)")
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing: compile, autotune, caches")
     parser.add_argument("--window", type=int, default=10, help="steps per img/s window")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--ablate", action="store_true", help="also the ablation rows (e2e each)")
-    parser.add_argument("--step-variants", action="store_true",
-                        help="also compute-only rows for each way to run the step (STEP_VARIANTS)")
+    parser.add_argument(
+        "--step-variants",
+        action="store_true",
+        help="also compute-only rows for each way to run the step (STEP_VARIANTS)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args, overrides = parser.parse_known_args(argv)
     if bad := [o for o in overrides if o.startswith("-") or "=" not in o]:
         parser.error(f"unknown flag(s) {bad}: after the flags come training overrides, key=value")
     if args.steps < args.window or args.window < 1 or args.warmup < 0:
-        parser.error(f"need --steps >= --window >= 1 and --warmup >= 0; got {args.steps}, {args.window}, "
-                     f"{args.warmup}")
+        parser.error(f"need --steps >= --window >= 1 and --warmup >= 0; got {args.steps}, {args.window}, {args.warmup}")
     return args, overrides
 
 
@@ -100,8 +115,10 @@ def compose_config(overrides: list[str], out_dir: Path) -> TrainConfig:
     with initialize_config_module("fastreg.configs", version_base="1.3"):
         cfg = to_config(compose("config", overrides=[*overrides, *forced]))
     if cfg.demo:
-        raise SystemExit("the benchmark needs a training config: pass experiment=<name> (or experiment=none) "
-                         "and data.root=<ImageFolder>; see the module docstring")
+        raise SystemExit(
+            "the benchmark needs a training config: pass experiment=<name> (or experiment=none) "
+            "and data.root=<ImageFolder>; see the module docstring"
+        )
     return cfg
 
 
@@ -134,8 +151,13 @@ def images_of(stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[t
     return (images for images, _ in stream)
 
 
-def time_steps(batches: Iterator[torch.Tensor], step: Callable[[torch.Tensor], object], clock: Clock,
-               args: argparse.Namespace, batch_size: int) -> dict:
+def time_steps(
+    batches: Iterator[torch.Tensor],
+    step: Callable[[torch.Tensor], object],
+    clock: Clock,
+    args: argparse.Namespace,
+    batch_size: int,
+) -> dict:
     """Warm-up, then --steps timed steps: img/s per window, mean data wait and compute per step (ms)."""
     for _ in range(args.warmup):
         step(next(batches))
@@ -150,10 +172,16 @@ def time_steps(batches: Iterator[torch.Tensor], step: Callable[[torch.Tensor], o
     clock.sync()
     wait = [clock.ms(s, f) for s, f, _ in marks]
     compute = [clock.ms(f, e) for _, f, e in marks]
-    windows = [marks[i:i + args.window] for i in range(0, args.steps - args.window + 1, args.window)]
+    windows = [marks[i : i + args.window] for i in range(0, args.steps - args.window + 1, args.window)]
     ips = [batch_size * len(w) / clock.ms(w[0][0], w[-1][2]) * 1e3 for w in windows]
-    return {"img_per_s": statistics.median(ips), "img_per_s_min": min(ips), "img_per_s_max": max(ips),
-            "windows": len(ips), "data_wait_ms": statistics.fmean(wait), "compute_ms": statistics.fmean(compute)}
+    return {
+        "img_per_s": statistics.median(ips),
+        "img_per_s_min": min(ips),
+        "img_per_s_max": max(ips),
+        "windows": len(ips),
+        "data_wait_ms": statistics.fmean(wait),
+        "compute_ms": statistics.fmean(compute),
+    }
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -177,9 +205,15 @@ def measured(device: torch.device, run: Callable[[], dict]) -> dict:
 
 def data_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dict:
     t = cfg.trainer
-    loader = build_loader(cfg.data, rank=0, world_size=1, seed=t.seed, device=device,
-                          memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
-                          half=t.precision != "fp32")
+    loader = build_loader(
+        cfg.data,
+        rank=0,
+        world_size=1,
+        seed=t.seed,
+        device=device,
+        memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+        half=t.precision != "fp32",
+    )
     clock, stream = Clock(device), batch_stream(loader)
     try:
         figures = time_steps(images_of(stream), lambda images: clock.sync(), clock, args, cfg.data.batch_size)
@@ -205,10 +239,16 @@ def implementations(trainer: Trainer) -> dict:
     """What ran: the loader, the head and loss implementations, precision, layout, compile, and the trainable
     parameters (student and heads: what DDP all-reduces, see benchmarks.scaling)."""
     t = trainer.cfg.trainer
-    return {"loader": trainer.loader.name, "precision": t.precision, "channels_last": t.channels_last,
-            "compile": t.compile, "compile_mode": t.compile_mode, "cuda_graph": t.cuda_graph,
-            **trainer.distiller.implementations(),
-            "trainable_params": sum(p.numel() for p in trainer.distiller.trainable_parameters())}
+    return {
+        "loader": trainer.loader.name,
+        "precision": t.precision,
+        "channels_last": t.channels_last,
+        "compile": t.compile,
+        "compile_mode": t.compile_mode,
+        "cuda_graph": t.cuda_graph,
+        **trainer.distiller.implementations(),
+        "trainable_params": sum(p.numel() for p in trainer.distiller.trainable_parameters()),
+    }
 
 
 def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:
@@ -220,9 +260,12 @@ def run_mode(mode: str, overrides: list[str], args: argparse.Namespace, work: Pa
     gc.collect()  # the mode's loader, models and DALI pipelines go before the next mode builds its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    print(f"{mode:>8}: {figures['img_per_s']:,.0f} img/s (windows {figures['img_per_s_min']:,.0f}-"
-          f"{figures['img_per_s_max']:,.0f}), data wait {figures['data_wait_ms']:.2f} ms + compute "
-          f"{figures['compute_ms']:.2f} ms per step, {figures['loader']}", flush=True)
+    print(
+        f"{mode:>8}: {figures['img_per_s']:,.0f} img/s (windows {figures['img_per_s_min']:,.0f}-"
+        f"{figures['img_per_s_max']:,.0f}), data wait {figures['data_wait_ms']:.2f} ms + compute "
+        f"{figures['compute_ms']:.2f} ms per step, {figures['loader']}",
+        flush=True,
+    )
     return figures
 
 
@@ -239,8 +282,14 @@ def step_variants(overrides: list[str], args: argparse.Namespace, work: Path, de
     return run_rows(STEP_VARIANTS, "compute", overrides, args, work, device)
 
 
-def run_rows(rows: list[tuple[str, list[str]]], mode: str, overrides: list[str], args: argparse.Namespace, work: Path,
-             device: torch.device) -> list[dict]:
+def run_rows(
+    rows: list[tuple[str, list[str]]],
+    mode: str,
+    overrides: list[str],
+    args: argparse.Namespace,
+    work: Path,
+    device: torch.device,
+) -> list[dict]:
     """One `mode` run per (row, its overrides), with the speed-up over the first row."""
     results = []
     for name, delta in rows:
@@ -257,20 +306,28 @@ def run_rows(rows: list[tuple[str, list[str]]], mode: str, overrides: list[str],
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": device.type, "device_name": device_name(device.type), "driver": nvidia_driver(device),
-            "torch": torch.__version__, "torchvision": version("torchvision"), "triton": version("triton"),
-            "dali": version("nvidia.dali"), "python": platform.python_version(), "commit": git_commit(),
-            "date": datetime.date.today().isoformat()}
+    return {
+        "device": device.type,
+        "device_name": device_name(device.type),
+        "driver": nvidia_driver(device),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "triton": version("triton"),
+        "dali": version("nvidia.dali"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
-def version(module: str) -> Optional[str]:
+def version(module: str) -> str | None:
     try:
         return importlib.import_module(module).__version__
     except ImportError:
         return None
 
 
-def nvidia_driver(device: torch.device) -> Optional[str]:
+def nvidia_driver(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     try:
@@ -294,9 +351,11 @@ def data_limit(e2e: dict, compute: dict) -> str:
     per step >= 5% above compute-only's); both can hold; else "data keeps up"."""
     step = e2e["data_wait_ms"] + e2e["compute_ms"]
     wait_share, slowdown = e2e["data_wait_ms"] / step, e2e["compute_ms"] / compute["compute_ms"] - 1
-    figures = (f"data wait {e2e['data_wait_ms']:.2f} ms/step ({wait_share:.0%} of the e2e step); compute "
-               f"{e2e['compute_ms']:.2f} ms/step with the loader running, {compute['compute_ms']:.2f} without "
-               f"({slowdown:+.0%})")
+    figures = (
+        f"data wait {e2e['data_wait_ms']:.2f} ms/step ({wait_share:.0%} of the e2e step); compute "
+        f"{e2e['compute_ms']:.2f} ms/step with the loader running, {compute['compute_ms']:.2f} without "
+        f"({slowdown:+.0%})"
+    )
     named = [name for name, hit in (("starved", wait_share >= MATERIAL), ("contention", slowdown >= MATERIAL)) if hit]
     return f"{' and '.join(named) or 'data keeps up'}: {figures}"
 
@@ -309,30 +368,42 @@ def result_stem(out: Path, env: dict, tag: str = "") -> Path:
 
 def markdown(result: dict) -> str:
     env, modes = result["env"], result["modes"]
-    lines = [f"# Throughput on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})", "",
-             f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, triton {env['triton']}; "
-             f"teacher(s) {', '.join(t['arch'] for t in result['config']['teachers'])} -> student "
-             f"{result['config']['student']['arch']}, batch {result['config']['data']['batch_size']}, "
-             f"crop {result['config']['data']['crop_size']}.", "",
-             "| mode | img/s (median) | window min-max | data wait ms/step | compute ms/step | loader |",
-             "|---|--:|--:|--:|--:|---|"]
+    lines = [
+        f"# Throughput on {env['device_name']} ({env['date']}, commit {env['commit'][:12]})",
+        "",
+        f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, triton {env['triton']}; "
+        f"teacher(s) {', '.join(t['arch'] for t in result['config']['teachers'])} -> student "
+        f"{result['config']['student']['arch']}, batch {result['config']['data']['batch_size']}, "
+        f"crop {result['config']['data']['crop_size']}.",
+        "",
+        "| mode | img/s (median) | window min-max | data wait ms/step | compute ms/step | loader |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
     for mode, f in modes.items():
-        lines.append(f"| {mode} | {f['img_per_s']:,.0f} | {f['img_per_s_min']:,.0f}-{f['img_per_s_max']:,.0f} | "
-                     f"{f['data_wait_ms']:.2f} | {f['compute_ms']:.2f} | {f['loader']} |")
+        lines.append(
+            f"| {mode} | {f['img_per_s']:,.0f} | {f['img_per_s_min']:,.0f}-{f['img_per_s_max']:,.0f} | "
+            f"{f['data_wait_ms']:.2f} | {f['compute_ms']:.2f} | {f['loader']} |"
+        )
     if "e2e_over_compute" in result:
         lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f}: {result['limit']}"]
     for key, title in (("ablation", "ablation row (e2e)"), ("step_variants", "step variant (compute-only)")):
         if result.get(key):
-            lines += ["", f"| {title} | img/s | speed-up | loader | teachers | heads | fused loss |",
-                      "|---|--:|--:|---|---|---|---|", *map(row_line, result[key])]
+            lines += [
+                "",
+                f"| {title} | img/s | speed-up | loader | teachers | heads | fused loss |",
+                "|---|--:|--:|---|---|---|---|",
+                *map(row_line, result[key]),
+            ]
     return "\n".join(lines) + "\n"
 
 
 def row_line(r: dict) -> str:
     if "not_run" in r:
         return f"| {r['row']} | not run: {r['not_run']} | | | | | |"
-    return (f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | {', '.join(r['teachers'])} "
-            f"| {', '.join(r['heads'])} | {r['fused_loss']} |")
+    return (
+        f"| {r['row']} | {r['img_per_s']:,.0f} | {r['speedup']:.2f}x | {r['loader']} | {', '.join(r['teachers'])} "
+        f"| {', '.join(r['heads'])} | {r['fused_loss']} |"
+    )
 
 
 def plots(result: dict, stem: Path) -> list[Path]:
@@ -345,8 +416,12 @@ def plots(result: dict, stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     modes = result["modes"]
     ax.bar(list(modes), [f["data_wait_ms"] for f in modes.values()], label="data wait")
-    ax.bar(list(modes), [f["compute_ms"] for f in modes.values()], bottom=[f["data_wait_ms"] for f in modes.values()],
-           label="compute")
+    ax.bar(
+        list(modes),
+        [f["compute_ms"] for f in modes.values()],
+        bottom=[f["data_wait_ms"] for f in modes.values()],
+        label="compute",
+    )
     ax.set_ylabel("ms per step")
     ax.set_title(f"time per step, {result['env']['device_name']}")
     ax.legend()
@@ -368,15 +443,19 @@ def plots(result: dict, stem: Path) -> list[Path]:
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastreg-bench-") as tmp:
         work = Path(tmp)
         cfg = compose_config(overrides, work / "config")
         _, _, device = setup_distributed(cfg.trainer.device)
-        result = {"env": environment(device), "config": dataclasses.asdict(cfg), "overrides": overrides,
-                  "bench": {"steps": args.steps, "warmup": args.warmup, "window": args.window},
-                  "modes": {mode: run_mode(mode, overrides, args, work) for mode in args.modes}}
+        result = {
+            "env": environment(device),
+            "config": dataclasses.asdict(cfg),
+            "overrides": overrides,
+            "bench": {"steps": args.steps, "warmup": args.warmup, "window": args.window},
+            "modes": {mode: run_mode(mode, overrides, args, work) for mode in args.modes},
+        }
         if "e2e" in result["modes"] and "compute" in result["modes"]:
             result["e2e_over_compute"] = result["modes"]["e2e"]["img_per_s"] / result["modes"]["compute"]["img_per_s"]
             result["limit"] = data_limit(result["modes"]["e2e"], result["modes"]["compute"])
@@ -386,8 +465,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if args.step_variants:
             result["step_variants"] = step_variants(overrides, args, work, device)
     # one file per kind of run: a call that runs the ablation and the step variants separately keeps both
-    tag = "-".join([*(args.modes if args.modes != list(MODES) else []), *(["ablate"] if args.ablate else []),
-                    *(["step-variants"] if args.step_variants else [])])
+    tag = "-".join(
+        [
+            *(args.modes if args.modes != list(MODES) else []),
+            *(["ablate"] if args.ablate else []),
+            *(["step-variants"] if args.step_variants else []),
+        ]
+    )
     stem = result_stem(args.out, result["env"], tag)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))

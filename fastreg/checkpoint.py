@@ -24,7 +24,7 @@ import re
 import subprocess
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,16 +64,21 @@ def disk_full(path: Path, tmp: Path, error: OSError) -> OSError:
     """The full disk, the file that was not written, and what is still there to resume from."""
     found = list_checkpoints(path.parent)
     if found:
-        then = (f"the newest checkpoint there, {found[-1].name}, is intact. Free space on that disk (or lower "
-                f"trainer.keep_checkpoints, or move trainer.out_dir), then run the same command again: it resumes "
-                f"from {found[-1].name}")
+        then = (
+            f"the newest checkpoint there, {found[-1].name}, is intact. Free space on that disk (or lower "
+            f"trainer.keep_checkpoints, or move trainer.out_dir), then run the same command again: it resumes "
+            f"from {found[-1].name}"
+        )
     else:
         then = "nothing else there was changed. Free space on that disk, then run the command again"
-    return OSError(error.errno, f"the disk is full ({error.strerror}): {path} was not written, its partial file "
-                                f"{tmp.name} was removed, and {then}")
+    return OSError(
+        error.errno,
+        f"the disk is full ({error.strerror}): {path} was not written, its partial file "
+        f"{tmp.name} was removed, and {then}",
+    )
 
 
-def checkpoint_path(out_dir: Path, epoch: int, step: Optional[int] = None) -> Path:
+def checkpoint_path(out_dir: Path, epoch: int, step: int | None = None) -> Path:
     """`epoch` complete epochs; `step`: the global step of a save inside the next epoch."""
     inside = f"_step{step:08d}" if step is not None else ""
     return out_dir / f"ckpt_epoch{epoch:04d}{inside}.pt"
@@ -82,8 +87,11 @@ def checkpoint_path(out_dir: Path, epoch: int, step: Optional[int] = None) -> Pa
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints in out_dir, oldest first (temporary files never match). An epoch's end comes
     before the saves inside the following epoch: (epoch, -1) < (epoch, step)."""
-    found = [((int(m.group(1)), int(m.group(2) or -1)), p) for p in out_dir.glob("ckpt_epoch*.pt")
-             if (m := CKPT_RE.search(p.name))]
+    found = [
+        ((int(m.group(1)), int(m.group(2) or -1)), p)
+        for p in out_dir.glob("ckpt_epoch*.pt")
+        if (m := CKPT_RE.search(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -111,8 +119,7 @@ class UnreadableCheckpoint(ValueError):
     damaged, or pickling code (a user's error: the command line prints its message, fastreg.train.USER_ERRORS)."""
 
 
-def read(path: str | Path, what: str = "checkpoint", fix: str = "check the path",
-         verdict: str | None = None) -> Any:
+def read(path: str | Path, what: str = "checkpoint", fix: str = "check the path", verdict: str | None = None) -> Any:
     """The object torch.save wrote to `path`, on the CPU, read with weights_only=True after its CRC-32s are
     checked: the one place fastreg reads a .pt or .pth file.
 
@@ -146,16 +153,22 @@ def diagnose(path: Path, error: Exception) -> str:
     if path.stat().st_size == 0:
         return "is empty (0 bytes): its download or copy failed; fetch it again"
     if code is not None:
-        return (f"is refused: besides tensors it holds a Python object ({code.group(1)}) that loading would have to "
-                "import and call, and unpickling such a file can run any code, so fastreg reads files with "
-                "torch.load(weights_only=True) only. If you trust its source, convert it once in a trusted "
-                "environment (torch.load(path, weights_only=False), then torch.save its state_dict alone)")
+        return (
+            f"is refused: besides tensors it holds a Python object ({code.group(1)}) that loading would have to "
+            "import and call, and unpickling such a file can run any code, so fastreg reads files with "
+            "torch.load(weights_only=True) only. If you trust its source, convert it once in a trusted "
+            "environment (torch.load(path, weights_only=False), then torch.save its state_dict alone)"
+        )
     text = text_start(path)
     if text is not None:
-        return (f"is a text file, not a PyTorch checkpoint (it begins {text!r}): a failed download saves its error "
-                "page; fetch the file again")
-    return (f"is not a readable PyTorch checkpoint ({load_failure(error)}): the file is damaged, cut short or of "
-            "another kind; fetch the file again")
+        return (
+            f"is a text file, not a PyTorch checkpoint (it begins {text!r}): a failed download saves its error "
+            "page; fetch the file again"
+        )
+    return (
+        f"is not a readable PyTorch checkpoint ({load_failure(error)}): the file is damaged, cut short or of "
+        "another kind; fetch the file again"
+    )
 
 
 def text_start(path: Path) -> str | None:
@@ -199,7 +212,7 @@ def check_crcs(path: Path) -> None:
         raise zipfile.BadZipFile(f"{bad} fails its CRC-32 check")
 
 
-def load_resume(resume: str, out_dir: Path) -> Optional[tuple[Path, dict]]:
+def load_resume(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
     """The checkpoint trainer.resume names, and its contents: None for 'none'; for 'auto' the newest
     readable checkpoint in out_dir (None when out_dir has none), an unreadable one skipped with a warning;
     otherwise the path given, which must be readable (no fallback: the user chose that file)."""
@@ -214,8 +227,10 @@ def load_resume(resume: str, out_dir: Path) -> Optional[tuple[Path, dict]]:
         except UnreadableCheckpoint as e:  # e.g. a copy gone wrong, or a file system without atomic rename
             log.warning("%s. trainer.resume=auto skips it and tries the checkpoint before it", e)
     if found:
-        raise UnreadableCheckpoint(f"none of the {len(found)} checkpoints in {out_dir} can be read (see the warnings "
-                                   "above); delete them, or start over with trainer.resume=none")
+        raise UnreadableCheckpoint(
+            f"none of the {len(found)} checkpoints in {out_dir} can be read (see the warnings "
+            "above); delete them, or start over with trainer.resume=none"
+        )
     return None
 
 
@@ -233,16 +248,39 @@ def remove_partial_saves(out_dir: Path) -> None:
 # models, the data and its order, the schedule (its cosine spans trainer.epochs, so another length changes
 # every learning rate after the resume), the numerics (precision, device, compile, deterministic,
 # cpu_threads). Those need trainer.resume_force=true.
-FREE_KEYS = ("name", "trainer.out_dir", "trainer.resume", "trainer.resume_force", "trainer.progress",
-             "trainer.log_every", "trainer.eval_every", "trainer.keep_checkpoints", "trainer.checkpoint_every",
-             "trainer.monitor", "trainer.max_bad_steps", "trainer.stop_check_every", "data.workers",
-             "data.val_root", "data.knn_train_root", "data.max_bad_fraction", "eval", "optim.recipe_batch")
+FREE_KEYS = (
+    "name",
+    "trainer.out_dir",
+    "trainer.resume",
+    "trainer.resume_force",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.keep_checkpoints",
+    "trainer.checkpoint_every",
+    "trainer.monitor",
+    "trainer.max_bad_steps",
+    "trainer.stop_check_every",
+    "data.workers",
+    "data.val_root",
+    "data.knn_train_root",
+    "data.max_bad_fraction",
+    "eval",
+    "optim.recipe_batch",
+)
 ABSENT = "(absent)"  # a key only one config has: a checkpoint of an older version, or another number of teachers
 # Keys added after checkpoints were written, with the value that reproduces how those checkpoints were trained
 # (fnmatch patterns: teachers.* is each of several teachers).
-LATER_KEYS = {"optim.schedule": "iteration", "optim.recipe_batch": None, "teacher.inference": "eager",
-              "teachers.*.inference": "eager", "teacher.compile": False, "teachers.*.compile": False,
-              "trainer.compile_mode": "default", "trainer.cuda_graph": False}
+LATER_KEYS = {
+    "optim.schedule": "iteration",
+    "optim.recipe_batch": None,
+    "teacher.inference": "eager",
+    "teachers.*.inference": "eager",
+    "teacher.compile": False,
+    "teachers.*.compile": False,
+    "trainer.compile_mode": "default",
+    "trainer.cuda_graph": False,
+}
 
 
 def compare_configs(saved: dict, current: dict, path: Path) -> None:
@@ -255,8 +293,9 @@ def compare_configs(saved: dict, current: dict, path: Path) -> None:
     free = [k for k in changed if any(k == f or k.startswith(f + ".") for f in FREE_KEYS)]
     binding = [k for k in changed if k not in free]
     if free:
-        log.info("resuming from %s with other settings that do not change the result: %s", path,
-                 differences(free, old, new))
+        log.info(
+            "resuming from %s with other settings that do not change the result: %s", path, differences(free, old, new)
+        )
     if not binding:
         return
     if not new.get("trainer.resume_force"):
@@ -266,8 +305,11 @@ def compare_configs(saved: dict, current: dict, path: Path) -> None:
             "trainer.resume_force=true to continue its weights under the new ones, or start afresh with "
             "trainer.resume=none or another trainer.out_dir"
         )
-    log.warning("trainer.resume_force=true: resuming from %s with other settings (checkpoint -> this run): %s",
-                path, differences(binding, old, new))
+    log.warning(
+        "trainer.resume_force=true: resuming from %s with other settings (checkpoint -> this run): %s",
+        path,
+        differences(binding, old, new),
+    )
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -286,6 +328,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 def differences(keys: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
     """'key old -> new; ...', values as Python literals ('none' the string, None the null)."""
+
     def value(config: dict[str, Any], key: str) -> str:
         return repr(config[key]) if key in config else ABSENT
 
@@ -296,9 +339,15 @@ def load_state(module: torch.nn.Module, state: dict, name: str, path: Path) -> N
     """module.load_state_dict(state), or an error that names every tensor of the checkpoint's `name` that
     does not fit this run's module."""
     own = module.state_dict()
-    misfits = ([f"{k} missing" for k in own if k not in state] + [f"{k} unexpected" for k in state if k not in own]
-               + [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape])
+    misfits = (
+        [f"{k} missing" for k in own if k not in state]
+        + [f"{k} unexpected" for k in state if k not in own]
+        + [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
+    )
     if misfits:
         # A head's last Linear and the loss's buffers are as wide as their teacher's feature: a teacher file
         # replaced by one of another width fits the config, yet not these tensors.

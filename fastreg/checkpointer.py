@@ -14,9 +14,10 @@ read the student from them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 from fastreg import checkpoint as ckpt
 from fastreg.distributed import gather
@@ -65,7 +66,7 @@ class Resumed:
     state: dict[str, Any]
 
 
-def find(resume: str, out_dir: Path, config: dict) -> Optional[Resumed]:
+def find(resume: str, out_dir: Path, config: dict) -> Resumed | None:
     """The checkpoint trainer.resume picks, checked against this run's config (fastreg.checkpoint)."""
     found = ckpt.load_resume(resume, out_dir)
     if found is None:
@@ -75,20 +76,29 @@ def find(resume: str, out_dir: Path, config: dict) -> Optional[Resumed]:
     return Resumed(path, state)
 
 
-def rank_state(resumed: Optional[Resumed], key: str, rank: int, world: int) -> Optional[dict]:
+def rank_state(resumed: Resumed | None, key: str, rank: int, world: int) -> dict | None:
     """This rank's entry of a per-rank list; None when the file holds another number of ranks (warned)."""
     saved = (resumed.state.get(key) or []) if resumed else []
     if len(saved) == world:
         return saved[rank]
     if saved:
-        log.warning("%s holds the %s of %d process(es), this run has %d: it starts afresh", resumed.path, key,
-                    len(saved), world)
+        log.warning(
+            "%s holds the %s of %d process(es), this run has %d: it starts afresh", resumed.path, key, len(saved), world
+        )
     return None
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, parts: list[Part], per_rank: dict[str, Callable[[], dict]], meta: dict,
-                 rank: int, world: int, keep: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        parts: list[Part],
+        per_rank: dict[str, Callable[[], dict]],
+        meta: dict,
+        rank: int,
+        world: int,
+        keep: int,
+    ):
         self.out_dir, self.parts, self.per_rank, self.meta = out_dir, parts, per_rank, meta
         self.rank, self.world, self.keep = rank, world, keep
 
@@ -111,8 +121,13 @@ class Checkpointer:
         rng = rank_state(resumed, "rng", self.rank, self.world)
         if rng:  # else the data position fails inside an epoch, and at an epoch's end the next epoch reseeds
             ckpt.set_rng_state(rng)
-        log.info("resumed from %s (epoch %d, step %d, written at commit %s)", resumed.path, resumed.state["epoch"],
-                 resumed.state["step"], resumed.state["commit"])
+        log.info(
+            "resumed from %s (epoch %d, step %d, written at commit %s)",
+            resumed.path,
+            resumed.state["epoch"],
+            resumed.state["step"],
+            resumed.state["commit"],
+        )
 
 
 def check_data_position(resumed: Resumed, progress: Progress, loader) -> None:

@@ -8,7 +8,6 @@ every `__post_init__` check below; the rest of the code only sees validated data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -43,7 +42,7 @@ class HeadConfig:
     """
 
     kind: str = "simreg4"
-    hidden: List[int] = field(default_factory=list)  # mlp only: hidden widths, e.g. [1024, 512]
+    hidden: list[int] = field(default_factory=list)  # mlp only: hidden widths, e.g. [1024, 512]
     bn: bool = True  # mlp only: BatchNorm1d after every hidden Linear
     relu: bool = True  # mlp only: ReLU after every hidden Linear (after BN)
     # triton (fastreg.kernels' FusedMLPHead: BN statistics in the GEMM epilogues) | eager | auto: triton only on
@@ -69,13 +68,13 @@ class TeacherConfig:
 
     arch: str = "resnet50"
     # Path to the teacher's weights. "random" builds an untrained teacher: benchmarks and tests only.
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     format: str = "auto"  # checkpoint layout; auto detects it from the key names
     projection: bool = False  # regress the projection head's output (SEED on MoCo) where the checkpoint has one
     momentum_encoder: bool = False  # MoCo v3: load module.momentum_encoder instead of module.base_encoder
     weight: float = 1.0  # weight of this teacher's loss in the weighted mean over teachers
-    head: Optional[HeadConfig] = None  # this teacher's head; None uses the global `head`
-    name: Optional[str] = None  # label in logs and metrics; defaults to arch (made unique)
+    head: HeadConfig | None = None  # this teacher's head; None uses the global `head`
+    name: str | None = None  # label in logs and metrics; defaults to arch (made unique)
     # folded: a conv teacher's BatchNorms folded into its convolutions and its weights stored in the training
     # precision (no per-step casts; fastreg.teacher_inference); the same features up to rounding. eager: the
     # network as loaded, under autocast. auto: folded on CUDA (where eval-mode BatchNorm as its own kernel costs
@@ -120,8 +119,10 @@ class LossConfig:
         _check_choice("loss.name", self.name, ("simreg", "seed", "mse"))
         _check_choice("loss.impl", self.impl, IMPLS)
         if self.impl == "triton" and self.name != "simreg":
-            raise ValueError(f"loss.impl=triton is the fused simreg loss; loss.name={self.name} runs eager: "
-                             "set loss.impl=auto or eager")
+            raise ValueError(
+                f"loss.impl=triton is the fused simreg loss; loss.name={self.name} runs eager: "
+                "set loss.impl=auto or eager"
+            )
         _check_positive("loss.tau_s", self.tau_s)
         _check_positive("loss.tau_t", self.tau_t)
         _check_positive("loss.queue_size", self.queue_size)
@@ -138,13 +139,13 @@ class DataConfig:
     # auto: dali (mixed GPU decoder on cuda, CPU mode otherwise); torchvision only when DALI cannot be imported.
     # dali | torchvision (ImageFolder + PIL, the reference) | synthetic (random tensors on the device)
     loader: str = "auto"
-    root: Optional[str] = None  # training ImageFolder (class subfolders of images)
-    file_list: Optional[str] = None  # optional "relpath label" list under root instead of scanning it
-    val_root: Optional[str] = None  # labelled ImageFolder for k-NN evaluation; None skips evaluation
-    knn_train_root: Optional[str] = None  # k-NN memory bank; None uses `root`
+    root: str | None = None  # training ImageFolder (class subfolders of images)
+    file_list: str | None = None  # optional "relpath label" list under root instead of scanning it
+    val_root: str | None = None  # labelled ImageFolder for k-NN evaluation; None skips evaluation
+    knn_train_root: str | None = None  # k-NN memory bank; None uses `root`
     crop_size: int = 224
-    scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area (SimReg: weak)
-    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect ratio
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area (SimReg: weak)
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect ratio
     # The one view that teacher and student share (DALI only, except weak):
     #   weak    random-resized crop + flip: SimReg (run.sh: --single_aug --weak_weak)
     #   strong  + MoCo-v2's ColorJitter(0.4,0.4,0.4,0.1) p=0.8 in a random order per image, grayscale p=0.2,
@@ -208,7 +209,7 @@ class OptimConfig:
     min_lr: float = 0.0  # iteration schedule only: the cosine's floor
     # The global batch (data.batch_size x processes) that the recipe reproduces, as the paper ran it (SimReg and
     # SEED: 256). A run at another global batch scales the lr linearly and says so in a warning; None: no recipe.
-    recipe_batch: Optional[int] = None
+    recipe_batch: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -217,8 +218,10 @@ class OptimConfig:
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.schedule == "epoch" and self.min_lr:
-            raise ValueError(f"optim.min_lr={self.min_lr} is the iteration schedule's floor; the epoch schedule (the "
-                             "official codes' rule) decays to 0: set optim.min_lr=0 or optim.schedule=iteration")
+            raise ValueError(
+                f"optim.min_lr={self.min_lr} is the iteration schedule's floor; the epoch schedule (the "
+                "official codes' rule) decays to 0: set optim.min_lr=0 or optim.schedule=iteration"
+            )
         if self.recipe_batch is not None:
             _check_positive("optim.recipe_batch", self.recipe_batch)
 
@@ -284,12 +287,14 @@ class TrainerConfig:
         _check_positive("trainer.epochs", self.epochs)
         _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
         _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
-        _check_choice("trainer.compile_mode", self.compile_mode, ("default", "max-autotune-no-cudagraphs",
-                                                                  "reduce-overhead"))
+        _check_choice(
+            "trainer.compile_mode", self.compile_mode, ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+        )
         _check_positive("trainer.log_every", self.log_every)
         if self.max_bad_steps < 1:
-            raise ValueError(f"trainer.max_bad_steps must be >= 1 (1: stop at the first NaN or inf loss), "
-                             f"got {self.max_bad_steps}")
+            raise ValueError(
+                f"trainer.max_bad_steps must be >= 1 (1: stop at the first NaN or inf loss), got {self.max_bad_steps}"
+            )
         if self.cpu_threads < 0:
             raise ValueError(f"trainer.cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.keep_checkpoints < 0:
@@ -298,11 +303,15 @@ class TrainerConfig:
             raise ValueError(f"trainer.checkpoint_every must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
         _check_positive("trainer.stop_check_every", self.stop_check_every)
         if self.cuda_graph and self.precision == "fp16":
-            raise ValueError("trainer.cuda_graph=true cannot capture fp16's GradScaler, which updates its scale on the "
-                             "host: use trainer.precision=bf16 (or fp32), or trainer.cuda_graph=false")
+            raise ValueError(
+                "trainer.cuda_graph=true cannot capture fp16's GradScaler, which updates its scale on the "
+                "host: use trainer.precision=bf16 (or fp32), or trainer.cuda_graph=false"
+            )
         if self.cuda_graph and self.compile_mode == "reduce-overhead":
-            raise ValueError("trainer.compile_mode=reduce-overhead captures CUDA graphs of its own inside the step that "
-                             "trainer.cuda_graph=true captures whole: pick one (compile_mode=default with cuda_graph)")
+            raise ValueError(
+                "trainer.compile_mode=reduce-overhead captures CUDA graphs of its own inside the step that "
+                "trainer.cuda_graph=true captures whole: pick one (compile_mode=default with cuda_graph)"
+            )
 
 
 @dataclass
@@ -319,8 +328,8 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     name: str = "default"  # run name; the output directory is runs/<name> unless hydra.run.dir is set
-    teacher: Optional[TeacherConfig] = None  # one teacher (the teacher= group) ...
-    teachers: List[TeacherConfig] = field(default_factory=list)  # ... or several; replaces `teacher`
+    teacher: TeacherConfig | None = None  # one teacher (the teacher= group) ...
+    teachers: list[TeacherConfig] = field(default_factory=list)  # ... or several; replaces `teacher`
     student: StudentConfig = field(default_factory=StudentConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -343,15 +352,21 @@ class TrainConfig:
                 t.head = self.head
         self._check_required()
         if self.trainer.cuda_graph and self.optim.name != "sgd":
-            raise ValueError(f"trainer.cuda_graph=true needs optim=sgd (torch's fused SGD takes its lr as a device "
-                             f"tensor), not optim={self.optim.name}: set optim=sgd or trainer.cuda_graph=false")
+            raise ValueError(
+                f"trainer.cuda_graph=true needs optim=sgd (torch's fused SGD takes its lr as a device "
+                f"tensor), not optim={self.optim.name}: set optim=sgd or trainer.cuda_graph=false"
+            )
 
     def paths(self) -> dict[str, str]:
         """The data folders, file list and teacher weights this config names, by key: those that are set."""
         d = self.data
-        keys = {"data.root": d.root, "data.file_list": d.file_list, "data.val_root": d.val_root,
-                "data.knn_train_root": d.knn_train_root,
-                **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self._teacher_keys, self.teachers)}}
+        keys = {
+            "data.root": d.root,
+            "data.file_list": d.file_list,
+            "data.val_root": d.val_root,
+            "data.knn_train_root": d.knn_train_root,
+            **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self._teacher_keys, self.teachers)},
+        }
         return {key: value for key, value in keys.items() if value is not None}
 
     def _check_required(self) -> None:
@@ -366,7 +381,7 @@ class TrainConfig:
             raise ValueError(f"data.root is not set: pass data.root=/path/to/ImageFolder (loader={self.data.loader})")
 
 
-def _name_teachers(teachers: List[TeacherConfig]) -> None:
+def _name_teachers(teachers: list[TeacherConfig]) -> None:
     """Give every teacher a unique label: its name, else its arch, suffixed by its index on a clash."""
     labels = [t.name or t.arch for t in teachers]
     for i, t in enumerate(teachers):

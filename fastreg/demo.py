@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -137,7 +136,7 @@ def render(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 # ---------------------------------------------------------------- the dataset on disk
 
 
-def _split_sources(labels: np.ndarray, sources_per_class: Optional[int]) -> dict[str, np.ndarray]:
+def _split_sources(labels: np.ndarray, sources_per_class: int | None) -> dict[str, np.ndarray]:
     """Source-digit indices of train and val, split per class so both splits hold all ten classes."""
     rng = np.random.default_rng(SEED)
     train, val = [], []
@@ -185,12 +184,15 @@ def _publish(tmp: Path, root: Path) -> None:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description:>14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
 
 
-def ensure_demo_data(cache_dir: Path, sources_per_class: Optional[int] = None) -> Path:
+def ensure_demo_data(cache_dir: Path, sources_per_class: int | None = None) -> Path:
     """Build the demo ImageFolder once (about 5,000 JPEGs) and return its root.
 
     The build goes to a temporary sibling that is renamed into place when complete; an interrupted
@@ -341,7 +343,7 @@ def refuse_paths(cfg: TrainConfig) -> None:
 def run_demo(cfg: TrainConfig) -> dict[str, float]:
     """Build (or reuse) the data and the teacher, distill the student, print the k-NN table."""
     refuse_paths(cfg)
-    from fastreg.eval import knn_eval
+    from fastreg.eval import knn_eval_run
     from fastreg.trainer import Trainer
 
     if cfg.trainer.cpu_threads:
@@ -351,9 +353,7 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
     cfg.data.root, cfg.data.val_root = str(root / "train"), str(root / "val")
     cfg.teachers[0].checkpoint = str(ensure_demo_teacher(cache, root))
     trainer = Trainer(cfg)
-    d, e = cfg.data, cfg.eval
-    teacher = knn_eval(trainer.distiller.teachers[0], d.root, d.val_root, d.crop_size, e.batch_size, e.workers,
-                       trainer.device, e.knn_k, e.knn_t, loader=d.loader)
+    teacher = knn_eval_run(trainer.distiller.teachers[0], cfg, trainer.device)  # in fp32
     before = trainer.evaluate()
     after = trainer.fit()
     print_table(cfg, teacher, before, after)
@@ -375,13 +375,18 @@ def print_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> N
     table.add_column("model")
     for key in keys:
         table.add_column(key, justify="right")
-    for name, r in [(f"teacher {cfg.teachers[0].arch}", teacher), (f"student {cfg.student.arch}, untrained", before),
-                    (f"student {cfg.student.arch}, distilled", after)]:
+    for name, r in [
+        (f"teacher {cfg.teachers[0].arch}", teacher),
+        (f"student {cfg.student.arch}, untrained", before),
+        (f"student {cfg.student.arch}, distilled", after),
+    ]:
         table.add_row(name, *(f"{r[key]:.1f}" for key in keys))
     console = Console()
     console.print(table)
-    console.print(f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
-                  f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})")
+    console.print(
+        f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
+        f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})"
+    )
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ reaches into the heads, the losses or the teachers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,15 @@ class StudentWithHeads(nn.Module):
 
 
 class Distiller(nn.Module):
-    def __init__(self, teachers: list[Teacher], student: Student, heads: list[nn.Module],
-                 losses: list[nn.Module], weights: list[float], amp_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        teachers: list[Teacher],
+        student: Student,
+        heads: list[nn.Module],
+        losses: list[nn.Module],
+        weights: list[float],
+        amp_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
         self.model = StudentWithHeads(student, nn.ModuleList(heads))
@@ -73,8 +81,11 @@ class Distiller(nn.Module):
     def save_state(self) -> dict[str, Any]:
         """The trained part for a checkpoint (fastreg.checkpointer): the student's backbone, the heads, and the
         losses' buffers (SEED's queue, the teacher center)."""
-        return {"student": self.student.backbone.state_dict(), "heads": self.model.heads.state_dict(),
-                "loss": self.losses.state_dict()}
+        return {
+            "student": self.student.backbone.state_dict(),
+            "heads": self.model.heads.state_dict(),
+            "loss": self.losses.state_dict(),
+        }
 
     def load_state(self, state: dict[str, Any], source: Path) -> None:
         """save_state's entries back; a tensor that does not fit is an error naming it and `source`."""
@@ -84,9 +95,11 @@ class Distiller(nn.Module):
 
     def implementations(self) -> dict[str, list]:
         """What runs, for benchmarks: each head's class, whether each loss is fused, each teacher's inference."""
-        return {"heads": [type(h).__name__ for h in self.model.heads],
-                "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in self.losses],
-                "teachers": [inference(teacher) for teacher in self.teachers]}
+        return {
+            "heads": [type(h).__name__ for h in self.model.heads],
+            "fused_loss": [isinstance(loss, FusedRegressionLoss) for loss in self.losses],
+            "teachers": [inference(teacher) for teacher in self.teachers],
+        }
 
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """Run the trained part through fn(model), e.g. DDP; state_dict keys don't change."""
@@ -99,8 +112,9 @@ class Distiller(nn.Module):
         self.__dict__["_run_model"] = torch.compile(self._run_model, mode=mode)
         self.__dict__["_run_losses"] = torch.compile(self.weighted_losses, mode=mode)
 
-    def weighted_losses(self, preds: list[torch.Tensor],
-                        targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def weighted_losses(
+        self, preds: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """(sum_i w_i L_i, [(L_i, cos_i)]) of the heads' outputs against the teachers' features."""
         terms = loss_terms(list(self.losses), preds, targets)
         return sum(w * loss for w, (loss, _) in zip(self.weights, terms)), terms
@@ -145,8 +159,10 @@ def build_distiller(cfg: TrainConfig, place: Placement) -> Distiller:
     amp_dtype, device = place.amp_dtype, place.device
     teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
     student = Student(cfg.student.arch)
-    heads = [build_head(t.head, student.dim, teacher.dim, device, amp_dtype or torch.float32)
-             for t, teacher in zip(cfg.teachers, teachers)]
+    heads = [
+        build_head(t.head, student.dim, teacher.dim, device, amp_dtype or torch.float32)
+        for t, teacher in zip(cfg.teachers, teachers)
+    ]
     losses = [build_loss(cfg.loss, teacher.dim, device) for teacher in teachers]
     distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
     distiller.model.to(device, memory_format=place.memory_format)

@@ -36,8 +36,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from rich.table import Table
 from torch import nn
 
 from fastreg import checkpoint, files
-from fastreg.config import DataConfig
+from fastreg.config import DataConfig, TrainConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm
 from fastreg.messages import listing
@@ -78,8 +78,9 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _forward(model: nn.Module, images: torch.Tensor, device: torch.device,
-             amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _forward(
+    model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
     """model(images) as (B, D) float32, under autocast to `amp_dtype` when given; call it without autograd.
 
     Conv models get channels_last inputs, which makes cuDNN run channels_last without converting the
@@ -95,7 +96,10 @@ def _forward(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 
 def extract_features(
-    model: nn.Module, loader: Iterable, device: str | torch.device, amp_dtype: Optional[torch.dtype] = None,
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device,
+    amp_dtype: torch.dtype | None = None,
     normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every batch of `loader`: (feats (N, D) float32, labels (N,)), on the CPU.
@@ -122,7 +126,7 @@ def knn_label(k: int, vote: str) -> str:
 
 
 def _neighbours(
-    bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: Optional[int]
+    bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int | None
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per chunk of queries, (index of its first query, sim (q, k), index (q, k)) of the k most similar bank
     rows, nearest first. On L2-normalized rows ||a - b||^2 = 2 - 2 a.b, so this is also SimReg's k nearest
@@ -183,7 +187,7 @@ def knn_predict(
     num_classes: int,
     k: int = 20,
     t: float = 0.07,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     seed: int = TIE_SEED,
 ) -> dict[str, torch.Tensor]:
     """{"majority", "weighted", "nn1"}: each query's class (Q,) by the three votes, on bank's device, from one pass.
@@ -202,8 +206,15 @@ def knn_predict(
     return {name: torch.cat(v) for name, v in votes.items()}
 
 
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, k: int = 20, **options) -> dict[str, float]:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    **options,
+) -> dict[str, float]:
     """Top-1 % as {knn<k>_majority, knn<k>_weighted, nn1}; options (t, chunk_size, seed) as knn_predict's."""
     preds = knn_predict(bank, bank_labels, queries, num_classes, k=k, **options)
     y = query_labels.to(bank.device)
@@ -221,7 +232,7 @@ def knn_eval(
     device: str | torch.device,
     k: int,
     t: float,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
     loader: str = "auto",
     **index_options,
 ) -> dict[str, float]:
@@ -231,6 +242,7 @@ def knn_eval(
 
     Nothing is cached: during training the model changes between calls.
     """
+
     def features(root: str) -> tuple[torch.Tensor, torch.Tensor]:
         batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), **index_options)
         return extract_features(model, batches, device, amp_dtype)
@@ -239,6 +251,30 @@ def knn_eval(
     queries, query_labels = features(val_root)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k=k, t=t)
+
+
+def knn_eval_run(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """knn_eval with a training run's settings: data.knn_train_root (else data.root) as the bank, data.val_root as
+    the queries, the run's crop size, loader and eval.* settings."""
+    d, e = cfg.data, cfg.eval
+    bank = d.knn_train_root or d.root
+    return knn_eval(
+        model,
+        bank,
+        d.val_root,
+        d.crop_size,
+        e.batch_size,
+        e.workers,
+        device,
+        e.knn_k,
+        e.knn_t,
+        amp_dtype=amp_dtype,
+        loader=d.loader,
+        max_bad_fraction=d.max_bad_fraction,
+        progress=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ feature cache
@@ -274,7 +310,7 @@ def cached_features(
     batch_size: int,
     workers: int,
     device: str | torch.device,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
     loader: str = "auto",
 ) -> dict:
     """Raw (not normalized) center-crop features of the ImageFolder `root`, extracted once and then read from
@@ -342,7 +378,12 @@ def make_probe(
 
 
 def _train_epoch(
-    probe: nn.Module, optimizer: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, gen: torch.Generator
+    probe: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
 ) -> None:
     probe.train()
     for idx in torch.randperm(len(feats), generator=gen).to(feats.device).split(batch_size):
@@ -357,7 +398,9 @@ def _train_epoch(
 @torch.inference_mode()
 def _top1(probe: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     probe.eval()
-    correct = sum((probe(x).argmax(1) == y).sum().item() for x, y in zip(feats.split(batch_size), labels.split(batch_size)))
+    correct = sum(
+        (probe(x).argmax(1) == y).sum().item() for x, y in zip(feats.split(batch_size), labels.split(batch_size))
+    )
     return 100.0 * correct / len(labels)
 
 
@@ -377,7 +420,9 @@ def linear_probe(
     seed: int = 0,
 ) -> float:
     """Top-1 % on (val_feats, val_labels) of a make_probe probe trained on frozen (N, D) train_feats."""
-    probe, optimizer, schedule = make_probe(train_feats.shape[1], num_classes, lr, momentum, weight_decay, milestones, device, seed)
+    probe, optimizer, schedule = make_probe(
+        train_feats.shape[1], num_classes, lr, momentum, weight_decay, milestones, device, seed
+    )
     feats, labels = train_feats.to(device), train_labels.to(device)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -456,8 +501,17 @@ def moco_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
     return _normal_linear(dim, num_classes, seed)
 
 
-def augmented_views(root: str, crop_size: int, batch_size: int, workers: int, loader: str, device: torch.device,
-                    seed: int, channels_last: bool, half: bool) -> Loader:
+def augmented_views(
+    root: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    loader: str,
+    device: torch.device,
+    seed: int,
+    channels_last: bool,
+    half: bool,
+) -> Loader:
     """The training views of both augmented protocols, a fresh draw every epoch: RandomResizedCrop(crop_size)
     at torchvision's default scale (0.08, 1) and ratio (3/4, 4/3), then a horizontal flip (SimReg
     eval_linear.py and SEED main_lincls.py train_transform), labelled, from the training loader of `loader`.
@@ -467,21 +521,35 @@ def augmented_views(root: str, crop_size: int, batch_size: int, workers: int, lo
     """
     if loader == "synthetic":
         raise ValueError("data.loader=synthetic makes random images: pass --loader auto, dali or torchvision")
-    cfg = DataConfig(root=root, crop_size=crop_size, scale=[0.08, 1.0], augment="weak", batch_size=batch_size,
-                     workers=workers, loader=loader)
+    cfg = DataConfig(
+        root=root,
+        crop_size=crop_size,
+        scale=[0.08, 1.0],
+        augment="weak",
+        batch_size=batch_size,
+        workers=workers,
+        loader=loader,
+    )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return build_loader(cfg, rank=0, world_size=1, seed=seed, device=device, memory_format=memory_format, half=half)
 
 
-def train_on_views(backbone: nn.Module, head: nn.Module, recipe: LinearRecipe, views: Loader, device: torch.device,
-                   amp_dtype: Optional[torch.dtype] = None) -> None:
+def train_on_views(
+    backbone: nn.Module,
+    head: nn.Module,
+    recipe: LinearRecipe,
+    views: Loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> None:
     """Train `head` on the frozen `backbone`'s features of `views.epoch(e)` for recipe.epochs epochs.
 
     The backbone stays in eval mode (its BatchNorm statistics are part of the features: main_lincls.py
     train()); SGD updates the head alone, its lr set to recipe.lr_at(epoch) at each epoch's start.
     """
-    optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr_at(0), momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=recipe.lr_at(0), momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
     head.train()
     with _frozen(backbone):
         for epoch in range(recipe.epochs):
@@ -503,7 +571,7 @@ def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def load_student(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module, str, dict]:
+def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, str, dict]:
     """(backbone, arch, config) from a trainer checkpoint or an exported student state_dict.
 
     A trainer checkpoint gives its config, and its arch unless `arch` overrides it. An exported
@@ -516,7 +584,9 @@ def load_student(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Modul
         state_dict = ckpt["student"]
     elif _is_state_dict(ckpt):
         if arch is None:
-            raise ValueError(f"{path} is an exported student state_dict, which has no config: pass --arch (one of {', '.join(STUDENTS)})")
+            raise ValueError(
+                f"{path} is an exported student state_dict, which has no config: pass --arch (one of {', '.join(STUDENTS)})"
+            )
         config, state_dict = {}, ckpt
     else:
         raise ValueError(
@@ -562,29 +632,61 @@ def _recipe(name: str, args: argparse.Namespace) -> LinearRecipe:
     return dataclasses.replace(RECIPES[name], **{k: v for k, v in given.items() if v is not None})
 
 
-def linear_eval(name: str, recipe: LinearRecipe, backbone: nn.Module, train: dict, val: dict, num_classes: int,
-                s: argparse.Namespace, device: torch.device, amp_dtype: Optional[torch.dtype], seed: int) -> float:
+def linear_eval(
+    name: str,
+    recipe: LinearRecipe,
+    backbone: nn.Module,
+    train: dict,
+    val: dict,
+    num_classes: int,
+    s: argparse.Namespace,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    seed: int,
+) -> float:
     """Top-1 % on val's center crops of the linear protocol `name` (simreg, moco, cached) trained on train.
 
     train and val are cached_features entries (raw center-crop features); the heads normalize what they need.
     """
     if name == "cached":
-        return linear_probe(train["feats"], train["labels"], val["feats"], val["labels"], num_classes,
-                            epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                            momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                            milestones=recipe.milestones, device=device, seed=seed)
+        return linear_probe(
+            train["feats"],
+            train["labels"],
+            val["feats"],
+            val["labels"],
+            num_classes,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            milestones=recipe.milestones,
+            device=device,
+            seed=seed,
+        )
     n_train = len(train["labels"])
     if recipe.batch_size > n_train:
-        raise ValueError(f"--linear {name}: a batch of {recipe.batch_size} is more than the {n_train} images of "
-                         f"{s.train_root}, and the augmented protocols train on full batches only; pass "
-                         f"--linear-batch-size {n_train} or less")
+        raise ValueError(
+            f"--linear {name}: a batch of {recipe.batch_size} is more than the {n_train} images of "
+            f"{s.train_root}, and the augmented protocols train on full batches only; pass "
+            f"--linear-batch-size {n_train} or less"
+        )
     if name == "simreg":
         head = simreg_head(train["feats"], num_classes, seed)
     else:
         head = moco_head(train["feats"].shape[1], num_classes, seed)
     head.to(device)
-    views = augmented_views(s.train_root, s.crop_size, recipe.batch_size, s.workers, s.loader, device, seed,
-                            channels_last=_has_conv(backbone), half=amp_dtype is not None)
+    views = augmented_views(
+        s.train_root,
+        s.crop_size,
+        recipe.batch_size,
+        s.workers,
+        s.loader,
+        device,
+        seed,
+        channels_last=_has_conv(backbone),
+        half=amp_dtype is not None,
+    )
     train_on_views(backbone, head, recipe, views, device, amp_dtype)
     return _top1(head, val["feats"].to(device), val["labels"].to(device), recipe.batch_size)
 
@@ -598,22 +700,34 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     backbone.to(device)
     tag = str(Path(args.checkpoint).resolve())
     train, val = (
-        cached_features(backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype,
-                        s.loader)
+        cached_features(
+            backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype, s.loader
+        )
         for root in (s.train_root, s.val_root)
     )
     if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
         raise ValueError(f"{s.train_root} and {s.val_root} have different class folders: labels would not match")
-    num_classes = len(train["classes"]) if train["classes"] else int(max(train["labels"].max(), val["labels"].max())) + 1
+    num_classes = (
+        len(train["classes"]) if train["classes"] else int(max(train["labels"].max(), val["labels"].max())) + 1
+    )
     bank, queries = (F.normalize(x["feats"], dim=1) for x in (train, val))
-    results = knn_accuracy(bank.to(device), train["labels"], queries, val["labels"], num_classes, k=s.k, t=s.t,
-                           seed=args.seed)
+    results = knn_accuracy(
+        bank.to(device), train["labels"], queries, val["labels"], num_classes, k=s.k, t=s.t, seed=args.seed
+    )
     recipes = {name: _recipe(name, args) for name in args.linear}
     for name, recipe in recipes.items():
-        results[f"linear_{name}"] = linear_eval(name, recipe, backbone, train, val, num_classes, s, device, amp_dtype,
-                                                args.seed)
-    facts = {"arch": arch, "settings": s, "device": device, "n_train": len(train["labels"]), "n_val": len(val["labels"]),
-             "cached": train["cached"] and val["cached"], "recipes": recipes}
+        results[f"linear_{name}"] = linear_eval(
+            name, recipe, backbone, train, val, num_classes, s, device, amp_dtype, args.seed
+        )
+    facts = {
+        "arch": arch,
+        "settings": s,
+        "device": device,
+        "n_train": len(train["labels"]),
+        "n_val": len(val["labels"]),
+        "cached": train["cached"] and val["cached"],
+        "recipes": recipes,
+    }
     return results, facts
 
 
@@ -625,9 +739,11 @@ def _protocols(args: argparse.Namespace, facts: dict) -> dict[str, str]:
         knn_label(s.k, "weighted"): f"{s.k} nearest, each adds exp(cos / {s.t})",
         "nn1": "label of the nearest",
     }
-    sources = {"simreg": "SimReg eval_linear.py: fresh crops, standardized",
-               "moco": "SEED main_lincls.py: fresh crops, raw feature",
-               "cached": "cached center crops (a little lower)"}
+    sources = {
+        "simreg": "SimReg eval_linear.py: fresh crops, standardized",
+        "moco": "SEED main_lincls.py: fresh crops, raw feature",
+        "cached": "cached center crops (a little lower)",
+    }
     for name, r in facts["recipes"].items():
         lr = f"lr {r.lr:g} x {r.batch_size}/256" if r.scale_lr else f"lr {r.lr:g}"
         rows[f"linear_{name}"] = f"{sources[name]}, {r.epochs} epochs, batch {r.batch_size}, {lr}"
@@ -653,31 +769,60 @@ def _report(args: argparse.Namespace, results: dict[str, float], facts: dict) ->
     console.print(f"features: {source} in {args.cache_dir}, on {facts['device']}, {args.precision}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fastreg.eval",
-                                description="k-NN (majority, weighted), 1-NN and linear top-1 of a student.")
-    p.add_argument("checkpoint", help="trainer checkpoint, or a student exported by fastreg.export (then --arch and roots are required)")
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m fastreg.eval", description="k-NN (majority, weighted), 1-NN and linear top-1 of a student."
+    )
+    p.add_argument(
+        "checkpoint",
+        help="trainer checkpoint, or a student exported by fastreg.export (then --arch and roots are required)",
+    )
     p.add_argument("--arch", choices=list(STUDENTS), help="student arch (default: the checkpoint's config)")
-    p.add_argument("--train-root", help="ImageFolder of the k-NN bank / linear training set (default: data.knn_train_root or data.root)")
+    p.add_argument(
+        "--train-root",
+        help="ImageFolder of the k-NN bank / linear training set (default: data.knn_train_root or data.root)",
+    )
     p.add_argument("--val-root", help="ImageFolder of the queries / linear test set (default: data.val_root)")
     p.add_argument("--crop-size", type=int, help="center and random-resized crop (default: data.crop_size, else 224)")
-    p.add_argument("--linear", nargs="+", choices=list(RECIPES), default=[], metavar="PROTOCOL",
-                   help="also train linear classifiers by these protocols: simreg (SimReg's), moco (SEED's), cached "
-                        "(fast, on cached center-crop features)")
+    p.add_argument(
+        "--linear",
+        nargs="+",
+        choices=list(RECIPES),
+        default=[],
+        metavar="PROTOCOL",
+        help="also train linear classifiers by these protocols: simreg (SimReg's), moco (SEED's), cached "
+        "(fast, on cached center-crop features)",
+    )
     p.add_argument("--linear-epochs", type=int, help="default: the protocol's (simreg 40, moco 100, cached 40)")
     p.add_argument("--linear-batch-size", type=int, help="default: 256")
-    p.add_argument("--linear-lr", type=float,
-                   help="default: the protocol's (simreg 0.01, cached 0.01, moco 30 at batch 256, scaled by batch/256)")
+    p.add_argument(
+        "--linear-lr",
+        type=float,
+        help="default: the protocol's (simreg 0.01, cached 0.01, moco 30 at batch 256, scaled by batch/256)",
+    )
     p.add_argument("--k", type=int, help="k-NN neighbours (default: eval.knn_k, else 20)")
     p.add_argument("--t", type=float, help="weighted k-NN temperature (default: eval.knn_t, else 0.07)")
-    p.add_argument("--seed", type=int, default=TIE_SEED,
-                   help="seed of the majority vote's tie-break, the linear heads' init and the random crops")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="autocast dtype of the backbone's forward (default fp32)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=TIE_SEED,
+        help="seed of the majority vote's tie-break, the linear heads' init and the random crops",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="autocast dtype of the backbone's forward (default fp32)",
+    )
     p.add_argument("--batch-size", type=int, help="feature extraction batch (default: eval.batch_size, else 256)")
-    p.add_argument("--workers", type=int, help="DataLoader workers or DALI threads (default: eval.workers, else min(8, CPUs))")
-    p.add_argument("--loader", choices=("auto", "dali", "torchvision"),
-                   help="decoder of the images (default: data.loader, else auto: DALI when installed)")
+    p.add_argument(
+        "--workers", type=int, help="DataLoader workers or DALI threads (default: eval.workers, else min(8, CPUs))"
+    )
+    p.add_argument(
+        "--loader",
+        choices=("auto", "dali", "torchvision"),
+        help="decoder of the images (default: data.loader, else auto: DALI when installed)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     default_cache = files.cache_dir("features")
     p.add_argument("--cache-dir", type=Path, default=default_cache, help=f"feature cache (default: {default_cache})")
@@ -685,7 +830,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         results, facts = evaluate(args)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
     _report(args, results, facts)
 
 

@@ -15,7 +15,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torchvision
@@ -27,8 +26,12 @@ from fastreg.students import STUDENTS, Student
 
 def read_checkpoint(path: str | Path) -> dict:
     """A trainer checkpoint or a state_dict (fastreg.checkpoint.read), or an error saying why the file is neither."""
-    obj = checkpoint.read(path, "file", "check the path (trainer checkpoints are runs/<name>/ckpt_epochNNNN.pt)",
-                          verdict="is not a torch checkpoint")
+    obj = checkpoint.read(
+        path,
+        "file",
+        "check the path (trainer checkpoints are runs/<name>/ckpt_epochNNNN.pt)",
+        verdict="is not a torch checkpoint",
+    )
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a trainer checkpoint or a state_dict")
     return obj
@@ -109,7 +112,7 @@ def load_hint(arch: str, path: Path) -> str:
     )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastreg.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="trainer checkpoint (ckpt_epochNNNN.pt)")
     parser.add_argument("out", help="where to write the student's state_dict (.pt)")
@@ -118,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         state_dict, arch = student_state_dict(args.checkpoint)
         out = _write(state_dict, args.out)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
     n_params = sum(t.numel() for t in state_dict.values() if isinstance(t, torch.Tensor))
     print(f"wrote {out}: {arch} backbone, {len(state_dict)} tensors, {n_params / 1e6:.2f}M values")
     print("load it with:\n" + "\n".join(f"  {line}" for line in load_hint(arch, out).splitlines()))

@@ -46,8 +46,12 @@ def head_spec(cfg: HeadConfig, d: int, D: int) -> list[LayerSpec]:
     return [(h, cfg.bn, cfg.relu) for h in cfg.hidden] + [(D, False, False)]  # mlp
 
 
-def build_head(cfg: HeadConfig, d: int, D: int, device: torch.device = torch.device("cpu"),
-               dtype: torch.dtype = torch.float32) -> nn.Sequential:
+CPU = torch.device("cpu")
+
+
+def build_head(
+    cfg: HeadConfig, d: int, D: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32
+) -> nn.Sequential:
     """An nn.Sequential of Linear/BatchNorm1d/ReLU; fastreg.kernels' FusedMLPHead of the same modules (the same
     state_dict) where head.impl chooses it for the device and the training dtype (autocast's, or fp32)."""
     layers: list[nn.Module] = []

@@ -24,11 +24,11 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
@@ -63,7 +63,7 @@ class DatasetIndex:
     file_list: Path
 
 
-def check_image(path: str | os.PathLike) -> Optional[str]:
+def check_image(path: str | os.PathLike) -> str | None:
     """None when both loaders decode the file completely to the same 8-bit RGB image, else a short reason.
 
     Judged by content, not by name: a PNG named .jpg is read as a PNG. The DALI decoders and PIL's
@@ -82,8 +82,10 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
             # 16- and 32-bit grayscale (PIL modes I, I;16, I;16B, ..., F; PNG and PNM): convert("RGB") clips
             # 256 and above to 255, where DALI divides by 256.
             if img.mode.split(";")[0] in ("I", "F"):
-                return (f"a {img.mode} {img.format} (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI "
-                        "scales it, so the loaders would differ; convert it to 8 bits")
+                return (
+                    f"a {img.mode} {img.format} (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI "
+                    "scales it, so the loaders would differ; convert it to 8 bits"
+                )
             img.load()  # a full decode; PIL raises on a truncated file unless LOAD_TRUNCATED_IMAGES is set
     except FileNotFoundError:
         return "missing"
@@ -103,10 +105,10 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
 def load_index(
     root: str | os.PathLike,
     *,
-    file_list: Optional[str | os.PathLike] = None,
-    cache_dir: Optional[str | os.PathLike] = None,
+    file_list: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     max_bad_fraction: float = 0.01,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> DatasetIndex:
     """Index `root` (cached), leaving out files that fail check_image, with a warning.
@@ -125,8 +127,10 @@ def load_index(
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist or is not a directory; "
-                                "point data.root at an ImageFolder directory (one subfolder per class)")
+        raise FileNotFoundError(
+            f"dataset root {root} does not exist or is not a directory; "
+            "point data.root at an ImageFolder directory (one subfolder per class)"
+        )
     source = Path(file_list).expanduser().resolve() if file_list is not None else None
     if source is None:
         classes, entries = _scan_image_folder(root)
@@ -138,8 +142,10 @@ def load_index(
         raise FileNotFoundError(f"no image files under {root} {where}")
     for rel, _ in entries:
         if "\n" in rel:
-            raise ValueError(f"{str(root / rel)!r}: a line break in the file name cannot be written to DALI's "
-                             "file_list; rename the file")
+            raise ValueError(
+                f"{str(root / rel)!r}: a line break in the file name cannot be written to DALI's "
+                "file_list; rename the file"
+            )
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir("index")
     folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
@@ -166,8 +172,10 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = _subfolders(root)
     if not classes:
         what = "has no class subfolders" if any(root.iterdir()) else "is empty"
-        raise FileNotFoundError(f"dataset root {root} {what}: point data.root at an ImageFolder, whose class "
-                                "subfolders (named after the classes) hold the images, or pass a file_list")
+        raise FileNotFoundError(
+            f"dataset root {root} {what}: point data.root at an ImageFolder, whose class "
+            "subfolders (named after the classes) hold the images, or pass a file_list"
+        )
     # allow_empty: an empty class keeps its label (and a warning) instead of failing the whole index.
     found = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
     prefix = len(str(root)) + 1  # make_dataset joins onto str(root): slicing is exact and fast
@@ -191,12 +199,15 @@ def _read_file_list(path: Path, root: Path) -> list[tuple[str, int]]:
             continue
         match = LIST_LINE.fullmatch(line.rstrip())
         if match is None:
-            raise ValueError(f"{path}, line {number}: expected 'relative/path label' with an integer "
-                             f"label >= 0, got {line!r}; fix the line")
+            raise ValueError(
+                f"{path}, line {number}: expected 'relative/path label' with an integer "
+                f"label >= 0, got {line!r}; fix the line"
+            )
         rel = match.group(1)
         if os.path.isabs(rel):
-            raise ValueError(f"{path}, line {number}: path {rel!r} must be relative to the dataset root "
-                             f"{root}; fix the line")
+            raise ValueError(
+                f"{path}, line {number}: path {rel!r} must be relative to the dataset root {root}; fix the line"
+            )
         entries.append((rel, int(match.group(2))))
     return entries
 
@@ -223,7 +234,7 @@ def _fingerprint(root: Path, classes: list[str], entries: list[tuple[str, int]])
     return digest.hexdigest()
 
 
-def _read_cached(folder: Path, root: Path, fingerprint: str) -> Optional[DatasetIndex]:
+def _read_cached(folder: Path, root: Path, fingerprint: str) -> DatasetIndex | None:
     try:
         meta = json.loads((folder / "index.json").read_text())
         if meta["fingerprint"] != fingerprint:
@@ -236,8 +247,15 @@ def _read_cached(folder: Path, root: Path, fingerprint: str) -> Optional[Dataset
     return DatasetIndex(root, meta["classes"], samples, bad, folder / "file_list.txt")
 
 
-def _build(root: Path, classes: list[str], entries: list[tuple[str, int]], folder: Path, fingerprint: str,
-           workers: int, progress: bool) -> DatasetIndex:
+def _build(
+    root: Path,
+    classes: list[str],
+    entries: list[tuple[str, int]],
+    folder: Path,
+    fingerprint: str,
+    workers: int,
+    progress: bool,
+) -> DatasetIndex:
     reasons = _check_all([str(root / rel) for rel, _ in entries], workers, progress)
     samples = [entry for entry, reason in zip(entries, reasons) if reason is None]
     bad = [(rel, reason) for (rel, _), reason in zip(entries, reasons) if reason is not None]
@@ -250,10 +268,12 @@ def _build(root: Path, classes: list[str], entries: list[tuple[str, int]], folde
     return DatasetIndex(root, classes, samples, bad, folder / "file_list.txt")
 
 
-def _check_all(paths: Sequence[str], workers: int, progress: bool) -> list[Optional[str]]:
+def _check_all(paths: Sequence[str], workers: int, progress: bool) -> list[str | None]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, \
-            _mapper(min(workers, len(paths))) as mapper:
+    with (
+        Progress(*columns, console=Console(stderr=True), disable=not progress) as bar,
+        _mapper(min(workers, len(paths))) as mapper,
+    ):
         task = bar.add_task("decode-checking images", total=len(paths))
         reasons = []
         for reason in mapper(check_image, paths):
@@ -288,36 +308,58 @@ def _report_bad(index: DatasetIndex, max_bad_fraction: float) -> None:
     fraction = len(index.bad) / total
     examples = listing((f"{rel} ({reason})" for rel, reason in index.bad), first=3, sep="; ")
     if not index.samples:
-        raise ValueError(f"{index.root}: none of the {total} images passes the decode check ({examples}); all are "
-                         f"listed in {bad_list} with the reasons. The loaders read JPEG, PNG, BMP and PNM images: "
-                         "convert the images, or point data.root at another folder")
+        raise ValueError(
+            f"{index.root}: none of the {total} images passes the decode check ({examples}); all are "
+            f"listed in {bad_list} with the reasons. The loaders read JPEG, PNG, BMP and PNM images: "
+            "convert the images, or point data.root at another folder"
+        )
     if fraction > max_bad_fraction:
-        raise ValueError(f"{index.root}: {len(index.bad)} of {total} images ({fraction:.2%}) fail the decode "
-                         f"check, more than data.max_bad_fraction={max_bad_fraction}: {examples}; all are listed in "
-                         f"{bad_list}. Fix or remove those files, or raise data.max_bad_fraction")
-    log.warning("%s: left out %d of %d images that fail the decode check (one would stop a DALI pipeline): %s; all "
-                "are listed in %s", index.root, len(index.bad), total, examples, bad_list)
+        raise ValueError(
+            f"{index.root}: {len(index.bad)} of {total} images ({fraction:.2%}) fail the decode "
+            f"check, more than data.max_bad_fraction={max_bad_fraction}: {examples}; all are listed in "
+            f"{bad_list}. Fix or remove those files, or raise data.max_bad_fraction"
+        )
+    log.warning(
+        "%s: left out %d of %d images that fail the decode check (one would stop a DALI pipeline): %s; all "
+        "are listed in %s",
+        index.root,
+        len(index.bad),
+        total,
+        examples,
+        bad_list,
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastreg.index", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="ImageFolder root: one subfolder of images per class")
     parser.add_argument("--file-list", help="'relpath label' lines to check instead of scanning root")
     parser.add_argument("--cache-dir", help=f"where indexes are kept (default {files.cache_dir('index')})")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="fail when more than this fraction of the images is bad (default 0.01)")
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail when more than this fraction of the images is bad (default 0.01)",
+    )
     parser.add_argument("--workers", type=int, help="decode-check threads (default: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        index = load_index(args.root, file_list=args.file_list, cache_dir=args.cache_dir,
-                           max_bad_fraction=args.max_bad_fraction, workers=args.workers,
-                           progress=not args.no_progress)
+        index = load_index(
+            args.root,
+            file_list=args.file_list,
+            cache_dir=args.cache_dir,
+            max_bad_fraction=args.max_bad_fraction,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"{len(index.samples)} good, {len(index.bad)} bad images in {len(index.classes)} classes under "
-          f"{index.root}; DALI file_list: {index.file_list}")
+    print(
+        f"{len(index.samples)} good, {len(index.bad)} bad images in {len(index.classes)} classes under "
+        f"{index.root}; DALI file_list: {index.file_list}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """Which implementation runs for head.impl and loss.impl: fastreg.kernels' fused Triton kernels or eager PyTorch.
 
-    auto    loss: triton on CUDA (faster than eager at every size in the committed benchmarks/results); head:
-            triton only on the GPUs and dtypes in HEAD_WINS, eager elsewhere; train.log says which and why
-    triton  the fused kernels; where they cannot run (no Triton, a device it cannot compile for) eager runs,
-            with a warning naming the key and the error
-    eager   PyTorch ops
+auto    loss: triton on CUDA (faster than eager at every size in the committed benchmarks/results); head:
+        triton only on the GPUs and dtypes in HEAD_WINS, eager elsewhere; train.log says which and why
+triton  the fused kernels; where they cannot run (no Triton, a device it cannot compile for) eager runs,
+        with a warning naming the key and the error
+eager   PyTorch ops
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -39,12 +39,15 @@ def head_auto(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     gpu, name = torch.cuda.get_device_name(device), DTYPE_NAMES[dtype]
     if (gpu, name) in HEAD_WINS:
         return True, f"head.impl=auto: fused, faster than eager on {gpu} in {name} (benchmarks/results)"
-    return False, (f"head.impl=auto: eager, no committed benchmark shows the fused head faster than eager on "
-                   f"{gpu} in {name} (fastreg.kernel_choice.HEAD_WINS; head.impl=triton forces it)")
+    return False, (
+        f"head.impl=auto: eager, no committed benchmark shows the fused head faster than eager on "
+        f"{gpu} in {name} (fastreg.kernel_choice.HEAD_WINS; head.impl=triton forces it)"
+    )
 
 
-def use_triton(key: str, impl: str, device: torch.device, probe: Callable[[], object],
-               auto: Callable[[], tuple[bool, str]]) -> tuple[bool, str]:
+def use_triton(
+    key: str, impl: str, device: torch.device, probe: Callable[[], object], auto: Callable[[], tuple[bool, str]]
+) -> tuple[bool, str]:
     """(whether `key`=impl runs the fused kernels on device, why); auto() decides for impl=auto. probe() imports,
     compiles and launches the kernels once, so a failure shows here, not at the first training step."""
     if impl == "eager":
@@ -58,8 +61,14 @@ def use_triton(key: str, impl: str, device: torch.device, probe: Callable[[], ob
     try:
         probe()
     except Exception as e:  # noqa: BLE001 - a missing or unsupported Triton fails in many ways
-        log.warning("%s=%s: the fused kernel does not run on %s (%s: %s); using eager PyTorch", key, impl, device,
-                    type(e).__name__, e)
+        log.warning(
+            "%s=%s: the fused kernel does not run on %s (%s: %s); using eager PyTorch",
+            key,
+            impl,
+            device,
+            type(e).__name__,
+            e,
+        )
         return False, f"{key}={impl}, but the kernel failed to run"
     return True, why
 

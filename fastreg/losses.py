@@ -99,8 +99,9 @@ class FusedRegressionLoss(RegressionLoss):
         return normalized_regression_loss(s, target)
 
 
-def loss_terms(loss_fns: list[nn.Module], preds: list[torch.Tensor],
-                     targets: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def loss_terms(
+    loss_fns: list[nn.Module], preds: list[torch.Tensor], targets: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(loss_i, cos_i)] of every teacher i; several fused simreg losses go through one kernel launch."""
     if len(loss_fns) == 1 or not all(isinstance(fn, FusedRegressionLoss) for fn in loss_fns):
         return [fn(s, t) for fn, s, t in zip(loss_fns, preds, targets)]
@@ -139,7 +140,7 @@ class SEEDLoss(nn.Module):
     @torch.no_grad()
     def enqueue(self, t: torch.Tensor) -> None:
         """Replace the oldest entries by every rank's teacher embeddings (ring buffer)."""
-        keys = all_gather(t)[-self.queue.shape[0]:]  # (world*B, D), at most K of them
+        keys = all_gather(t)[-self.queue.shape[0] :]  # (world*B, D), at most K of them
         idx = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
         self.queue[idx] = keys
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.queue.shape[0])

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -98,7 +98,7 @@ class GPUMonitor:
         self._total, self._window = Stats(), Stats()
         self._lock = threading.Lock()  # the sampler thread adds, the caller reads and resets
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._nvml = self._handle = None
 
     def __enter__(self) -> GPUMonitor:
@@ -179,8 +179,12 @@ class GPUMonitor:
     def _read(self) -> tuple[float, float, float, float]:
         """One sample, in METRICS' order."""
         nv, h = self._nvml, self._handle
-        return (float(nv.nvmlDeviceGetUtilizationRates(h).gpu), nv.nvmlDeviceGetMemoryInfo(h).used / 2**20,
-                nv.nvmlDeviceGetPowerUsage(h) / 1000, float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)))
+        return (
+            float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+            nv.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+            nv.nvmlDeviceGetPowerUsage(h) / 1000,
+            float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+        )
 
     def _close(self) -> None:
         if self._nvml is not None:

@@ -32,12 +32,14 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-def build_guard(buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler) -> StepSkip | StepUndo:
+def build_guard(
+    buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> StepSkip | StepUndo:
     """StepSkip where every param group runs torch's fused kernel, which takes found_inf; StepUndo otherwise.
     `buffers`: the trained model's, by name (BatchNorm's running statistics move in the forward)."""
     fused = isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) and all(
-        group.get("fused") for group in optimizer.param_groups)
+        group.get("fused") for group in optimizer.param_groups
+    )
     return StepSkip(buffers, optimizer, scaler) if fused else StepUndo(buffers, optimizer)
 
 
@@ -54,8 +56,9 @@ class StepSkip:
 
     name = "skipped inside the fused optimizer kernel (found_inf); model buffers restored from a copy"
 
-    def __init__(self, buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler):
+    def __init__(
+        self, buffers: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ):
         self.optimizer, self.buffers = optimizer, BufferUndo(buffers)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.bad = torch.zeros((), device=self.params[0].device)  # float32 1.0 = skip: what the kernels read
@@ -216,8 +219,9 @@ class Divergence:
 
     world: processes; batches: per epoch (to name the epoch); out_dir: where the intact checkpoints are."""
 
-    def __init__(self, loss_names: list[str], limit: int, world: int, device: torch.device, batches: int,
-                 out_dir: Path):
+    def __init__(
+        self, loss_names: list[str], limit: int, world: int, device: torch.device, batches: int, out_dir: Path
+    ):
         self.counts = BadSteps(["loss", *loss_names], limit, device)
         self.limit, self.world, self.batches, self.out_dir = limit, world, batches, out_dir
         self.logged = 0  # bad steps up to the last logging step
@@ -247,9 +251,13 @@ class Divergence:
         total = self.check()
         skipped, self.logged = total - self.logged, total
         if skipped and warn:
-            log.warning("%d step(s) up to step %d had a NaN or inf loss and were skipped (weights and optimizer "
-                        "state left as before them); trainer.max_bad_steps=%d consecutive ones stop training",
-                        skipped, step, self.limit)
+            log.warning(
+                "%d step(s) up to step %d had a NaN or inf loss and were skipped (weights and optimizer "
+                "state left as before them); trainer.max_bad_steps=%d consecutive ones stop training",
+                skipped,
+                step,
+                self.limit,
+            )
         return skipped
 
     def message(self, seen: BadStepsSeen) -> str:

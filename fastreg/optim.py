@@ -10,7 +10,9 @@ import torch
 from fastreg.config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, params: list, lr: float, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(
+    cfg: OptimConfig, params: list, lr: float, device: torch.device
+) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer and the name of the implementation that runs (logged)."""
     kw = dict(lr=lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
@@ -68,9 +70,11 @@ def lr_scaling_warning(recipe_batch: int | None, global_batch: int, world: int, 
     """What to tell the user when the run's global batch is not the one its recipe reproduces."""
     if recipe_batch is None or recipe_batch == global_batch:
         return None
-    return (f"global batch {global_batch} (data.batch_size x {world} process(es)) differs from the {recipe_batch} that "
-            f"this recipe reproduces (optim.recipe_batch): the lr is scaled linearly to {peak:.4g} = optim.base_lr "
-            f"{base:g} x {global_batch}/256, and results may differ from the paper's")
+    return (
+        f"global batch {global_batch} (data.batch_size x {world} process(es)) differs from the {recipe_batch} that "
+        f"this recipe reproduces (optim.recipe_batch): the lr is scaled linearly to {peak:.4g} = optim.base_lr "
+        f"{base:g} x {global_batch}/256, and results may differ from the paper's"
+    )
 
 
 class LrSchedule:

@@ -4,7 +4,6 @@ Distiller, the loaders and evaluation (none of them re-derives it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,7 +23,7 @@ def pick_device(choice: str, key: str = "trainer.device", index: int = 0) -> tor
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
-    amp_dtype: Optional[torch.dtype]  # autocast's dtype for teachers and student; None: fp32, no autocast
+    amp_dtype: torch.dtype | None  # autocast's dtype for teachers and student; None: fp32, no autocast
     memory_format: torch.memory_format  # of images and convolution weights
     scaler: bool  # fp16: a GradScaler scales the loss
 
@@ -33,7 +32,15 @@ class Placement:
         """Whether loaders may hand over float16 images (where that is fast: DALI on a GPU): under autocast."""
         return self.amp_dtype is not None
 
+    def loader_options(self) -> dict:
+        """Where a loader puts its batches: fastreg.pipelines.build_loader's device, memory_format and half."""
+        return {"device": self.device, "memory_format": self.memory_format, "half": self.half_images}
+
     @classmethod
-    def of(cls, precision: str, channels_last: bool, device: torch.device) -> "Placement":
-        return cls(device, AMP_DTYPES[precision], torch.channels_last if channels_last else torch.contiguous_format,
-                   precision == "fp16")
+    def of(cls, precision: str, channels_last: bool, device: torch.device) -> Placement:
+        return cls(
+            device,
+            AMP_DTYPES[precision],
+            torch.channels_last if channels_last else torch.contiguous_format,
+            precision == "fp16",
+        )

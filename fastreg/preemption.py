@@ -66,6 +66,8 @@ class StopAgreement:
         return self.signal != 0
 
     def message(self, step: int, epoch: float, path: Path, out_dir: Path) -> str:
-        return (f"{signal.Signals(self.signal).name} received: stopped at step {step} (epoch {epoch:.2f}) and saved "
-                f"{path}; fastreg.train exits with code {EXIT_PREEMPTED} (EX_TEMPFAIL). To resume, run the same "
-                f"command again: trainer.resume=auto continues from the newest checkpoint in {out_dir}")
+        return (
+            f"{signal.Signals(self.signal).name} received: stopped at step {step} (epoch {epoch:.2f}) and saved "
+            f"{path}; fastreg.train exits with code {EXIT_PREEMPTED} (EX_TEMPFAIL). To resume, run the same "
+            f"command again: trainer.resume=auto continues from the newest checkpoint in {out_dir}"
+        )

@@ -23,8 +23,9 @@ class RunLogger:
     only (set up by the trainer) and write nothing here. The GPU monitor samples rank 0's GPU: it alone writes
     metrics, and DDP's all-reduces keep the ranks in step."""
 
-    def __init__(self, out_dir: Path, is_main: bool, start_step: int, device: torch.device, monitor: bool,
-                 progress: bool):
+    def __init__(
+        self, out_dir: Path, is_main: bool, start_step: int, device: torch.device, monitor: bool, progress: bool
+    ):
         self.is_main, self.device = is_main, device
         self.metrics = MetricsLog(out_dir, is_main, start_step)
         self.monitor = GPUMonitor(device) if monitor and is_main else None
@@ -67,8 +68,9 @@ class RunLogger:
 
     def epoch_task(self, epoch: int, epochs: int, batches: int, done: int):
         """The progress bar's task for 0-based `epoch`, `done` of its `batches` already trained (a resume)."""
-        return self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=batches, completed=done, loss="-", lr="-",
-                                      ips="-")
+        return self.progress.add_task(
+            f"epoch {epoch + 1}/{epochs}", total=batches, completed=done, loss="-", lr="-", ips="-"
+        )
 
     def window(self) -> dict[str, float]:
         """gpu/* mean and peak since the last call; {} without a monitor or telemetry."""
@@ -77,8 +79,9 @@ class RunLogger:
     def step(self, step: int, values: dict[str, float], task) -> None:
         """A logging step's metrics (loss, lr and img_per_s among them), with the GPU window since the last one."""
         self.metrics.write(step, {**values, **self.window()})
-        self.progress.update(task, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
-                             ips=f"{values['img_per_s']:,.0f}")
+        self.progress.update(
+            task, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", ips=f"{values['img_per_s']:,.0f}"
+        )
 
     def evaluation(self, step: int, epoch: int, results: dict[str, float]) -> None:
         log.info("epoch %d k-NN: %s", epoch, json.dumps(results))
@@ -121,8 +124,13 @@ def drop_lines_after(path: Path, step: int) -> None:
     kept = [line for line in lines if logged_step(line) <= step]
     if len(kept) == len(lines):
         return
-    log.warning("%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
-                "its last checkpoint)", path, len(lines) - len(kept), step)
+    log.warning(
+        "%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
+        "its last checkpoint)",
+        path,
+        len(lines) - len(kept),
+        step,
+    )
     atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
@@ -138,9 +146,12 @@ def make_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-        TimeRemainingColumn(), disable=not enabled,
+        TimeRemainingColumn(),
+        disable=not enabled,
     )
 
 
@@ -172,6 +183,9 @@ def make_out_dir(path: Path) -> None:
         with tempfile.TemporaryFile(dir=path):  # unnamed (O_TMPFILE): nothing is left behind
             pass
     except OSError as e:
-        raise OSError(e.errno, f"trainer.out_dir={path} is not a writable directory ({e.strerror}); checkpoints, "
-                               "train.log and the metrics go there. Pass trainer.out_dir=<a directory you can "
-                               "write to>, or fix its permissions") from e
+        raise OSError(
+            e.errno,
+            f"trainer.out_dir={path} is not a writable directory ({e.strerror}); checkpoints, "
+            "train.log and the metrics go there. Pass trainer.out_dir=<a directory you can "
+            "write to>, or fix its permissions",
+        ) from e

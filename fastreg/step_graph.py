@@ -17,8 +17,9 @@ Every batch must have the captured shape; the loaders drop partial batches, and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -28,11 +29,14 @@ WARMUP = 3  # eager steps before the capture, as in PyTorch's whole-network exam
 
 def check_device(device: torch.device, world: int) -> None:
     if device.type != "cuda":
-        raise ValueError(f"trainer.cuda_graph=true needs a CUDA device, and this run is on {device}: "
-                         "set trainer.cuda_graph=false")
+        raise ValueError(
+            f"trainer.cuda_graph=true needs a CUDA device, and this run is on {device}: set trainer.cuda_graph=false"
+        )
     if world > 1:
-        raise ValueError(f"trainer.cuda_graph=true runs in one process, and this run has {world}: "
-                         "set trainer.cuda_graph=false under torchrun")
+        raise ValueError(
+            f"trainer.cuda_graph=true runs in one process, and this run has {world}: "
+            "set trainer.cuda_graph=false under torchrun"
+        )
 
 
 def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -83,14 +87,16 @@ class StepGraph:
         except RuntimeError as e:
             raise RuntimeError(
                 f"trainer.cuda_graph=true: capturing the training step as a CUDA graph failed ({e}). Some operation "
-                "in the step waits on the host or cannot be captured; train with trainer.cuda_graph=false") from e
+                "in the step waits on the host or cannot be captured; train with trainer.cuda_graph=false"
+            ) from e
 
     def check_batch(self, images: torch.Tensor) -> None:
         if images.shape != self.inputs.shape or images.dtype != self.inputs.dtype:
             raise ValueError(
                 f"trainer.cuda_graph=true captured the step for batches of {tuple(self.inputs.shape)} "
                 f"{self.inputs.dtype}, and this batch is {tuple(images.shape)} {images.dtype}: a CUDA graph "
-                "replays fixed shapes. Keep every batch the same size, or set trainer.cuda_graph=false")
+                "replays fixed shapes. Keep every batch the same size, or set trainer.cuda_graph=false"
+            )
 
 
 @contextmanager

@@ -9,7 +9,8 @@ Its `backbone` keeps torchvision's own module names, so `backbone.state_dict()` 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,10 +51,10 @@ class StudentArch(NamedTuple):
     dim: int  # width of its feature: what the heads, the k-NN and the linear probe see
     # torchvision's name of the classifier Linear the student drops: an exported student lacks its keys, and only
     # those (fastreg.export.check_keys). None: not a torchvision model.
-    final_linear: Optional[str]
+    final_linear: str | None
 
 
-STUDENTS: Dict[str, StudentArch] = {
+STUDENTS: dict[str, StudentArch] = {
     "resnet18": StudentArch(lambda: drop_module(tvm.resnet18(), "fc"), 512, "fc"),
     "resnet34": StudentArch(lambda: drop_module(tvm.resnet34(), "fc"), 512, "fc"),
     "resnet50": StudentArch(lambda: drop_module(tvm.resnet50(), "fc"), 2048, "fc"),
@@ -63,8 +64,9 @@ STUDENTS: Dict[str, StudentArch] = {
     # SEED's MobileNet-v3-L (seed/architectures/mobilenet/mobilenetv3.py, MobileNetV3.__init__) ends with
     # classifier = Linear(960, 1280), h_swish, Dropout(0.2) before its fc: its feature is 1280-d. torchvision's
     # classifier[0:3] is the same Linear + Hardswish + Dropout(0.2); only classifier[3], the 1000-way Linear, goes
-    "mobilenet_v3_large": StudentArch(lambda: drop_module(tvm.mobilenet_v3_large(), "classifier.3"), 1280,
-                                      "classifier.3"),
+    "mobilenet_v3_large": StudentArch(
+        lambda: drop_module(tvm.mobilenet_v3_large(), "classifier.3"), 1280, "classifier.3"
+    ),
     # SEED's EfficientNet-B0 (seed/architectures/efficientnet/model.py, EfficientNet.forward) applies Dropout(0.2)
     # to the pooled feature before its fc: keep torchvision's classifier[0] (Dropout), drop classifier[1]
     "efficientnet_b0": StudentArch(lambda: drop_module(tvm.efficientnet_b0(), "classifier.1"), 1280, "classifier.1"),

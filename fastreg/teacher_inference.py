@@ -38,8 +38,12 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         source = node.args[0]
-        if (isinstance(source, fx.Node) and source.op == "call_module"
-                and isinstance(modules[source.target], nn.Conv2d) and len(source.users) == 1):
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules[source.target], nn.Conv2d)
+            and len(source.users) == 1
+        ):
             pairs.append((source.target, node.target))
     return pairs
 
@@ -54,9 +58,14 @@ def fold_batch_norms(model: nn.Module) -> int:
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fuse_conv_bn_weights(
-            conv.weight.double(), conv.bias.double() if conv.bias is not None else None, bn.running_mean.double(),
-            bn.running_var.double(), bn.eps, bn.weight.double() if bn.weight is not None else None,
-            bn.bias.double() if bn.bias is not None else None)
+            conv.weight.double(),
+            conv.bias.double() if conv.bias is not None else None,
+            bn.running_mean.double(),
+            bn.running_var.double(),
+            bn.eps,
+            bn.weight.double() if bn.weight is not None else None,
+            bn.bias.double() if bn.bias is not None else None,
+        )
         conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
         model.set_submodule(bn_name, nn.Identity())

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import timm
 import torch
@@ -39,7 +40,7 @@ from fastreg.teacher_inference import fold_batch_norms
 
 log = logging.getLogger(__name__)
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,8 +114,9 @@ def _byol_resnet50() -> nn.Module:
     model = drop_module(tvm.resnet50(), "fc")
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Conv2d):
-            same = Conv2dSame(m.in_channels, m.out_channels, m.kernel_size, m.stride, groups=m.groups,
-                              bias=m.bias is not None)
+            same = Conv2dSame(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, groups=m.groups, bias=m.bias is not None
+            )
             model.set_submodule(name, same)
         elif isinstance(m, nn.MaxPool2d):
             model.set_submodule(name, MaxPool2dSame(m.kernel_size, m.stride))
@@ -160,7 +162,7 @@ class TeacherArch(NamedTuple):
     conv: bool  # a conv net: stored and run channels_last
 
 
-TEACHERS: Dict[str, TeacherArch] = {
+TEACHERS: dict[str, TeacherArch] = {
     "resnet50": TeacherArch(lambda: drop_module(tvm.resnet50(), "fc"), 2048, True),
     "byol_resnet50": TeacherArch(_byol_resnet50, 2048, True),  # BYOL's TF-converted weights (SimReg)
     "resnet101": TeacherArch(lambda: drop_module(tvm.resnet101(), "fc"), 2048, True),
@@ -194,7 +196,7 @@ class Layout:
 
 _CLASSIFIERS = ("fc.", "head.")  # torchvision's and timm's classifier
 
-LAYOUTS: Dict[str, Layout] = {
+LAYOUTS: dict[str, Layout] = {
     "torchvision": Layout(("",), ignored=_CLASSIFIERS),
     # MoCo v1/v2: encoder_q's fc is its projection (v1: one Linear; v2: fc.0-ReLU-fc.2, 2048-2048-128).
     # encoder_k (the momentum copy) and the queue lie outside and are ignored.
@@ -242,7 +244,7 @@ def _unwrap(ckpt):
 TEACHER_FIX = "set teacher.checkpoint (teachers.<i>.checkpoint with several teachers) to the teacher's weights file"
 
 
-def read_state_dict(path: Union[str, Path]) -> StateDict:
+def read_state_dict(path: str | Path) -> StateDict:
     """The tensors of a checkpoint file (fastreg.checkpoint.read), out of their container and without DDP's
     `module.` prefix."""
     ckpt = _unwrap(checkpoint.read(path, "teacher checkpoint", TEACHER_FIX))
@@ -251,12 +253,14 @@ def read_state_dict(path: Union[str, Path]) -> StateDict:
         tensors = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         found = listing(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"teacher checkpoint {path} holds no state_dict (found: {found}): point teacher.checkpoint "
-                         "at a file of the teacher's weights")
+        raise ValueError(
+            f"teacher checkpoint {path} holds no state_dict (found: {found}): point teacher.checkpoint "
+            "at a file of the teacher's weights"
+        )
     return tensors
 
 
-def detect_format(keys: List[str], model_keys: Dict[str, torch.Tensor], path: Union[str, Path] = "") -> str:
+def detect_format(keys: list[str], model_keys: dict[str, torch.Tensor], path: str | Path = "") -> str:
     """The layout of a checkpoint's keys (after `module.` is stripped): prefixed layouts by their prefixes, then
     plain keys of the backbone itself (torchvision), then SimSiam's encoder + predictor.
 
@@ -282,10 +286,10 @@ class _Split:
     backbone: StateDict = field(default_factory=dict)
     projection: StateDict = field(default_factory=dict)
     ignored: Counter = field(default_factory=Counter)  # module name -> number of its keys ignored
-    unexpected: List[str] = field(default_factory=list)  # under the backbone prefix, yet not the backbone's
+    unexpected: list[str] = field(default_factory=list)  # under the backbone prefix, yet not the backbone's
 
 
-def _split(weights: StateDict, layout: Layout, model_keys: Dict[str, torch.Tensor], keep_projection: bool) -> _Split:
+def _split(weights: StateDict, layout: Layout, model_keys: dict[str, torch.Tensor], keep_projection: bool) -> _Split:
     prefix = next((p for p in layout.prefixes if any(k.startswith(p) for k in weights)), layout.prefixes[0])
     proj = next((p for p in layout.projection if any(k.startswith(prefix + p) for k in weights)), None)
     out = _Split()
@@ -307,7 +311,7 @@ def _split(weights: StateDict, layout: Layout, model_keys: Dict[str, torch.Tenso
     return out
 
 
-def _check_backbone(split: _Split, model_keys: Dict[str, torch.Tensor], arch: str, where: str) -> None:
+def _check_backbone(split: _Split, model_keys: dict[str, torch.Tensor], arch: str, where: str) -> None:
     """Every backbone tensor must come from the checkpoint, with the model's shape."""
     # Checkpoints older than torch 0.4.1 lack BatchNorm's num_batches_tracked: BN fills it in, eval never reads it
     missing = [k for k in model_keys if k not in split.backbone and not k.endswith("num_batches_tracked")]
@@ -409,7 +413,7 @@ def _check_network(arch: str, fmt: str, backbone: StateDict, where: str) -> None
         )
 
 
-def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, Optional[nn.Sequential]]:
+def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, nn.Sequential | None]:
     """(backbone, projection head or None) for `cfg`, with every tensor from `cfg.checkpoint`."""
     arch, path, name = TEACHERS[cfg.arch], cfg.checkpoint, cfg.name or cfg.arch
     weights = read_state_dict(path)
@@ -457,14 +461,14 @@ class Teacher(nn.Module):
         arch: str,
         backbone: nn.Module,
         dim: int,
-        projection: Optional[nn.Module] = None,
-        amp_dtype: Optional[torch.dtype] = None,
+        projection: nn.Module | None = None,
+        amp_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.name, self.arch, self.dim = name, arch, dim
         self.backbone, self.projection = backbone, projection
         self.amp_dtype = amp_dtype  # autocast dtype, e.g. torch.bfloat16; None runs fp32
-        self.backbone_dtype: Optional[torch.dtype] = None  # set by fold(): the backbone runs in it, no autocast
+        self.backbone_dtype: torch.dtype | None = None  # set by fold(): the backbone runs in it, no autocast
         self.float().requires_grad_(False).eval()  # float: a checkpoint may hold fp16 tensors
 
     def fold(self) -> int:
@@ -475,7 +479,7 @@ class Teacher(nn.Module):
         self.backbone.to(self.backbone_dtype)
         return folded
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -494,7 +498,7 @@ class Teacher(nn.Module):
 
 
 def build_teacher(
-    cfg: TeacherConfig, amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+    cfg: TeacherConfig, amp_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Teacher:
     """The frozen teacher that `cfg` describes, on `device`; `amp_dtype` is its autocast dtype (None: fp32)."""
     if cfg.arch not in TEACHERS:
@@ -512,16 +516,27 @@ def build_teacher(
         backbone, projection = _load_backbone(cfg)
     dim = _projection_dim(projection) if projection is not None else arch.dim
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
-    if arch.conv and (cfg.inference == "folded" or (cfg.inference == "auto" and torch.device(device).type == "cuda")
-                      or cfg.compile):
-        log.info("teacher %s: %d BatchNorms folded into their convolutions, weights in %s%s", name, teacher.fold(),
-                 teacher.backbone_dtype, ", compiled with inductor's freezing" if cfg.compile else "")
+    if arch.conv and (
+        cfg.inference == "folded" or (cfg.inference == "auto" and torch.device(device).type == "cuda") or cfg.compile
+    ):
+        log.info(
+            "teacher %s: %d BatchNorms folded into their convolutions, weights in %s%s",
+            name,
+            teacher.fold(),
+            teacher.backbone_dtype,
+            ", compiled with inductor's freezing" if cfg.compile else "",
+        )
         if cfg.compile:
-            teacher.backbone = torch.compile(teacher.backbone, fullgraph=True, dynamic=False,
-                                             options={"freezing": True})
+            teacher.backbone = torch.compile(
+                teacher.backbone, fullgraph=True, dynamic=False, options={"freezing": True}
+            )
     else:
-        log.info("teacher %s: run as loaded, under autocast (%s)", name,
-                 f"teacher.inference={cfg.inference} on {torch.device(device).type}" if arch.conv
-                 else "a transformer: no BatchNorm to fold")
+        log.info(
+            "teacher %s: run as loaded, under autocast (%s)",
+            name,
+            f"teacher.inference={cfg.inference} on {torch.device(device).type}"
+            if arch.conv
+            else "a transformer: no BatchNorm to fold",
+        )
     # channels_last: the layout the loaders yield (trainer.channels_last) and cuDNN's fastest for convolutions
     return teacher.to(device, memory_format=torch.channels_last if arch.conv else torch.contiguous_format)

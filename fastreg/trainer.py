@@ -51,38 +51,38 @@ class Trainer:
         self.rank, self.world, device = setup_distributed(t.device)
         if t.cuda_graph:
             check_device(device, self.world)
-        self.place = Placement.of(t.precision, t.channels_last, device)
+        self.place, self.device = Placement.of(t.precision, t.channels_last, device), device
         self.is_main, self.out_dir = self.rank == 0, Path(t.out_dir)
         if device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         open_run_dir(self.out_dir, self.is_main)
         config, self.commit = dataclasses.asdict(cfg), ckpt.git_commit()
-
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.place)
         resumed = checkpointer.find(t.resume, self.out_dir, config)
-        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world, seed=t.seed, device=device,
-                                   memory_format=self.place.memory_format, half=self.place.half_images,
-                                   checkpoint=checkpointer.rank_state(resumed, "data", self.rank, self.world))
+        data_state = checkpointer.rank_state(resumed, "data", self.rank, self.world)
+        shard = dict(rank=self.rank, world_size=self.world, seed=t.seed)
+        self.loader = build_loader(cfg.data, **shard, **self.place.loader_options(), checkpoint=data_state)
         self.global_batch = cfg.data.batch_size * self.world
         self.schedule = LrSchedule(cfg.optim, t.epochs, len(self.loader), self.global_batch)
-        self.optimizer, self.optimizer_impl = build_optimizer(cfg.optim, self.distiller.trainable_parameters(),
-                                                              self.schedule.peak, device)
+        params = self.distiller.trainable_parameters()
+        self.optimizer, self.optimizer_impl = build_optimizer(cfg.optim, params, self.schedule.peak, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.place.scaler)
         self.progress = Progress()
-        self.checkpointer = Checkpointer(
-            self.out_dir, [self.distiller, Entry("optimizer", lambda: optimizer_state(self.optimizer),
-                                                 self.optimizer.load_state_dict),
-                           Entry("scaler", self.scaler.state_dict, self.scaler.load_state_dict), self.progress],
-            {"data": self.loader.state_dict, "rng": ckpt.rng_state}, {"config": config, "commit": self.commit},
-            self.rank, self.world, t.keep_checkpoints)
+        optimizer = Entry("optimizer", lambda: optimizer_state(self.optimizer), self.optimizer.load_state_dict)
+        scaler = Entry("scaler", self.scaler.state_dict, self.scaler.load_state_dict)
+        parts = [self.distiller, optimizer, scaler, self.progress]
+        per_rank = {"data": self.loader.state_dict, "rng": ckpt.rng_state}
+        meta = {"config": config, "commit": self.commit}
+        self.checkpointer = Checkpointer(self.out_dir, parts, per_rank, meta, self.rank, self.world, t.keep_checkpoints)
         if resumed:
             self.checkpointer.restore(resumed)
             checkpointer.check_data_position(resumed, self.progress, self.loader)
         # after the resume: a checkpoint's param groups bring their own `fused`
         self.guard = build_guard(self.distiller.trained_buffers(), self.optimizer, self.scaler)
-        self.divergence = Divergence(self.distiller.loss_names, t.max_bad_steps, self.world, device,
-                                     len(self.loader), self.out_dir)
+        self.divergence = Divergence(
+            self.distiller.loss_names, t.max_bad_steps, self.world, device, len(self.loader), self.out_dir
+        )
         self.stop = StopAgreement(self.world, device, t.stop_check_every)
         self.distiller.wrap(lambda model: ddp(model, self.world, device))
         if t.compile:
@@ -93,10 +93,6 @@ class Trainer:
             self.run_update = StepGraph(self.update, device)
         self.log = RunLogger(self.out_dir, self.is_main, self.step, device, t.monitor, t.progress)
         self.compile_reported = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.place.device
 
     @property
     def step(self) -> int:
@@ -206,8 +202,8 @@ class Trainer:
 
     def log_step(self, loss, metrics, lr: float, ips: float, task) -> None:
         skipped = self.divergence.skipped_since_log(self.step, warn=self.is_main)
-        values = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}, "lr": lr, "img_per_s": ips,
-                  "epoch": self.step / len(self.loader), "skipped_steps": skipped}
+        values = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}, "lr": lr, "img_per_s": ips}
+        values.update(epoch=self.step / len(self.loader), skipped_steps=skipped)
         self.log.step(self.step, values, task)
 
     # ---- evaluation ----
@@ -222,14 +218,11 @@ class Trainer:
         others wait at the barrier)."""
         results: dict[str, float] = {}
         if self.is_main:
-            from fastreg.eval import knn_eval
+            from fastreg.eval import knn_eval_run
 
-            d, e = self.cfg.data, self.cfg.eval
             student = self.distiller.student
             student.eval()
-            results = knn_eval(student, d.knn_train_root or d.root, d.val_root, d.crop_size, e.batch_size,
-                               e.workers, self.device, e.knn_k, e.knn_t, amp_dtype=self.place.amp_dtype,
-                               loader=d.loader, max_bad_fraction=d.max_bad_fraction, progress=False)
+            results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
             student.train()
             self.log.evaluation(self.step, self.progress.epoch, results)
         if dist.is_initialized():
@@ -238,12 +231,13 @@ class Trainer:
 
     def log_startup(self) -> None:
         o = self.cfg.optim
-        lines = [f"device {self.device}, world size {self.world}, loader {self.loader.name} ({len(self.loader)} "
-                 f"batches/epoch), optimizer {self.optimizer_impl}, peak lr {self.schedule.peak:.4g} (global batch "
-                 f"{self.global_batch}), lr schedule per {o.schedule}",
-                 f"a step whose loss is NaN or inf is {self.guard.name}"]
+        lines = [
+            f"device {self.device}, world size {self.world}, loader {self.loader.name} ({len(self.loader)} "
+            f"batches/epoch), optimizer {self.optimizer_impl}, peak lr {self.schedule.peak:.4g} (global batch "
+            f"{self.global_batch}), lr schedule per {o.schedule}",
+            f"a step whose loss is NaN or inf is {self.guard.name}",
+        ]
         self.log.startup(self.checkpointer.meta["config"], self.commit, lines)
         warning = lr_scaling_warning(o.recipe_batch, self.global_batch, self.world, o.base_lr, self.schedule.peak)
         if warning and self.is_main:
             log.warning(warning)
-

@@ -13,8 +13,16 @@ triton_op) that torch.compile and CUDA graphs capture. CPU tensors run the same 
 
 from fastreg.kernels.mlp_head import BatchNorm, FusedMLPHead, fused_mlp_head
 from fastreg.kernels.normalized_regression import (
-    NormalizedRegressionLoss, normalized_regression_loss, normalized_regression_losses,
+    NormalizedRegressionLoss,
+    normalized_regression_loss,
+    normalized_regression_losses,
 )
 
-__all__ = ["BatchNorm", "FusedMLPHead", "NormalizedRegressionLoss", "fused_mlp_head", "normalized_regression_loss",
-           "normalized_regression_losses"]
+__all__ = [
+    "BatchNorm",
+    "FusedMLPHead",
+    "NormalizedRegressionLoss",
+    "fused_mlp_head",
+    "normalized_regression_loss",
+    "normalized_regression_losses",
+]

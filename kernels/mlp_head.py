@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -86,9 +87,28 @@ def _act_tile(a, mask, STAT, idx, n, HAS_STAT: tl.constexpr, RELU: tl.constexpr,
 
 
 @triton.jit
-def _matmul(A, B, sam, sak, sbk, sbn, M, N, K, rm, rn, STAT, HAS_STAT: tl.constexpr, RELU: tl.constexpr,
-            ACT_ON_ROWS: tl.constexpr,
-            COL_SUMS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _matmul(
+    A,
+    B,
+    sam,
+    sak,
+    sbk,
+    sbn,
+    M,
+    N,
+    K,
+    rm,
+    rn,
+    STAT,
+    HAS_STAT: tl.constexpr,
+    RELU: tl.constexpr,
+    ACT_ON_ROWS: tl.constexpr,
+    COL_SUMS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """(acc (BM, BN) = act(A)[rm, :] @ B[:, rn] in fp32, with COL_SUMS the column sums of B[:, rn] (BN,), else 0)."""
     acc = tl.zeros((BM, BN), tl.float32)
     col_sums = tl.zeros((BN,), tl.float32)
@@ -109,15 +129,36 @@ def _matmul(A, B, sam, sak, sbk, sbn, M, N, K, rm, rn, STAT, HAS_STAT: tl.conste
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_fwd_kernel(X, W, BIAS, Z, STAT, PART, M, N, K, sxm, sxk, swn, swk, szm,
-                       HAS_STAT: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _linear_fwd_kernel(
+    X,
+    W,
+    BIAS,
+    Z,
+    STAT,
+    PART,
+    M,
+    N,
+    K,
+    sxm,
+    sxk,
+    swn,
+    swk,
+    szm,
+    HAS_STAT: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Z (M, N) = act(X) (M, K) @ W^T + bias, act from STAT (4, K) if HAS_STAT, and RELU; with STATS,
     PART (2, M tiles, N) gets each tile's column mean and M2."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, _ = _matmul(X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, False, False, PRECISION,
-                     BM, BN, BK)
+    acc, _ = _matmul(
+        X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, False, False, PRECISION, BM, BN, BK
+    )
     acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     z = acc.to(Z.dtype.element_ty)
@@ -131,8 +172,22 @@ def _linear_fwd_kernel(X, W, BIAS, Z, STAT, PART, M, N, K, sxm, sxk, swn, swk, s
 
 
 @triton.jit
-def _bn_stats_kernel(PART, GAMMA, BETA, RUN_MEAN, RUN_VAR, COUNT, STAT, M, N, momentum, eps,
-                     TRAINING: tl.constexpr, TILE_M: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_stats_kernel(
+    PART,
+    GAMMA,
+    BETA,
+    RUN_MEAN,
+    RUN_VAR,
+    COUNT,
+    STAT,
+    M,
+    N,
+    momentum,
+    eps,
+    TRAINING: tl.constexpr,
+    TILE_M: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """STAT (4, N) = mean, rstd, scale = gamma rstd, shift = beta - mean scale. Training (PART, the forward GEMM's
     (2, M tiles, N)): the batch's, the row tiles' (mean, M2) Chan-merged in order, and running <- (1 - momentum)
     running + momentum batch (unbiased variance), COUNT += 1, as nn.BatchNorm1d. Eval (not TRAINING; PART a dummy):
@@ -170,16 +225,37 @@ def _bn_stats_kernel(PART, GAMMA, BETA, RUN_MEAN, RUN_VAR, COUNT, STAT, M, N, mo
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_dgrad_kernel(DZ, W, DA, Z, STAT, PART, M, N, K, sdm, sdk, swk, swn, sam, szm,
-                         HAS_STAT: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _linear_dgrad_kernel(
+    DZ,
+    W,
+    DA,
+    Z,
+    STAT,
+    PART,
+    M,
+    N,
+    K,
+    sdm,
+    sdk,
+    swk,
+    swn,
+    sam,
+    szm,
+    HAS_STAT: tl.constexpr,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """DA (M, N) = DZ (M, K) @ W (K, N), then back through the previous layer's ReLU, whose input y = z scale + shift
     (or z without BN) is recomputed from Z. With BN (HAS_STAT: STAT (4, N)), PART (2, M tiles, N) gets each tile's
     column sums of dy and dy x_hat. Z, STAT and PART are dummies where unused."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, _ = _matmul(DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, STAT, False, False, False, False, PRECISION,
-                     BM, BN, BK)
+    acc, _ = _matmul(
+        DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, STAT, False, False, False, False, PRECISION, BM, BN, BK
+    )
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     cmask = rn < N
     if RELU or HAS_STAT:
@@ -187,22 +263,41 @@ def _linear_dgrad_kernel(DZ, W, DA, Z, STAT, PART, M, N, K, sdm, sdk, swk, swn, 
     if RELU:
         y = z
         if HAS_STAT:
-            y = (z * tl.load(STAT + 2 * N + rn, mask=cmask, other=0.0)[None, :]
-                 + tl.load(STAT + 3 * N + rn, mask=cmask, other=0.0)[None, :])
+            y = (
+                z * tl.load(STAT + 2 * N + rn, mask=cmask, other=0.0)[None, :]
+                + tl.load(STAT + 3 * N + rn, mask=cmask, other=0.0)[None, :]
+            )
         acc = tl.where(y > 0, acc, 0.0)
     dy = acc.to(DA.dtype.element_ty)
     tl.store(DA + rm[:, None] * sam + rn[None, :], dy, mask=mask)
     if HAS_STAT:
         dyf = tl.where(mask, dy.to(tl.float32), 0.0)
-        x_hat = ((z - tl.load(STAT + rn, mask=cmask, other=0.0)[None, :])
-                 * tl.load(STAT + N + rn, mask=cmask, other=0.0)[None, :])
+        x_hat = (z - tl.load(STAT + rn, mask=cmask, other=0.0)[None, :]) * tl.load(
+            STAT + N + rn, mask=cmask, other=0.0
+        )[None, :]
         tl.store(PART + pid_m * N + rn, tl.sum(dyf, 0), mask=cmask)
         tl.store(PART + (tl.num_programs(0) + pid_m) * N + rn, tl.sum(dyf * x_hat, 0), mask=cmask)
 
 
 @triton.jit
-def _bn_backward_kernel(DY, Z, PART, STAT, GAMMA, DZ, DGAMMA, DBETA, M, N, sym, szm, sdm,
-                        TRAINING: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _bn_backward_kernel(
+    DY,
+    Z,
+    PART,
+    STAT,
+    GAMMA,
+    DZ,
+    DGAMMA,
+    DBETA,
+    M,
+    N,
+    sym,
+    szm,
+    sdm,
+    TRAINING: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     """dz = gamma rstd (dy - sum dy / M - x_hat sum (dy x_hat) / M) (training; eval: gamma rstd dy); the sums are
     the dgrad tiles' partials (2, M tiles, N), added in order by every program (the first row of programs stores
     dgamma, dbeta)."""
@@ -232,17 +327,40 @@ def _bn_backward_kernel(DY, Z, PART, STAT, GAMMA, DZ, DGAMMA, DBETA, M, N, sym, 
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_wgrad_kernel(ZP, DZ, DW, DB, STAT, M, N, K, szk, szm, sdk, sdn, swn, swm,
-                         HAS_STAT: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _linear_wgrad_kernel(
+    ZP,
+    DZ,
+    DW,
+    DB,
+    STAT,
+    M,
+    N,
+    K,
+    szk,
+    szm,
+    sdk,
+    sdn,
+    swn,
+    swm,
+    HAS_STAT: tl.constexpr,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """DW^T (M, N) = act(ZP)^T (M, K) @ DZ (K, N), with K the batch and act from STAT (4, M) if HAS_STAT, and RELU;
     the first row of programs also writes DB = the column sums of DZ."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, col_sums = _matmul(ZP, DZ, szm, szk, sdk, sdn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, True, True, PRECISION,
-                            BM, BN, BK)
-    tl.store(DW + rn[None, :] * swn + rm[:, None] * swm, acc.to(DW.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    acc, col_sums = _matmul(
+        ZP, DZ, szm, szk, sdk, sdn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, True, True, PRECISION, BM, BN, BK
+    )
+    tl.store(
+        DW + rn[None, :] * swn + rm[:, None] * swm,
+        acc.to(DW.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
     if pid_m == 0:
         tl.store(DB + rn, col_sums.to(DB.dtype.element_ty), mask=rn < N)
 
@@ -253,14 +371,18 @@ def _linear_wgrad_kernel(ZP, DZ, DW, DB, STAT, M, N, K, szk, szm, sdk, sdn, swn,
 # the key); each fits a Hopper SM's shared memory at BM = 128 in fp32. The first is the fixed choice, and the
 # interpreter's only one (it would run every config).
 _TILES = [(64, 32, 4, 4), (32, 64, 4, 4), (128, 32, 4, 4), (128, 64, 8, 3)]
-_GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1 if INTERPRETED else s)
-                 for bn, bk, w, s in _TILES[: 1 if INTERPRETED else None]]
+_GEMM_CONFIGS = [
+    triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1 if INTERPRETED else s)
+    for bn, bk, w, s in _TILES[: 1 if INTERPRETED else None]
+]
 
 
 def _tuned(kernel: triton.JITFunction) -> tuple[triton.runtime.Autotuner, triton.runtime.Autotuner]:
     """(kernel with tiles chosen by timing, kernel with the fixed first tiles)."""
-    return (triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "PRECISION"])(kernel),
-            triton.autotune(_GEMM_CONFIGS[:1], key=[])(kernel))
+    return (
+        triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "PRECISION"])(kernel),
+        triton.autotune(_GEMM_CONFIGS[:1], key=[])(kernel),
+    )
 
 
 _linear_fwd_tuned, _linear_fwd_fixed = _tuned(_linear_fwd_kernel)
@@ -283,7 +405,7 @@ def _grid(M: int, BM: int, N: int):
     return lambda meta: (triton.cdiv(M, BM), triton.cdiv(N, meta["BN"]))
 
 
-def _or_dummy(x: Optional[Tensor], like: Tensor) -> Tensor:
+def _or_dummy(x: Tensor | None, like: Tensor) -> Tensor:
     """x, or a 1-element fp32 tensor on like's device for a pointer the kernel does not touch (its flag is off)."""
     return x if x is not None else like.new_empty(1, dtype=torch.float32)
 
@@ -293,35 +415,77 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def linear_forward(a: Tensor, weight: Tensor, bias: Tensor, stat: Optional[Tensor], relu: bool, z: Tensor,
-                   with_stats: bool) -> Optional[Tensor]:
+def linear_forward(
+    a: Tensor, weight: Tensor, bias: Tensor, stat: Tensor | None, relu: bool, z: Tensor, with_stats: bool
+) -> Tensor | None:
     """z (M, N) <- act(a) @ weight^T + bias for a (M, K), weight (N, K), with act = relu(. * scale + shift), scale
     and shift from stat (4, K) or None; returns the BN partials (2, M tiles, N) fp32 if with_stats, else None."""
     (M, K), N = a.shape, weight.shape[0]
     BM = _row_block(M)
     part = a.new_empty(2, triton.cdiv(M, BM), N, dtype=torch.float32) if with_stats else None
     kernel = _pick(_linear_fwd_tuned, _linear_fwd_fixed)
-    wrap_triton(kernel)[_grid(M, BM, N)](a, weight, bias, z, _or_dummy(stat, a), _or_dummy(part, a), M, N, K,
-                                         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
-                                         HAS_STAT=stat is not None, RELU=relu, STATS=with_stats,
-                                         PRECISION=_precision(a.dtype), BM=BM)
+    wrap_triton(kernel)[_grid(M, BM, N)](
+        a,
+        weight,
+        bias,
+        z,
+        _or_dummy(stat, a),
+        _or_dummy(part, a),
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        z.stride(0),
+        HAS_STAT=stat is not None,
+        RELU=relu,
+        STATS=with_stats,
+        PRECISION=_precision(a.dtype),
+        BM=BM,
+    )
     return part
 
 
-def batch_norm_stats(z: Tensor, part: Optional[Tensor], gamma: Tensor, beta: Tensor, running_mean: Tensor,
-                     running_var: Tensor, count: Tensor, momentum: float, eps: float, training: bool,
-                     stat: Tensor) -> None:
+def batch_norm_stats(
+    z: Tensor,
+    part: Tensor | None,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    count: Tensor,
+    momentum: float,
+    eps: float,
+    training: bool,
+    stat: Tensor,
+) -> None:
     """stat (4, N) fp32 <- mean, rstd, scale, shift of BatchNorm over z (M, N): in training the batch's, from the
     forward GEMM's partials (running_mean, running_var and count updated in place), else the running ones."""
     M, N = z.shape
     block = min(1024, triton.next_power_of_2(N))
     wrap_triton(_bn_stats_kernel)[(triton.cdiv(N, block),)](
-        part if training else _or_dummy(None, z), gamma, beta, running_mean, running_var, count, stat, M, N,
-        momentum, eps, TRAINING=training, TILE_M=_row_block(M), BLOCK=block)
+        part if training else _or_dummy(None, z),
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        count,
+        stat,
+        M,
+        N,
+        momentum,
+        eps,
+        TRAINING=training,
+        TILE_M=_row_block(M),
+        BLOCK=block,
+    )
 
 
-def linear_dgrad(dz: Tensor, weight: Tensor, z_prev: Optional[Tensor], stat: Optional[Tensor],
-                 relu: bool) -> tuple[Tensor, Optional[Tensor]]:
+def linear_dgrad(
+    dz: Tensor, weight: Tensor, z_prev: Tensor | None, stat: Tensor | None, relu: bool
+) -> tuple[Tensor, Tensor | None]:
     """(dy = dz @ weight (M, K) through the previous layer's ReLU (relu) at z_prev (M, K), the BN partials
     (2, M tiles, K) where that layer has BN (stat (4, K))) for dz (M, N), weight (N, K). With neither: d input."""
     (M, N), K = dz.shape, weight.shape[1]
@@ -329,43 +493,94 @@ def linear_dgrad(dz: Tensor, weight: Tensor, z_prev: Optional[Tensor], stat: Opt
     da = dz.new_empty(M, K)
     part = dz.new_empty(2, triton.cdiv(M, BM), K, dtype=torch.float32) if stat is not None else None
     kernel = _pick(_linear_dgrad_tuned, _linear_dgrad_fixed)
-    wrap_triton(kernel)[_grid(M, BM, K)](dz, weight, da, _or_dummy(z_prev, dz), _or_dummy(stat, dz),
-                                         _or_dummy(part, dz), M, K, N, dz.stride(0), dz.stride(1), weight.stride(0),
-                                         weight.stride(1), da.stride(0), z_prev.stride(0) if z_prev is not None else 0,
-                                         HAS_STAT=stat is not None, RELU=relu, PRECISION=_precision(dz.dtype), BM=BM)
+    wrap_triton(kernel)[_grid(M, BM, K)](
+        dz,
+        weight,
+        da,
+        _or_dummy(z_prev, dz),
+        _or_dummy(stat, dz),
+        _or_dummy(part, dz),
+        M,
+        K,
+        N,
+        dz.stride(0),
+        dz.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        da.stride(0),
+        z_prev.stride(0) if z_prev is not None else 0,
+        HAS_STAT=stat is not None,
+        RELU=relu,
+        PRECISION=_precision(dz.dtype),
+        BM=BM,
+    )
     return da, part
 
 
-def batch_norm_backward(dy: Tensor, z: Tensor, part: Optional[Tensor], stat: Tensor, gamma: Tensor,
-                        training: bool) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_backward(
+    dy: Tensor, z: Tensor, part: Tensor | None, stat: Tensor, gamma: Tensor, training: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dz (M, N), dgamma, dbeta) from dy = d loss / d BN's output, BN's input z and the dgrad GEMM's partials."""
     M, N = dy.shape
     BM, BN = _row_block(M), 64
     dz, dgamma, dbeta = torch.empty_like(dy), torch.empty_like(gamma), torch.empty_like(gamma)
     wrap_triton(_bn_backward_kernel)[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        dy, z, part, stat, gamma, dz, dgamma, dbeta, M, N, dy.stride(0), z.stride(0), dz.stride(0),
-        TRAINING=training, BM=BM, BN=BN)
+        dy,
+        z,
+        part,
+        stat,
+        gamma,
+        dz,
+        dgamma,
+        dbeta,
+        M,
+        N,
+        dy.stride(0),
+        z.stride(0),
+        dz.stride(0),
+        TRAINING=training,
+        BM=BM,
+        BN=BN,
+    )
     return dz, dgamma, dbeta
 
 
-def linear_wgrad(a_prev: Tensor, stat: Optional[Tensor], relu: bool, dz: Tensor,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def linear_wgrad(
+    a_prev: Tensor, stat: Tensor | None, relu: bool, dz: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """(dW = dz^T act(a_prev) (N, K), db = sum_b dz (N,)) in dtype, for a_prev (B, K), act from stat (4, K) or None
     and relu, and dz (B, N)."""
     (batch, K), N = a_prev.shape, dz.shape[1]
     BM = _row_block(K)
     dw, db = dz.new_empty(N, K, dtype=dtype), dz.new_empty(N, dtype=dtype)
     kernel = _pick(_linear_wgrad_tuned, _linear_wgrad_fixed)
-    wrap_triton(kernel)[_grid(K, BM, N)](a_prev, dz, dw, db, _or_dummy(stat, dz), K, N, batch, a_prev.stride(0),
-                                         a_prev.stride(1), dz.stride(0), dz.stride(1), dw.stride(0), dw.stride(1),
-                                         HAS_STAT=stat is not None, RELU=relu, PRECISION=_precision(dz.dtype), BM=BM)
+    wrap_triton(kernel)[_grid(K, BM, N)](
+        a_prev,
+        dz,
+        dw,
+        db,
+        _or_dummy(stat, dz),
+        K,
+        N,
+        batch,
+        a_prev.stride(0),
+        a_prev.stride(1),
+        dz.stride(0),
+        dz.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        HAS_STAT=stat is not None,
+        RELU=relu,
+        PRECISION=_precision(dz.dtype),
+        BM=BM,
+    )
     return dw, db
 
 
 # ------------------------------------------------------------------- the same steps in PyTorch: the CPU kernels
 
 
-def _act_torch(a: Tensor, stat: Optional[Tensor], relu: bool) -> Tensor:
+def _act_torch(a: Tensor, stat: Tensor | None, relu: bool) -> Tensor:
     """_act_tile in PyTorch: relu(a * scale + shift) (either part optional) in fp32, back in a's dtype."""
     x = a.float()
     if stat is not None:
@@ -419,14 +634,31 @@ def linear_wgrad_torch(a_prev, stat, relu, dz, dtype):
 # ------------------------------------------------------------------------------------------------------- ops
 
 
-def _per_layer(values: Sequence[Tensor], has_bn: Sequence[bool]) -> list[Optional[Tensor]]:
+def _per_layer(values: Sequence[Tensor], has_bn: Sequence[bool]) -> list[Tensor | None]:
     """The BN layers' values (one per True in has_bn) placed at their layers, None elsewhere."""
     it = iter(values)
     return [next(it) if bn else None for bn in has_bn]
 
 
-def _forward(linear, batch_norm, x, weights, biases, gammas, betas, running_means, running_vars, counts, has_bn,
-             relu, momentum, eps, training, zs, stats):
+def _forward(
+    linear,
+    batch_norm,
+    x,
+    weights,
+    biases,
+    gammas,
+    betas,
+    running_means,
+    running_vars,
+    counts,
+    has_bn,
+    relu,
+    momentum,
+    eps,
+    training,
+    zs,
+    stats,
+):
     """mlp_head_fwd with the steps linear (linear_forward or _torch) and batch_norm (batch_norm_stats or _torch)."""
     bns = iter(zip(gammas, betas, running_means, running_vars, counts, momentum, eps))
     a, stat, stats = x, None, _per_layer(stats, has_bn)
@@ -437,8 +669,9 @@ def _forward(linear, batch_norm, x, weights, biases, gammas, betas, running_mean
         a, stat = z, stats[layer]
 
 
-def _backward(dgrad, bn_backward, wgrad, grad_out, x, zs, weights, gammas, stats, has_bn, relu, training,
-              input_grad, param_dtype):
+def _backward(
+    dgrad, bn_backward, wgrad, grad_out, x, zs, weights, gammas, stats, has_bn, relu, training, input_grad, param_dtype
+):
     """mlp_head_bwd with the steps dgrad, bn_backward and wgrad (linear_dgrad, batch_norm_backward, linear_wgrad
     or their _torch versions)."""
     n = len(weights)
@@ -460,29 +693,83 @@ def _backward(dgrad, bn_backward, wgrad, grad_out, x, zs, weights, gammas, stats
 
 
 @triton_op("fastreg::mlp_head_fwd", mutates_args=("running_means", "running_vars", "counts", "zs", "stats"))
-def mlp_head_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
-                 running_means: list[Tensor], running_vars: list[Tensor], counts: list[Tensor], has_bn: list[bool],
-                 relu: list[bool], momentum: list[float], eps: list[float], training: bool, zs: list[Tensor],
-                 stats: list[Tensor]) -> None:
+def mlp_head_fwd(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    gammas: list[Tensor],
+    betas: list[Tensor],
+    running_means: list[Tensor],
+    running_vars: list[Tensor],
+    counts: list[Tensor],
+    has_bn: list[bool],
+    relu: list[bool],
+    momentum: list[float],
+    eps: list[float],
+    training: bool,
+    zs: list[Tensor],
+    stats: list[Tensor],
+) -> None:
     """The head's forward for x (B, K_1) and weights (N_l, K_l), both in the GEMM dtype, biases (N_l,); Linear l is
     followed by BatchNorm if has_bn[l], then ReLU if relu[l]. Per BN layer (in order): gammas, betas, running_means,
     running_vars (N_l,), counts (num_batches_tracked, ()), momentum, eps; training updates the last three in place.
     Writes zs: z_l (B, N_l) per layer in x's dtype, the last the head's output, and stats: (4, N_l) fp32 mean, rstd,
     scale, shift per BN layer. (Outputs are written in place: a mutating op cannot return lists of tensors under
     torch.compile.)"""
-    return _forward(linear_forward, batch_norm_stats, x, weights, biases, gammas, betas, running_means, running_vars,
-                    counts, has_bn, relu, momentum, eps, training, zs, stats)
+    return _forward(
+        linear_forward,
+        batch_norm_stats,
+        x,
+        weights,
+        biases,
+        gammas,
+        betas,
+        running_means,
+        running_vars,
+        counts,
+        has_bn,
+        relu,
+        momentum,
+        eps,
+        training,
+        zs,
+        stats,
+    )
 
 
 @triton_op("fastreg::mlp_head_bwd", mutates_args=())
-def mlp_head_bwd(grad_out: Tensor, x: Tensor, zs: list[Tensor], weights: list[Tensor], gammas: list[Tensor],
-                 stats: list[Tensor], has_bn: list[bool], relu: list[bool], training: bool, input_grad: bool,
-                 param_dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+def mlp_head_bwd(
+    grad_out: Tensor,
+    x: Tensor,
+    zs: list[Tensor],
+    weights: list[Tensor],
+    gammas: list[Tensor],
+    stats: list[Tensor],
+    has_bn: list[bool],
+    relu: list[bool],
+    training: bool,
+    input_grad: bool,
+    param_dtype: torch.dtype,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """The head's backward from grad_out (B, N_last) and mlp_head_fwd's x, weights, gammas, zs (all but the last)
     and stats: (d x (B, K_1) in x's dtype, or an empty tensor without input_grad; d weights, d biases (param_dtype);
     d gammas, d betas per BN layer (their dtype))."""
-    return _backward(linear_dgrad, batch_norm_backward, linear_wgrad, grad_out, x, zs, weights, gammas, stats,
-                     has_bn, relu, training, input_grad, param_dtype)
+    return _backward(
+        linear_dgrad,
+        batch_norm_backward,
+        linear_wgrad,
+        grad_out,
+        x,
+        zs,
+        weights,
+        gammas,
+        stats,
+        has_bn,
+        relu,
+        training,
+        input_grad,
+        param_dtype,
+    )
 
 
 def _mlp_head_fwd_torch(*args):
@@ -557,8 +844,9 @@ class _HeadFunction(torch.autograd.Function):
         x, cast = x.to(dtype), [weight.to(dtype) for weight in weights]
         zs = [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]
         stats = [x.new_empty(4, weight.shape[0], dtype=torch.float32) for weight, bn in zip(weights, has_bn) if bn]
-        _head_fwd(x, cast, biases, gammas, betas, means, variances, counts, has_bn, relu, momentum, eps, training, zs,
-                  stats)
+        _head_fwd(
+            x, cast, biases, gammas, betas, means, variances, counts, has_bn, relu, momentum, eps, training, zs, stats
+        )
         ctx.save_for_backward(x, *cast, *gammas, *zs[:-1], *stats)
         ctx.spec, ctx.param_dtype = spec, weights[0].dtype
         return zs[-1]
@@ -569,8 +857,9 @@ class _HeadFunction(torch.autograd.Function):
         has_bn, relu, _, _, training = ctx.spec
         n, m = len(relu), sum(has_bn)
         (x,), weights, gammas, zs, stats = _split(ctx.saved_tensors, (1, n, m, n - 1, m))
-        dx, dws, dbs, dgammas, dbetas = _head_bwd(grad_out, x, zs, weights, gammas, stats, has_bn, relu, training,
-                                                  ctx.needs_input_grad[0], ctx.param_dtype)
+        dx, dws, dbs, dgammas, dbetas = _head_bwd(
+            grad_out, x, zs, weights, gammas, stats, has_bn, relu, training, ctx.needs_input_grad[0], ctx.param_dtype
+        )
         return dx if ctx.needs_input_grad[0] else None, None, *dws, *dbs, *dgammas, *dbetas, *[None] * (3 * m)
 
 
@@ -590,30 +879,48 @@ class BatchNorm(NamedTuple):
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
 
 
-def fused_mlp_head(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
-                   norms: Sequence[Optional[BatchNorm]], relu: Sequence[bool], training: bool) -> Tensor:
+def fused_mlp_head(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    norms: Sequence[BatchNorm | None],
+    relu: Sequence[bool],
+    training: bool,
+) -> Tensor:
     """The head's output (B, N_last) for x (B, K_1): layer l is z = a @ weights[l]^T + biases[l] (weights[l]
     (N_l, K_l)), then the BatchNorm norms[l] (or none; batch statistics if training, which updates its running
     statistics and num_batches_tracked in place, else its running statistics), then a ReLU if relu[l]. Under
     autocast the output has autocast's dtype; gradients reach x, weights, biases and the BatchNorms' weight, bias."""
     _check(x, weights, biases, norms, relu, training)
     bns = [bn for bn in norms if bn is not None]
-    spec = (tuple(bn is not None for bn in norms), tuple(relu), tuple(bn.momentum for bn in bns),
-            tuple(bn.eps for bn in bns), training)
+    spec = (
+        tuple(bn is not None for bn in norms),
+        tuple(relu),
+        tuple(bn.momentum for bn in bns),
+        tuple(bn.eps for bn in bns),
+        training,
+    )
     bn_tensors = [getattr(bn, field) for field in BatchNorm._fields[:5] for bn in bns]  # gammas, betas, ...
     return _HeadFunction.apply(x, spec, *weights, *biases, *bn_tensors)
 
 
-def _check(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], norms: Sequence[Optional[BatchNorm]],
-           relu: Sequence[bool], training: bool) -> None:
+def _check(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    norms: Sequence[BatchNorm | None],
+    relu: Sequence[bool],
+    training: bool,
+) -> None:
     if not len(weights) == len(biases) == len(norms) == len(relu) > 0:
-        raise ValueError(f"fused_mlp_head needs one bias, norm (or None) and relu flag per weight; got "
-                         f"{len(weights)} weights, {len(biases)} biases, {len(norms)} norms, {len(relu)} relu flags")
+        raise ValueError(
+            f"fused_mlp_head needs one bias, norm (or None) and relu flag per weight; got "
+            f"{len(weights)} weights, {len(biases)} biases, {len(norms)} norms, {len(relu)} relu flags"
+        )
     if x.dim() != 2 or x.shape[1] != weights[0].shape[1]:
         raise ValueError(f"fused_mlp_head expects (B, {weights[0].shape[1]}); got {tuple(x.shape)}")
     if training and x.shape[0] < 2 and any(bn is not None for bn in norms):
-        raise ValueError(f"BatchNorm needs more than 1 value per channel when training; got a batch of "
-                         f"{x.shape[0]}")
+        raise ValueError(f"BatchNorm needs more than 1 value per channel when training; got a batch of {x.shape[0]}")
 
 
 # ------------------------------------------------------------------------------------------------------ module
@@ -624,7 +931,7 @@ class Layer:
     """Linear, then optionally BatchNorm1d, then optionally ReLU."""
 
     linear: nn.Linear
-    bn: Optional[nn.BatchNorm1d]
+    bn: nn.BatchNorm1d | None
     relu: bool
 
 
@@ -643,10 +950,14 @@ class FusedMLPHead(nn.Sequential):
         self.plan = _plan(list(modules))
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused_mlp_head(x, [layer.linear.weight for layer in self.plan],
-                              [layer.linear.bias for layer in self.plan],
-                              [BatchNorm.of(layer.bn) if layer.bn is not None else None for layer in self.plan],
-                              [layer.relu for layer in self.plan], self.training)
+        return fused_mlp_head(
+            x,
+            [layer.linear.weight for layer in self.plan],
+            [layer.linear.bias for layer in self.plan],
+            [BatchNorm.of(layer.bn) if layer.bn is not None else None for layer in self.plan],
+            [layer.relu for layer in self.plan],
+            self.training,
+        )
 
 
 def _plan(modules: list[nn.Module]) -> list[Layer]:
@@ -659,14 +970,17 @@ def _plan(modules: list[nn.Module]) -> list[Layer]:
             layers.append(Layer(m, None, False))
         elif isinstance(m, nn.BatchNorm1d) and layers and layers[-1].bn is None and not layers[-1].relu:
             if not (m.affine and m.track_running_stats and m.momentum is not None):
-                raise ValueError("FusedMLPHead: BatchNorm1d needs affine=True, track_running_stats=True and a "
-                                 "momentum (not None)")
+                raise ValueError(
+                    "FusedMLPHead: BatchNorm1d needs affine=True, track_running_stats=True and a momentum (not None)"
+                )
             layers[-1].bn = m
         elif isinstance(m, nn.ReLU) and layers and not layers[-1].relu:
             layers[-1].relu = True
         else:
-            raise ValueError(f"FusedMLPHead fuses Linear [-> BatchNorm1d] [-> ReLU] chains; cannot place "
-                             f"{type(m).__name__} after {[type(x).__name__ for x in modules[:modules.index(m)]]}")
+            raise ValueError(
+                f"FusedMLPHead fuses Linear [-> BatchNorm1d] [-> ReLU] chains; cannot place "
+                f"{type(m).__name__} after {[type(x).__name__ for x in modules[: modules.index(m)]]}"
+            )
     if not layers:
         raise ValueError("FusedMLPHead needs at least one Linear")
     if layers[-1].bn is not None or layers[-1].relu:

@@ -39,7 +39,7 @@ imported (the tests).
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import triton
@@ -67,6 +67,8 @@ def _tile_terms(sum_pp, sum_tt, dot, w, scale, eps):
     return w * loss, a, b
 
 
+# The kernels' parameters grouped as the launch passes them, not one per line:
+# fmt: off
 @triton.jit
 def _term(P, T, W, G, OUT, tile, B, D, stride_p, stride_t, eps, HAS_W: tl.constexpr, HAS_G: tl.constexpr,
           MEAN: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -113,8 +115,10 @@ def _term(P, T, W, G, OUT, tile, B, D, stride_p, stride_t, eps, HAS_W: tl.conste
         tl.atomic_add(OUT, tl.sum(loss, 0) * scale)
     else:
         tl.store(OUT + rows, loss, mask=live)
+# fmt: on
 
 
+# fmt: off
 @triton.jit(do_not_specialize=["stride_out", *SIZES])
 def _terms_kernel(OUT, P0, T0, W0, G0, P1, T1, W1, G1, P2, T2, W2, G2, P3, T3, W3, G3,
                   stride_out, eps, B0, D0, SP0, ST0, B1, D1, SP1, ST1, B2, D2, SP2, ST2, B3, D3, SP3, ST3,
@@ -141,6 +145,7 @@ def _terms_kernel(OUT, P0, T0, W0, G0, P1, T1, W1, G1, P2, T2, W2, G2, P3, T3, W
         if k == 3:
             _term(P3, T3, W3, G3, OUT + 3 * stride_out, tile, B3, D3, SP3, ST3, eps, HAS_W3, HAS_G3, MEAN, REDUCE,
                   ROWS, BLOCK, ONE_BLOCK)
+# fmt: on
 
 
 @triton.jit(do_not_specialize=["B", "D"])
@@ -176,15 +181,23 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch_terms(kernel: Callable, preds: list[torch.Tensor], targets: list[torch.Tensor],
-                  weights: list[Optional[torch.Tensor]], mean: bool, reduce: bool,
-                  with_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _launch_terms(
+    kernel: Callable,
+    preds: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    weights: list[torch.Tensor | None],
+    mean: bool,
+    reduce: bool,
+    with_grad: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """`terms_loss_and_grad` through `kernel` (_terms_kernel itself, or wrapped for tracing)."""
     n = len(preds)
     preds, targets = [_rows_contiguous(p) for p in preds], [_rows_contiguous(t) for t in targets]
     weights = [w.contiguous() if w is not None else None for w in weights]
-    grads = [torch.empty_like(p, memory_format=torch.contiguous_format) if g else p.new_empty(0)
-             for p, g in zip(preds, with_grad)]
+    grads = [
+        torch.empty_like(p, memory_format=torch.contiguous_format) if g else p.new_empty(0)
+        for p, g in zip(preds, with_grad)
+    ]
     batch = max(p.shape[0] for p in preds)
     out = preds[0].new_zeros(n, dtype=torch.float32) if reduce else preds[0].new_empty(n, batch, dtype=torch.float32)
     dummy = preds[0].new_empty(1)
@@ -195,21 +208,36 @@ def _launch_terms(kernel: Callable, preds: list[torch.Tensor], targets: list[tor
         for k in range(MAX_TERMS):
             i = first + k
             if i in slots:
-                pointers += [preds[i], targets[i], weights[i] if weights[i] is not None else dummy,
-                             grads[i] if with_grad[i] else dummy]
+                pointers += [
+                    preds[i],
+                    targets[i],
+                    weights[i] if weights[i] is not None else dummy,
+                    grads[i] if with_grad[i] else dummy,
+                ]
                 sizes += [*preds[i].shape, preds[i].stride(0), targets[i].stride(0)]
             else:
                 pointers += [dummy] * 4
                 sizes += [0] * 4
             flags |= {f"HAS_W{k}": i in slots and weights[i] is not None, f"HAS_G{k}": i in slots and with_grad[i]}
         kernel[(triton.cdiv(batch, tiling["ROWS"]), len(slots))](
-            out[first:], *pointers, out.stride(0) if not reduce else 1, EPS, *sizes, TERMS=len(slots), **flags,
-            MEAN=mean, REDUCE=reduce, ONE_BLOCK=max(p.shape[1] for p in preds) <= tiling["BLOCK"], **tiling)
+            out[first:],
+            *pointers,
+            out.stride(0) if not reduce else 1,
+            EPS,
+            *sizes,
+            TERMS=len(slots),
+            **flags,
+            MEAN=mean,
+            REDUCE=reduce,
+            ONE_BLOCK=max(p.shape[1] for p in preds) <= tiling["BLOCK"],
+            **tiling,
+        )
     return out, grads
 
 
-def eager_loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scale: float,
-                        with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_loss_and_grad(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, scale: float, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's formulas in plain PyTorch (fp32 sums), one term: (w_b loss_b (B,) fp32, scale w_b d loss_b / dp
     in pred's dtype, or an empty tensor without with_grad)."""
     p, t = pred.float(), target.float()
@@ -224,9 +252,14 @@ def eager_loss_and_grad(pred: torch.Tensor, target: torch.Tensor, weight: Option
     return w * rows, grad
 
 
-def eager_terms_loss_and_grad(preds: list[torch.Tensor], targets: list[torch.Tensor],
-                              weights: list[Optional[torch.Tensor]], mean: bool, reduce: bool,
-                              with_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def eager_terms_loss_and_grad(
+    preds: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    weights: list[torch.Tensor | None],
+    mean: bool,
+    reduce: bool,
+    with_grad: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """`terms_loss_and_grad` term by term in plain PyTorch: the op's CPU kernel."""
     batch = max(p.shape[0] for p in preds)
     out = preds[0].new_zeros(len(preds), *(() if reduce else (batch,)), dtype=torch.float32)
@@ -243,8 +276,14 @@ def eager_terms_loss_and_grad(preds: list[torch.Tensor], targets: list[torch.Ten
 
 
 @triton_op("fastreg::normalized_regression_fwd", mutates_args=())
-def terms_loss_and_grad(preds: list[torch.Tensor], targets: list[torch.Tensor], weights: list[Optional[torch.Tensor]],
-                        mean: bool, reduce: bool, with_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def terms_loss_and_grad(
+    preds: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    weights: list[torch.Tensor | None],
+    mean: bool,
+    reduce: bool,
+    with_grad: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n terms (pred_k, target_k (B_k, D_k), weight_k (B_k,) or None), scale_k = 1 / B_k if mean else 1, in one
     launch per MAX_TERMS terms: (out, [scale_k w_b d loss_b / d pred_k (B_k, D_k), or an empty tensor where not
     with_grad[k]]); out is (n,) fp32 with term k's scale_k sum_b w_b loss_b (reduce), else (n, max B) with term k's
@@ -310,9 +349,10 @@ class NormalizedRegressionFunction(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, reduction, n, *tensors):
         """tensors: n preds, n targets, n weights (or None); returns n losses."""
-        preds, targets, weights = list(tensors[:n]), [t.detach() for t in tensors[n: 2 * n]], list(tensors[2 * n:])
-        out, grads = _forward(preds, targets, weights, reduction == "mean", reduction != "none",
-                              list(ctx.needs_input_grad[2: 2 + n]))
+        preds, targets, weights = list(tensors[:n]), [t.detach() for t in tensors[n : 2 * n]], list(tensors[2 * n :])
+        out, grads = _forward(
+            preds, targets, weights, reduction == "mean", reduction != "none", list(ctx.needs_input_grad[2 : 2 + n])
+        )
         ctx.save_for_backward(*grads)
         ctx.set_materialize_grads(False)  # a loss left out of backward gets None, not zeros
         ctx.scaled = set()  # terms whose saved gradient backward has scaled
@@ -322,8 +362,9 @@ class NormalizedRegressionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, *grad_outputs):
-        grads = [grad if out is not None and grad.numel() else None
-                 for grad, out in zip(ctx.saved_tensors, grad_outputs)]
+        grads = [
+            grad if out is not None and grad.numel() else None for grad, out in zip(ctx.saved_tensors, grad_outputs)
+        ]
         if not torch.compiler.is_compiling():  # compiled backward graphs keep no Python state
             _mark_scaled(ctx, grads)
         for grad, out in zip(grads, grad_outputs):
@@ -332,37 +373,42 @@ class NormalizedRegressionFunction(torch.autograd.Function):
         return None, None, *grads, *[None] * (2 * len(grads))
 
 
-def _mark_scaled(ctx, grads: list[Optional[torch.Tensor]]) -> None:
+def _mark_scaled(ctx, grads: list[torch.Tensor | None]) -> None:
     """Record the terms whose saved gradient this backward scales; a term scaled before is an error."""
     twice = [k for k, grad in enumerate(grads) if grad is not None and k in ctx.scaled]
     if twice:
-        raise RuntimeError(f"the fused normalized regression loss scales its saved gradient in place, so it supports "
-                           f"one backward per forward and term (term {twice[0]} again): compute the loss again "
-                           f"instead of backward(retain_graph=True) twice")
+        raise RuntimeError(
+            f"the fused normalized regression loss scales its saved gradient in place, so it supports "
+            f"one backward per forward and term (term {twice[0]} again): compute the loss again "
+            f"instead of backward(retain_graph=True) twice"
+        )
     ctx.scaled.update(k for k, grad in enumerate(grads) if grad is not None)
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: str) -> None:
+def _check(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> None:
     if pred.dim() != 2 or pred.shape != target.shape:
         raise ValueError(f"pred and target must both be (B, D); got {tuple(pred.shape)} and {tuple(target.shape)}")
     if weight is not None and (weight.shape != pred.shape[:1] or weight.device != pred.device):
-        raise ValueError(f"weight must be (B,) = ({pred.shape[0]},) on {pred.device}; got {tuple(weight.shape)} "
-                         f"on {weight.device}")
+        raise ValueError(
+            f"weight must be (B,) = ({pred.shape[0]},) on {pred.device}; got {tuple(weight.shape)} on {weight.device}"
+        )
     if weight is not None and weight.requires_grad:
         raise ValueError("weight gets no gradient from this loss: pass weight.detach()")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
-def normalized_regression_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                               reduction: str = "mean") -> torch.Tensor:
+def normalized_regression_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, reduction: str = "mean"
+) -> torch.Tensor:
     """SimReg's loss of pred (B, D) against the constant target (B, D), optional per-row weight (B,)."""
     _check(pred, target, weight, reduction)
     return NormalizedRegressionFunction.apply(reduction, 1, pred, target, weight)[0]
 
 
-def normalized_regression_losses(terms: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
-                                 reduction: str = "mean") -> list[torch.Tensor]:
+def normalized_regression_losses(
+    terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], reduction: str = "mean"
+) -> list[torch.Tensor]:
     """[normalized_regression_loss(pred, target, weight, reduction) for each term], all terms in one Triton launch
     (one per MAX_TERMS terms): pred and target (B_k, D_k), weight (B_k,) or None, per teacher. D_k, B_k and dtypes
     may differ between terms; all tensors on one device."""
@@ -373,8 +419,10 @@ def normalized_regression_losses(terms: list[tuple[torch.Tensor, torch.Tensor, O
         try:
             _check(pred, target, weight, reduction)
             if pred.device != device or target.device != device:
-                raise ValueError(f"all terms must be on one device, {device}; got pred on {pred.device} and "
-                                 f"target on {target.device}")
+                raise ValueError(
+                    f"all terms must be on one device, {device}; got pred on {pred.device} and "
+                    f"target on {target.device}"
+                )
         except ValueError as e:
             raise ValueError(f"term {k}: {e}") from None
     preds, targets, weights = zip(*terms)
@@ -388,5 +436,5 @@ class NormalizedRegressionLoss(torch.nn.Module):
         super().__init__()
         self.reduction = reduction
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return normalized_regression_loss(pred, target, weight, self.reduction)

@@ -14,7 +14,8 @@ import hashlib
 import importlib
 import logging
 import os
-from typing import Iterable, Iterator, Optional, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ class Loader(Protocol):
     def state_dict(self) -> dict: ...
 
 
-def usable_state(checkpoint: Optional[dict], identity: dict, *, order_has_state: bool) -> Optional[dict]:
+def usable_state(checkpoint: dict | None, identity: dict, *, order_has_state: bool) -> dict | None:
     """A loader's saved state, if a loader with the same identity (name, files, world size, batch size)
     saved it: a position means nothing to another one. Otherwise None, with a warning where something is
     lost: always for a loader whose order has state (DALI's shuffle), else only inside an epoch (the
@@ -49,8 +50,11 @@ def usable_state(checkpoint: Optional[dict], identity: dict, *, order_has_state:
     if not changed:
         return checkpoint
     if order_has_state or checkpoint.get("batch"):
-        log.warning("the checkpoint's data position was saved with another %s: the %s loader cannot continue "
-                    "from it", ", ".join(changed), identity["loader"])
+        log.warning(
+            "the checkpoint's data position was saved with another %s: the %s loader cannot continue from it",
+            ", ".join(changed),
+            identity["loader"],
+        )
     return None
 
 
@@ -70,10 +74,15 @@ def resolve_loader(kind: str) -> str:
         importlib.import_module("nvidia.dali")
     except ImportError as e:
         if kind == "dali":
-            raise ImportError(f"data.loader=dali but DALI cannot be imported ({e}): pip install nvidia-dali-cuda130 "
-                              "(or nvidia-dali-cuda120 for CUDA 12), or use data.loader=torchvision") from e
-        log.warning("data.loader=auto: DALI cannot be imported (%s); using the torchvision loader, which decodes "
-                    "with PIL on the CPU and is much slower. Install nvidia-dali-cuda130 to fix.", e)
+            raise ImportError(
+                f"data.loader=dali but DALI cannot be imported ({e}): pip install nvidia-dali-cuda130 "
+                "(or nvidia-dali-cuda120 for CUDA 12), or use data.loader=torchvision"
+            ) from e
+        log.warning(
+            "data.loader=auto: DALI cannot be imported (%s); using the torchvision loader, which decodes "
+            "with PIL on the CPU and is much slower. Install nvidia-dali-cuda130 to fix.",
+            e,
+        )
         return "torchvision"
     return "dali"
 
@@ -86,8 +95,7 @@ def dataset_index(cfg: DataConfig, rank: int, world_size: int):
     from fastreg.index import load_index
 
     def load(progress: bool):
-        return load_index(cfg.root, file_list=cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
-                          progress=progress)
+        return load_index(cfg.root, file_list=cfg.file_list, max_bad_fraction=cfg.max_bad_fraction, progress=progress)
 
     if world_size == 1 or not dist.is_initialized():
         return load(progress=True)
@@ -116,32 +124,62 @@ def dataset_index(cfg: DataConfig, rank: int, world_size: int):
     return index
 
 
-def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 memory_format: torch.memory_format = torch.channels_last, half: bool = True,
-                 checkpoint: Optional[dict] = None) -> Loader:
+def build_loader(
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.channels_last,
+    half: bool = True,
+    checkpoint: dict | None = None,
+) -> Loader:
     """The training loader of data.loader. `half`: float16 images where that is fast (DALI on a GPU), for
     runs under autocast; `checkpoint`: a state_dict() of the same loader to continue from."""
     kind = resolve_loader(cfg.loader)
     if kind == "synthetic":
         from fastreg.pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(cfg, seed=mix_seed("synthetic", seed, rank), device=device,
-                               memory_format=memory_format, checkpoint=checkpoint)
+        return SyntheticLoader(
+            cfg,
+            seed=mix_seed("synthetic", seed, rank),
+            device=device,
+            memory_format=memory_format,
+            checkpoint=checkpoint,
+        )
     if kind == "dali":
         from fastreg.pipelines.dali import DaliLoader, Shard
 
-        return DaliLoader(cfg, dataset_index(cfg, rank, world_size), shard=Shard(rank, world_size), seed=seed,
-                          device=device, memory_format=memory_format, half=half, checkpoint=checkpoint)
+        return DaliLoader(
+            cfg,
+            dataset_index(cfg, rank, world_size),
+            shard=Shard(rank, world_size),
+            seed=seed,
+            device=device,
+            memory_format=memory_format,
+            half=half,
+            checkpoint=checkpoint,
+        )
     if cfg.augment != "weak":
         raise ValueError(f"data.augment={cfg.augment} is built with DALI ops, and DALI cannot be imported here")
     from fastreg.pipelines.pil_folder import TorchvisionLoader
 
-    return TorchvisionLoader(cfg, dataset_index(cfg, rank, world_size), rank=rank, world_size=world_size, seed=seed,
-                             device=device, memory_format=memory_format, checkpoint=checkpoint)
+    return TorchvisionLoader(
+        cfg,
+        dataset_index(cfg, rank, world_size),
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        memory_format=memory_format,
+        checkpoint=checkpoint,
+    )
 
 
-def eval_batches(kind: str, root: str, crop_size: int, batch_size: int, workers: int,
-                 device: torch.device, **index_options) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    kind: str, root: str, crop_size: int, batch_size: int, workers: int, device: torch.device, **index_options
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of every image of the ImageFolder `root` once, in order; `.classes` names the labels.
     DALI batches are already on `device` (float16 on a GPU); torchvision's are float32 on the CPU.
     index_options (max_bad_fraction, progress) go to the dataset index that both read."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -37,13 +37,18 @@ MEAN = [255 * m for m in IMAGENET_MEAN]  # crop_mirror_normalize works on 0..255
 STD = [255 * s for s in IMAGENET_STD]
 # The mixed decoder's memory, sized once for ImageNet's largest JPEG (DALI's ResNet-50 example): its
 # pools only grow, and growing them mid-epoch stalls the pipeline.
-MIXED_DECODER_MEMORY = dict(device_memory_padding=211025920, host_memory_padding=140544512,
-                            preallocate_width_hint=5980, preallocate_height_hint=6430)
+MIXED_DECODER_MEMORY = dict(
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
 
 
 @dataclass(frozen=True)
 class Shard:
     """Which part of the dataset this process reads: shard_id = global rank, num_shards = world size."""
+
     shard_id: int = 0
     num_shards: int = 1
 
@@ -54,8 +59,13 @@ def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
     epoch); pad_last_batch gives every shard's pass the same length (DaliLoader never trains on the pad)."""
     shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if shuffle else {}
     jpegs, labels = fn.readers.file(
-        file_root=str(index.root), file_list=str(index.file_list), shard_id=shard.shard_id,
-        num_shards=shard.num_shards, pad_last_batch=True, name=READER, **shuffling,
+        file_root=str(index.root),
+        file_list=str(index.file_list),
+        shard_id=shard.shard_id,
+        num_shards=shard.num_shards,
+        pad_last_batch=True,
+        name=READER,
+        **shuffling,
     )
     return jpegs, labels
 
@@ -86,14 +96,19 @@ def colour_jitter(images, brightness, contrast, saturation, hue, order):
     colours differ.
     """
     for slot in range(4):
-        op = fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))),
-                             values=[permutation[slot] for permutation in PERMUTATIONS], dtype=types.INT32)
+        op = fn.lookup_table(
+            order,
+            keys=list(range(len(PERMUTATIONS))),
+            values=[permutation[slot] for permutation in PERMUTATIONS],
+            dtype=types.INT32,
+        )
 
-        def here(which):  # 1.0 where this slot runs op `which`, else 0.0
+        def here(which, op=op):  # 1.0 where this slot runs op `which`, else 0.0
             return fn.cast(op == which, dtype=types.FLOAT)
 
-        images = brightness_contrast(images, 1 + here(BRIGHTNESS) * (brightness - 1),
-                                     1 + here(CONTRAST) * (contrast - 1))
+        images = brightness_contrast(
+            images, 1 + here(BRIGHTNESS) * (brightness - 1), 1 + here(CONTRAST) * (contrast - 1)
+        )
         images = fn.hsv(images, saturation=1 + here(SATURATION) * (saturation - 1), hue=here(HUE) * hue)
     return images
 
@@ -102,6 +117,7 @@ def random_jitter(images, strength: float, hue_strength: float, applied=1):
     """ColorJitter(strength, strength, strength, hue_strength) in a random order per image: factors
     U(1 - s, 1 + s), hue U(-h, h) of the colour circle. `applied` (per-sample 0/1, or 1 for every image) gives
     RandomApply: where it is 0, every factor is the identity."""
+
     def factor(s):
         return 1 + applied * fn.random.uniform(range=[-s, s])
 
@@ -152,8 +168,14 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
     jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
     gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
     images = fn.decoders.image_random_crop(
-        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
-        random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio), num_attempts=10, **gpu_hints,
+        jpegs,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+        random_area=list(cfg.scale),
+        random_aspect_ratio=list(cfg.ratio),
+        num_attempts=10,
+        **gpu_hints,
     )
     images = fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
     if cfg.augment == "strong":
@@ -161,8 +183,12 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
     elif cfg.augment == "simclr":
         images = simclr_view(images)
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
-        mean=MEAN, std=STD, mirror=fn.random.coin_flip(probability=0.5),
+        images,
+        dtype=types.FLOAT16 if half else types.FLOAT,
+        output_layout="HWC",
+        mean=MEAN,
+        std=STD,
+        mirror=fn.random.coin_flip(probability=0.5),
     )
     return images, labels.gpu() if gpu else labels
 
@@ -176,13 +202,15 @@ def resize_like_torchvision(images, shorter: int):
     portrait = fn.cast(width <= height, dtype=types.INT64)  # torchvision's `w <= h`: the width is the short side
     new_width = portrait * shorter + (1 - portrait) * (shorter * width // height)
     new_height = portrait * (shorter * height // width) + (1 - portrait) * shorter
-    return fn.resize(images, resize_x=fn.cast(new_width, dtype=types.FLOAT),
-                     resize_y=fn.cast(new_height, dtype=types.FLOAT))
+    return fn.resize(
+        images, resize_x=fn.cast(new_width, dtype=types.FLOAT), resize_y=fn.cast(new_height, dtype=types.FLOAT)
+    )
 
 
 def center_crop_like_torchvision(images, size: int):
     """torchvision's CenterCrop(size) of an image at least `size` on each side: the offset is
     round((side - size) / 2) with Python's round-half-to-even, where DALI's crop rounds halves up."""
+
     def offset(extra):  # round(extra / 2), halves to even: q + 1 only when extra is odd and q = extra // 2 odd
         half = extra // 2
         return half + (extra % 2) * (half % 2)
@@ -202,12 +230,22 @@ def eval_view(index: DatasetIndex, shard: Shard, crop_size: int, gpu: bool):
     torchvision's."""
     jpegs, labels = read_files(index, shard, shuffle=False, seed=0)
     gpu_hints = MIXED_DECODER_MEMORY if gpu else {}
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                               jpeg_fancy_upsampling=True, adjust_orientation=False, **gpu_hints)
+    images = fn.decoders.image(
+        jpegs,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        jpeg_fancy_upsampling=True,
+        adjust_orientation=False,
+        **gpu_hints,
+    )
     images = resize_like_torchvision(images, round(crop_size * 256 / 224))
     images = center_crop_like_torchvision(images, crop_size)
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if gpu else types.FLOAT, output_layout="HWC", mean=MEAN, std=STD,
+        images,
+        dtype=types.FLOAT16 if gpu else types.FLOAT,
+        output_layout="HWC",
+        mean=MEAN,
+        std=STD,
     )
     return images, labels.gpu() if gpu else labels
 
@@ -232,7 +270,10 @@ class DaliBatches:
     def __init__(self, pipe, classes: list[str]):
         pipe.build()
         self.iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
+            pipe,
+            ["images", "labels"],
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
         )
         self.classes = classes
         self.in_pass = False
@@ -247,7 +288,7 @@ class DaliBatches:
         self.in_pass = False
 
 
-def decoder_device(device: torch.device) -> tuple[bool, Optional[int]]:
+def decoder_device(device: torch.device) -> tuple[bool, int | None]:
     """(gpu, device_id): the mixed decoder on a CUDA device; CPU mode needs device_id=None (not -1)."""
     if device.type == "cuda":
         return True, device.index if device.index is not None else torch.cuda.current_device()
@@ -262,8 +303,18 @@ class DaliLoader:
     loader rebuilt from it continues with the same samples, within an epoch or at its end.
     """
 
-    def __init__(self, cfg: DataConfig, index: DatasetIndex, *, shard: Shard, seed: int, device: torch.device,
-                 memory_format: torch.memory_format, half: bool = True, checkpoint: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: DatasetIndex,
+        *,
+        shard: Shard,
+        seed: int,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        half: bool = True,
+        checkpoint: dict | None = None,
+    ):
         self.gpu, device_id = decoder_device(device)
         self.name = "dali-mixed" if self.gpu else "dali-cpu"
         self.memory_format = memory_format
@@ -273,17 +324,29 @@ class DaliLoader:
                 f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {cfg.batch_size} "
                 f"per process across {shard.num_shards} process(es); lower data.batch_size"
             )
-        self.identity = {"loader": self.name, "dataset": samples_digest(index.samples), "num_shards": shard.num_shards,
-                         "batch_size": cfg.batch_size}
+        self.identity = {
+            "loader": self.name,
+            "dataset": samples_digest(index.samples),
+            "num_shards": shard.num_shards,
+            "batch_size": cfg.batch_size,
+        }
         checkpoint = usable_state(checkpoint, self.identity, order_has_state=True)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
         self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)
         pipe = train_view(
-            index, shard, cfg, self.gpu, shuffle_seed=seed, half=half and self.gpu,
-            batch_size=cfg.batch_size, num_threads=max(1, cfg.workers), device_id=device_id,
+            index,
+            shard,
+            cfg,
+            self.gpu,
+            shuffle_seed=seed,
+            half=half and self.gpu,
+            batch_size=cfg.batch_size,
+            num_threads=max(1, cfg.workers),
+            device_id=device_id,
             # the augmentation differs across ranks; the shuffle does not
             seed=mix_seed("augment", seed, shard.shard_id),
-            prefetch_queue_depth=cfg.prefetch, enable_checkpointing=True,
+            prefetch_queue_depth=cfg.prefetch,
+            enable_checkpointing=True,
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
         self.batches_iter = DaliBatches(pipe, index.classes)
@@ -296,8 +359,12 @@ class DaliLoader:
         if epoch != self.position[0]:
             if self.position[1]:
                 raise RuntimeError(f"the DALI loader stands in epoch {self.position[0]}, asked for epoch {epoch}")
-            log.warning("DALI loader: epoch %d gets the shuffle order of pass %d (a resume without the loader's "
-                        "state: its reader cannot skip ahead)", epoch, self.position[0])
+            log.warning(
+                "DALI loader: epoch %d gets the shuffle order of pass %d (a resume without the loader's "
+                "state: its reader cannot skip ahead)",
+                epoch,
+                self.position[0],
+            )
         batches = iter(self.batches_iter)
         for done in range(self.position[1] + 1, self.batches + 1):
             images, labels = next(batches)
@@ -315,16 +382,22 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         epoch, batch = self.position
-        return {**self.identity, "pipeline": self.batches_iter.iterator.checkpoints()[0], "epoch": epoch,
-                "batch": batch}
+        return {
+            **self.identity,
+            "pipeline": self.batches_iter.iterator.checkpoints()[0],
+            "epoch": epoch,
+            "batch": batch,
+        }
 
 
-def dali_eval_loader(root: str, crop_size: int, batch_size: int, workers: int, device: torch.device,
-                     **index_options) -> DaliBatches:
+def dali_eval_loader(
+    root: str, crop_size: int, batch_size: int, workers: int, device: torch.device, **index_options
+) -> DaliBatches:
     """Every validated image once, in file-list order, the last batch short (k-NN, linear probe).
     index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
     index = load_index(root, **index_options)
     gpu, device_id = decoder_device(device)
-    pipe = eval_view(index, Shard(), crop_size, gpu, batch_size=batch_size, num_threads=max(1, workers),
-                     device_id=device_id, seed=0)
+    pipe = eval_view(
+        index, Shard(), crop_size, gpu, batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, seed=0
+    )
     return DaliBatches(pipe, index.classes)

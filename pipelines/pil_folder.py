@@ -9,7 +9,7 @@ RandomResizedCrop(scale=data.scale) + horizontal flip.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -38,30 +38,35 @@ class IndexedImages(Dataset):
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
-    return T.Compose([
-        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def eval_transform(crop_size: int) -> T.Compose:
     """Resize 256, center crop 224 (scaled for other crop sizes)."""
-    return T.Compose([
-        T.Resize(round(crop_size * 256 / 224)),
-        T.CenterCrop(crop_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize(round(crop_size * 256 / 224)),
+            T.CenterCrop(crop_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def eval_loader(root: str, crop_size: int, batch_size: int, workers: int, **index_options) -> DataLoader:
     """Every validated image once, in order, no augmentation: k-NN, the linear probe and eval during training.
     index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
     ds = IndexedImages(load_index(root, **index_options), eval_transform(crop_size))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
     loader.classes = ds.classes
     return loader
 
@@ -88,8 +93,18 @@ class SeededViews(Dataset):
 class TorchvisionLoader:
     name = "torchvision"
 
-    def __init__(self, cfg: DataConfig, index: DatasetIndex, *, rank: int, world_size: int, seed: int,
-                 device: torch.device, memory_format: torch.memory_format, checkpoint: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: DatasetIndex,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        checkpoint: dict | None = None,
+    ):
         self.dataset = SeededViews(IndexedImages(index, train_transform(cfg)), seed)
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
@@ -99,8 +114,12 @@ class TorchvisionLoader:
                 f"{index.root} has {len(self.dataset)} usable images: fewer than one batch of {cfg.batch_size} per "
                 f"process across {world_size} process(es); lower data.batch_size"
             )
-        self.identity = {"loader": self.name, "dataset": samples_digest(index.samples),
-                         "num_shards": world_size, "batch_size": cfg.batch_size}
+        self.identity = {
+            "loader": self.name,
+            "dataset": samples_digest(index.samples),
+            "num_shards": world_size,
+            "batch_size": cfg.batch_size,
+        }
         state = usable_state(checkpoint, self.identity, order_has_state=False)
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 
@@ -116,14 +135,19 @@ class TorchvisionLoader:
         skip = self.position[1] if epoch == self.position[0] else 0
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch  # workers are started below, so they copy this epoch
-        order = list(self.sampler)[skip * self.cfg.batch_size:]  # this rank's samples still to come
+        order = list(self.sampler)[skip * self.cfg.batch_size :]  # this rank's samples still to come
         # Its own generator for the workers' base seed, which DataLoader otherwise draws from the global torch
         # RNG: a run resumed inside the epoch starts this iterator later than the uninterrupted run did, and
         # that draw would shift every random op after it (dropout, stochastic depth).
         generator = torch.Generator().manual_seed(mix_seed("worker seeds", self.dataset.seed, epoch, bits=63))
         loader = DataLoader(
-            self.dataset, batch_size=self.cfg.batch_size, sampler=order, drop_last=True,
-            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", generator=generator,
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=order,
+            drop_last=True,
+            num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
         )
         for done, (images, labels) in enumerate(loader, skip + 1):
             self.position = (epoch, done) if done < len(self) else (epoch + 1, 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -13,8 +13,15 @@ from fastreg.pipelines import usable_state
 class SyntheticLoader:
     name = "synthetic"
 
-    def __init__(self, cfg: DataConfig, *, seed: int, device: torch.device, memory_format: torch.memory_format,
-                 checkpoint: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        checkpoint: dict | None = None,
+    ):
         g = torch.Generator().manual_seed(seed)
         b, s = cfg.batch_size, cfg.crop_size
         images = torch.randn(b, 3, s, s, generator=g)  # already "normalized": zero mean, unit std

@@ -20,4 +20,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
 collect_ignore = ["interpret"]  # run by test_kernels.py in a process with TRITON_INTERPRET=1

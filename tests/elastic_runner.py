@@ -10,5 +10,5 @@ import sys
 from pathlib import Path
 
 if os.environ["TORCHELASTIC_RESTART_COUNT"] != "0":
-    sys.argv = [sys.argv[0], *sys.argv[sys.argv.index("--"):]]  # fault_runner's options dropped
+    sys.argv = [sys.argv[0], *sys.argv[sys.argv.index("--") :]]  # fault_runner's options dropped
 runpy.run_path(str(Path(__file__).with_name("fault_runner.py")), run_name="__main__")

@@ -114,13 +114,15 @@ class PooledErrors:
 
     def assert_no_worse(self, dtype: torch.dtype, what: str):
         """The mean over the batches of the max-abs error, and the Frobenius norm over all of them."""
+
         def norms(errs: list) -> tuple[float, float]:
             return sum(e[0] for e in errs) / len(errs), sum(e[1] ** 2 for e in errs) ** 0.5
 
         floors = FLOOR[dtype] * self.scale, FLOOR[dtype] * self.scale * self.numel**0.5
         for norm, f, e, floor in zip(("max-abs", "Frobenius"), norms(self.fused), norms(self.eager), floors):
-            assert f <= NO_WORSE * e + floor, f"{what}: {norm} error {f:.3g} > {NO_WORSE} x eager's {e:.3g} + " \
-                                              f"{floor:.3g}"
+            assert f <= NO_WORSE * e + floor, (
+                f"{what}: {norm} error {f:.3g} > {NO_WORSE} x eager's {e:.3g} + {floor:.3g}"
+            )
 
 
 def assert_as_accurate_as_eager(shape: tuple, dtype: torch.dtype, device: str):
@@ -159,8 +161,9 @@ def assert_as_accurate_as_eager(shape: tuple, dtype: torch.dtype, device: str):
         errs.assert_no_worse(dtype, what)
 
 
-def assert_repeats(fused: FusedMLPHead, got: tuple, again: FusedMLPHead, x: torch.Tensor, upstream: torch.Tensor,
-                   dtype: torch.dtype):
+def assert_repeats(
+    fused: FusedMLPHead, got: tuple, again: FusedMLPHead, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype
+):
     """got, fused's `run` in the GEMMs' dtype, has fp32 gradients and is what another copy gives bit for bit."""
     assert got[0].dtype == dtype and all(grad.dtype == torch.float32 for grad in got[2].values())
     repeat = run(again, x, upstream)

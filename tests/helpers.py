@@ -30,10 +30,22 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 16, size: i
 def tiny_overrides(data_root: Path, out_dir: Path) -> list[str]:
     """A tiny CNN teacher (random weights) and student, fp32, deterministic."""
     return [
-        "experiment=none", "teacher=cnn_small", "teacher.checkpoint=random", "student=cnn_tiny",
-        f"data.root={data_root}", "data.crop_size=32", "data.batch_size=8", "data.workers=0", "eval.workers=0",
-        "optim.base_lr=2.0", "trainer.precision=fp32", "trainer.log_every=1", "trainer.progress=false",
-        "trainer.deterministic=true", "trainer.device=cpu", f"trainer.out_dir={out_dir}",
+        "experiment=none",
+        "teacher=cnn_small",
+        "teacher.checkpoint=random",
+        "student=cnn_tiny",
+        f"data.root={data_root}",
+        "data.crop_size=32",
+        "data.batch_size=8",
+        "data.workers=0",
+        "eval.workers=0",
+        "optim.base_lr=2.0",
+        "trainer.precision=fp32",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "trainer.deterministic=true",
+        "trainer.device=cpu",
+        f"trainer.out_dir={out_dir}",
     ]
 
 
@@ -49,8 +61,13 @@ def step_losses(run: Path) -> dict[int, float]:
 def trained_state(path: Path) -> dict:
     """What training changes, from a checkpoint: weights, loss buffers (SEED's queue), optimizer and scaler."""
     state = torch.load(path, weights_only=True)
-    return {"student": state["student"], "heads": state["heads"], "loss": state["loss"],
-            "optimizer": state["optimizer"]["state"], "scaler": state["scaler"]}
+    return {
+        "student": state["student"],
+        "heads": state["heads"],
+        "loss": state["loss"],
+        "optimizer": state["optimizer"]["state"],
+        "scaler": state["scaler"],
+    }
 
 
 def assert_equal_states(a, b, where=""):
@@ -65,8 +82,9 @@ def assert_equal_states(a, b, where=""):
         assert a == b, where
 
 
-def make_photo_folder(root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (64, 48),
-                      seed: int = 0) -> Path:
+def make_photo_folder(
+    root: Path, classes: int = 3, per_class: int = 8, size: tuple[int, int] = (64, 48), seed: int = 0
+) -> Path:
     """JPEGs cut from real photographs (scikit-learn's sample images): natural colour and texture
     statistics, unlike stripes or noise, for comparing decoders and resamplers."""
     from sklearn.datasets import load_sample_images
@@ -79,7 +97,7 @@ def make_photo_folder(root: Path, classes: int = 3, per_class: int = 8, size: tu
             photo = photos[rng.integers(len(photos))]
             h, w = rng.integers(150, 400), rng.integers(200, 600)
             y, x = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
-            crop = Image.fromarray(photo[y:y + h, x:x + w]).resize(size, Image.BILINEAR)
+            crop = Image.fromarray(photo[y : y + h, x : x + w]).resize(size, Image.BILINEAR)
             crop.save(root / f"class{c}" / f"{i}.jpg", quality=90)
     return root
 
@@ -134,6 +152,7 @@ class LaunchRecorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+
         return launch
 
 
@@ -158,9 +177,8 @@ class _CudaTarget:
 def tensors_compile_sees_written(kernel, kwargs: dict) -> set[str]:
     """The kernel arguments torch.compile treats as written: its own analysis of the kernel's TTIR, which decides
     what functionalization clones and keeps (a written tensor it misses keeps its stale contents)."""
-    from triton.runtime import driver
-
     import torch._higher_order_ops.triton_kernel_wrap as wrap
+    from triton.runtime import driver
 
     try:
         driver.active.get_current_target()

@@ -11,20 +11,20 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pytest
 import torch
+from helpers import add_bad_files, add_odd_files, make_image_folder, tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from fastreg.students import SmallCNN
 from fastreg.train import train
-from helpers import add_bad_files, add_odd_files, make_image_folder, tiny_overrides
 
 ROOT = os.geteuid() == 0  # root reads files whatever their mode says, and writes in any directory
 
@@ -37,9 +37,14 @@ def compose_cfg(overrides: list[str]):
 def moco_teacher(path: Path, projection_dim: int) -> Path:
     """A MoCo-v2-layout checkpoint of the cnn_small teacher (128-d) with a 128-64-`projection_dim` projection."""
     state = {f"module.encoder_q.{k}": v for k, v in SmallCNN((32, 64, 128)).state_dict().items()}
-    state.update({"module.encoder_q.fc.0.weight": torch.randn(64, 128), "module.encoder_q.fc.0.bias": torch.zeros(64),
-                  "module.encoder_q.fc.2.weight": torch.randn(projection_dim, 64),
-                  "module.encoder_q.fc.2.bias": torch.zeros(projection_dim)})
+    state.update(
+        {
+            "module.encoder_q.fc.0.weight": torch.randn(64, 128),
+            "module.encoder_q.fc.0.bias": torch.zeros(64),
+            "module.encoder_q.fc.2.weight": torch.randn(projection_dim, 64),
+            "module.encoder_q.fc.2.bias": torch.zeros(projection_dim),
+        }
+    )
     torch.save({"state_dict": state}, path)
     return path
 
@@ -47,6 +52,7 @@ def moco_teacher(path: Path, projection_dim: int) -> Path:
 @dataclass
 class Trained:
     """One epoch of a tiny run whose teacher regresses a 32-d projection: the checkpoint resumes start from."""
+
     overrides: list[str]
     checkpoint: Path
 
@@ -56,8 +62,11 @@ def trained(tmp_path_factory) -> Trained:
     tmp = tmp_path_factory.mktemp("trained")
     data = make_image_folder(tmp / "data", per_class=8)  # 16 images, batch 8: 2 steps per epoch
     teacher = moco_teacher(tmp / "moco_cnn_small.pth", projection_dim=32)
-    overrides = tiny_overrides(data, tmp / "run") + [f"teacher.checkpoint={teacher}", "teacher.projection=true",
-                                                     "trainer.epochs=1"]
+    overrides = tiny_overrides(data, tmp / "run") + [
+        f"teacher.checkpoint={teacher}",
+        "teacher.projection=true",
+        "trainer.epochs=1",
+    ]
     train(compose_cfg(overrides))
     return Trained(overrides, tmp / "run" / "ckpt_epoch0001.pt")
 
@@ -65,6 +74,7 @@ def trained(tmp_path_factory) -> Trained:
 @dataclass
 class Bench:
     """A case's folder: fresh data, an output directory, and the trained run to resume from."""
+
     tmp: Path
     trained: Trained
     monkeypatch: pytest.MonkeyPatch
@@ -86,7 +96,7 @@ class Bench:
 @dataclass
 class Expect:
     overrides: list[str]
-    error: Optional[type[BaseException]]  # None: the run completes, and `says` is in its warnings
+    error: type[BaseException] | None  # None: the run completes, and `says` is in its warnings
     says: list[str]  # parts of the message: what is wrong, where, and what to do
     check: Callable[[], None] = field(default=lambda: None)  # anything else that must hold afterwards
 
@@ -112,25 +122,46 @@ def bad_and_odd_files(b: Bench) -> None:
 @case
 def bad_jpegs_dali(b: Bench) -> Expect:
     bad_and_odd_files(b)
-    return Expect(b.fresh("data.loader=dali", "data.max_bad_fraction=0.5"), None,
-                  ["left out 3 of 21 images", "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
-                   "class1/zero.jpg (zero bytes)", "bad_files.txt"])
+    return Expect(
+        b.fresh("data.loader=dali", "data.max_bad_fraction=0.5"),
+        None,
+        [
+            "left out 3 of 21 images",
+            "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
+            "class1/zero.jpg (zero bytes)",
+            "bad_files.txt",
+        ],
+    )
 
 
 @case
 def bad_jpegs_torchvision(b: Bench) -> Expect:
     bad_and_odd_files(b)
-    return Expect(b.fresh("data.loader=torchvision", "data.max_bad_fraction=0.5"), None,
-                  ["left out 3 of 21 images", "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
-                   "class1/zero.jpg (zero bytes)", "bad_files.txt"])
+    return Expect(
+        b.fresh("data.loader=torchvision", "data.max_bad_fraction=0.5"),
+        None,
+        [
+            "left out 3 of 21 images",
+            "class1/corrupt.jpg (not an image); class1/truncated.jpg (truncated: ",
+            "class1/zero.jpg (zero bytes)",
+            "bad_files.txt",
+        ],
+    )
 
 
 @case
 def too_many_bad_jpegs(b: Bench) -> Expect:
     bad_and_odd_files(b)
-    return Expect(b.fresh(), ValueError, [f"{b.data}: 3 of 21 images (14.29%) fail the decode check",
-                                          "class1/corrupt.jpg (not an image)", "bad_files.txt",
-                                          "Fix or remove those files, or raise data.max_bad_fraction"])
+    return Expect(
+        b.fresh(),
+        ValueError,
+        [
+            f"{b.data}: 3 of 21 images (14.29%) fail the decode check",
+            "class1/corrupt.jpg (not an image)",
+            "bad_files.txt",
+            "Fix or remove those files, or raise data.max_bad_fraction",
+        ],
+    )
 
 
 @case
@@ -146,15 +177,21 @@ def unreadable_jpeg(b: Bench) -> Expect:
             return real_open(file, *args, **kwargs)
 
         b.monkeypatch.setattr(builtins, "open", open_as_user)
-    return Expect(b.fresh("data.max_bad_fraction=0.1"), None,
-                  ["left out 1 of 16 images", "class0/0.jpg (unreadable: permission denied)", "bad_files.txt"])
+    return Expect(
+        b.fresh("data.max_bad_fraction=0.1"),
+        None,
+        ["left out 1 of 16 images", "class0/0.jpg (unreadable: permission denied)", "bad_files.txt"],
+    )
 
 
 @case
 def empty_data_folder(b: Bench) -> Expect:
     (b.tmp / "empty").mkdir()
-    return Expect(b.fresh(f"data.root={b.tmp / 'empty'}"), FileNotFoundError,
-                  [f"dataset root {b.tmp / 'empty'} is empty", "point data.root at an ImageFolder"])
+    return Expect(
+        b.fresh(f"data.root={b.tmp / 'empty'}"),
+        FileNotFoundError,
+        [f"dataset root {b.tmp / 'empty'} is empty", "point data.root at an ImageFolder"],
+    )
 
 
 @case
@@ -162,14 +199,20 @@ def no_class_subfolders(b: Bench) -> Expect:
     flat = b.tmp / "flat"
     flat.mkdir()
     shutil.copy(b.data / "class0" / "0.jpg", flat)
-    return Expect(b.fresh(f"data.root={flat}"), FileNotFoundError,
-                  [f"dataset root {flat} has no class subfolders", "point data.root at an ImageFolder"])
+    return Expect(
+        b.fresh(f"data.root={flat}"),
+        FileNotFoundError,
+        [f"dataset root {flat} has no class subfolders", "point data.root at an ImageFolder"],
+    )
 
 
 @case
 def batch_larger_than_the_shard(b: Bench) -> Expect:
-    return Expect(b.fresh("data.batch_size=64"), ValueError,
-                  [f"{b.data} has 16 usable images: fewer than one batch of 64", "lower data.batch_size"])
+    return Expect(
+        b.fresh("data.batch_size=64"),
+        ValueError,
+        [f"{b.data} has 16 usable images: fewer than one batch of 64", "lower data.batch_size"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -178,62 +221,93 @@ def batch_larger_than_the_shard(b: Bench) -> Expect:
 @case
 def teacher_missing(b: Bench) -> Expect:
     path = b.tmp / "moco_v2.pth"
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), FileNotFoundError,
-                  [f"teacher checkpoint {path} does not exist", "set teacher.checkpoint"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        FileNotFoundError,
+        [f"teacher checkpoint {path} does not exist", "set teacher.checkpoint"],
+    )
 
 
 @case
 def teacher_random_bytes(b: Bench) -> Expect:
     path = b.tmp / "moco_v2.pth"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} is not a readable PyTorch checkpoint", "fetch the file again"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [f"teacher checkpoint {path} is not a readable PyTorch checkpoint", "fetch the file again"],
+    )
 
 
 @case
 def teacher_cut_short(b: Bench) -> Expect:
     path = moco_teacher(b.tmp / "moco_v2.pth", projection_dim=32)
     path.write_bytes(path.read_bytes()[:500_000])  # an interrupted download: 500 kB of 1.2 MB
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} is not a readable PyTorch checkpoint (RuntimeError: "
-                   "PytorchStreamReader failed reading zip archive: failed finding central directory): the file is "
-                   "damaged, cut short", "fetch the file again"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [
+            f"teacher checkpoint {path} is not a readable PyTorch checkpoint (RuntimeError: "
+            "PytorchStreamReader failed reading zip archive: failed finding central directory): the file is "
+            "damaged, cut short",
+            "fetch the file again",
+        ],
+    )
 
 
 @case
 def teacher_text_file(b: Bench) -> Expect:
     path = b.tmp / "moco_v2.pth"
     path.write_text("<html>404 Not Found</html>\n")  # what a failed download saves
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} is a text file, not a PyTorch checkpoint (it begins '<html>404 Not "
-                   "Found</html>')", "fetch the file again"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [
+            f"teacher checkpoint {path} is a text file, not a PyTorch checkpoint (it begins '<html>404 Not "
+            "Found</html>')",
+            "fetch the file again",
+        ],
+    )
 
 
 @case
 def teacher_zero_bytes(b: Bench) -> Expect:
     path = b.tmp / "moco_v2.pth"
     path.write_bytes(b"")
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} is empty (0 bytes)", "fetch it again"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [f"teacher checkpoint {path} is empty (0 bytes)", "fetch it again"],
+    )
 
 
 @case
 def teacher_of_another_architecture(b: Bench) -> Expect:
     path = b.tmp / "cnn_two_stages.pth"
     torch.save(SmallCNN((32, 64)).state_dict(), path)  # cnn_small has a third stage
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} (format torchvision, detected) does not fit teacher.arch=cnn_small",
-                   "10 backbone keys are missing from the checkpoint: features.14.weight, features.15.weight",
-                   "Check teacher.arch, or set the layout with teacher.format="])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [
+            f"teacher checkpoint {path} (format torchvision, detected) does not fit teacher.arch=cnn_small",
+            "10 backbone keys are missing from the checkpoint: features.14.weight, features.15.weight",
+            "Check teacher.arch, or set the layout with teacher.format=",
+        ],
+    )
 
 
 @case
 def teacher_format_not_detected(b: Bench) -> Expect:
     path = b.tmp / "other.pth"
     torch.save({"encoder.conv.weight": torch.zeros(1), "classifier.weight": torch.zeros(1)}, path)
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path}: no known layout matches its keys (classifier.weight, "
-                   "encoder.conv.weight)", "wrong teacher.arch, or set the layout with teacher.format=<torchvision|"])
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [
+            f"teacher checkpoint {path}: no known layout matches its keys (classifier.weight, encoder.conv.weight)",
+            "wrong teacher.arch, or set the layout with teacher.format=<torchvision|",
+        ],
+    )
 
 
 class RunsCode:
@@ -258,9 +332,17 @@ def teacher_pickle_that_runs_code(b: Bench) -> Expect:
     def code_never_ran():
         assert not marker.exists()
 
-    return Expect(b.fresh(f"teacher.checkpoint={path}"), ValueError,
-                  [f"teacher checkpoint {path} is refused", "Python object (posix.system)", "can run any code",
-                   "convert it once in a trusted environment"], code_never_ran)
+    return Expect(
+        b.fresh(f"teacher.checkpoint={path}"),
+        ValueError,
+        [
+            f"teacher checkpoint {path} is refused",
+            "Python object (posix.system)",
+            "can run any code",
+            "convert it once in a trusted environment",
+        ],
+        code_never_ran,
+    )
 
 
 @case
@@ -273,10 +355,15 @@ def teacher_width_differs_from_the_heads(b: Bench) -> Expect:
     state = torch.load(saved, weights_only=True)
     state["config"]["teachers"][0]["checkpoint"] = str(replaced)
     torch.save(state, saved)
-    return Expect(overrides + [f"teacher.checkpoint={replaced}"], ValueError,
-                  [f"checkpoint {saved} does not fit this run's heads (checkpoint vs this run): "
-                   "0.7.weight (32, 128) vs (16, 128), 0.7.bias (32,) vs (16,)",
-                   "Resume with the teacher weights and settings the checkpoint was trained with"])
+    return Expect(
+        overrides + [f"teacher.checkpoint={replaced}"],
+        ValueError,
+        [
+            f"checkpoint {saved} does not fit this run's heads (checkpoint vs this run): "
+            "0.7.weight (32, 128) vs (16, 128), 0.7.bias (32,) vs (16,)",
+            "Resume with the teacher weights and settings the checkpoint was trained with",
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -284,29 +371,44 @@ def teacher_width_differs_from_the_heads(b: Bench) -> Expect:
 
 @case
 def unknown_key(b: Bench) -> Expect:
-    return Expect(b.fresh("trainer.epoch=3"), ConfigCompositionException,
-                  ["Could not override 'trainer.epoch'", "Key 'epoch' not in 'TrainerConfig'"])
+    return Expect(
+        b.fresh("trainer.epoch=3"),
+        ConfigCompositionException,
+        ["Could not override 'trainer.epoch'", "Key 'epoch' not in 'TrainerConfig'"],
+    )
 
 
 @case
 def unknown_group_option(b: Bench) -> Expect:
-    return Expect(b.fresh("student=resnet19"), MissingConfigException,
-                  ["Could not find 'student/resnet19'", "Available options in 'student'", "resnet18"])
+    return Expect(
+        b.fresh("student=resnet19"),
+        MissingConfigException,
+        ["Could not find 'student/resnet19'", "Available options in 'student'", "resnet18"],
+    )
 
 
 @case
 def invalid_value(b: Bench) -> Expect:
-    return Expect(b.fresh("head.kind=mlp3"), ValueError,
-                  ["head.kind='mlp3' is not one of linear, mlp2, mlp2_bn, simreg4, seed, mlp"])
+    return Expect(
+        b.fresh("head.kind=mlp3"),
+        ValueError,
+        ["head.kind='mlp3' is not one of linear, mlp2, mlp2_bn, simreg4, seed, mlp"],
+    )
 
 
 @case
 def resume_with_another_config(b: Bench) -> Expect:
     overrides = b.resume("trainer.epochs=2", "optim.base_lr=1.0", "trainer.log_every=2", "data.workers=1")
-    return Expect(overrides, ValueError,
-                  [f"checkpoint {b.run / 'ckpt_epoch0001.pt'} was written with other settings, which change the "
-                   "result (checkpoint -> this run): optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2. ",
-                   "pass trainer.resume_force=true", "trainer.resume=none or another trainer.out_dir"])
+    return Expect(
+        overrides,
+        ValueError,
+        [
+            f"checkpoint {b.run / 'ckpt_epoch0001.pt'} was written with other settings, which change the "
+            "result (checkpoint -> this run): optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2. ",
+            "pass trainer.resume_force=true",
+            "trainer.resume=none or another trainer.out_dir",
+        ],
+    )
 
 
 @case
@@ -316,8 +418,12 @@ def resume_with_another_config_forced(b: Bench) -> Expect:
     def trained_on():
         assert torch.load(b.run / "ckpt_epoch0002.pt", weights_only=True)["step"] == 4
 
-    return Expect(overrides, None, ["trainer.resume_force=true: resuming from",
-                                    "optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2"], trained_on)
+    return Expect(
+        overrides,
+        None,
+        ["trainer.resume_force=true: resuming from", "optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2"],
+        trained_on,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -332,9 +438,14 @@ def out_dir_not_writable(b: Bench) -> Expect:
         run = b.tmp / "readonly"
         run.mkdir()
         run.chmod(0o500)
-    return Expect(b.fresh(f"trainer.out_dir={run}"), OSError,
-                  [f"trainer.out_dir={run} is not a writable directory", "Pass trainer.out_dir=<a directory you can "
-                   "write to>, or fix its permissions"])
+    return Expect(
+        b.fresh(f"trainer.out_dir={run}"),
+        OSError,
+        [
+            f"trainer.out_dir={run} is not a writable directory",
+            "Pass trainer.out_dir=<a directory you can write to>, or fix its permissions",
+        ],
+    )
 
 
 @case
@@ -353,11 +464,17 @@ def disk_full_during_a_save(b: Bench) -> Expect:
     def nothing_half_written():
         assert sorted(p.name for p in b.run.glob("*.pt*")) == ["ckpt_epoch0001.pt"]
 
-    return Expect(overrides, OSError,
-                  [f"the disk is full (No space left on device): {b.run / 'ckpt_epoch0002.pt'} was not written, its "
-                   f"partial file .ckpt_epoch0002.pt.tmp{os.getpid()} was removed, and the newest checkpoint there, "
-                   "ckpt_epoch0001.pt, is intact", "run the same command again: it resumes from ckpt_epoch0001.pt"],
-                  nothing_half_written)
+    return Expect(
+        overrides,
+        OSError,
+        [
+            f"the disk is full (No space left on device): {b.run / 'ckpt_epoch0002.pt'} was not written, its "
+            f"partial file .ckpt_epoch0002.pt.tmp{os.getpid()} was removed, and the newest checkpoint there, "
+            "ckpt_epoch0001.pt, is intact",
+            "run the same command again: it resumes from ckpt_epoch0001.pt",
+        ],
+        nothing_half_written,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -405,13 +522,21 @@ def test_cli_prints_the_message_alone(tmp_path, full_error):
     missing = tmp_path / "moco_v2.pth"
     args = tiny_overrides(data, tmp_path / "run") + [f"teacher.checkpoint={missing}", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0"}
-    proc = subprocess.run([sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert f"teacher checkpoint {missing} does not exist" in proc.stderr
     if full_error:
         assert "Traceback" in proc.stderr
     else:
-        assert proc.stderr.strip().splitlines() == [f"error: teacher checkpoint {missing} does not exist (or is not a "
-                                                    "file): set teacher.checkpoint (teachers.<i>.checkpoint with "
-                                                    "several teachers) to the teacher's weights file"]
+        assert proc.stderr.strip().splitlines() == [
+            f"error: teacher checkpoint {missing} does not exist (or is not a "
+            "file): set teacher.checkpoint (teachers.<i>.checkpoint with "
+            "several teachers) to the teacher's weights file"
+        ]

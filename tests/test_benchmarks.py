@@ -32,17 +32,49 @@ def test_kernels_report_tables_targets_and_plot(tmp_path):
                 for b in kernels.BATCHES:
                     for d in kernels.DIMS:
                         share = (0.9 if (b, d) == big[-1] else 0.95) if dtype == "fp32" else 0.5
-                        rows.append({"op": "normalized_regression", "impl": impl, "mode": mode, "dtype": dtype,
-                                     "B": b, "D": d, "ms": loss_ms[impl], "host_ms": loss_ms[impl] / 10,
-                                     "host_covered": True, "peak_mib": 0.0, "GBps": 100.0, "copy_share": share})
+                        rows.append(
+                            {
+                                "op": "normalized_regression",
+                                "impl": impl,
+                                "mode": mode,
+                                "dtype": dtype,
+                                "B": b,
+                                "D": d,
+                                "ms": loss_ms[impl],
+                                "host_ms": loss_ms[impl] / 10,
+                                "host_covered": True,
+                                "peak_mib": 0.0,
+                                "GBps": 100.0,
+                                "copy_share": share,
+                            }
+                        )
                 for b, d, D in kernels.HEAD_SHAPES:
-                    figures = {"ms": head_ms[impl], "host_ms": 2.0, "host_covered": (dtype, impl) != ("fp32", "eager"),
-                               "peak_mib": 10.0}
+                    figures = {
+                        "ms": head_ms[impl],
+                        "host_ms": 2.0,
+                        "host_covered": (dtype, impl) != ("fp32", "eager"),
+                        "peak_mib": 10.0,
+                    }
                     if (dtype, b, d, D) == failed and impl == "compile":
-                        figures = {"ms": None, "host_ms": None, "host_covered": None, "peak_mib": None,
-                                   "error": "RuntimeError: capture failed"}
-                    rows.append({"op": "mlp_head", "impl": impl, "mode": mode, "dtype": dtype, "B": b, "d": d,
-                                 "D": D, **figures})
+                        figures = {
+                            "ms": None,
+                            "host_ms": None,
+                            "host_covered": None,
+                            "peak_mib": None,
+                            "error": "RuntimeError: capture failed",
+                        }
+                    rows.append(
+                        {
+                            "op": "mlp_head",
+                            "impl": impl,
+                            "mode": mode,
+                            "dtype": dtype,
+                            "B": b,
+                            "d": d,
+                            "D": D,
+                            **figures,
+                        }
+                    )
     text = kernels.markdown(rows, {"gpu": "GPU", "date": "today", "commit": "abc", "copy_GBps": 200.0})
     lines = text.splitlines()
     b, d = big[-1]
@@ -65,13 +97,18 @@ def test_kernels_report_tables_targets_and_plot(tmp_path):
         assert f"{case} device time >= 1.1x torch.compile | {compile_worst}" in lines
     n_loss = len(kernels.DTYPES) * len(kernels.BATCHES) * len(kernels.DIMS)
     assert text.count("| 2.00x | 3.00x |") == n_loss
-    assert "| fp32 | 4096 | 2048 | 1.0000 | 2.0000 | 3.0000 | 2.00x | 3.00x | 100 | 95% | 0.1000 | 0.2000 | 0.3000 " \
-           "| device |" in lines
+    assert (
+        "| fp32 | 4096 | 2048 | 1.0000 | 2.0000 | 3.0000 | 2.00x | 3.00x | 100 | 95% | 0.1000 | 0.2000 | 0.3000 "
+        "| device |" in lines
+    )
     b, d, D = kernels.HEAD_SHAPES[1]
-    assert f"| bf16 | {b} | {d} | {D} | 1.0000 | 1.2000 | - | 1.20x | - | 2.0000 | 2.0000 | - | host | 10 | 10 |" \
-           in lines
-    assert f"| fp32 | {b} | {d} | {D} | 1.0000 | 1.2000 | 1.5000 | 1.20x | 1.50x | 2.0000 | 2.0000* | 2.0000 | host " \
-           "| 10 | 10 |" in lines
+    assert (
+        f"| bf16 | {b} | {d} | {D} | 1.0000 | 1.2000 | - | 1.20x | - | 2.0000 | 2.0000 | - | host | 10 | 10 |" in lines
+    )
+    assert (
+        f"| fp32 | {b} | {d} | {D} | 1.0000 | 1.2000 | 1.5000 | 1.20x | 1.50x | 2.0000 | 2.0000* | 2.0000 | host "
+        "| 10 | 10 |" in lines
+    )
     assert "\\* 2 host time(s) not covered by the sleep" in text  # fp32 eager, both head shapes
     assert f"- mlp_head compile fwd+bwd bf16 B {b}, d {d}, D {D}: RuntimeError: capture failed" in lines
     wins = kernels.head_wins(rows, "GPU")
@@ -79,28 +116,44 @@ def test_kernels_report_tables_targets_and_plot(tmp_path):
     assert all(w["speedup_vs_eager"] == pytest.approx(1.2) and w["faster"] and w["gpu"] == "GPU" for w in wins)
     assert [w["speedup_vs_compile"] for w in wins if (w["dtype"], w["B"], w["d"], w["D"]) == failed] == [None]
     # eager faster in fp32, triton missing at the second shape: neither is a win
-    slower = [{**r, "ms": 0.9} if r["op"] == "mlp_head" and r["impl"] == "eager" and r["dtype"] == "fp32" else r
-              for r in rows if not (r["op"] == "mlp_head" and r["impl"] == "triton" and r["B"] == failed[1])]
+    slower = [
+        {**r, "ms": 0.9} if r["op"] == "mlp_head" and r["impl"] == "eager" and r["dtype"] == "fp32" else r
+        for r in rows
+        if not (r["op"] == "mlp_head" and r["impl"] == "triton" and r["B"] == failed[1])
+    ]
     assert {(w["dtype"], w["B"], w["d"], w["D"]): w["faster"] for w in kernels.head_wins(slower, "GPU")} == {
-        (dtype, *shape): dtype == "bf16" and shape != failed[1:] for dtype in kernels.DTYPES
-        for shape in kernels.HEAD_SHAPES}
+        (dtype, *shape): dtype == "bf16" and shape != failed[1:]
+        for dtype in kernels.DTYPES
+        for shape in kernels.HEAD_SHAPES
+    }
     kernels.plot(rows, tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 10_000
 
 
-MODE_FIELDS = {"img_per_s", "img_per_s_min", "img_per_s_max", "windows", "data_wait_ms", "compute_ms", "loader",
-               "process_peak_rss_mib", "gpu"}
+MODE_FIELDS = {
+    "img_per_s",
+    "img_per_s_min",
+    "img_per_s_max",
+    "windows",
+    "data_wait_ms",
+    "compute_ms",
+    "loader",
+    "process_peak_rss_mib",
+    "gpu",
+}
 
 
 def test_throughput_smoke_on_cpu(tmp_path):
     """Every mode and every ablation row of a tiny configuration, a few steps each, and the files it writes."""
-    from benchmarks.throughput import ABLATION, main
     from helpers import make_image_folder, tiny_overrides
+
+    from benchmarks.throughput import ABLATION, main
 
     data = make_image_folder(tmp_path / "data", per_class=16)
     overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
-    result = main(["--steps", "4", "--warmup", "1", "--window", "2", "--out", str(tmp_path / "out"), "--ablate",
-                   *overrides])
+    result = main(
+        ["--steps", "4", "--warmup", "1", "--window", "2", "--out", str(tmp_path / "out"), "--ablate", *overrides]
+    )
     saved = json.loads(next((tmp_path / "out" / "cpu").glob("*.json")).read_text())
     assert saved["modes"].keys() == {"data", "compute", "e2e"}
     for mode, figures in saved["modes"].items():
@@ -109,7 +162,8 @@ def test_throughput_smoke_on_cpu(tmp_path):
         assert figures["gpu"]["available"] is False  # no GPU here: telemetry says so, nothing fails
     assert saved["modes"]["compute"]["loader"] == "synthetic" and saved["modes"]["e2e"]["loader"] == "dali-cpu"
     assert saved["e2e_over_compute"] == pytest.approx(
-        saved["modes"]["e2e"]["img_per_s"] / saved["modes"]["compute"]["img_per_s"])
+        saved["modes"]["e2e"]["img_per_s"] / saved["modes"]["compute"]["img_per_s"]
+    )
     assert [r["row"] for r in saved["ablation"]] == [name for name, _ in ABLATION]
     assert saved["ablation"][0]["loader"] == "torchvision" and saved["ablation"][0]["precision"] == "fp32"
     assert saved["ablation"][-2]["compile"] and saved["ablation"][-2]["fused_loss"] == [True]
@@ -123,13 +177,18 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert saved["modes"]["e2e"]["trainable_params"] > 0
     files = sorted(p.name for p in (tmp_path / "out" / "cpu").iterdir())
     assert [f.rsplit("-", 1)[-1] if f.endswith(".png") else f.rsplit(".", 1)[-1] for f in files] == [
-        "ablation.png", "phases.png", "json", "md"], files
+        "ablation.png",
+        "phases.png",
+        "json",
+        "md",
+    ], files
 
 
 def test_profile_smoke_on_cpu(tmp_path):
     """A profiled e2e step: the trace file and every phase of the training step with its time."""
-    from benchmarks.profile import main
     from helpers import make_image_folder, tiny_overrides
+
+    from benchmarks.profile import main
 
     data = make_image_folder(tmp_path / "data", per_class=8)
     overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
@@ -150,23 +209,31 @@ def test_scaling_on_paper_is_the_closed_form(tmp_path):
     """hours = epochs N / (W B / t) / 3600, t = B / ips (+ the ring all-reduce 2 (W-1)/W 4 P / busbw, worst case)."""
     from benchmarks.scaling import IMAGENET_TRAIN, main
 
-    result = {"modes": {"e2e": {"img_per_s": 5000.0, "trainable_params": 15_000_000}},
-              "config": {"data": {"batch_size": 256}}, "env": {"device_name": "GPU", "date": "d", "commit": "c"}}
+    result = {
+        "modes": {"e2e": {"img_per_s": 5000.0, "trainable_params": 15_000_000}},
+        "config": {"data": {"batch_size": 256}},
+        "env": {"device_name": "GPU", "date": "d", "commit": "c"},
+    }
     (tmp_path / "r.json").write_text(json.dumps(result))
     text = main([str(tmp_path / "r.json"), "--gpus", "1", "8", "--busbw-gbs", "100"])
     one = 130 * IMAGENET_TRAIN / 5000 / 3600  # 9.25 h
     t_step, t_allreduce = 256 / 5000, 2 * 7 / 8 * 4 * 15e6 / 100e9
     eight_worst = 130 * IMAGENET_TRAIN / (8 * 256 / (t_step + t_allreduce)) / 3600
     assert f"| 1 | 256 | 5,000 | {one:,.1f} | {one:,.1f} | 100.0% |" in text
-    assert f"| 8 | 2,048 | 40,000 | {one / 8:,.1f} | {eight_worst:,.1f} | {t_step / (t_step + t_allreduce):.1%} |" in text
+    assert (
+        f"| 8 | 2,048 | 40,000 | {one / 8:,.1f} | {eight_worst:,.1f} | {t_step / (t_step + t_allreduce):.1%} |" in text
+    )
 
 
-@pytest.mark.parametrize("wait, e2e_compute, named", [
-    (0.06, 37.4, "data keeps up"),      # the H200 run's wait, compute as without the loader
-    (0.06, 43.0, "contention"),         # the loader's GPU work slows the step 15%
-    (4.00, 37.4, "starved"),            # the step waits 10% of its time
-    (4.00, 43.0, "starved and contention"),
-])
+@pytest.mark.parametrize(
+    "wait, e2e_compute, named",
+    [
+        (0.06, 37.4, "data keeps up"),  # the H200 run's wait, compute as without the loader
+        (0.06, 43.0, "contention"),  # the loader's GPU work slows the step 15%
+        (4.00, 37.4, "starved"),  # the step waits 10% of its time
+        (4.00, 43.0, "starved and contention"),
+    ],
+)
 def test_the_data_limit_is_named_with_both_figures(wait, e2e_compute, named):
     from benchmarks.throughput import data_limit
 
@@ -176,24 +243,44 @@ def test_the_data_limit_is_named_with_both_figures(wait, e2e_compute, named):
     assert "37.40 without" in text
 
 
-
 def test_step_variants_on_cpu(tmp_path):
     """Each way to run the step, compute-only: torch.compile's modes run and are recorded; the CUDA graph rows
     say they need a CUDA device instead of failing the benchmark."""
-    from benchmarks.throughput import STEP_VARIANTS, main
     from helpers import make_image_folder, tiny_overrides
+
+    from benchmarks.throughput import STEP_VARIANTS, main
 
     data = make_image_folder(tmp_path / "data", per_class=4)
     overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
-    main(["--modes", "compute", "--step-variants", "--steps", "2", "--warmup", "1", "--window", "1",
-          "--out", str(tmp_path / "out"), *overrides])
+    main(
+        [
+            "--modes",
+            "compute",
+            "--step-variants",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--window",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            *overrides,
+        ]
+    )
     saved = json.loads(next((tmp_path / "out" / "cpu").glob("*.json")).read_text())
     rows = saved["step_variants"]
     assert [r["row"] for r in rows] == [name for name, _ in STEP_VARIANTS]
     assert [(r["compile"], r["compile_mode"], r["cuda_graph"]) for r in rows[:4]] == [
-        (False, "default", False), (True, "default", False), (True, "max-autotune-no-cudagraphs", False),
-        (True, "reduce-overhead", False)]
+        (False, "default", False),
+        (True, "default", False),
+        (True, "max-autotune-no-cudagraphs", False),
+        (True, "reduce-overhead", False),
+    ]
     assert all(r["loader"] == "synthetic" and r["img_per_s"] > 0 for r in rows[:4]) and rows[0]["speedup"] == 1.0
     assert [r["not_run"] for r in rows[4:]] == ["needs a CUDA device"] * 2
     text = next((tmp_path / "out" / "cpu").glob("*.md")).read_text()
-    assert "| step variant (compute-only) |" in text and "| CUDA graph (whole step) | not run: needs a CUDA device |" in text
+    assert (
+        "| step variant (compute-only) |" in text
+        and "| CUDA graph (whole step) | not run: needs a CUDA device |" in text
+    )

@@ -56,8 +56,11 @@ RECIPES = [e for e in options("experiment") if e not in ("demo", "none")]
 
 @pytest.mark.parametrize("experiment", RECIPES)
 def test_recipes_train_on_their_papers_view_batch_and_schedule(experiment):
-    overrides = (["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"] if experiment == "simreg_multi"
-                 else ["teacher.checkpoint=random"])
+    overrides = (
+        ["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"]
+        if experiment == "simreg_multi"
+        else ["teacher.checkpoint=random"]
+    )
     cfg = load(["trainer.out_dir=/tmp/x", "data.root=/d", f"experiment={experiment}"] + overrides)
     assert (cfg.optim.recipe_batch, cfg.optim.schedule) == (256, "epoch")
     if experiment.startswith("seed_"):  # SEED's main.py: mocov2_aug (swav_aug at scale 0.14-1), warmup 5, cosine
@@ -69,16 +72,27 @@ def test_recipes_train_on_their_papers_view_batch_and_schedule(experiment):
 
 @pytest.mark.parametrize("experiment", RECIPES)
 def test_every_recipe_names_its_teacher_and_the_papers_figure(experiment):
-    comment = "\n".join(line for line in (CONFIGS / "experiment" / f"{experiment}.yaml").read_text().splitlines()
-                        if line.startswith("#"))
+    comment = "\n".join(
+        line
+        for line in (CONFIGS / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
     assert "Teacher" in comment or "teachers" in comment
     assert "figure" in comment and ("not reported" in comment or "Table" in comment or "README" in comment)
     assert "Followed" in comment or "as simreg_r50_r18" in comment or "as seed_r50_effb0" in comment
 
 
 def test_multi_teacher_names_and_heads():
-    cfg = load(["trainer.out_dir=/tmp/x", "data.root=/d", "experiment=simreg_multi",
-                "teachers.0.checkpoint=random", "teachers.1.checkpoint=random", "teachers.1.weight=3"])
+    cfg = load(
+        [
+            "trainer.out_dir=/tmp/x",
+            "data.root=/d",
+            "experiment=simreg_multi",
+            "teachers.0.checkpoint=random",
+            "teachers.1.checkpoint=random",
+            "teachers.1.weight=3",
+        ]
+    )
     assert [t.name for t in cfg.teachers] == ["mocov2", "dino"]
     assert [t.weight for t in cfg.teachers] == [1.0, 3.0]
 

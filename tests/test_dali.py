@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -16,7 +17,6 @@ from fastreg.index import load_index
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_batches, resolve_loader
 from fastreg.pipelines.dali import DaliLoader, Shard, colour_jitter, dali_eval_loader, random_order
 from fastreg.pipelines.pil_folder import eval_loader
-from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -27,10 +27,17 @@ def data_config(root: Path, **kw) -> DataConfig:
     return DataConfig(**{"loader": "dali", "root": str(root), "crop_size": 24, "batch_size": 4, "workers": 1, **kw})
 
 
-def dali_loader(root: Path, shard: Shard = Shard(), checkpoint=None, **kw) -> DaliLoader:
+def dali_loader(root: Path, shard: Shard | None = None, checkpoint=None, **kw) -> DaliLoader:
     cfg = data_config(root, **kw)
-    return DaliLoader(cfg, load_index(root, progress=False), shard=shard, seed=0, device=CPU,
-                      memory_format=torch.channels_last, checkpoint=checkpoint)
+    return DaliLoader(
+        cfg,
+        load_index(root, progress=False),
+        shard=shard or Shard(),
+        seed=0,
+        device=CPU,
+        memory_format=torch.channels_last,
+        checkpoint=checkpoint,
+    )
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
@@ -84,8 +91,9 @@ def test_batch_is_an_nchw_view_of_the_nhwc_buffer(tmp_path):
 def test_contiguous_format_when_channels_last_is_off(tmp_path):
     root = make_image_folder(tmp_path, per_class=4)
     cfg = data_config(root)
-    ld = DaliLoader(cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=CPU,
-                    memory_format=torch.contiguous_format)
+    ld = DaliLoader(
+        cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=CPU, memory_format=torch.contiguous_format
+    )
     images, _ = next(iter(ld.epoch(0)))
     assert images.is_contiguous()
 
@@ -142,7 +150,7 @@ def test_eval_center_crop_matches_torchvision(tmp_path):
     root = coordinate_images(tmp_path, copies=2, size=60)
     for img in (root / "c").iterdir():  # a non-square image shows a wrong resize or crop offset
         Image.open(img).resize((90, 60)).save(img, quality=95)
-    (dali_x, dali_y), = list(dali_eval_loader(str(root), 32, 2, 1, CPU))
+    ((dali_x, dali_y),) = list(dali_eval_loader(str(root), 32, 2, 1, CPU))
     ref_x, ref_y = next(iter(eval_loader(str(root), 32, 2, 0)))
     assert torch.equal(dali_y, ref_y)
     # One output pixel is 4.6 of 255 on this ramp. Measured: 0.18 with torchvision's resized size (55 wide here)
@@ -193,8 +201,10 @@ def test_cpu_decoder_upsamples_chroma_like_pil_with_or_without_the_flag(photo_jp
     @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None)
     def decode():
         files, _ = fn.readers.file(files=[str(p) for p in paths])
-        return tuple(fn.decoders.image(files, device="cpu", output_type=types.RGB, jpeg_fancy_upsampling=fancy)
-                     for fancy in (False, True))
+        return tuple(
+            fn.decoders.image(files, device="cpu", output_type=types.RGB, jpeg_fancy_upsampling=fancy)
+            for fancy in (False, True)
+        )
 
     pipe = decode()
     pipe.build()
@@ -217,8 +227,9 @@ def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
     ref_eval = torch.cat([pixels(x) for x, _ in eval_loader(str(data), 224, 8, 0)])
     assert (dali_eval - ref_eval).abs().mean() < EVAL_TOLERANCE
     # The whole stored image is the only crop of area 1 at aspect 4/3 (turned, it would be 3/4 and fall back)
-    images, _ = next(iter(dali_loader(data, batch_size=1, crop_size=48, scale=[1.0, 1.0], ratio=[4 / 3, 4 / 3])
-                          .epoch(0)))
+    images, _ = next(
+        iter(dali_loader(data, batch_size=1, crop_size=48, scale=[1.0, 1.0], ratio=[4 / 3, 4 / 3]).epoch(0))
+    )
     crop = pixels(images.float())[0]  # (3, 48, 48), maybe flipped
     ref = torch.from_numpy(np.array(stored.resize((48, 48), Image.BILINEAR))).permute(2, 0, 1).float()
     assert min((crop - ref).abs().mean(), (crop.flip(-1) - ref).abs().mean()) < 6
@@ -238,7 +249,7 @@ def test_cmyk_and_png_files_are_read_by_the_training_and_eval_loaders(tmp_path):
         assert images.shape == (5, 3, 24, 24) and torch.isfinite(images).all()
         labels += y.tolist()
     assert sorted(labels) == [0] * 4 + [1] * 6  # every file once, the two odd ones among them
-    (dali_x, dali_y), = list(dali_eval_loader(str(root), 24, 10, 1, CPU))
+    ((dali_x, dali_y),) = list(dali_eval_loader(str(root), 24, 10, 1, CPU))
     ref_x, ref_y = next(iter(eval_loader(str(root), 24, 10, 0)))
     assert torch.equal(dali_y, ref_y) and dali_x.shape == (10, 3, 24, 24)
     per_image = (pixels(dali_x) - pixels(ref_x)).abs().mean((1, 2, 3))
@@ -250,8 +261,9 @@ def test_cmyk_and_png_files_are_read_by_the_training_and_eval_loaders(tmp_path):
 
 
 # Inside epoch 0, at its end, inside epoch 2; the colour augmentations' random ops are in the state too.
-@pytest.mark.parametrize("stop_after, augment", [(1, "weak"), (3, "weak"), (4, "weak"), (9, "weak"), (3, "strong"),
-                                                 (9, "simclr")])
+@pytest.mark.parametrize(
+    "stop_after, augment", [(1, "weak"), (3, "weak"), (4, "weak"), (9, "weak"), (3, "strong"), (9, "simclr")]
+)
 def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after, augment):
     root = make_image_folder(tmp_path, per_class=9)  # 18 images, batch 4: 4 batches per epoch, 2 left over
 
@@ -329,8 +341,10 @@ def test_crop_area_and_flip_statistics_match_torchvision(tmp_path):
     a missing flip gives no flipped crop."""
     root = coordinate_images(tmp_path, copies=16)
     stats = {}
-    for name, ld in (("dali", dali_loader(root, batch_size=16, crop_size=32)),
-                     ("torchvision", reference_loader(root, batch_size=16, crop_size=32))):
+    for name, ld in (
+        ("dali", dali_loader(root, batch_size=16, crop_size=32)),
+        ("torchvision", reference_loader(root, batch_size=16, crop_size=32)),
+    ):
         area, flipped = crop_geometry(draws(ld, epochs=30)[0])
         stats[name] = area
         assert 0.4 < flipped.float().mean() < 0.6, name
@@ -378,10 +392,13 @@ def texture(x: torch.Tensor) -> torch.Tensor:
     return (horizontal + vertical) / x.var((1, 2, 3))
 
 
-@pytest.mark.parametrize("augment, jittered, blurred", [
-    ("strong", (0.7, 0.95), (0.15, 0.5)),  # RandomApply(ColorJitter, p=0.8), plus grayscale on 20% of the rest
-    ("simclr", (1.0, 1.0), (0.0, 0.0)),  # ColorJitter on every view, no blur
-])
+@pytest.mark.parametrize(
+    "augment, jittered, blurred",
+    [
+        ("strong", (0.7, 0.95), (0.15, 0.5)),  # RandomApply(ColorJitter, p=0.8), plus grayscale on 20% of the rest
+        ("simclr", (1.0, 1.0), (0.0, 0.0)),  # ColorJitter on every view, no blur
+    ],
+)
 def test_colour_augmentations_jitter_gray_and_blur_as_seed(tmp_path, augment, jittered, blurred):
     """160 views each of a flat-colour folder (any change of colour is jitter or grayscale) and of a striped one
     (blur shows in `texture`). Measured: strong 0.82 jittered, 0.32 blurred; simclr 1.0 and 0."""
@@ -433,8 +450,8 @@ def test_brightness_contrast_matches_torchvision(brightness, contrast):
 
 
 def test_zero_saturation_is_torchvision_grayscale():
-    from nvidia.dali import fn
     import torchvision.transforms.functional as TF
+    from nvidia.dali import fn
 
     out = run_op(lambda x: fn.hsv(x, saturation=0.0), DARK)[0]
     ref = TF.rgb_to_grayscale(torch.from_numpy(DARK).permute(2, 0, 1), num_output_channels=3)
@@ -445,8 +462,9 @@ def test_zero_saturation_is_torchvision_grayscale():
 BRIGHT = np.random.default_rng(1).integers(40, 256, (12, 10, 3)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("first, second", [(("brightness", 1.8), ("contrast", 0.3)),
-                                           (("saturation", 1.8), ("brightness", 1.6))])
+@pytest.mark.parametrize(
+    "first, second", [(("brightness", 1.8), ("contrast", 0.3)), (("saturation", 1.8), ("brightness", 1.6))]
+)
 def test_the_strong_views_colour_ops_run_in_several_orders_across_a_batch(first, second):
     """Two of ColorJitter's factors pinned, the other two at identity, and the real random order per image: every
     output is one of torchvision's two orders (first then second, or second then first, each op clamping to
@@ -517,8 +535,18 @@ def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, augment)
 
     root = make_image_folder(tmp_path, per_class=4)
     index = load_index(root, progress=False)
-    train_view(index, Shard(), data_config(root, augment=augment), True, shuffle_seed=0, half=True, batch_size=4,
-               num_threads=1, device_id=0, seed=0)
+    train_view(
+        index,
+        Shard(),
+        data_config(root, augment=augment),
+        True,
+        shuffle_seed=0,
+        half=True,
+        batch_size=4,
+        num_threads=1,
+        device_id=0,
+        seed=0,
+    )
     eval_view(index, Shard(), 24, True, batch_size=4, num_threads=1, device_id=0, seed=0)
 
 
@@ -527,8 +555,14 @@ def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, augment)
 def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment):
     root = make_image_folder(tmp_path, per_class=8, size=64)
     cfg = data_config(root, crop_size=32, hw_decoder_load=0.5, augment=augment)
-    ld = DaliLoader(cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=torch.device("cuda", 0),
-                    memory_format=torch.channels_last)
+    ld = DaliLoader(
+        cfg,
+        load_index(root, progress=False),
+        shard=Shard(),
+        seed=0,
+        device=torch.device("cuda", 0),
+        memory_format=torch.channels_last,
+    )
     images, labels = next(iter(ld.epoch(0)))
     assert ld.name == "dali-mixed" and images.is_cuda and labels.is_cuda
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
@@ -554,8 +588,14 @@ def test_mixed_decoder_reads_cmyk_and_png_files(tmp_path):
     root = make_image_folder(tmp_path, per_class=4, size=32)
     add_odd_files(root)
     cfg = data_config(root, batch_size=5)
-    ld = DaliLoader(cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=torch.device("cuda", 0),
-                    memory_format=torch.channels_last)
+    ld = DaliLoader(
+        cfg,
+        load_index(root, progress=False),
+        shard=Shard(),
+        seed=0,
+        device=torch.device("cuda", 0),
+        memory_format=torch.channels_last,
+    )
     labels = []
     for images, y in ld.epoch(0):
         assert images.shape == (5, 3, 24, 24) and images.is_cuda
@@ -572,16 +612,21 @@ def test_mixed_decoder_reads_cmyk_and_png_files(tmp_path):
 def test_trainer_runs_on_the_mixed_decoder(tmp_path, precision):
     """float16 batches under autocast, float32 ones for fp32 runs (fp16 input to fp32 weights would raise);
     k-NN at the end reads DALI's GPU eval batches."""
+    from helpers import tiny_overrides
     from hydra import compose, initialize_config_module
 
     from fastreg.train import train
-    from helpers import tiny_overrides
 
     data = make_image_folder(tmp_path / "data", per_class=16)
     replaced = ("trainer.device", "trainer.precision", "trainer.deterministic")
     overrides = [o for o in tiny_overrides(data, tmp_path / "run") if not o.startswith(replaced)]
-    overrides += ["data.loader=dali", "trainer.device=cuda", f"trainer.precision={precision}", "trainer.epochs=1",
-                  f"data.val_root={data}"]
+    overrides += [
+        "data.loader=dali",
+        "trainer.device=cuda",
+        f"trainer.precision={precision}",
+        "trainer.epochs=1",
+        f"data.val_root={data}",
+    ]
     with initialize_config_module("fastreg.configs", version_base="1.3"):
         results = train(compose("config", overrides=overrides))
     assert 0 <= results["knn20_weighted"] <= 100

@@ -145,8 +145,14 @@ def _config(overrides: list[str]):
         return to_config(compose("config", overrides=["trainer.out_dir=/tmp/x", *overrides]))
 
 
-@pytest.mark.parametrize("overrides", [["data.root=/some/folder"], ["teacher.checkpoint=/w/moco.pth"],
-                                       ["experiment=demo", "data.root=/d", "data.val_root=/v"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.root=/some/folder"],
+        ["teacher.checkpoint=/w/moco.pth"],
+        ["experiment=demo", "data.root=/d", "data.val_root=/v"],
+    ],
+)
 def test_the_demo_refuses_paths_before_any_work(overrides, monkeypatch):
     """Without experiment= the demo runs; paths given for a run on one's own data would be replaced by its own."""
     monkeypatch.setattr(demo, "ensure_demo_data", lambda *a: pytest.fail("built the demo's data"))
@@ -162,16 +168,26 @@ def test_the_demo_without_paths_passes_the_check():
 
 
 def test_train_with_a_data_root_and_no_experiment_stops_with_the_message(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastreg.train", "data.root=/some/folder"], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.train", "data.root=/some/folder"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: data.root=/some/folder given, but this runs the demo"), proc.stderr
     assert "experiment=none" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fastreg_demo_is_the_demo_experiment(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastreg.demo", "trainer.epochs=3", "--cfg", "job"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.demo", "trainer.epochs=3", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     job = yaml.safe_load(proc.stdout)
     assert job["demo"] and job["name"] == "demo" and job["teacher"]["arch"] == "cnn_small"

@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_image_folder, tiny_overrides
 from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 from fastreg import eval as ev
 from fastreg.pipelines.pil_folder import eval_loader
 from fastreg.students import Student
-from helpers import make_image_folder, tiny_overrides
-
 
 # ------------------------------------------------------------------------------------------ helpers
-
 
 
 def _clusters(n_bank: int, n_query: int, num_classes: int, dim: int, spread: float, seed: int = 0):
@@ -86,13 +84,25 @@ def folders(tmp_path_factory):
 def _trainer_checkpoint(path, arch, train_root, val_root, crop=32, seed=0):
     torch.manual_seed(seed)
     student = Student(arch)
-    torch.save({
-        "student": student.backbone.state_dict(), "heads": {}, "loss": {}, "optimizer": {}, "scaler": None,
-        "epoch": 1, "step": 10, "rng": {}, "commit": "test",
-        "config": {"student": {"arch": arch},
-                   "data": {"root": str(train_root), "val_root": str(val_root), "knn_train_root": None, "crop_size": crop},
-                   "eval": {"knn_k": 5, "knn_t": 0.07, "batch_size": 4, "workers": 0}},
-    }, path)
+    torch.save(
+        {
+            "student": student.backbone.state_dict(),
+            "heads": {},
+            "loss": {},
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "step": 10,
+            "rng": {},
+            "commit": "test",
+            "config": {
+                "student": {"arch": arch},
+                "data": {"root": str(train_root), "val_root": str(val_root), "knn_train_root": None, "crop_size": crop},
+                "eval": {"knn_k": 5, "knn_t": 0.07, "batch_size": 4, "workers": 0},
+            },
+        },
+        path,
+    )
     return student
 
 
@@ -211,16 +221,23 @@ def test_linear_probe_steps_the_schedule_once_per_epoch(monkeypatch):
     train, train_y, val, val_y = _clusters(40, 10, num_classes=2, dim=4, spread=0.5)
     ev.linear_probe(train, train_y, val, val_y, 2, batch_size=16)  # 3 steps per epoch, 40 epochs
     assert len(seen) == 120
-    assert seen[:45] == [0.01] * 45 and seen[45:90] == pytest.approx([1e-3] * 45) and seen[90:] == pytest.approx([1e-4] * 30)
+    assert (
+        seen[:45] == [0.01] * 45
+        and seen[45:90] == pytest.approx([1e-3] * 45)
+        and seen[90:] == pytest.approx([1e-4] * 30)
+    )
 
 
-@pytest.mark.parametrize("batch, expected", [
-    # epoch: lr, worked out by hand from main_lincls.py adjust_learning_rate (lr 30, warmup 5, steps 60/80)
-    (256, {0: 30, 1: 30, 4: 30, 5: 30, 59: 30, 60: 3, 79: 3, 80: 0.3, 99: 0.3}),
-    (512, {0: 30, 1: 36, 2: 42, 4: 54, 5: 60, 59: 60, 60: 6, 79: 6, 80: 0.6, 99: 0.6}),
-    (128, {0: 30, 1: 27, 3: 21, 4: 18, 5: 15, 59: 15, 60: 1.5, 80: 0.15}),
-    (1024, {0: 30, 1: 48, 4: 102, 5: 120, 60: 12, 80: 1.2}),
-])
+@pytest.mark.parametrize(
+    "batch, expected",
+    [
+        # epoch: lr, worked out by hand from main_lincls.py adjust_learning_rate (lr 30, warmup 5, steps 60/80)
+        (256, {0: 30, 1: 30, 4: 30, 5: 30, 59: 30, 60: 3, 79: 3, 80: 0.3, 99: 0.3}),
+        (512, {0: 30, 1: 36, 2: 42, 4: 54, 5: 60, 59: 60, 60: 6, 79: 6, 80: 0.6, 99: 0.6}),
+        (128, {0: 30, 1: 27, 3: 21, 4: 18, 5: 15, 59: 15, 60: 1.5, 80: 0.15}),
+        (1024, {0: 30, 1: 48, 4: 102, 5: 120, 60: 12, 80: 1.2}),
+    ],
+)
 def test_moco_lr_schedule_in_closed_form(batch, expected):
     recipe = ev.dataclasses.replace(ev.RECIPES["moco"], batch_size=batch)
     assert {e: recipe.lr_at(e) for e in expected} == pytest.approx(expected)
@@ -231,7 +248,9 @@ def test_simreg_recipe_and_schedule_steps_at_15_and_30():
     recipe = ev.RECIPES["simreg"]
     assert (recipe.epochs, recipe.batch_size, recipe.momentum, recipe.weight_decay) == (40, 256, 0.9, 1e-4)
     lrs = [recipe.lr_at(e) for e in range(40)]
-    assert lrs[:15] == [0.01] * 15 and lrs[15:30] == pytest.approx([1e-3] * 15) and lrs[30:] == pytest.approx([1e-4] * 10)
+    assert (
+        lrs[:15] == [0.01] * 15 and lrs[15:30] == pytest.approx([1e-3] * 15) and lrs[30:] == pytest.approx([1e-4] * 10)
+    )
     assert ev.dataclasses.replace(recipe, batch_size=512).lr_at(0) == 0.01  # SimReg does not scale lr by batch
 
 
@@ -301,8 +320,9 @@ def test_train_on_views_sets_the_lr_per_epoch_and_keeps_the_backbone_frozen(name
 
 
 def test_augmented_views_draw_fresh_labelled_crops_each_epoch(folders):
-    views = ev.augmented_views(str(folders[0]), 32, 5, 1, "auto", torch.device("cpu"), seed=0, channels_last=True,
-                               half=False)
+    views = ev.augmented_views(
+        str(folders[0]), 32, 5, 1, "auto", torch.device("cpu"), seed=0, channels_last=True, half=False
+    )
     epochs = [[(x.clone(), y.clone()) for x, y in views.epoch(e)] for e in range(2)]
     assert [len(e) for e in epochs] == [2, 2]  # 12 images at batch 5: the partial batch is dropped
     x, y = epochs[0][0]
@@ -370,8 +390,25 @@ def test_a_damaged_cache_file_is_an_error_that_says_to_delete_it(folders, tmp_pa
 def test_the_cli_caches_features_under_fastreg_cache(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTREG_CACHE", str(tmp_path / "cache"))
     torch.save(Student("cnn_tiny").backbone.state_dict(), tmp_path / "tiny.pt")
-    ev.main([str(tmp_path / "tiny.pt"), "--arch", "cnn_tiny", "--train-root", str(folders[0]), "--val-root",
-             str(folders[1]), "--crop-size", "32", "--workers", "0", "--k", "3", "--device", "cpu"])
+    ev.main(
+        [
+            str(tmp_path / "tiny.pt"),
+            "--arch",
+            "cnn_tiny",
+            "--train-root",
+            str(folders[0]),
+            "--val-root",
+            str(folders[1]),
+            "--crop-size",
+            "32",
+            "--workers",
+            "0",
+            "--k",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2  # the bank's and the queries'
 
 
@@ -384,7 +421,9 @@ def test_knn_eval_on_an_image_folder(folders):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastreg.eval", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fastreg.eval", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def _figures(out: str) -> dict[str, float]:
@@ -395,8 +434,17 @@ def _figures(out: str) -> dict[str, float]:
 
 def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
     _trainer_checkpoint(tmp_path / "ckpt.pt", "cnn_tiny", *folders)
-    run = _cli(tmp_path / "ckpt.pt", "--linear", "cached", "--linear-epochs", "3", "--cache-dir", tmp_path / "cache",
-               "--device", "cpu")
+    run = _cli(
+        tmp_path / "ckpt.pt",
+        "--linear",
+        "cached",
+        "--linear-epochs",
+        "3",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--device",
+        "cpu",
+    )
     assert run.returncode == 0, run.stderr
     assert set(_figures(run.stdout)) == {"knn5_majority", "knn5_weighted", "nn1", "linear_cached"}
     for row in ("3 epochs, batch 256, lr 0.01", "bank:     12 images", "extracted and cached", "cpu, fp32"):
@@ -404,7 +452,9 @@ def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
 
     ev.main([str(tmp_path / "ckpt.pt"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])  # again, in process
     assert "read from the cache" in capsys.readouterr().out
-    ev.main([str(tmp_path / "ckpt.pt"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--precision", "bf16"])
+    ev.main(
+        [str(tmp_path / "ckpt.pt"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--precision", "bf16"]
+    )
     assert "extracted and cached in" in capsys.readouterr().out  # another precision, other features
 
 
@@ -421,8 +471,23 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
     assert set(results) == {"knn5_majority", "knn5_weighted", "nn1"}
     assert '"eval/knn5_majority"' in (tmp_path / "run" / "metrics.jsonl").read_text()
 
-    run = _cli(tmp_path / "run" / "ckpt_epoch0001.pt", "--linear", "simreg", "moco", "cached", "--linear-epochs", "2",
-               "--linear-batch-size", "8", "--workers", "1", "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    run = _cli(
+        tmp_path / "run" / "ckpt_epoch0001.pt",
+        "--linear",
+        "simreg",
+        "moco",
+        "cached",
+        "--linear-epochs",
+        "2",
+        "--linear-batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--device",
+        "cpu",
+    )
     assert run.returncode == 0, run.stderr
     figures = _figures(run.stdout)
     assert set(figures) == {"knn5_majority", "knn5_weighted", "nn1", "linear_simreg", "linear_moco", "linear_cached"}
@@ -433,8 +498,25 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
 
 def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
     torch.save(Student("resnet18").backbone.state_dict(), tmp_path / "r18.pt")
-    ev.main([str(tmp_path / "r18.pt"), "--arch", "resnet18", "--train-root", str(folders[0]), "--val-root", str(folders[1]),
-             "--crop-size", "32", "--workers", "0", "--k", "3", "--cache-dir", str(tmp_path / "cache")])
+    ev.main(
+        [
+            str(tmp_path / "r18.pt"),
+            "--arch",
+            "resnet18",
+            "--train-root",
+            str(folders[0]),
+            "--val-root",
+            str(folders[1]),
+            "--crop-size",
+            "32",
+            "--workers",
+            "0",
+            "--k",
+            "3",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "r18.pt (resnet18, crop 32)" in out and set(_figures(out)) == {"knn3_majority", "knn3_weighted", "nn1"}
 
@@ -459,13 +541,31 @@ def test_cli_errors(folders, tmp_path):
     assert "pass --arch" in _cli_error(tmp_path / "r18.pt")
     assert "no --train-root" in _cli_error(tmp_path / "r18.pt", "--arch", "resnet18")
     message = _cli_error(tmp_path / "r18.pt", "--arch", "cnn_tiny", *roots)
-    assert "do not fit cnn_tiny: missing keys [features.0.weight" in message and "unexpected keys [conv1.weight" in message
+    assert (
+        "do not fit cnn_tiny: missing keys [features.0.weight" in message and "unexpected keys [conv1.weight" in message
+    )
 
-    linear = ["--train-root", folders[0], "--val-root", folders[1], "--arch", "resnet18", "--crop-size", "32",
-              "--workers", "0", "--cache-dir", tmp_path / "cache", "--linear", "simreg"]
+    linear = [
+        "--train-root",
+        folders[0],
+        "--val-root",
+        folders[1],
+        "--arch",
+        "resnet18",
+        "--crop-size",
+        "32",
+        "--workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--linear",
+        "simreg",
+    ]
     assert "pass --linear-batch-size 12 or less" in _cli_error(tmp_path / "r18.pt", *linear)
     assert "--linear-epochs must be positive, got 0" in _cli_error(tmp_path / "r18.pt", *linear, "--linear-epochs", "0")
 
     del sd["layer4.1.bn2.running_mean"]
     torch.save(sd, tmp_path / "partial.pt")
-    assert "missing keys [layer4.1.bn2.running_mean]" in _cli_error(tmp_path / "partial.pt", "--arch", "resnet18", *roots)
+    assert "missing keys [layer4.1.bn2.running_mean]" in _cli_error(
+        tmp_path / "partial.pt", "--arch", "resnet18", *roots
+    )

@@ -14,7 +14,6 @@ from fastreg.export import export_student, load_hint, main
 from fastreg.students import Student
 
 
-
 def _trained_student(arch: str, seed: int = 0) -> Student:
     """A Student whose weights and BN statistics differ from a fresh init (as after training)."""
     student = Student(arch)
@@ -48,8 +47,12 @@ def _trainer_checkpoint(student: Student, path) -> None:
 
 
 # the final classifier Linear each paper's network lacks: only its weight and bias may be missing in torchvision
-FINAL_LINEAR = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
-                "efficientnet_b0": "classifier.1"}
+FINAL_LINEAR = {
+    "resnet18": "fc",
+    "mobilenet_v2": "classifier.1",
+    "mobilenet_v3_large": "classifier.3",
+    "efficientnet_b0": "classifier.1",
+}
 
 
 @pytest.mark.parametrize("arch", sorted(FINAL_LINEAR))
@@ -127,8 +130,10 @@ def test_missing_checkpoint_file(tmp_path):
 
 def test_wrong_keys_are_named_and_nothing_is_written(tmp_path):
     student = Student("resnet18")
-    ckpt = {"student": {f"module.{k}": v for k, v in student.backbone.state_dict().items()},
-            "config": {"student": {"arch": "resnet18"}}}  # a DDP-prefixed state_dict
+    ckpt = {
+        "student": {f"module.{k}": v for k, v in student.backbone.state_dict().items()},
+        "config": {"student": {"arch": "resnet18"}},
+    }  # a DDP-prefixed state_dict
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight"):
         export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
@@ -139,7 +144,9 @@ def test_cli_prints_what_it_wrote_and_how_to_load(tmp_path):
     _trainer_checkpoint(Student("resnet18"), tmp_path / "ckpt.pt")
     run = subprocess.run(
         [sys.executable, "-m", "fastreg.export", str(tmp_path / "ckpt.pt"), str(tmp_path / "r18.pt")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert f"wrote {tmp_path / 'r18.pt'}: resnet18 backbone" in run.stdout

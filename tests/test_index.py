@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, make_image_folder, noise
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fastreg import index as fi
 from fastreg.index import check_image, load_index
-from helpers import BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, make_image_folder, noise
 
 
 @pytest.fixture(autouse=True)
@@ -111,8 +111,13 @@ def decode_with_dali(paths):
     def pipeline():
         files, _ = fn.readers.file(files=[str(p) for p in paths])
         whole = fn.decoders.image(files, device="cpu", output_type=types.RGB)
-        cropped = fn.decoders.image_random_crop(files, device="cpu", output_type=types.RGB, random_area=[1.0, 1.0],
-                                                random_aspect_ratio=[width / height, width / height])
+        cropped = fn.decoders.image_random_crop(
+            files,
+            device="cpu",
+            output_type=types.RGB,
+            random_area=[1.0, 1.0],
+            random_aspect_ratio=[width / height, width / height],
+        )
         return whole, cropped
 
     pipe = pipeline()
@@ -150,13 +155,19 @@ def test_cmyk_jpeg_converts_without_its_profile_in_both_loaders(tmp_path):
     assert np.abs(dali.astype(int) - pil).mean() < 0.5
 
 
-@pytest.mark.parametrize("write, reason", [
-    (lambda p: gradient_rgb().save(p, "GIF"), "a GIF image: the loaders read JPEG, PNG, BMP and PNM files"),
-    (lambda p: gradient_rgb().save(p, "TIFF"), "a TIFF image"),
-    (lambda p: gradient_rgb().save(p, "WEBP"), "a WEBP image"),
-    (lambda p: Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(p, "PNG"),
-     "a I;16 PNG (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI scales it"),
-], ids=["gif", "tiff", "webp", "png_16bit"])
+@pytest.mark.parametrize(
+    "write, reason",
+    [
+        (lambda p: gradient_rgb().save(p, "GIF"), "a GIF image: the loaders read JPEG, PNG, BMP and PNM files"),
+        (lambda p: gradient_rgb().save(p, "TIFF"), "a TIFF image"),
+        (lambda p: gradient_rgb().save(p, "WEBP"), "a WEBP image"),
+        (
+            lambda p: Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(p, "PNG"),
+            "a I;16 PNG (over 8 bits per pixel): PIL's convert('RGB') clips it, DALI scales it",
+        ),
+    ],
+    ids=["gif", "tiff", "webp", "png_16bit"],
+)
 def test_check_image_leaves_out_what_the_loaders_do_not_read_alike(tmp_path, write, reason):
     write(tmp_path / "x.jpg")
     assert check_image(tmp_path / "x.jpg").startswith(reason)
@@ -175,7 +186,8 @@ def test_bad_files_are_excluded_listed_and_warned(tree, caplog):
         idx = index(tree, max_bad_fraction=0.5)
     bad_list = idx.file_list.with_name("bad_files.txt")
     assert {rel: reason.split(":")[0] for rel, reason in idx.bad} == {
-        f"class1/{name}.jpg": reason.split(":")[0] for name, (_, reason) in BAD.items()}
+        f"class1/{name}.jpg": reason.split(":")[0] for name, (_, reason) in BAD.items()
+    }
     assert bad_list.read_text().splitlines() == [f"{rel}\t{reason}" for rel, reason in idx.bad]
     listed = {line.rsplit(" ", 1)[0] for line in idx.file_list.read_text().splitlines()}
     assert len(listed) == len(idx.samples) == 15 and not listed & {rel for rel, _ in idx.bad}
@@ -267,10 +279,15 @@ def test_file_list_with_other_labels_gets_numbered_classes(tree, tmp_path):
     assert index(tree, file_list=listing).classes == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("line, problem", [("class0/0.jpg", "expected 'relative/path label'"),
-                                           ("class0/0.jpg -1", "expected 'relative/path label'"),
-                                           ("class0/0.jpg 1.5", "expected 'relative/path label'"),
-                                           ("/abs/0.jpg 0", "path '/abs/0.jpg' must be relative")])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("class0/0.jpg", "expected 'relative/path label'"),
+        ("class0/0.jpg -1", "expected 'relative/path label'"),
+        ("class0/0.jpg 1.5", "expected 'relative/path label'"),
+        ("/abs/0.jpg 0", "path '/abs/0.jpg' must be relative"),
+    ],
+)
 def test_bad_file_list_lines_are_named(tree, tmp_path, line, problem):
     listing = tmp_path / "list.txt"
     listing.write_text(f"class0/1.jpg 0\n{line}\n")
@@ -279,8 +296,9 @@ def test_bad_file_list_lines_are_named(tree, tmp_path, line, problem):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastreg.index", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fastreg.index", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_summary_and_failure(tree, tmp_path):

@@ -11,12 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    LaunchRecorder,
+    assert_compile_friendly_layout,
+    make_image_folder,
+    tensors_compile_sees_written,
+    tiny_overrides,
+)
 
 from fastreg.kernels.normalized_regression import (
-    NormalizedRegressionLoss, normalized_regression_loss, normalized_regression_losses,
+    NormalizedRegressionLoss,
+    normalized_regression_loss,
+    normalized_regression_losses,
 )
-from helpers import (LaunchRecorder, assert_compile_friendly_layout, make_image_folder,
-                     tensors_compile_sees_written, tiny_overrides)
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,10 +46,22 @@ def test_trainer_with_triton_head_and_loss_under_the_interpreter_tracks_eager(tm
     runs = {}
     for impl, env in (("triton", {"TRITON_INTERPRET": "1"}), ("eager", {})):
         out = tmp_path / impl
-        args = tiny_overrides(data, out) + ["trainer.epochs=2", f"loss.impl={impl}", f"head.impl={impl}",
-                                            "head.kind=simreg4", f"hydra.run.dir={out}", "optim.base_lr=0.5"]
-        proc = subprocess.run([sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True,
-                              env={**os.environ, **env}, cwd=tmp_path, timeout=600)
+        args = tiny_overrides(data, out) + [
+            "trainer.epochs=2",
+            f"loss.impl={impl}",
+            f"head.impl={impl}",
+            "head.kind=simreg4",
+            f"hydra.run.dir={out}",
+            "optim.base_lr=0.5",
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastreg.train", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[impl] = step_losses(out)
         log = (out / "train.log").read_text()
@@ -54,8 +73,14 @@ def test_trainer_with_triton_head_and_loss_under_the_interpreter_tracks_eager(tm
 def test_triton_kernels_under_the_interpreter():
     """TRITON_INTERPRET must be set before the kernel module is imported, hence a fresh process."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpret")],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=HERE.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpret")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=HERE.parent,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
@@ -76,6 +101,7 @@ def test_compiles_without_a_graph_break():
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward. CPU tensors take the plain
     PyTorch path (the registered op would become its Triton kernel, which cannot build for a CPU); on a GPU the
     op: test_triton_under_compile_on_gpu."""
+
     def step(pred, target):
         return normalized_regression_loss(pred * 2, target)
 
@@ -95,12 +121,19 @@ def test_registered_ops_pass_opcheck(reduce):
     """The ops' schemas, fake (meta) kernels, mutation declarations and autograd registration as torch checks
     them, through their CPU kernels; and compiled whole (the op kept, as torch.export keeps it) they give the
     plain path's results."""
-    import fastreg.kernels.normalized_regression as nr
     from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
 
+    import fastreg.kernels.normalized_regression as nr
+
     terms = multi_terms()
-    args = ([p.detach() for p, _, _ in terms], [t for _, t, _ in terms], [w for _, _, w in terms], True, reduce,
-            [True, False, True])
+    args = (
+        [p.detach() for p, _, _ in terms],
+        [t for _, t, _ in terms],
+        [w for _, _, w in terms],
+        True,
+        reduce,
+        [True, False, True],
+    )
     with keep_triton_ops():  # opcheck's aot_dispatch test would otherwise build the Triton kernel for a CPU
         torch.library.opcheck(nr.terms_loss_and_grad, args)
         torch.library.opcheck(nr.scale_, (torch.randn(5, 7), torch.rand(5)))
@@ -138,9 +171,14 @@ def test_bad_shapes_are_clear_errors():
 def multi_terms(device="cpu", dtype=torch.float32, batches=(3, 1, 5), dims=(7, 300, 4099)):
     """(pred, target, weight) per teacher: D past one 4096 block, odd B including 1, a weight on the middle term."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(b, d, generator=g).to(device, dtype).requires_grad_(),
-             torch.randn(b, d, generator=g).to(device, dtype),
-             torch.rand(b, generator=g).to(device) if k == 1 else None) for k, (b, d) in enumerate(zip(batches, dims))]
+    return [
+        (
+            torch.randn(b, d, generator=g).to(device, dtype).requires_grad_(),
+            torch.randn(b, d, generator=g).to(device, dtype),
+            torch.rand(b, generator=g).to(device) if k == 1 else None,
+        )
+        for k, (b, d) in enumerate(zip(batches, dims))
+    ]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -158,6 +196,7 @@ def test_cpu_multi_terms_are_the_one_term_losses(reduction):
 
 def test_multi_terms_compile_without_a_graph_break():
     """As test_compiles_without_a_graph_break, for two terms of different D."""
+
     def step(p1, t1, p2, t2):
         a, b = normalized_regression_losses([(p1 * 2, t1, None), (p2, t2, None)])
         return a + 0.5 * b
@@ -186,8 +225,13 @@ def test_compile_sees_every_tensor_the_terms_kernel_writes(reduction, with_grad)
 
     terms = multi_terms(batches=(257, 257, 1), dims=(7, 768, 8200))
     launches = []
-    nr._launch_terms(LaunchRecorder(nr._terms_kernel, launches), *map(list, zip(*terms)), reduction == "mean",
-                     reduction != "none", with_grad)
+    nr._launch_terms(
+        LaunchRecorder(nr._terms_kernel, launches),
+        *map(list, zip(*terms)),
+        reduction == "mean",
+        reduction != "none",
+        with_grad,
+    )
     ((_, kwargs),) = launches
     assert_compile_friendly_layout(nr._terms_kernel, kwargs)
     assert {p.name for p in nr._terms_kernel.params if p.do_not_specialize} >= {"B0", "D0", "B2", "SP2", "ST3"}

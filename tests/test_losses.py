@@ -51,6 +51,7 @@ def test_center_frozen_in_eval_mode():
 
 def seed_reference(s, t, queue, tau_s, tau_t):
     """SEED's loss written out with python loops and math.exp: 3 samples, 4 queue entries."""
+
     def unit(v):
         n = math.sqrt(sum(x * x for x in v))
         return [x / n for x in v]
@@ -123,10 +124,14 @@ def test_several_fused_teachers_are_one_call_with_each_teachers_loss(monkeypatch
 
     calls = []
     real = fastreg.kernels.normalized_regression_losses
-    monkeypatch.setattr(fastreg.kernels, "normalized_regression_losses", lambda terms: calls.append(len(terms))
-                        or real(terms))
+    monkeypatch.setattr(
+        fastreg.kernels, "normalized_regression_losses", lambda terms: calls.append(len(terms)) or real(terms)
+    )
     cfg = LossConfig(name="simreg", center_teacher=True)
-    fused, eager = [FusedRegressionLoss(cfg, 16), FusedRegressionLoss(cfg, 24)], [RegressionLoss(cfg, d) for d in (16, 24)]
+    fused, eager = (
+        [FusedRegressionLoss(cfg, 16), FusedRegressionLoss(cfg, 24)],
+        [RegressionLoss(cfg, d) for d in (16, 24)],
+    )
     preds = [torch.randn(6, d, requires_grad=True) for d in (16, 24)]
     refs = [p.detach().clone().requires_grad_() for p in preds]
     targets = [torch.randn(6, d) + 1 for d in (16, 24)]

@@ -7,14 +7,21 @@ import copy
 
 import pytest
 import torch
+from head_reference import (
+    SHAPES,
+    SPECS,
+    assert_as_accurate_as_eager,
+    assert_compiled_model_matches_float64,
+    assert_equal,
+    assert_matches_float64,
+    assert_runs_equal,
+    eager_head,
+    run,
+)
+from helpers import LaunchRecorder, assert_compile_friendly_layout, tensors_compile_sees_written
 from torch.export._trace import _disable_custom_triton_op_functional_decomposition as keep_triton_ops
 
 from fastreg.kernels.mlp_head import FusedMLPHead, mlp_head_bwd, mlp_head_fwd
-from helpers import LaunchRecorder, assert_compile_friendly_layout, tensors_compile_sees_written
-from head_reference import (
-    SHAPES, SPECS, assert_as_accurate_as_eager, assert_compiled_model_matches_float64, assert_equal,
-    assert_matches_float64, assert_runs_equal, eager_head, run,
-)
 
 GPU_SHAPES = [(37, 24, 33), (256, 512, 2048), (1000, 96, 130)]  # (B, d, D) of a simreg4 head d -> 2d -> d -> 2d -> D
 
@@ -35,14 +42,23 @@ def test_cpu_kernels_under_autocast_are_as_accurate_as_eager():
 def op_args(head: FusedMLPHead, x: torch.Tensor, training: bool) -> dict:
     """mlp_head_fwd's arguments for head's modules, as FusedMLPHead passes them."""
     layers, bns = head.plan, [layer.bn for layer in head.plan if layer.bn is not None]
-    return dict(x=x, weights=[layer.linear.weight.detach() for layer in layers],
-                biases=[layer.linear.bias.detach() for layer in layers], gammas=[bn.weight.detach() for bn in bns],
-                betas=[bn.bias.detach() for bn in bns], running_means=[bn.running_mean for bn in bns],
-                running_vars=[bn.running_var for bn in bns], counts=[bn.num_batches_tracked for bn in bns],
-                has_bn=[layer.bn is not None for layer in layers], relu=[layer.relu for layer in layers],
-                momentum=[bn.momentum for bn in bns], eps=[bn.eps for bn in bns], training=training,
-                zs=[x.new_empty(len(x), layer.linear.out_features) for layer in layers],
-                stats=[x.new_empty(4, bn.num_features) for bn in bns])
+    return dict(
+        x=x,
+        weights=[layer.linear.weight.detach() for layer in layers],
+        biases=[layer.linear.bias.detach() for layer in layers],
+        gammas=[bn.weight.detach() for bn in bns],
+        betas=[bn.bias.detach() for bn in bns],
+        running_means=[bn.running_mean for bn in bns],
+        running_vars=[bn.running_var for bn in bns],
+        counts=[bn.num_batches_tracked for bn in bns],
+        has_bn=[layer.bn is not None for layer in layers],
+        relu=[layer.relu for layer in layers],
+        momentum=[bn.momentum for bn in bns],
+        eps=[bn.eps for bn in bns],
+        training=training,
+        zs=[x.new_empty(len(x), layer.linear.out_features) for layer in layers],
+        stats=[x.new_empty(4, bn.num_features) for bn in bns],
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -53,9 +69,19 @@ def test_opcheck(training):
     with keep_triton_ops():
         torch.library.opcheck(mlp_head_fwd, (), fwd)
     mlp_head_fwd(**fwd)
-    bwd = dict(grad_out=torch.randn(7, 5), x=fwd["x"], zs=fwd["zs"][:-1], weights=fwd["weights"],
-               gammas=fwd["gammas"], stats=fwd["stats"], has_bn=fwd["has_bn"], relu=fwd["relu"], training=training,
-               input_grad=True, param_dtype=torch.float32)
+    bwd = dict(
+        grad_out=torch.randn(7, 5),
+        x=fwd["x"],
+        zs=fwd["zs"][:-1],
+        weights=fwd["weights"],
+        gammas=fwd["gammas"],
+        stats=fwd["stats"],
+        has_bn=fwd["has_bn"],
+        relu=fwd["relu"],
+        training=training,
+        input_grad=True,
+        param_dtype=torch.float32,
+    )
     with keep_triton_ops():
         torch.library.opcheck(mlp_head_bwd, (), bwd)
 
@@ -83,9 +109,22 @@ def test_compile_sees_every_tensor_each_kernel_writes(monkeypatch, training):
     monkeypatch.setattr(mlp_head, "wrap_triton", lambda kernel: LaunchRecorder(kernel, launches))
     fwd = op_args(FusedMLPHead(*eager_head("simreg4", 6, 5)), torch.randn(7, 6), training)
     mlp_head._forward(mlp_head.linear_forward, mlp_head.batch_norm_stats, *fwd.values())
-    mlp_head._backward(mlp_head.linear_dgrad, mlp_head.batch_norm_backward, mlp_head.linear_wgrad,
-                       torch.randn(7, 5), fwd["x"], fwd["zs"][:-1], fwd["weights"], fwd["gammas"], fwd["stats"],
-                       fwd["has_bn"], fwd["relu"], training, True, torch.float32)
+    mlp_head._backward(
+        mlp_head.linear_dgrad,
+        mlp_head.batch_norm_backward,
+        mlp_head.linear_wgrad,
+        torch.randn(7, 5),
+        fwd["x"],
+        fwd["zs"][:-1],
+        fwd["weights"],
+        fwd["gammas"],
+        fwd["stats"],
+        fwd["has_bn"],
+        fwd["relu"],
+        training,
+        True,
+        torch.float32,
+    )
     assert len(launches) == 6 + 10
     for kernel, kwargs in launches:
         name = getattr(kernel, "fn", kernel).__name__
@@ -130,8 +169,9 @@ def test_inductor_compiles_the_head_into_its_triton_kernels(dtype):
             x, upstream = torch.randn(200, 64, device="cuda"), torch.randn(200, 96, device="cuda")
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 want = run(fused, x, upstream)
-                got, code = (run_and_get_code(run, compiled, x, upstream) if step == 0
-                             else (run(compiled, x, upstream), []))
+                got, code = (
+                    run_and_get_code(run, compiled, x, upstream) if step == 0 else (run(compiled, x, upstream), [])
+                )
             if step == 0:  # the compiled forward and backward
                 assert code and not any("torch.ops.fastreg" in c for c in code)
                 assert any("_linear_fwd_kernel" in c for c in code) and any("_linear_wgrad_kernel" in c for c in code)

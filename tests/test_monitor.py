@@ -11,14 +11,14 @@ import time
 
 import pytest
 import torch
+from helpers import make_image_folder, tiny_overrides
+from test_train import compose_cfg
 
 import fastreg.run_log
 from fastreg.config import to_config
 from fastreg.monitor import PHASES, GPUMonitor, nvml_handle, phase
 from fastreg.train import train
 from fastreg.trainer import Trainer
-from helpers import make_image_folder, tiny_overrides
-from test_train import compose_cfg
 
 THREAD = "fastreg-gpu-monitor"
 
@@ -72,20 +72,36 @@ def test_mean_and_peak_over_the_run_and_per_window():
     with FedMonitor(S1, S2, S3) as mon:  # start() reads S1, the thread S2 and S3
         wait_for(lambda: mon.summary()["samples"] == 3)
         assert mon.summary() == {
-            "available": True, "samples": 3, "sm_util_pct": {"mean": 20, "peak": 30},
-            "mem_used_mib": {"mean": 200, "peak": 300}, "power_w": {"mean": 100, "peak": 150},
-            "sm_clock_mhz": {"mean": 1200, "peak": 1400}}
+            "available": True,
+            "samples": 3,
+            "sm_util_pct": {"mean": 20, "peak": 30},
+            "mem_used_mib": {"mean": 200, "peak": 300},
+            "power_w": {"mean": 100, "peak": 150},
+            "sm_clock_mhz": {"mean": 1200, "peak": 1400},
+        }
         assert mon.window() == {
-            "gpu/sm_util_pct_mean": 20, "gpu/sm_util_pct_peak": 30, "gpu/mem_used_mib_mean": 200,
-            "gpu/mem_used_mib_peak": 300, "gpu/power_w_mean": 100, "gpu/power_w_peak": 150,
-            "gpu/sm_clock_mhz_mean": 1200, "gpu/sm_clock_mhz_peak": 1400}
+            "gpu/sm_util_pct_mean": 20,
+            "gpu/sm_util_pct_peak": 30,
+            "gpu/mem_used_mib_mean": 200,
+            "gpu/mem_used_mib_peak": 300,
+            "gpu/power_w_mean": 100,
+            "gpu/power_w_peak": 150,
+            "gpu/sm_clock_mhz_mean": 1200,
+            "gpu/sm_clock_mhz_peak": 1400,
+        }
         assert mon.window() == {}  # reset: no sample since
         mon.feed.put(S4)
         wait_for(lambda: mon.summary()["samples"] == 4)
         assert mon.window() == {
-            "gpu/sm_util_pct_mean": 40, "gpu/sm_util_pct_peak": 40, "gpu/mem_used_mib_mean": 400,
-            "gpu/mem_used_mib_peak": 400, "gpu/power_w_mean": 200, "gpu/power_w_peak": 200,
-            "gpu/sm_clock_mhz_mean": 1600, "gpu/sm_clock_mhz_peak": 1600}
+            "gpu/sm_util_pct_mean": 40,
+            "gpu/sm_util_pct_peak": 40,
+            "gpu/mem_used_mib_mean": 400,
+            "gpu/mem_used_mib_peak": 400,
+            "gpu/power_w_mean": 200,
+            "gpu/power_w_peak": 200,
+            "gpu/sm_clock_mhz_mean": 1600,
+            "gpu/sm_clock_mhz_peak": 1600,
+        }
         assert mon.summary()["sm_util_pct"] == {"mean": 25, "peak": 40}
         assert mon.summary()["power_w"] == {"mean": 125, "peak": 200}
     assert not sampler_running()

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_image_folder, tiny_overrides
 from hydra import compose, initialize_config_module
+from test_train import DDP_SCRIPT
 
 import fastreg.trainer as trainer_module
 from fastreg.config import TrainerConfig, to_config
 from fastreg.nonfinite import StepSkip, StepUndo
 from fastreg.trainer import Trainer
-from helpers import make_image_folder, tiny_overrides
-from test_train import DDP_SCRIPT
 
 TWO_TEACHERS = "teachers=[{arch: cnn_small, checkpoint: random}, {arch: cnn_small, checkpoint: random}]"
 
@@ -54,8 +54,12 @@ def snapshot(trainer: Trainer) -> dict[str, dict]:
     return {
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "buffers": {k: v.clone() for k, v in model.named_buffers()},
-        "optim": {f"{i}.{k}": v.clone() for i, s in trainer.optimizer.state_dict()["state"].items()
-                  for k, v in s.items() if torch.is_tensor(v)},
+        "optim": {
+            f"{i}.{k}": v.clone()
+            for i, s in trainer.optimizer.state_dict()["state"].items()
+            for k, v in s.items()
+            if torch.is_tensor(v)
+        },
     }
 
 
@@ -75,8 +79,9 @@ def record_steps(trainer: Trainer) -> tuple[list[dict], list[dict]]:
 
 def equal(a: dict, b: dict) -> bool:
     """Bitwise, through nested dicts."""
-    return a.keys() == b.keys() and all(equal(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k])
-                                        for k in a)
+    return a.keys() == b.keys() and all(
+        equal(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) for k in a
+    )
 
 
 def metrics(trainer: Trainer) -> dict[int, dict]:
@@ -107,8 +112,15 @@ def test_a_bad_step_leaves_weights_and_optimizer_state_as_before(tmp_path, caplo
 def test_max_bad_steps_in_a_row_stop_and_name_the_step_and_each_teachers_loss(tmp_path):
     """Two teachers, the second one's loss NaN from step 3 on, max_bad_steps=3, a save every step. The saves
     during the bad steps (below the limit) hold the weights of step 2; the one at step 5 is never written."""
-    trainer = make_trainer(tmp_path, TWO_TEACHERS, "trainer.epochs=2", "trainer.max_bad_steps=3",
-                           "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.log_every=100")
+    trainer = make_trainer(
+        tmp_path,
+        TWO_TEACHERS,
+        "trainer.epochs=2",
+        "trainer.max_bad_steps=3",
+        "trainer.checkpoint_every=1",
+        "trainer.keep_checkpoints=0",
+        "trainer.log_every=100",
+    )
     poison(trainer, range(3, 100), index=1)
     with pytest.raises(FloatingPointError) as err:
         trainer.fit()
@@ -117,8 +129,12 @@ def test_max_bad_steps_in_a_row_stop_and_name_the_step_and_each_teachers_loss(tm
     assert re.search(r"at step 3: loss nan, loss/cnn_small_0 \d\.\d+, loss/cnn_small_1 nan\.", message)
     assert f"the last checkpoint in {trainer.out_dir} is intact" in message
     names = sorted(p.name for p in trainer.out_dir.glob("ckpt_*.pt"))
-    assert names == ["ckpt_epoch0000_step00000001.pt", "ckpt_epoch0000_step00000002.pt",
-                     "ckpt_epoch0000_step00000003.pt", "ckpt_epoch0001.pt"]
+    assert names == [
+        "ckpt_epoch0000_step00000001.pt",
+        "ckpt_epoch0000_step00000002.pt",
+        "ckpt_epoch0000_step00000003.pt",
+        "ckpt_epoch0001.pt",
+    ]
     saved = {name: torch.load(trainer.out_dir / name, weights_only=True) for name in names}
     for name in names[2:]:  # written after the bad steps 3 and 4: the weights from before them
         for part in ("student", "heads"):
@@ -174,6 +190,7 @@ def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch):
             if inside[0]:
                 reads.append(name)
             return original(self, *args, **kwargs)
+
         return read
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
@@ -193,12 +210,15 @@ def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch):
 
 
 # test_train's 2-rank script, with rank 1's loss NaN at step 2
-DDP_SCRIPT = DDP_SCRIPT.replace("trainer = Trainer(cfg)\n", f"""trainer = Trainer(cfg)
+DDP_SCRIPT = DDP_SCRIPT.replace(
+    "trainer = Trainer(cfg)\n",
+    f"""trainer = Trainer(cfg)
 sys.path.insert(0, {str(TESTS)!r})
 from test_nonfinite import poison
 if dist.get_rank() == 1:
     poison(trainer, {{2}})
-""")
+""",
+)
 
 
 def test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path):
@@ -207,9 +227,21 @@ def test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path):
     script = tmp_path / "ddp_nan.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *tiny_overrides(data, out), "trainer.epochs=2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *tiny_overrides(data, out),
+            "trainer.epochs=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MAXDIFF 0.0" in proc.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -224,13 +256,15 @@ def test_max_bad_steps_is_at_least_one():
 
 # ---- StepSkip: the fused optimizer's kernel skips a bad step (found_inf), with no copy of the weights ----
 
+
 @pytest.fixture
 def fused_sgd(monkeypatch):
     """optim=sgd built as on CUDA: torch's fused SGD, whose CPU kernel takes found_inf too. The guard is then
     StepSkip; building a StepUndo (a copy of the weights every step) fails the test."""
     build = trainer_module.build_optimizer
-    monkeypatch.setattr(trainer_module, "build_optimizer",
-                        lambda cfg, params, lr, device: build(cfg, params, lr, torch.device("cuda")))
+    monkeypatch.setattr(
+        trainer_module, "build_optimizer", lambda cfg, params, lr, device: build(cfg, params, lr, torch.device("cuda"))
+    )
 
     def copies_the_weights(*args):
         raise AssertionError("StepUndo built on the found_inf path")
@@ -249,8 +283,9 @@ def detached_nan(loss: torch.Tensor) -> torch.Tensor:
     return loss + (loss * float("nan")).detach()
 
 
-def test_found_inf_skips_a_bad_step_bitwise_with_a_copy_of_the_buffers_only(tmp_path, caplog, fused_sgd,
-                                                                           uninitialized_is_nan):
+def test_found_inf_skips_a_bad_step_bitwise_with_a_copy_of_the_buffers_only(
+    tmp_path, caplog, fused_sgd, uninitialized_is_nan
+):
     """Step 1 (it creates the momentum) and step 3 bad, step 3's gradients finite: as StepUndo, every parameter,
     momentum buffer and BatchNorm statistic bitwise as before step 3, and zeros in the state step 1 created."""
     trainer = make_trainer(tmp_path, "optim.base_lr=0.1")
@@ -331,10 +366,15 @@ def test_found_inf_passes_the_undo_guards_tests(tmp_path, caplog, monkeypatch, f
 
 def test_ddp_found_inf_skips_the_step_on_every_rank(tmp_path, monkeypatch):
     """Rank 1's loss is NaN at step 2, with torch's fused SGD on both ranks: both skip it."""
-    build_fused = ("import torch, fastreg.trainer as t\nbuild = t.build_optimizer\n"
-                   "t.build_optimizer = lambda cfg, p, lr, device: build(cfg, p, lr, torch.device('cuda'))\n")
-    script = DDP_SCRIPT.replace("trainer = Trainer(cfg)\n", build_fused + "trainer = Trainer(cfg)\n"
-                                "assert type(trainer.guard).__name__ == 'StepSkip'\n", 1)
+    build_fused = (
+        "import torch, fastreg.trainer as t\nbuild = t.build_optimizer\n"
+        "t.build_optimizer = lambda cfg, p, lr, device: build(cfg, p, lr, torch.device('cuda'))\n"
+    )
+    script = DDP_SCRIPT.replace(
+        "trainer = Trainer(cfg)\n",
+        build_fused + "trainer = Trainer(cfg)\nassert type(trainer.guard).__name__ == 'StepSkip'\n",
+        1,
+    )
     monkeypatch.setattr(sys.modules[__name__], "DDP_SCRIPT", script)
     test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path)
 

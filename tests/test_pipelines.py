@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import add_odd_files, make_image_folder, noise
 from PIL import Image
 from torchvision import transforms as T
 
@@ -10,7 +11,6 @@ from fastreg.config import DataConfig
 from fastreg.index import load_index
 from fastreg.pipelines import build_loader
 from fastreg.pipelines.pil_folder import IndexedImages, eval_loader, train_transform
-from helpers import add_odd_files, make_image_folder, noise
 
 CPU = torch.device("cpu")
 

@@ -14,19 +14,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-
-from fastreg import checkpoint as ckpt
-from fastreg.train import train
-from fastreg.preemption import EXIT_PREEMPTED, Preempted
-from fastreg.trainer import Trainer
 from helpers import assert_equal_states, make_image_folder, tiny_overrides, trained_state
 from test_train import compose_cfg
+
+from fastreg import checkpoint as ckpt
+from fastreg.preemption import EXIT_PREEMPTED, Preempted
+from fastreg.train import train
+from fastreg.trainer import Trainer
 
 TESTS = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -46,8 +46,9 @@ def cli(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @contextmanager
-def launched(command: list[str], cwd: Path, env: dict | None = None, stdout: int = subprocess.PIPE
-             ) -> Iterator[subprocess.Popen]:
+def launched(
+    command: list[str], cwd: Path, env: dict | None = None, stdout: int = subprocess.PIPE
+) -> Iterator[subprocess.Popen]:
     """The process, its stderr piped. Still running after the block (a failed test; ranks that disagree hang in
     a collective), it gets SIGTERM: torchrun forwards that to its workers, which sit in sessions of their own,
     and SIGKILLs them 30 s later, so that none outlives the test."""
@@ -76,12 +77,16 @@ def stop_line(out: Path) -> str:
 def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_exit_code_75(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
-    proc = run([sys.executable, str(TESTS / "fault_runner.py"), "--at-step", "5", "--signal", "TERM", "--",
-                *cli(data, out)], tmp_path)
+    proc = run(
+        [sys.executable, str(TESTS / "fault_runner.py"), "--at-step", "5", "--signal", "TERM", "--", *cli(data, out)],
+        tmp_path,
+    )
     assert proc.returncode == EXIT_PREEMPTED == 75, proc.stderr[-3000:]
     saved = out / "ckpt_epoch0001_step00000006.pt"
-    assert f"SIGTERM received: stopped at step 6 (epoch 1.50) and saved {saved}; fastreg.train exits with code 75" \
-           in stop_line(out)
+    assert (
+        f"SIGTERM received: stopped at step 6 (epoch 1.50) and saved {saved}; fastreg.train exits with code 75"
+        in stop_line(out)
+    )
     state = ckpt.load(saved)
     assert (state["step"], state["batch_in_epoch"]) == (6, 2)
 
@@ -89,8 +94,9 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_exit_code_75(tmp_p
         train(compose_cfg(overrides(data, out)))  # the same command again: trainer.resume=auto
     assert f"resumed from {saved}" in caplog.text
     train(compose_cfg(overrides(data, tmp_path / "straight")))
-    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
-                        trained_state(out / "ckpt_epoch0002.pt"))
+    assert_equal_states(
+        trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"), trained_state(out / "ckpt_epoch0002.pt")
+    )
 
 
 @pytest.fixture
@@ -140,14 +146,18 @@ def test_stop_handlers_live_in_fit_only_and_a_signal_during_the_save_is_harmless
 
 
 @pytest.mark.parametrize("step, stops_after", [(4, "ckpt_epoch0001.pt"), (8, None)], ids=["epoch_end", "run_end"])
-def test_a_signal_in_an_epochs_last_step_stops_after_the_epochs_own_save(tmp_path, monkeypatch, guard, step,
-                                                                        stops_after):
+def test_a_signal_in_an_epochs_last_step_stops_after_the_epochs_own_save(
+    tmp_path, monkeypatch, guard, step, stops_after
+):
     """In the last step of epoch 1 the stop reuses the epoch's checkpoint; in the run's last step there is
     nothing left to stop, and the run ends as usual."""
     signal_before_step(monkeypatch, step, signal.SIGTERM)
     out = tmp_path / "run"
-    with pytest.raises(Preempted, match=f"stopped at step 4 .* and saved {out / stops_after}") if stops_after \
-            else nullcontext():
+    with (
+        pytest.raises(Preempted, match=f"stopped at step 4 .* and saved {out / stops_after}")
+        if stops_after
+        else nullcontext()
+    ):
         train(compose_cfg(overrides(make_image_folder(tmp_path / "data"), out)))
     assert not list(out.glob("ckpt_*_step*.pt")) and not guard[1]
 
@@ -160,8 +170,24 @@ def test_one_rank_signalled_stops_both_at_the_agreed_step_and_torchrun_resumes(t
     exit 75. torchrun (--max-restarts=1) counts that as a failure and restarts them: they resume from step 6."""
     data = make_image_folder(tmp_path / "data", per_class=32)
     out = tmp_path / "run"
-    proc = run([*TORCHRUN, *RESTARTS, "--", str(TESTS / "fault_runner.py"), "--at-step", "4", "--signal", "USR1",
-                "--rank", "1", "--", *cli(data, out, "trainer.stop_check_every=2")], tmp_path, RESTART_ENV)
+    proc = run(
+        [
+            *TORCHRUN,
+            *RESTARTS,
+            "--",
+            str(TESTS / "fault_runner.py"),
+            "--at-step",
+            "4",
+            "--signal",
+            "USR1",
+            "--rank",
+            "1",
+            "--",
+            *cli(data, out, "trainer.stop_check_every=2"),
+        ],
+        tmp_path,
+        RESTART_ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(exitcode: 75)" in proc.stderr
     saved = out / "ckpt_epoch0001_step00000006.pt"
@@ -175,8 +201,14 @@ def test_torchrun_forwards_sigusr1_to_its_workers_and_waits(tmp_path):
     to every worker, which stop, save and exit before --shutdown-timeout; torchrun itself then exits 1."""
     data = make_image_folder(tmp_path / "data")  # 2 steps per epoch, 40 epochs: still training when signalled
     out = tmp_path / "run"
-    command = [*TORCHRUN, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120",
-               "-m", "fastreg.train", *cli(data, out, "trainer.epochs=40", "trainer.stop_check_every=1")]
+    command = [
+        *TORCHRUN,
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=120",
+        "-m",
+        "fastreg.train",
+        *cli(data, out, "trainer.epochs=40", "trainer.stop_check_every=1"),
+    ]
     with launched(command, tmp_path, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
         deadline = time.monotonic() + 240
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
@@ -195,8 +227,22 @@ def test_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(
     save at step 6 (trainer.checkpoint_every=2) and finishes."""
     data = make_image_folder(tmp_path / "data", per_class=32)
     out = tmp_path / "run"
-    proc = run([*TORCHRUN, *RESTARTS, "--", str(TESTS / "elastic_runner.py"), "--at-step", "7", "--rank", "1",
-                "--", *cli(data, out, "trainer.checkpoint_every=2")], tmp_path, RESTART_ENV)
+    proc = run(
+        [
+            *TORCHRUN,
+            *RESTARTS,
+            "--",
+            str(TESTS / "elastic_runner.py"),
+            "--at-step",
+            "7",
+            "--rank",
+            "1",
+            "--",
+            *cli(data, out, "trainer.checkpoint_every=2"),
+        ],
+        tmp_path,
+        RESTART_ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(exitcode: -9)" in proc.stderr
     assert f"resumed from {out / 'ckpt_epoch0001_step00000006.pt'}" in (out / "train.log").read_text()

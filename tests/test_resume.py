@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_equal_states, logged_lines, make_image_folder, tiny_overrides, trained_state
 
 from fastreg import checkpoint as ckpt
 from fastreg.run_log import drop_lines_after
-from helpers import assert_equal_states, logged_lines, make_image_folder, tiny_overrides, trained_state
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 SCHEDULE = ["trainer.epochs=3", "trainer.checkpoint_every=3", "trainer.keep_checkpoints=0"]
@@ -28,15 +28,19 @@ VARIANTS = {
     "dali": ["data.loader=dali"],  # dali-cpu without a GPU
     # SEED's queue (32 entries, 8 per step: its pointer is mid-cycle at step 6) and fp16's GradScaler,
     # whose growth tracker counts the steps since the last overflow
-    "seed_fp16": ["data.loader=torchvision", "loss=seed", "head=seed", "loss.queue_size=32",
-                  "trainer.precision=fp16"],
+    "seed_fp16": ["data.loader=torchvision", "loss=seed", "head=seed", "loss.queue_size=32", "trainer.precision=fp16"],
 }
 
 
 def run(data: Path, out: Path, variant: str, *fault: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     overrides = [*tiny_overrides(data, out), *SCHEDULE, *VARIANTS[variant], *extra, f"hydra.run.dir={out}"]
-    return subprocess.run([sys.executable, str(RUNNER), "--random-ops", *fault, "--", *overrides],
-                          capture_output=True, text=True, cwd=out.parent, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), "--random-ops", *fault, "--", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +77,16 @@ def assert_same_as_straight(resumed: Path, straight: Path) -> None:
     assert_equal_states(trained_state(straight / "ckpt_epoch0003.pt"), trained_state(resumed / "ckpt_epoch0003.pt"))
 
 
-@pytest.mark.parametrize("variant, killed_at, resumes_from", [
-    ("torchvision", 7, "ckpt_epoch0001_step00000006.pt"),  # inside epoch 2, a step past its save
-    ("torchvision", 8, "ckpt_epoch0002.pt"),  # right after epoch 2's save
-    ("dali", 7, "ckpt_epoch0001_step00000006.pt"),
-    ("dali", 8, "ckpt_epoch0002.pt"),
-    ("seed_fp16", 7, "ckpt_epoch0001_step00000006.pt"),
-])
+@pytest.mark.parametrize(
+    "variant, killed_at, resumes_from",
+    [
+        ("torchvision", 7, "ckpt_epoch0001_step00000006.pt"),  # inside epoch 2, a step past its save
+        ("torchvision", 8, "ckpt_epoch0002.pt"),  # right after epoch 2's save
+        ("dali", 7, "ckpt_epoch0001_step00000006.pt"),
+        ("dali", 8, "ckpt_epoch0002.pt"),
+        ("seed_fp16", 7, "ckpt_epoch0001_step00000006.pt"),
+    ],
+)
 def test_a_killed_run_resumes_exactly(data, straight, tmp_path, variant, killed_at, resumes_from):
     out = tmp_path / "run"
     killed = run(data, out, variant, "--at-step", str(killed_at))
@@ -144,8 +151,9 @@ def test_auto_resume_skips_a_corrupt_checkpoint_with_its_final_name(data, straig
     log = (out / "train.log").read_text()
     assert f"checkpoint {out / 'ckpt_epoch0001_step00000006.pt'} cannot be read" in log
     assert "trainer.resume=auto skips it" in log and f"resumed from {out / 'ckpt_epoch0001.pt'}" in log
-    assert_equal_states(trained_state(straight("torchvision") / "ckpt_epoch0003.pt"),
-                        trained_state(out / "ckpt_epoch0003.pt"))
+    assert_equal_states(
+        trained_state(straight("torchvision") / "ckpt_epoch0003.pt"), trained_state(out / "ckpt_epoch0003.pt")
+    )
 
 
 def truncate(path: Path) -> None:
@@ -158,8 +166,12 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-CORRUPTIONS = {"truncated": truncate, "flipped_byte": flip_a_byte, "empty": lambda p: p.write_bytes(b""),
-               "not_a_checkpoint": lambda p: p.write_text("not a checkpoint")}
+CORRUPTIONS = {
+    "truncated": truncate,
+    "flipped_byte": flip_a_byte,
+    "empty": lambda p: p.write_bytes(b""),
+    "not_a_checkpoint": lambda p: p.write_text("not a checkpoint"),
+}
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS)
@@ -178,13 +190,19 @@ def test_unreadable_checkpoints_are_skipped_by_auto_and_an_error_by_name(tmp_pat
         ckpt.load_resume("auto", tmp_path)
 
 
-@pytest.mark.parametrize("logged, kept", [
-    # steps 1-3 and a line cut short by the kill, resumed from the checkpoint at step 2
-    ('{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}\n{"step": 3}\n{"step": 4, "lo',
-     '{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}\n'),
-    # killed right before the newline of step 2's eval line: the next line would be glued to it
-    ('{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}', '{"step": 1}\n{"step": 2}\n'),
-], ids=["past_the_step", "no_newline"])
+@pytest.mark.parametrize(
+    "logged, kept",
+    [
+        # steps 1-3 and a line cut short by the kill, resumed from the checkpoint at step 2
+        (
+            '{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}\n{"step": 3}\n{"step": 4, "lo',
+            '{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}\n',
+        ),
+        # killed right before the newline of step 2's eval line: the next line would be glued to it
+        ('{"step": 1}\n{"step": 2}\n{"step": 2, "eval/knn": 50.0}', '{"step": 1}\n{"step": 2}\n'),
+    ],
+    ids=["past_the_step", "no_newline"],
+)
 def test_metrics_past_the_resumed_step_are_dropped(tmp_path, logged, kept):
     path = tmp_path / "metrics.jsonl"
     path.write_text(logged)

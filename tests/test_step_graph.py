@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_image_folder, tiny_overrides
 from hydra import compose, initialize_config_module
+from test_nonfinite import equal, fused_sgd, make_trainer, metrics, snapshot  # noqa: F401 (fused_sgd: a fixture)
 
 from fastreg.config import to_config
 from fastreg.step_graph import WARMUP, StepGraph, lr_tensors
 from fastreg.trainer import Trainer
-from helpers import make_image_folder, tiny_overrides
-from test_nonfinite import equal, fused_sgd, make_trainer, metrics, snapshot  # noqa: F401 (fused_sgd: a fixture)
 
 
 def compose_cfg(tmp_path, *extra: str):
@@ -22,11 +22,14 @@ def compose_cfg(tmp_path, *extra: str):
         return to_config(compose("config", overrides=[*overrides, *extra]))
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["trainer.precision=fp16"], "trainer.cuda_graph=true cannot capture fp16's GradScaler"),
-    (["trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead captures CUDA graphs"),
-    (["optim=lars"], "trainer.cuda_graph=true needs optim=sgd"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["trainer.precision=fp16"], "trainer.cuda_graph=true cannot capture fp16's GradScaler"),
+        (["trainer.compile_mode=reduce-overhead"], "trainer.compile_mode=reduce-overhead captures CUDA graphs"),
+        (["optim=lars"], "trainer.cuda_graph=true needs optim=sgd"),
+    ],
+)
 def test_settings_a_graph_cannot_capture_are_refused(tmp_path, extra, says):
     with pytest.raises(ValueError, match=says):
         compose_cfg(tmp_path, "trainer.device=cuda", "trainer.cuda_graph=true", *extra)
@@ -62,10 +65,19 @@ def test_lr_in_device_tensors_trains_as_floats_and_checkpoints_floats(tmp_path, 
 
 # ---- on a GPU ----
 
+
 def graph_trainer(tmp_path, graph: bool, precision: str) -> Trainer:
     """On CUDA, fused SGD: 32 images, batch 8, 2 epochs = 8 steps, WARMUP eager, then captured and replayed."""
-    return Trainer(compose_cfg(tmp_path, "trainer.device=cuda", f"trainer.cuda_graph={str(graph).lower()}",
-                               f"trainer.precision={precision}", "trainer.epochs=2", "optim.base_lr=0.1"))
+    return Trainer(
+        compose_cfg(
+            tmp_path,
+            "trainer.device=cuda",
+            f"trainer.cuda_graph={str(graph).lower()}",
+            f"trainer.precision={precision}",
+            "trainer.epochs=2",
+            "optim.base_lr=0.1",
+        )
+    )
 
 
 def nan_at(trainer: Trainer, step: int) -> None:

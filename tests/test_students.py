@@ -7,8 +7,16 @@ from fastreg.students import STUDENTS, Student
 
 # The feature width of each paper's network: SEED's MobileNet-v3-L ends Linear(960, 1280) + h-swish + Dropout,
 # SEED's EfficientNet-B0 pools 1280 channels, SimReg's MobileNet-v2 pools 1280 (its last 1x1 conv)
-DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "mobilenet_v2": 1280, "mobilenet_v3_large": 1280,
-        "efficientnet_b0": 1280, "cnn_tiny": 64, "cnn_small": 128}
+DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "mobilenet_v2": 1280,
+    "mobilenet_v3_large": 1280,
+    "efficientnet_b0": 1280,
+    "cnn_tiny": 64,
+    "cnn_small": 128,
+}
 
 
 def test_every_student_has_its_papers_width():
@@ -62,7 +70,8 @@ def _feature_and_dropout_input(student: Student, x: torch.Tensor) -> tuple[torch
     seen = []
     # clone: torchvision's Dropout(inplace=True) overwrites the tensor the hook sees
     hook = student.backbone.get_submodule(DROPPED_FROM[student.arch]).register_forward_hook(
-        lambda m, i, out: seen.append(out.detach().flatten(1).clone()))
+        lambda m, i, out: seen.append(out.detach().flatten(1).clone())
+    )
     with torch.no_grad():
         feat = student(x)
     hook.remove()

@@ -14,8 +14,8 @@ import argparse
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import pytest
 import timm
@@ -53,8 +53,9 @@ def _vit(name: str, **kwargs) -> nn.Module:
 def _moco_sincos(grid: int, dim: int) -> torch.Tensor:
     """MoCo-v3's pos_embed written from vits.py's recipe: meshgrid(w, h), [sin, cos] of each coordinate times
     omega = 1 / 10000^(d / (dim/4)), a zero row for the class token: (1, 1 + grid^2, dim)."""
-    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                                    indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
     table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
@@ -174,42 +175,113 @@ class Case:
     format: str  # its explicit teacher.format
     detected: str  # what format=auto must find
     make: Callable[[dict, dict], object]  # (backbone state_dict, head state_dict) -> the checkpoint as saved
-    head: Optional[Callable[[int], nn.Module]] = None  # the checkpoint's projection head, given the backbone width
+    head: Callable[[int], nn.Module] | None = None  # the checkpoint's projection head, given the backbone width
     size: int = 0  # the input's side, if not INPUTS[model]
 
 
 CASES = [
-    Case("torchvision", "resnet50", "resnet50", "torchvision", "torchvision",
-         lambda b, h: {**b, "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}),
+    Case(
+        "torchvision",
+        "resnet50",
+        "resnet50",
+        "torchvision",
+        "torchvision",
+        lambda b, h: {**b, "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)},
+    ),
     Case("moco_v2", "resnet50", "resnet50", "moco", "moco", _moco, _moco_v2_head),
     Case("moco_v1", "resnet50", "resnet50", "moco", "moco", _moco, lambda d: nn.Linear(d, 128)),
-    Case("mocov3_resnet", "resnet50", "resnet50", "mocov3", "mocov3",
-         lambda b, h: _mocov3(b, h, "fc"), lambda d: _mocov3_mlp([d, 64, 64, 32])),
-    Case("swav", "resnet50", "resnet50", "swav", "swav",
-         lambda b, h: {**_with("module.", b), **_with("module.projection_head.", h),
-                       "module.prototypes.weight": torch.randn(30, 16)}, _swav_head),
+    Case(
+        "mocov3_resnet",
+        "resnet50",
+        "resnet50",
+        "mocov3",
+        "mocov3",
+        lambda b, h: _mocov3(b, h, "fc"),
+        lambda d: _mocov3_mlp([d, 64, 64, 32]),
+    ),
+    Case(
+        "swav",
+        "resnet50",
+        "resnet50",
+        "swav",
+        "swav",
+        lambda b, h: {
+            **_with("module.", b),
+            **_with("module.projection_head.", h),
+            "module.prototypes.weight": torch.randn(30, 16),
+        },
+        _swav_head,
+    ),
     # byol-convert's output: torchvision's keys, fc = BYOL's online classifier. At 33 px every "SAME" pad is
     # symmetric, so byol_resnet50 computes exactly torchvision's ResNet-50 (test_byol_resnet50_pads_as_tensorflow)
-    Case("byol", "byol_resnet50", "resnet50", "byol", "torchvision",
-         lambda b, h: {**b, "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}, size=33),
-    Case("simsiam", "resnet50", "resnet50", "simsiam", "simsiam",
-         lambda b, h: {"state_dict": {**_with("module.encoder.", b), **_with("module.encoder.fc.", h), **_predictor()}},
-         _simsiam_head),
+    Case(
+        "byol",
+        "byol_resnet50",
+        "resnet50",
+        "byol",
+        "torchvision",
+        lambda b, h: {**b, "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)},
+        size=33,
+    ),
+    Case(
+        "simsiam",
+        "resnet50",
+        "resnet50",
+        "simsiam",
+        "simsiam",
+        lambda b, h: {"state_dict": {**_with("module.encoder.", b), **_with("module.encoder.fc.", h), **_predictor()}},
+        _simsiam_head,
+    ),
     Case("dino_full", "vit_small_patch16", "vit_small", "dino", "dino", _dino_full),
     Case("dino_released", "vit_small_patch16", "vit_small", "dino", "torchvision", lambda b, h: b),
-    Case("mocov3_vit", "vit_small_mocov3", "vit_small_mocov3", "mocov3", "mocov3",
-         lambda b, h: _mocov3(b, h, "head"), lambda d: _mocov3_mlp([d, 64, 64, 32])),
+    Case(
+        "mocov3_vit",
+        "vit_small_mocov3",
+        "vit_small_mocov3",
+        "mocov3",
+        "mocov3",
+        lambda b, h: _mocov3(b, h, "head"),
+        lambda d: _mocov3_mlp([d, 64, 64, 32]),
+    ),
     # MoCo-v3's convert_to_deit.py: base_encoder's keys without the head, plain, under "model"
-    Case("mocov3_vit_deit", "vit_small_mocov3", "vit_small_mocov3", "torchvision", "torchvision",
-         lambda b, h: {"model": b}),
-    Case("dinov2_hub", "vit_small_patch14_dinov2", "dinov2_small", "dinov2", "dinov2",
-         lambda b, h: {"mask_token": torch.zeros(1, 384), **b}),
-    Case("dinov2_train", "vit_small_patch14_dinov2", "dinov2_small", "dinov2", "dinov2",
-         lambda b, h: {"teacher": {**_with("backbone.", {"mask_token": torch.zeros(1, 384), **b}),
-                                   "dino_head.mlp.0.weight": torch.randn(8, 384),
-                                   "ibot_head.mlp.0.weight": torch.randn(8, 384)}}),
-    Case("demo_cnn", "cnn_small", "cnn_small", "torchvision", "torchvision",
-         lambda b, h: {**b, "fc.weight": torch.randn(10, 128), "fc.bias": torch.randn(10)}),
+    Case(
+        "mocov3_vit_deit",
+        "vit_small_mocov3",
+        "vit_small_mocov3",
+        "torchvision",
+        "torchvision",
+        lambda b, h: {"model": b},
+    ),
+    Case(
+        "dinov2_hub",
+        "vit_small_patch14_dinov2",
+        "dinov2_small",
+        "dinov2",
+        "dinov2",
+        lambda b, h: {"mask_token": torch.zeros(1, 384), **b},
+    ),
+    Case(
+        "dinov2_train",
+        "vit_small_patch14_dinov2",
+        "dinov2_small",
+        "dinov2",
+        "dinov2",
+        lambda b, h: {
+            "teacher": {
+                **_with("backbone.", {"mask_token": torch.zeros(1, 384), **b}),
+                "dino_head.mlp.0.weight": torch.randn(8, 384),
+                "ibot_head.mlp.0.weight": torch.randn(8, 384),
+            }
+        },
+    ),
+    Case(
+        "demo_cnn",
+        "cnn_small",
+        "cnn_small",
+        "torchvision",
+        "torchvision",
+        lambda b, h: {**b, "fc.weight": torch.randn(10, 128), "fc.bias": torch.randn(10)},
+    ),
 ]
 
 
@@ -236,7 +308,9 @@ def test_checkpoint_layout_loads_exact_weights(case, request, tmp_path, caplog):
         with pytest.raises(ValueError, match="no projection head"):
             build_teacher(TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), projection=True))
         return
-    teacher = build_teacher(TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), format=case.format, projection=True))
+    teacher = build_teacher(
+        TeacherConfig(inference="eager", arch=case.arch, checkpoint=str(path), format=case.format, projection=True)
+    )
     with torch.no_grad():
         projected = head(pooled)
     torch.testing.assert_close(teacher(x), projected, rtol=0, atol=0)
@@ -312,8 +386,10 @@ def test_mocov3_vit_small_weights_are_refused_by_the_6_head_vit(vit_small_mocov3
     torch.save(_mocov3(sd, {}, "head"), tmp_path / "mocov3.pth")
     torch.save({"model": sd}, tmp_path / "deit.pth")  # convert_to_deit.py
     for path, shown_by in (("mocov3.pth", "its layout says so"), ("deit.pth", "its fixed sin-cos pos_embed says so")):
-        with pytest.raises(ValueError, match=f"MoCo-v3 ViT-S weights \\({shown_by}\\).*12 attention heads.*"
-                                             "Set teacher.arch=vit_small_mocov3"):
+        with pytest.raises(
+            ValueError,
+            match=f"MoCo-v3 ViT-S weights \\({shown_by}\\).*12 attention heads.*Set teacher.arch=vit_small_mocov3",
+        ):
             build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint=str(tmp_path / path)))
 
 
@@ -321,8 +397,10 @@ def test_dino_vit_small_weights_are_refused_by_vit_small_mocov3(vit_small, tmp_p
     torch.save(_dino_full(vit_small.state_dict(), {}), tmp_path / "dino_full.pth")
     torch.save(vit_small.state_dict(), tmp_path / "dino_released.pth")  # learned pos_embed, plain keys
     for path, shown_by in (("dino_full.pth", "layout"), ("dino_released.pth", "pos_embed")):
-        with pytest.raises(ValueError, match=f"does not hold MoCo-v3 ViT-S weights \\(its {shown_by} is not .*"
-                                             "set teacher.arch=vit_small_patch16"):
+        with pytest.raises(
+            ValueError,
+            match=f"does not hold MoCo-v3 ViT-S weights \\(its {shown_by} is not .*set teacher.arch=vit_small_patch16",
+        ):
             build_teacher(TeacherConfig(arch="vit_small_mocov3", checkpoint=str(tmp_path / path)))
 
 
@@ -361,8 +439,15 @@ def _resnet50_forward(sd: dict, x: torch.Tensor, conv: Callable, maxpool: Callab
     conv(x, weight, stride) and maxpool(x) carry the padding under test. (B, 3, H, W) -> (B, 2048 * width)."""
 
     def bn(t, name):
-        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                            sd[f"{name}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            t,
+            sd[f"{name}.running_mean"],
+            sd[f"{name}.running_var"],
+            sd[f"{name}.weight"],
+            sd[f"{name}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     x = maxpool(F.relu(bn(conv(x, sd["conv1.weight"], 2), "bn1")))
     for i, blocks in enumerate((3, 4, 6, 3), start=1):
@@ -389,7 +474,9 @@ def test_byol_resnet50_pads_as_tensorflow(resnet50, tmp_path):
     "SAME" pad is symmetric (33 px: 33, 17, 9, 5, 3 are odd), not at 32 px."""
     sd = resnet50.state_dict()
     torch.save(sd, tmp_path / "byol.pth")
-    teacher = build_teacher(TeacherConfig(inference="eager", arch="byol_resnet50", checkpoint=str(tmp_path / "byol.pth"), format="byol"))
+    teacher = build_teacher(
+        TeacherConfig(inference="eager", arch="byol_resnet50", checkpoint=str(tmp_path / "byol.pth"), format="byol")
+    )
     for size in (32, 33, 40):
         x = torch.randn(2, 3, size, size)
         expected = _resnet50_forward(sd, x, _tf_conv, _tf_maxpool)
@@ -401,8 +488,11 @@ def test_byol_resnet50_pads_as_tensorflow(resnet50, tmp_path):
 def test_byol_weights_need_byol_resnet50(resnet50, tmp_path, caplog):
     torch.save(resnet50.state_dict(), tmp_path / "byol.pth")
     path = str(tmp_path / "byol.pth")
-    with pytest.raises(ValueError, match=r"\(format byol\) does not fit teacher.arch=resnet50: BYOL.*TF 'SAME' padding"
-                                         r".*teacher.arch=byol_resnet50.*SimSiam: teacher.format=simsiam"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(format byol\) does not fit teacher.arch=resnet50: BYOL.*TF 'SAME' padding"
+        r".*teacher.arch=byol_resnet50.*SimSiam: teacher.format=simsiam",
+    ):
         build_teacher(TeacherConfig(arch="resnet50", checkpoint=path, format="byol"))
     with caplog.at_level(logging.INFO, logger="fastreg.teachers"):
         build_teacher(TeacherConfig(arch="resnet50", checkpoint=path))  # the keys cannot tell: loads, and says so
@@ -421,11 +511,15 @@ def _swav_resnet50w2_checkpoint(gen: torch.Generator) -> dict:
         sd[f"{name}.weight"] = torch.randn(c_out, c_in, k, k, generator=gen) * math.sqrt(2 / (c_in * k * k))
 
     def bn(name, c):
-        sd.update({f"{name}.weight": torch.rand(c, generator=gen) + 0.5,
-                   f"{name}.bias": 0.1 * torch.randn(c, generator=gen),
-                   f"{name}.running_mean": 0.1 * torch.randn(c, generator=gen),
-                   f"{name}.running_var": torch.rand(c, generator=gen) + 0.5,
-                   f"{name}.num_batches_tracked": torch.tensor(1000)})
+        sd.update(
+            {
+                f"{name}.weight": torch.rand(c, generator=gen) + 0.5,
+                f"{name}.bias": 0.1 * torch.randn(c, generator=gen),
+                f"{name}.running_mean": 0.1 * torch.randn(c, generator=gen),
+                f"{name}.running_var": torch.rand(c, generator=gen) + 0.5,
+                f"{name}.num_batches_tracked": torch.tensor(1000),
+            }
+        )
 
     conv("conv1", 128, 3, 7)
     bn("bn1", 128)
@@ -467,9 +561,17 @@ def test_swav_resnet50w2_checkpoint_equals_swavs_forward(tmp_path):
     sd = {k.removeprefix("module."): v for k, v in ckpt.items()}
     x = torch.randn(2, 3, 40, 40)
     pooled = _resnet50_forward(sd, x, _swav_conv, lambda t: F.max_pool2d(t, 3, 2, padding=1))  # (2, 4096)
-    h = F.relu(F.batch_norm(pooled @ sd["projection_head.0.weight"].T + sd["projection_head.0.bias"],
-                            sd["projection_head.1.running_mean"], sd["projection_head.1.running_var"],
-                            sd["projection_head.1.weight"], sd["projection_head.1.bias"], training=False, eps=1e-5))
+    h = F.relu(
+        F.batch_norm(
+            pooled @ sd["projection_head.0.weight"].T + sd["projection_head.0.bias"],
+            sd["projection_head.1.running_mean"],
+            sd["projection_head.1.running_var"],
+            sd["projection_head.1.weight"],
+            sd["projection_head.1.bias"],
+            training=False,
+            eps=1e-5,
+        )
+    )
     projected = F.normalize(h @ sd["projection_head.3.weight"].T + sd["projection_head.3.bias"], dim=1)  # (2, 128)
 
     cfg = TeacherConfig(arch="resnet50x2", checkpoint=str(tmp_path / "swav_w2.pth"))
@@ -490,7 +592,9 @@ def test_simclr_converter_checkpoint(resnet50, tmp_path, monkeypatch):
     fc = {"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}  # the converter keeps its linear head
     torch.save({"state_dict": {**resnet50.state_dict(), **fc}}, tmp_path / "simclr.pth")
     x = torch.randn(2, 3, 32, 32)
-    teacher = build_teacher(TeacherConfig(inference="eager", arch="resnet50x1", checkpoint=str(tmp_path / "simclr.pth")))
+    teacher = build_teacher(
+        TeacherConfig(inference="eager", arch="resnet50x1", checkpoint=str(tmp_path / "simclr.pth"))
+    )
     with torch.no_grad():
         assert torch.equal(teacher(x), resnet50(x))
 
@@ -552,8 +656,11 @@ def test_ignored_keys_are_logged(cnn_small, tmp_path, caplog):
 
 def test_old_and_half_precision_checkpoints_load(cnn_small, tmp_path):
     """Pre-0.4.1 checkpoints lack num_batches_tracked; some releases are fp16. Both load, and run in fp32."""
-    sd = {k: v.half() if v.is_floating_point() else v for k, v in cnn_small.state_dict().items()
-          if not k.endswith("num_batches_tracked")}
+    sd = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in cnn_small.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     torch.save(sd, tmp_path / "old.pth")
     teacher = build_teacher(TeacherConfig(inference="eager", arch="cnn_small", checkpoint=str(tmp_path / "old.pth")))
     x = torch.randn(2, 3, 16, 16)
@@ -573,7 +680,9 @@ def test_random_teacher_warns(caplog):
 
 
 def test_teacher_is_frozen_and_its_output_feeds_a_loss():
-    teacher = build_teacher(TeacherConfig(inference="eager", arch="cnn_small", checkpoint="random", name="t0"), amp_dtype=torch.bfloat16)
+    teacher = build_teacher(
+        TeacherConfig(inference="eager", arch="cnn_small", checkpoint="random", name="t0"), amp_dtype=torch.bfloat16
+    )
     teacher.train()
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -640,7 +749,8 @@ def test_folded_teacher_gives_the_eval_models_features(arch):
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert folded.fold() == n_bn and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     want, got = plain(x), folded(x)
     assert (got - want).abs().max() <= 2e-5 * want.abs().max()
 
@@ -658,7 +768,8 @@ def test_folded_teacher_in_bf16_is_as_accurate_as_autocast(arch):
     folded.fold()
     assert next(folded.backbone.parameters()).dtype == torch.bfloat16
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     want = fp32(x)
     eager_err, folded_err = autocast(x) - want, folded(x) - want
     assert folded_err.norm() <= 1.5 * eager_err.norm()
@@ -667,8 +778,9 @@ def test_folded_teacher_in_bf16_is_as_accurate_as_autocast(arch):
 
 def test_build_teacher_folds_conv_nets_only(caplog):
     with caplog.at_level("INFO"):
-        cnn = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="folded"),
-                            amp_dtype=torch.bfloat16)
+        cnn = build_teacher(
+            TeacherConfig(arch="cnn_small", checkpoint="random", inference="folded"), amp_dtype=torch.bfloat16
+        )
         vit = build_teacher(TeacherConfig(arch="vit_small_patch16", checkpoint="random", inference="folded"))
         eager = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random", inference="eager"))
         auto = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random"))  # auto: folded on CUDA only

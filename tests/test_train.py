@@ -14,14 +14,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    BAD,
+    ODD_BUT_READABLE,
+    add_bad_files,
+    add_odd_files,
+    assert_equal_states,
+    logged_lines,
+    make_image_folder,
+    step_losses,
+    tiny_overrides,
+    trained_state,
+)
 from hydra import compose, initialize_config_module
 
 from fastreg.config import LossConfig, to_config
 from fastreg.distiller import build_distiller
 from fastreg.placement import Placement
 from fastreg.train import train
-from helpers import (BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, assert_equal_states, logged_lines,
-                     make_image_folder, step_losses, tiny_overrides, trained_state)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +45,9 @@ def test_cli_two_epochs_loss_decreases(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=32)
     out = tmp_path / "run"
     args = tiny_overrides(data, out) + ["trainer.epochs=2", f"hydra.run.dir={out}"]
-    proc = subprocess.run([sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in lines if "loss" in m]
@@ -50,9 +61,16 @@ def test_cli_two_epochs_loss_decreases(tmp_path):
 
 def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")  # 32 images / batch 8: 4 steps per epoch
-    cfg = compose_cfg(tiny_overrides(data, tmp_path / "run") + [
-        "trainer.epochs=3", "optim.schedule=epoch", "optim.warmup_epochs=1", "optim.base_lr=0.4",
-        "optim.recipe_batch=256"])
+    cfg = compose_cfg(
+        tiny_overrides(data, tmp_path / "run")
+        + [
+            "trainer.epochs=3",
+            "optim.schedule=epoch",
+            "optim.warmup_epochs=1",
+            "optim.base_lr=0.4",
+            "optim.recipe_batch=256",
+        ]
+    )
     with caplog.at_level(logging.WARNING):
         train(cfg)
     lrs = [m["lr"] for m in logged_lines(tmp_path / "run") if "lr" in m]
@@ -60,13 +78,22 @@ def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp
     peak = 0.4 * 8 / 256
     expected = [0.4] * 4 + [peak * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2) for _ in range(4)]
     assert lrs == pytest.approx(expected)
-    assert "differs from the 256 that this recipe reproduces" in caplog.text and "0.0125 = optim.base_lr 0.4" in caplog.text
+    assert (
+        "differs from the 256 that this recipe reproduces" in caplog.text
+        and "0.0125 = optim.base_lr 0.4" in caplog.text
+    )
 
 
 def test_teachers_and_student_see_the_same_tensor(tmp_path):
-    cfg = to_config(compose_cfg(tiny_overrides(tmp_path, tmp_path) + [
-        "teachers=[{arch: cnn_small, checkpoint: random}, {arch: cnn_small, checkpoint: random}]"]))
-    distiller = build_distiller(cfg, Placement.of(cfg.trainer.precision, cfg.trainer.channels_last, torch.device("cpu")))
+    cfg = to_config(
+        compose_cfg(
+            tiny_overrides(tmp_path, tmp_path)
+            + ["teachers=[{arch: cnn_small, checkpoint: random}, {arch: cnn_small, checkpoint: random}]"]
+        )
+    )
+    distiller = build_distiller(
+        cfg, Placement.of(cfg.trainer.precision, cfg.trainer.channels_last, torch.device("cpu"))
+    )
     seen = []
     for module in [distiller.student, *distiller.teachers]:
         module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -89,8 +116,10 @@ def test_resume_gives_identical_weights(tmp_path, loader):
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "straight" / "ckpt_epoch0002.pt", tmp_path / "resumed")
     train(compose_cfg(tiny_overrides(data, tmp_path / "resumed") + extra + ["trainer.resume=auto"]))
-    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0004.pt"),
-                        trained_state(tmp_path / "resumed" / "ckpt_epoch0004.pt"))
+    assert_equal_states(
+        trained_state(tmp_path / "straight" / "ckpt_epoch0004.pt"),
+        trained_state(tmp_path / "resumed" / "ckpt_epoch0004.pt"),
+    )
     data_state = torch.load(tmp_path / "resumed" / "ckpt_epoch0004.pt", weights_only=True)["data"]
     assert [s["loader"] for s in data_state] == ["dali-cpu" if loader == "dali" else "torchvision"]
 
@@ -100,19 +129,24 @@ def test_resume_inside_an_epoch_continues_with_the_same_samples(tmp_path, loader
     """32 images, batch 8: 4 steps per epoch, a save every 3 steps. The run resumed from step 6 (inside the
     second epoch) trains steps 7 and 8 on the samples the straight run saw: same losses, same weights."""
     data = make_image_folder(tmp_path / "data")
-    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3",
-             f"data.loader={loader}"]
+    extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3", f"data.loader={loader}"]
     train(compose_cfg(tiny_overrides(data, tmp_path / "straight") + extra))
     inside = tmp_path / "straight" / "ckpt_epoch0001_step00000006.pt"
     assert sorted(p.name for p in (tmp_path / "straight").glob("ckpt_*.pt")) == [
-        "ckpt_epoch0000_step00000003.pt", "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000006.pt", "ckpt_epoch0002.pt"]
+        "ckpt_epoch0000_step00000003.pt",
+        "ckpt_epoch0001.pt",
+        "ckpt_epoch0001_step00000006.pt",
+        "ckpt_epoch0002.pt",
+    ]
     (tmp_path / "resumed").mkdir()
     shutil.copy(inside, tmp_path / "resumed")
     train(compose_cfg(tiny_overrides(data, tmp_path / "resumed") + extra))
     straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
     assert sorted(resumed) == [7, 8] and all(resumed[k] == straight[k] for k in resumed)
-    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
-                        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
+    assert_equal_states(
+        trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
+        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"),
+    )
 
     # Another batch size (forced: it changes the result): no loader can continue after batch 2 of 8-image
     # batches; from an epoch's end it can.
@@ -149,18 +183,27 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("overrides, env", [
-    (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
-    # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
-    (["loss.impl=triton", "head.impl=triton", "head=mlp2_bn"], {"TRITON_INTERPRET": "1"}),
-], ids=["seed", "triton_head_and_loss"])
+@pytest.mark.parametrize(
+    "overrides, env",
+    [
+        (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
+        # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
+        (["loss.impl=triton", "head.impl=triton", "head=mlp2_bn"], {"TRITON_INTERPRET": "1"}),
+    ],
+    ids=["seed", "triton_head_and_loss"],
+)
 def test_ddp_two_processes_gloo(tmp_path, overrides, env):
     data = make_image_folder(tmp_path / "data", per_class=16)
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     args = tiny_overrides(data, tmp_path / "run") + ["trainer.epochs=2", *overrides]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MAXDIFF 0.0" in proc.stdout
     assert "STEPS 4" in proc.stdout  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch
@@ -177,9 +220,21 @@ def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
     extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3", "data.loader=dali"]
 
     def torchrun(out: Path):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), *tiny_overrides(data, out), *extra],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+                *tiny_overrides(data, out),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     torchrun(tmp_path / "straight")
@@ -190,16 +245,22 @@ def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
     torchrun(tmp_path / "resumed")
     straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "resumed")
     assert sorted(resumed) == [7, 8] and all(resumed[k] == straight[k] for k in resumed)
-    assert_equal_states(trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
-                        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"))
+    assert_equal_states(
+        trained_state(tmp_path / "straight" / "ckpt_epoch0002.pt"),
+        trained_state(tmp_path / "resumed" / "ckpt_epoch0002.pt"),
+    )
 
 
 def test_divergence_stops_before_writing_a_checkpoint(tmp_path):
     """lr 1e12: the first step's weights overflow every later loss; each bad step is skipped, and the
     epoch-end save (step 4) finds max_bad_steps=2 consecutive ones and stops instead."""
     data = make_image_folder(tmp_path / "data")
-    overrides = tiny_overrides(data, tmp_path / "run") + ["loss=mse", "optim.base_lr=1e12", "trainer.log_every=100",
-                                                          "trainer.max_bad_steps=2"]
+    overrides = tiny_overrides(data, tmp_path / "run") + [
+        "loss=mse",
+        "optim.base_lr=1e12",
+        "trainer.log_every=100",
+        "trainer.max_bad_steps=2",
+    ]
     with pytest.raises(FloatingPointError, match="NaN or inf in trainer.max_bad_steps=2 consecutive steps from step 2"):
         train(compose_cfg(overrides))
     assert not list((tmp_path / "run").glob("ckpt_*.pt"))
@@ -209,7 +270,11 @@ def test_divergence_stops_before_writing_a_checkpoint(tmp_path):
 def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
     data = make_image_folder(tmp_path / "data")
     overrides = tiny_overrides(data, tmp_path / "run") + [
-        f"trainer.precision={precision}", f"data.val_root={data}", "trainer.deterministic=false", "trainer.epochs=1"]
+        f"trainer.precision={precision}",
+        f"data.val_root={data}",
+        "trainer.deterministic=false",
+        "trainer.epochs=1",
+    ]
     results = train(compose_cfg(overrides))
     assert set(results) == {"knn20_majority", "knn20_weighted", "nn1"} and 0 <= results["knn20_weighted"] <= 100
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -219,19 +284,26 @@ def test_mixed_precision_and_knn_at_the_end(tmp_path, precision):
 def test_torch_compile_trains_and_saves_plain_keys(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data")
     with caplog.at_level(logging.INFO, logger="fastreg"):
-        train(compose_cfg(tiny_overrides(data, tmp_path / "run") + ["trainer.compile=true", "trainer.epochs=1",
-                                                                     "trainer.deterministic=false"]))
+        train(
+            compose_cfg(
+                tiny_overrides(data, tmp_path / "run")
+                + ["trainer.compile=true", "trainer.epochs=1", "trainer.deterministic=false"]
+            )
+        )
     state = torch.load(tmp_path / "run" / "ckpt_epoch0001.pt", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["student"])
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
     assert re.search(r"torch.compile: \d+ graphs, 0 graph breaks", caplog.text)
 
 
-@pytest.mark.parametrize("student, head, loss", [
-    ("cnn_tiny", "linear", LossConfig(center_teacher=True)),  # the demo's step
-    ("resnet18", "simreg4", LossConfig()),
-    ("resnet18", "simreg4", LossConfig(name="seed", queue_size=16)),
-])
+@pytest.mark.parametrize(
+    "student, head, loss",
+    [
+        ("cnn_tiny", "linear", LossConfig(center_teacher=True)),  # the demo's step
+        ("resnet18", "simreg4", LossConfig()),
+        ("resnet18", "simreg4", LossConfig(name="seed", queue_size=16)),
+    ],
+)
 def test_compiled_step_has_no_graph_break(student, head, loss):
     """What trainer.compile compiles, the trained part (student and heads) and the losses, each one graph:
     torch._dynamo.explain counts the graphs and breaks of a real call (no backend needed)."""
@@ -243,8 +315,13 @@ def test_compiled_step_has_no_graph_break(student, head, loss):
     from fastreg.teachers import build_teacher
 
     teacher, s = build_teacher(TeacherConfig(arch="cnn_small", checkpoint="random")), Student(student)
-    distiller = Distiller([teacher], s, [build_head(HeadConfig(kind=head), s.dim, teacher.dim)],
-                          [build_loss(loss, teacher.dim, torch.device("cpu"))], [1.0])
+    distiller = Distiller(
+        [teacher],
+        s,
+        [build_head(HeadConfig(kind=head), s.dim, teacher.dim)],
+        [build_loss(loss, teacher.dim, torch.device("cpu"))],
+        [1.0],
+    )
     images = torch.randn(4, 3, 32, 32)
     preds, targets = distiller.model(images), [teacher(images)]
     for fn, args in ((distiller.model, (images,)), (distiller.weighted_losses, (preds, targets))):
@@ -260,8 +337,12 @@ def test_bad_images_are_left_out_and_the_dali_run_completes(tmp_path, caplog):
     add_bad_files(data)
     add_odd_files(data)
     out = tmp_path / "run"
-    overrides = tiny_overrides(data, out) + ["data.loader=dali", "data.max_bad_fraction=0.2", "trainer.epochs=2",
-                                             f"data.val_root={data}"]  # k-NN reads the same folder
+    overrides = tiny_overrides(data, out) + [
+        "data.loader=dali",
+        "data.max_bad_fraction=0.2",
+        "trainer.epochs=2",
+        f"data.val_root={data}",
+    ]  # k-NN reads the same folder
     with caplog.at_level(logging.INFO):
         train(compose_cfg(overrides))
     log = (out / "train.log").read_text()
@@ -284,9 +365,21 @@ def test_an_index_error_on_rank_0_stops_every_rank(tmp_path):
     add_bad_files(data)  # 3 of 35 bad, over the default 1%
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *tiny_overrides(data, tmp_path / "run"), "data.loader=dali"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *tiny_overrides(data, tmp_path / "run"),
+            "data.loader=dali",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "more than data.max_bad_fraction=0.01" in proc.stderr
     assert "rank 0 could not index" in proc.stderr  # rank 1's own message

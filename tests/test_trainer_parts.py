@@ -32,9 +32,15 @@ def sgd_with_state() -> torch.optim.SGD:
 
 
 def make_checkpointer(tmp_path, progress: Progress, opt: torch.optim.Optimizer, data: dict) -> Checkpointer:
-    return Checkpointer(tmp_path, [Entry("optimizer", opt.state_dict, opt.load_state_dict), progress],
-                        {"data": lambda: data, "rng": ckpt.rng_state}, {"config": {"a": 1}, "commit": "c0ffee"},
-                        rank=0, world=1, keep=2)
+    return Checkpointer(
+        tmp_path,
+        [Entry("optimizer", opt.state_dict, opt.load_state_dict), progress],
+        {"data": lambda: data, "rng": ckpt.rng_state},
+        {"config": {"a": 1}, "commit": "c0ffee"},
+        rank=0,
+        world=1,
+        keep=2,
+    )
 
 
 def test_a_save_holds_every_part_under_todays_keys_and_restores_them(tmp_path):
@@ -97,6 +103,7 @@ def test_a_resume_inside_an_epoch_needs_the_loader_there(tmp_path):
 
 # ---- divergence ----
 
+
 def record(divergence: Divergence, losses: list[float], first_step: int = 1) -> None:
     for step, value in enumerate(losses, first_step):
         loss = torch.tensor(value)
@@ -111,12 +118,16 @@ def test_divergence_counts_skipped_steps_and_stops_a_long_run_of_them(tmp_path, 
     assert "2 step(s) up to step 4 had a NaN or inf loss and were skipped" in caplog.text
     assert divergence.skipped_since_log(4, warn=True) == 0 and divergence.check() == 2
     record(divergence, [float("nan")] * 2, first_step=5)  # with step 4: three in a row
-    with pytest.raises(FloatingPointError, match=r"3 consecutive steps from step 4 \(epoch 1\); at step 4: loss inf, "
-                                                 r"loss/t inf.*last checkpoint in .* is intact"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"3 consecutive steps from step 4 \(epoch 1\); at step 4: loss inf, "
+        r"loss/t inf.*last checkpoint in .* is intact",
+    ):
         divergence.check()
 
 
 # ---- stop agreement ----
+
 
 def test_a_stop_signal_is_agreed_at_the_next_check_and_named():
     stop = StopAgreement(world=1, device=CPU, every=20)  # one process checks every step, whatever `every` says
@@ -131,6 +142,7 @@ def test_a_stop_signal_is_agreed_at_the_next_check_and_named():
 
 # ---- run logger ----
 
+
 def test_the_run_logger_writes_steps_and_evaluations_and_logs_the_config(tmp_path, caplog):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 3, "loss": 9}\n')  # a killed run's
     run_log = RunLogger(tmp_path, is_main=True, start_step=2, device=CPU, monitor=False, progress=False)
@@ -140,8 +152,11 @@ def test_the_run_logger_writes_steps_and_evaluations_and_logs_the_config(tmp_pat
         run_log.step(3, {"loss": 0.5, "lr": 0.1, "img_per_s": 10.0}, task)
         run_log.evaluation(4, 1, {"nn1": 50.0})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "loss": 9}, {"step": 3, "loss": 0.5, "lr": 0.1, "img_per_s": 10.0},
-                     {"step": 4, "eval/nn1": 50.0}]
+    assert lines == [
+        {"step": 1, "loss": 9},
+        {"step": 3, "loss": 0.5, "lr": 0.1, "img_per_s": 10.0},
+        {"step": 4, "eval/nn1": 50.0},
+    ]
     assert "fastreg commit abc123" in caplog.text and "epochs: 3" in caplog.text and "device cpu" in caplog.text
     assert 'epoch 1 k-NN: {"nn1": 50.0}' in caplog.text
 
@@ -155,8 +170,10 @@ def test_other_ranks_write_nothing(tmp_path):
 
 # ---- placement and schedule ----
 
-@pytest.mark.parametrize("precision, amp, scaler", [("bf16", torch.bfloat16, False), ("fp16", torch.float16, True),
-                                                    ("fp32", None, False)])
+
+@pytest.mark.parametrize(
+    "precision, amp, scaler", [("bf16", torch.bfloat16, False), ("fp16", torch.float16, True), ("fp32", None, False)]
+)
 def test_placement_is_decided_once_from_the_precision(precision, amp, scaler):
     place = Placement.of(precision, True, CPU)
     assert (place.amp_dtype, place.scaler, place.half_images) == (amp, scaler, amp is not None)

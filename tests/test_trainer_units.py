@@ -56,8 +56,9 @@ def test_epoch_schedule_has_no_floor():
         OptimConfig(schedule="step")
 
 
-@pytest.mark.parametrize("name,impl", [("sgd", "torch.optim.SGD(fused=False)"), ("lars", "timm.optim.Lars"),
-                                       ("lamb", "timm.optim.Lamb")])
+@pytest.mark.parametrize(
+    "name,impl", [("sgd", "torch.optim.SGD(fused=False)"), ("lars", "timm.optim.Lars"), ("lamb", "timm.optim.Lamb")]
+)
 def test_optimizers(name, impl):
     p = torch.nn.Parameter(torch.ones(3))
     opt, got = build_optimizer(OptimConfig(name=name), [p], 0.1, CPU)
@@ -85,19 +86,36 @@ def test_atomic_save_prune_and_find_latest(tmp_path):
 
 
 def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp_path):
-    names = ["ckpt_epoch0002.pt", "ckpt_epoch0001_step00000150.pt", "ckpt_epoch0001.pt", "ckpt_epoch0000.pt",
-             "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0002_step00000240.pt",
-             "ckpt_epoch0002_step00000270.pt"]
+    names = [
+        "ckpt_epoch0002.pt",
+        "ckpt_epoch0001_step00000150.pt",
+        "ckpt_epoch0001.pt",
+        "ckpt_epoch0000.pt",
+        "ckpt_epoch0002_step00000210.pt",
+        "ckpt_epoch0001_step00000120.pt",
+        "ckpt_epoch0002_step00000240.pt",
+        "ckpt_epoch0002_step00000270.pt",
+    ]
     for name in names:
         ckpt.atomic_save({}, tmp_path / name)
     assert ckpt.checkpoint_path(tmp_path, 1, 120).name == "ckpt_epoch0001_step00000120.pt"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt_epoch0000.pt", "ckpt_epoch0001.pt", "ckpt_epoch0001_step00000120.pt", "ckpt_epoch0001_step00000150.pt",
-        "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000210.pt", "ckpt_epoch0002_step00000240.pt",
-        "ckpt_epoch0002_step00000270.pt"]
+        "ckpt_epoch0000.pt",
+        "ckpt_epoch0001.pt",
+        "ckpt_epoch0001_step00000120.pt",
+        "ckpt_epoch0001_step00000150.pt",
+        "ckpt_epoch0002.pt",
+        "ckpt_epoch0002_step00000210.pt",
+        "ckpt_epoch0002_step00000240.pt",
+        "ckpt_epoch0002_step00000270.pt",
+    ]
     ckpt.prune(tmp_path, keep=2)  # the 2 newest epoch ends, and the 2 newest saves inside the epoch after them
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "ckpt_epoch0002_step00000240.pt", "ckpt_epoch0002_step00000270.pt"]
+        "ckpt_epoch0001.pt",
+        "ckpt_epoch0002.pt",
+        "ckpt_epoch0002_step00000240.pt",
+        "ckpt_epoch0002_step00000270.pt",
+    ]
     assert ckpt.load_resume("auto", tmp_path)[0].name == "ckpt_epoch0002_step00000270.pt"
 
 
@@ -109,13 +127,21 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
 
 
 def test_resume_refuses_settings_that_change_the_result_unless_forced(tmp_path, caplog):
-    saved = {"student": {"arch": "resnet18"}, "teachers": [{"arch": "resnet50"}],
-             "trainer": {"epochs": 10, "log_every": 50, "resume_force": False}}
+    saved = {
+        "student": {"arch": "resnet18"},
+        "teachers": [{"arch": "resnet50"}],
+        "trainer": {"epochs": 10, "log_every": 50, "resume_force": False},
+    }
     ckpt.compare_configs(saved, {**saved, "trainer": {**saved["trainer"], "log_every": 5}}, tmp_path)  # free
-    other = {"student": {"arch": "resnet34"}, "teachers": [{"arch": "resnet50"}, {"arch": "vit_small_patch16"}],
-             "trainer": {"epochs": 20, "log_every": 5, "resume_force": False}}
-    listed = ("student.arch 'resnet18' -> 'resnet34'; teachers.1.arch (absent) -> 'vit_small_patch16'; "
-              "trainer.epochs 10 -> 20.")
+    other = {
+        "student": {"arch": "resnet34"},
+        "teachers": [{"arch": "resnet50"}, {"arch": "vit_small_patch16"}],
+        "trainer": {"epochs": 20, "log_every": 5, "resume_force": False},
+    }
+    listed = (
+        "student.arch 'resnet18' -> 'resnet34'; teachers.1.arch (absent) -> 'vit_small_patch16'; "
+        "trainer.epochs 10 -> 20."
+    )
     with pytest.raises(ValueError, match="trainer.resume_force=true") as err:
         ckpt.compare_configs(saved, other, tmp_path)
     assert listed in str(err.value) and "log_every" not in str(err.value)
@@ -126,7 +152,10 @@ def test_resume_refuses_settings_that_change_the_result_unless_forced(tmp_path, 
 
 def test_a_checkpoint_older_than_a_setting_resumes_under_the_value_it_was_trained_with(tmp_path):
     saved = {"optim": {"base_lr": 0.05}, "trainer": {"resume_force": False}}  # written before optim.schedule existed
-    current = {"optim": {"base_lr": 0.05, "schedule": "iteration", "recipe_batch": 256}, "trainer": {"resume_force": False}}
+    current = {
+        "optim": {"base_lr": 0.05, "schedule": "iteration", "recipe_batch": 256},
+        "trainer": {"resume_force": False},
+    }
     ckpt.compare_configs(saved, current, tmp_path)
     with pytest.raises(ValueError, match="optim.schedule 'iteration' -> 'epoch'"):
         ckpt.compare_configs(saved, {**current, "optim": {**current["optim"], "schedule": "epoch"}}, tmp_path)
@@ -135,17 +164,23 @@ def test_a_checkpoint_older_than_a_setting_resumes_under_the_value_it_was_traine
 def test_a_checkpoint_from_before_teacher_folding_resumes_only_with_eager_teachers(tmp_path):
     """Checkpoints older than teacher.inference ran their teachers unfolded: 'eager', for one teacher or several."""
     saved = {"teachers": [{"arch": "resnet50"}, {"arch": "resnet101"}], "trainer": {"resume_force": False}}
-    current = {"teachers": [{"arch": "resnet50", "inference": "eager", "compile": False},
-                            {"arch": "resnet101", "inference": "eager", "compile": False}],
-               "trainer": {"resume_force": False, "compile_mode": "default"}}
+    current = {
+        "teachers": [
+            {"arch": "resnet50", "inference": "eager", "compile": False},
+            {"arch": "resnet101", "inference": "eager", "compile": False},
+        ],
+        "trainer": {"resume_force": False, "compile_mode": "default"},
+    }
     ckpt.compare_configs(saved, current, tmp_path)
     current["teachers"][1]["inference"] = "folded"
     with pytest.raises(ValueError, match="teachers.1.inference 'eager' -> 'folded'"):
         ckpt.compare_configs(saved, current, tmp_path)
     with pytest.raises(ValueError, match="teacher.inference 'eager' -> 'folded'"):
-        ckpt.compare_configs({"teacher": {"arch": "resnet50"}, "trainer": {"resume_force": False}},
-                             {"teacher": {"arch": "resnet50", "inference": "folded"}, "trainer": {"resume_force": False}},
-                             tmp_path)
+        ckpt.compare_configs(
+            {"teacher": {"arch": "resnet50"}, "trainer": {"resume_force": False}},
+            {"teacher": {"arch": "resnet50", "inference": "folded"}, "trainer": {"resume_force": False}},
+            tmp_path,
+        )
 
 
 def test_rng_state_round_trip_through_pickle_and_weights_only_load(tmp_path):

@@ -12,11 +12,18 @@ from torch.export._trace import _disable_custom_triton_op_functional_decompositi
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
 
+from head_reference import (  # noqa: E402
+    SHAPES,
+    SPECS,
+    assert_compiled_model_matches_float64,
+    assert_matches_float64,
+    assert_runs_near,
+    eager_head,
+    run,
+)
+
 from fastreg.kernels import mlp_head  # noqa: E402
 from fastreg.kernels.mlp_head import FusedMLPHead  # noqa: E402
-from head_reference import (  # noqa: E402
-    SHAPES, SPECS, assert_compiled_model_matches_float64, assert_matches_float64, assert_runs_near, eager_head, run,
-)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

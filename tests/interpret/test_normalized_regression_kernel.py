@@ -12,7 +12,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernel
 
 import fastreg.kernels.normalized_regression as nr  # noqa: E402
 from fastreg.kernels.normalized_regression import (  # noqa: E402
-    INTERPRETED, normalized_regression_loss, normalized_regression_losses,
+    INTERPRETED,
+    normalized_regression_loss,
+    normalized_regression_losses,
 )
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -143,6 +145,7 @@ class Launches:
         def counted(*args, grid, **kwargs):
             self.grids.setdefault(kernel.fn.__name__, []).append(tuple(grid))
             return run(*args, grid=grid, **kwargs)
+
         return counted
 
 
@@ -189,8 +192,11 @@ def test_backward_scales_the_saved_gradient_in_place(per_row):
     assert torch.equal(saved, expected) and torch.equal(pred.grad, expected)
     if per_row:
         assert torch.equal(saved[5:], at_one[5:])  # factor 1: untouched
-    torch.testing.assert_close(pred.grad.double(), reference(pred, target, None, "none" if per_row else "sum",
-                                                             upstream)[1], **TOL[torch.float32])
+    torch.testing.assert_close(
+        pred.grad.double(),
+        reference(pred, target, None, "none" if per_row else "sum", upstream)[1],
+        **TOL[torch.float32],
+    )
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward(upstream)
 
@@ -213,8 +219,9 @@ def test_multi_terms_grads_only_where_needed():
     mixed dtypes share the launch."""
     (p0, t0, w0), (p1, t1, _), (p2, t2, _) = make_terms((4, 4, 4), (9, 20, 9), torch.float32)
     p1 = p1.detach().half()
-    rows, grads = nr.terms_loss_and_grad([p0, p1, p2], [t0, t1.half(), t2], [w0, None, None], True, False,
-                                         [True, False, True])
+    rows, grads = nr.terms_loss_and_grad(
+        [p0, p1, p2], [t0, t1.half(), t2], [w0, None, None], True, False, [True, False, True]
+    )
     assert [g.shape for g in grads] == [p0.shape, (0,), p2.shape]
     torch.testing.assert_close(rows[1].double(), reference(p1, t1.half(), None, "none")[0], **TOL[torch.float16])
     losses = normalized_regression_losses([(p0, t0, w0), (p1, t1.half(), None), (p2, t2, None)])
