@@ -4,6 +4,8 @@ torch.compile sees a Triton kernel write."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,9 @@ def tensors_compile_sees_written(kernel, kwargs: dict) -> set[str]:
     finally:
         if fake:
             driver._active = None  # as before: reset_active() would look for a GPU driver
+
+
+def run_two_ranks(script: Path, args: list[str], timeout: int = 300, env: dict | None = None):
+    """`script` in two processes through torch.distributed.run (gloo on a CPU), its output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=env)

@@ -7,13 +7,12 @@ import itertools
 import json
 import logging
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image_folder, tiny_overrides
+from helpers import make_image_folder, run_two_ranks, tiny_overrides
 from hydra import compose, initialize_config_module
 from test_train import DDP_SCRIPT
 
@@ -227,21 +226,7 @@ def test_ddp_one_ranks_nan_skips_the_step_on_every_rank(tmp_path):
     script = tmp_path / "ddp_nan.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            *tiny_overrides(data, out),
-            "trainer.epochs=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_two_ranks(script, [*tiny_overrides(data, out), "trainer.epochs=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MAXDIFF 0.0" in proc.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

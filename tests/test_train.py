@@ -22,6 +22,7 @@ from helpers import (
     assert_equal_states,
     logged_lines,
     make_image_folder,
+    run_two_ranks,
     step_losses,
     tiny_overrides,
     trained_state,
@@ -197,13 +198,7 @@ def test_ddp_two_processes_gloo(tmp_path, overrides, env):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     args = tiny_overrides(data, tmp_path / "run") + ["trainer.epochs=2", *overrides]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
+    proc = run_two_ranks(script, args, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MAXDIFF 0.0" in proc.stdout
     assert "STEPS 4" in proc.stdout  # 32 images, 2 ranks x batch 8 -> 2 steps per epoch
@@ -220,21 +215,7 @@ def test_ddp_resume_inside_an_epoch_restores_each_ranks_dali_shard(tmp_path):
     extra = ["trainer.epochs=2", "trainer.keep_checkpoints=0", "trainer.checkpoint_every=3", "data.loader=dali"]
 
     def torchrun(out: Path):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                str(script),
-                *tiny_overrides(data, out),
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_two_ranks(script, [*tiny_overrides(data, out), *extra])
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     torchrun(tmp_path / "straight")
@@ -365,21 +346,7 @@ def test_an_index_error_on_rank_0_stops_every_rank(tmp_path):
     add_bad_files(data)  # 3 of 35 bad, over the default 1%
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            *tiny_overrides(data, tmp_path / "run"),
-            "data.loader=dali",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_two_ranks(script, [*tiny_overrides(data, tmp_path / "run"), "data.loader=dali"], timeout=120)
     assert proc.returncode != 0
     assert "more than data.max_bad_fraction=0.01" in proc.stderr
     assert "rank 0 could not index" in proc.stderr  # rank 1's own message
