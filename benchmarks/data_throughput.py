@@ -40,6 +40,7 @@ from benchmarks.make_jpegs import make_image_folder
 from fastreg.checkpoint import git_commit
 from fastreg.config import DataConfig
 from fastreg.pipelines import build_loader
+from fastreg.placement import pick_device
 
 DEFAULTS = DataConfig()
 SWEPT = ("loader", "batch_size", "workers", "prefetch", "antialias", "hw_decoder_load")
@@ -89,14 +90,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device",
-        choices=("cpu", "cuda"),
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="training device: DALI decodes on it (dali-mixed) or on the CPU (dali-cpu)",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="training device (auto: CUDA where visible): DALI decodes on it (dali-mixed) or on the CPU (dali-cpu)",
     )
     parser.add_argument("--json", type=Path, help="append one JSON line per configuration to this file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
+    try:
+        args.device = pick_device(args.device, "--device").type
+    except ValueError as e:
+        parser.error(str(e))
     if min(args.warmup, args.batches - 1, args.repeats - 1) < 0:
         parser.error("need --warmup >= 0, --batches >= 1 and --repeats >= 1")
     return args
