@@ -1,5 +1,5 @@
-"""The trainer's parts on their own: the checkpointer over Stateful parts, the divergence check, the stop
-agreement, the run logger, the placement and the lr schedule."""
+"""The trainer's parts on their own: the checkpointer over Stateful parts, the NaN guard, the divergence check,
+the stop agreement, the run logger, the placement and the lr schedule."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from fastreg import checkpoint as ckpt
 from fastreg.checkpointer import Checkpointer, Entry, Progress, Resumed, check_data_position, find, rank_state
 from fastreg.config import OptimConfig
-from fastreg.nonfinite import Divergence
+from fastreg.nonfinite import Divergence, StepSkip, StepUndo, build_guard
 from fastreg.optim import LrSchedule, lr_at
 from fastreg.placement import Placement
 from fastreg.preemption import StopAgreement
@@ -190,3 +190,39 @@ def test_the_schedule_sets_float_and_tensor_lrs_alike():
         lr = schedule.apply(opt, step)
         assert schedule.apply(tensor_opt, step) == lr == lr_at(step, 0.4, 4, 12, 0.0)
         assert opt.param_groups[0]["lr"] == lr and tensor_opt.param_groups[0]["lr"].item() == pytest.approx(lr)
+
+
+# ---- the NaN guard, without a trainer ----
+
+
+def guarded_step(fused: bool, ok: bool) -> tuple[dict, dict]:
+    """One SGD step of Linear-BatchNorm through the guard that build_guard picks: (state before, state after)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, fused=fused)
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()  # the momentum exists: the guarded step must leave it as it is
+    opt.zero_grad()
+    guard = build_guard(dict(model.named_buffers()), opt, torch.amp.GradScaler("cpu", enabled=False))
+    assert isinstance(guard, StepSkip if fused else StepUndo)
+
+    def state() -> dict:
+        return {k: v.clone() for k, v in [*model.state_dict().items(), *opt.state_dict()["state"][0].items()]}
+
+    before = state()
+    guard.save()
+    model(torch.randn(8, 4)).square().mean().backward()  # moves BatchNorm's running statistics too
+    flag = torch.tensor(ok)
+    guard.skip_unless(flag)
+    opt.step()
+    guard.undo_unless(flag)
+    return before, state()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_guard_leaves_a_bad_step_bitwise_undone_and_a_good_one_done(fused):
+    before, after = guarded_step(fused, ok=False)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = guarded_step(fused, ok=True)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert {"0.weight", "1.running_mean", "momentum_buffer"} <= set(changed)
