@@ -46,9 +46,9 @@ from rich.table import Table
 from torch import nn
 
 from fastreg import checkpoint, files
-from fastreg.config import DataConfig, TrainConfig
+from fastreg.config import DataConfig, HeadConfig, TrainConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
-from fastreg.heads import L2Norm
+from fastreg.heads import L2Norm, build_head
 from fastreg.messages import listing
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
 from fastreg.placement import pick_device
@@ -601,6 +601,28 @@ def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, 
     return backbone, arch, config
 
 
+def load_head(path: str | Path, config: dict, index: int, dim: int) -> nn.Module:
+    """Head `index` of a trainer checkpoint (the head of teachers[index]) in eval mode, for SimReg's --use_pred:
+    its output, rather than the backbone's feature, is what the k-NN and the linear probes see. `dim`: the
+    student's feature width. Exported students have no heads (fastreg.export drops them)."""
+    heads = read_checkpoint(path).get("heads")
+    teachers = config.get("teachers") or []
+    if heads is None or not teachers:
+        raise ValueError(
+            f"--through-head needs a trainer checkpoint: {path} holds no heads (an exported student "
+            "keeps the backbone only); evaluate the checkpoint that fastreg.train wrote"
+        )
+    if not 0 <= index < len(teachers):
+        names = ", ".join(f"{i}: {t.get('name') or t.get('arch')}" for i, t in enumerate(teachers))
+        raise ValueError(f"--through-head {index}: {path} has {len(teachers)} head(s), one per teacher ({names})")
+    prefix = f"{index}."
+    state = {k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)}
+    out_dim = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1].shape[0]  # the last Linear
+    head = build_head(HeadConfig(**{**teachers[index]["head"], "impl": "eager"}), dim, out_dim)
+    head.load_state_dict(state)
+    return head.eval()
+
+
 def _settings(args: argparse.Namespace, config: dict) -> argparse.Namespace:
     """Flags over the checkpoint config's data/eval values over defaults; checks the data folders."""
     data, ev = config.get("data") or {}, config.get("eval") or {}
@@ -694,11 +716,14 @@ def linear_eval(
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
     backbone, arch, config = load_student(args.checkpoint, args.arch)
+    if args.through_head is not None:  # the features are the head's output (SimReg's eval --use_pred)
+        backbone = nn.Sequential(backbone, load_head(args.checkpoint, config, args.through_head, STUDENTS[arch].dim))
     s = _settings(args, config)
     device = pick_device(args.device, key="--device")
     amp_dtype = PRECISIONS[args.precision]
     backbone.to(device)
-    tag = str(Path(args.checkpoint).resolve())
+    head = "" if args.through_head is None else f", through head {args.through_head}"
+    tag = str(Path(args.checkpoint).resolve()) + head  # the head's features get their own cache slot
     train, val = (
         cached_features(
             backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype, s.loader
@@ -720,7 +745,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
             name, recipe, backbone, train, val, num_classes, s, device, amp_dtype, args.seed
         )
     facts = {
-        "arch": arch,
+        "arch": arch + head,
         "settings": s,
         "device": device,
         "n_train": len(train["labels"]),
@@ -778,6 +803,15 @@ def main(argv: list[str] | None = None) -> None:
         help="trainer checkpoint, or a student exported by fastreg.export (then --arch and roots are required)",
     )
     p.add_argument("--arch", choices=list(STUDENTS), help="student arch (default: the checkpoint's config)")
+    p.add_argument(
+        "--through-head",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="N",
+        help="evaluate the output of the student's head N (default 0: the first teacher's) instead of its backbone "
+        "feature, as SimReg's --use_pred (trainer checkpoints only: exports drop the heads)",
+    )
     p.add_argument(
         "--train-root",
         help="ImageFolder of the k-NN bank / linear training set (default: data.knn_train_root or data.root)",

@@ -569,3 +569,33 @@ def test_cli_errors(folders, tmp_path):
     assert "missing keys [layer4.1.bn2.running_mean]" in _cli_error(
         tmp_path / "partial.pt", "--arch", "resnet18", *roots
     )
+
+
+def test_through_head_evaluates_the_trained_heads_output(tmp_path, capsys):
+    """--through-head (SimReg's --use_pred): the head rebuilt from the checkpoint gives, in eval mode, exactly what
+    the trainer's own head gives; the CLI evaluates its output; exported students and a head that is not there
+    are refused by name."""
+    from hydra import compose, initialize_config_module
+
+    from fastreg.config import to_config
+    from fastreg.trainer import Trainer
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    overrides = tiny_overrides(data, tmp_path / "run") + [f"data.val_root={data}", "trainer.epochs=1"]
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        trainer = Trainer(to_config(compose("config", overrides=overrides)))
+    trainer.fit()
+    ckpt = tmp_path / "run" / "ckpt_epoch0001.pt"
+    config = torch.load(ckpt, weights_only=True)["config"]
+    trained = trainer.distiller.model.heads[0].eval()  # simreg4: its BatchNorms' running statistics count here
+    head = ev.load_head(ckpt, config, 0, dim=64)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(head(x), trained(x)) and head(x).shape == (5, 128)
+
+    ev.main([str(ckpt), "--through-head", "--k", "3", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "cnn_tiny, through head 0" in out and set(_figures(out)) == {"knn3_majority", "knn3_weighted", "nn1"}
+    assert "has 1 head(s), one per teacher (0: cnn_small)" in _cli_error(ckpt, "--through-head", "1")
+    torch.save(torch.load(ckpt, weights_only=True)["student"], tmp_path / "exported.pt")
+    assert "holds no heads" in _cli_error(tmp_path / "exported.pt", "--arch", "cnn_tiny", "--through-head")
