@@ -72,6 +72,10 @@ class RunLogger:
             f"epoch {epoch + 1}/{epochs}", total=batches, completed=done, loss="-", lr="-", ips="-"
         )
 
+    def advance(self, task) -> None:
+        """One more batch of the epoch's task on the progress bar."""
+        self.progress.advance(task)
+
     def window(self) -> dict[str, float]:
         """gpu/* mean and peak since the last call; {} without a monitor or telemetry."""
         return self.monitor.window() if self.monitor else {}

@@ -154,7 +154,7 @@ class Trainer:
                 ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
                 self.log_step(loss, metrics, lr, ips, task)
                 tic, tic_step = time.perf_counter(), self.step
-            self.log.progress.advance(task)
+            self.log.advance(task)
             at_end = p.batch_in_epoch == len(self.loader)  # fit asks and saves after the epoch
             if not at_end and self.stop.due(self.step):
                 return  # fit saves
