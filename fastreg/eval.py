@@ -51,13 +51,12 @@ from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm, build_head
 from fastreg.messages import listing
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
-from fastreg.placement import pick_device
+from fastreg.placement import AMP_DTYPES, pick_device
 from fastreg.seeding import mix_seed
 from fastreg.students import STUDENTS, Student
 
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
 TIE_SEED = 0  # the majority vote's tie-break when no --seed is given (the trainer's k-NN)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast dtype
 
 
 # ----------------------------------------------------------------------------------------- features
@@ -571,13 +570,13 @@ def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, str, dict]:
-    """(backbone, arch, config) from a trainer checkpoint or an exported student state_dict.
+def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple[nn.Module, str, dict]:
+    """(backbone, arch, config) from `ckpt`, the contents of `path`: a trainer checkpoint or an exported student
+    state_dict.
 
     A trainer checkpoint gives its config, and its arch unless `arch` overrides it. An exported
     state_dict has no config ({}), so `arch` is required. The weights must fit the arch exactly.
     """
-    ckpt = read_checkpoint(path)
     if "student" in ckpt:
         config = ckpt.get("config") or {}
         arch = arch or checkpoint_arch(ckpt, path)
@@ -601,12 +600,12 @@ def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, 
     return backbone, arch, config
 
 
-def load_head(path: str | Path, config: dict, index: int, dim: int) -> nn.Module:
-    """Head `index` of a trainer checkpoint (the head of teachers[index]) in eval mode, for SimReg's --use_pred:
-    its output, rather than the backbone's feature, is what the k-NN and the linear probes see. `dim`: the
-    student's feature width. Exported students have no heads (fastreg.export drops them)."""
-    heads = read_checkpoint(path).get("heads")
-    teachers = config.get("teachers") or []
+def load_head(ckpt: dict, path: str | Path, index: int, dim: int) -> nn.Module:
+    """Head `index` of a trainer checkpoint `ckpt`, the contents of `path` (the head of teachers[index]), in eval
+    mode, for SimReg's --use_pred: its output, rather than the backbone's feature, is what the k-NN and the linear
+    probes see. `dim`: the student's feature width. Exported students have no heads (fastreg.export drops them)."""
+    heads = ckpt.get("heads")
+    teachers = (ckpt.get("config") or {}).get("teachers") or []
     if heads is None or not teachers:
         raise ValueError(
             f"--through-head needs a trainer checkpoint: {path} holds no heads (an exported student "
@@ -715,12 +714,15 @@ def linear_eval(
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
-    backbone, arch, config = load_student(args.checkpoint, args.arch)
+    ckpt = read_checkpoint(args.checkpoint)
+    backbone, arch, config = load_student(ckpt, args.checkpoint, args.arch)
     if args.through_head is not None:  # the features are the head's output (SimReg's eval --use_pred)
-        backbone = nn.Sequential(backbone, load_head(args.checkpoint, config, args.through_head, STUDENTS[arch].dim))
+        head = load_head(ckpt, args.checkpoint, args.through_head, STUDENTS[arch].dim)
+        backbone = nn.Sequential(backbone, head)
+    del ckpt  # the optimizer state and the rest: not needed from here on
     s = _settings(args, config)
     device = pick_device(args.device, key="--device")
-    amp_dtype = PRECISIONS[args.precision]
+    amp_dtype = AMP_DTYPES[args.precision]
     backbone.to(device)
     head = "" if args.through_head is None else f", through head {args.through_head}"
     tag = str(Path(args.checkpoint).resolve()) + head  # the head's features get their own cache slot
@@ -844,7 +846,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=list(PRECISIONS),
+        choices=list(AMP_DTYPES),
         default="fp32",
         help="autocast dtype of the backbone's forward (default fp32)",
     )
