@@ -68,6 +68,8 @@ _GEMM_SIZES = ["M", "N", "K"]
 # checks what compile sees written).
 
 
+# The kernels' parameters grouped as their launches pass them, not one per line:
+# fmt: off
 @triton.jit
 def _act_tile(a, mask, STAT, idx, n, HAS_STAT: tl.constexpr, RELU: tl.constexpr, ON_ROWS: tl.constexpr):
     """relu(a * scale + shift) of a loaded tile, in fp32, back in a's dtype; scale and shift are rows 2 and 3 of
@@ -87,28 +89,9 @@ def _act_tile(a, mask, STAT, idx, n, HAS_STAT: tl.constexpr, RELU: tl.constexpr,
 
 
 @triton.jit
-def _matmul(
-    A,
-    B,
-    sam,
-    sak,
-    sbk,
-    sbn,
-    M,
-    N,
-    K,
-    rm,
-    rn,
-    STAT,
-    HAS_STAT: tl.constexpr,
-    RELU: tl.constexpr,
-    ACT_ON_ROWS: tl.constexpr,
-    COL_SUMS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _matmul(A, B, sam, sak, sbk, sbn, M, N, K, rm, rn, STAT, HAS_STAT: tl.constexpr, RELU: tl.constexpr,
+            ACT_ON_ROWS: tl.constexpr,
+            COL_SUMS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """(acc (BM, BN) = act(A)[rm, :] @ B[:, rn] in fp32, with COL_SUMS the column sums of B[:, rn] (BN,), else 0)."""
     acc = tl.zeros((BM, BN), tl.float32)
     col_sums = tl.zeros((BN,), tl.float32)
@@ -129,36 +112,15 @@ def _matmul(
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_fwd_kernel(
-    X,
-    W,
-    BIAS,
-    Z,
-    STAT,
-    PART,
-    M,
-    N,
-    K,
-    sxm,
-    sxk,
-    swn,
-    swk,
-    szm,
-    HAS_STAT: tl.constexpr,
-    RELU: tl.constexpr,
-    STATS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _linear_fwd_kernel(X, W, BIAS, Z, STAT, PART, M, N, K, sxm, sxk, swn, swk, szm,
+                       HAS_STAT: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Z (M, N) = act(X) (M, K) @ W^T + bias, act from STAT (4, K) if HAS_STAT, and RELU; with STATS,
     PART (2, M tiles, N) gets each tile's column mean and M2."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, _ = _matmul(
-        X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, False, False, PRECISION, BM, BN, BK
-    )
+    acc, _ = _matmul(X, W, sxm, sxk, swk, swn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, False, False, PRECISION,
+                     BM, BN, BK)
     acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     z = acc.to(Z.dtype.element_ty)
@@ -172,22 +134,8 @@ def _linear_fwd_kernel(
 
 
 @triton.jit
-def _bn_stats_kernel(
-    PART,
-    GAMMA,
-    BETA,
-    RUN_MEAN,
-    RUN_VAR,
-    COUNT,
-    STAT,
-    M,
-    N,
-    momentum,
-    eps,
-    TRAINING: tl.constexpr,
-    TILE_M: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _bn_stats_kernel(PART, GAMMA, BETA, RUN_MEAN, RUN_VAR, COUNT, STAT, M, N, momentum, eps,
+                     TRAINING: tl.constexpr, TILE_M: tl.constexpr, BLOCK: tl.constexpr):
     """STAT (4, N) = mean, rstd, scale = gamma rstd, shift = beta - mean scale. Training (PART, the forward GEMM's
     (2, M tiles, N)): the batch's, the row tiles' (mean, M2) Chan-merged in order, and running <- (1 - momentum)
     running + momentum batch (unbiased variance), COUNT += 1, as nn.BatchNorm1d. Eval (not TRAINING; PART a dummy):
@@ -225,37 +173,16 @@ def _bn_stats_kernel(
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_dgrad_kernel(
-    DZ,
-    W,
-    DA,
-    Z,
-    STAT,
-    PART,
-    M,
-    N,
-    K,
-    sdm,
-    sdk,
-    swk,
-    swn,
-    sam,
-    szm,
-    HAS_STAT: tl.constexpr,
-    RELU: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _linear_dgrad_kernel(DZ, W, DA, Z, STAT, PART, M, N, K, sdm, sdk, swk, swn, sam, szm,
+                         HAS_STAT: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """DA (M, N) = DZ (M, K) @ W (K, N), then back through the previous layer's ReLU, whose input y = z scale + shift
     (or z without BN) is recomputed from Z. With BN (HAS_STAT: STAT (4, N)), PART (2, M tiles, N) gets each tile's
     column sums of dy and dy x_hat. Z, STAT and PART are dummies where unused."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, _ = _matmul(
-        DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, STAT, False, False, False, False, PRECISION, BM, BN, BK
-    )
+    acc, _ = _matmul(DZ, W, sdm, sdk, swk, swn, M, N, K, rm, rn, STAT, False, False, False, False, PRECISION,
+                     BM, BN, BK)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     cmask = rn < N
     if RELU or HAS_STAT:
@@ -263,41 +190,22 @@ def _linear_dgrad_kernel(
     if RELU:
         y = z
         if HAS_STAT:
-            y = (
-                z * tl.load(STAT + 2 * N + rn, mask=cmask, other=0.0)[None, :]
-                + tl.load(STAT + 3 * N + rn, mask=cmask, other=0.0)[None, :]
-            )
+            y = (z * tl.load(STAT + 2 * N + rn, mask=cmask, other=0.0)[None, :]
+                 + tl.load(STAT + 3 * N + rn, mask=cmask, other=0.0)[None, :])
         acc = tl.where(y > 0, acc, 0.0)
     dy = acc.to(DA.dtype.element_ty)
     tl.store(DA + rm[:, None] * sam + rn[None, :], dy, mask=mask)
     if HAS_STAT:
         dyf = tl.where(mask, dy.to(tl.float32), 0.0)
-        x_hat = (z - tl.load(STAT + rn, mask=cmask, other=0.0)[None, :]) * tl.load(
-            STAT + N + rn, mask=cmask, other=0.0
-        )[None, :]
+        x_hat = ((z - tl.load(STAT + rn, mask=cmask, other=0.0)[None, :])
+                 * tl.load(STAT + N + rn, mask=cmask, other=0.0)[None, :])
         tl.store(PART + pid_m * N + rn, tl.sum(dyf, 0), mask=cmask)
         tl.store(PART + (tl.num_programs(0) + pid_m) * N + rn, tl.sum(dyf * x_hat, 0), mask=cmask)
 
 
 @triton.jit
-def _bn_backward_kernel(
-    DY,
-    Z,
-    PART,
-    STAT,
-    GAMMA,
-    DZ,
-    DGAMMA,
-    DBETA,
-    M,
-    N,
-    sym,
-    szm,
-    sdm,
-    TRAINING: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-):
+def _bn_backward_kernel(DY, Z, PART, STAT, GAMMA, DZ, DGAMMA, DBETA, M, N, sym, szm, sdm,
+                        TRAINING: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dz = gamma rstd (dy - sum dy / M - x_hat sum (dy x_hat) / M) (training; eval: gamma rstd dy); the sums are
     the dgrad tiles' partials (2, M tiles, N), added in order by every program (the first row of programs stores
     dgamma, dbeta)."""
@@ -327,42 +235,20 @@ def _bn_backward_kernel(
 
 
 @triton.jit(do_not_specialize=_GEMM_SIZES)
-def _linear_wgrad_kernel(
-    ZP,
-    DZ,
-    DW,
-    DB,
-    STAT,
-    M,
-    N,
-    K,
-    szk,
-    szm,
-    sdk,
-    sdn,
-    swn,
-    swm,
-    HAS_STAT: tl.constexpr,
-    RELU: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _linear_wgrad_kernel(ZP, DZ, DW, DB, STAT, M, N, K, szk, szm, sdk, sdn, swn, swm,
+                         HAS_STAT: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """DW^T (M, N) = act(ZP)^T (M, K) @ DZ (K, N), with K the batch and act from STAT (4, M) if HAS_STAT, and RELU;
     the first row of programs also writes DB = the column sums of DZ."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm, rn = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-    acc, col_sums = _matmul(
-        ZP, DZ, szm, szk, sdk, sdn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, True, True, PRECISION, BM, BN, BK
-    )
-    tl.store(
-        DW + rn[None, :] * swn + rm[:, None] * swm,
-        acc.to(DW.dtype.element_ty),
-        mask=(rm[:, None] < M) & (rn[None, :] < N),
-    )
+    acc, col_sums = _matmul(ZP, DZ, szm, szk, sdk, sdn, M, N, K, rm, rn, STAT, HAS_STAT, RELU, True, True, PRECISION,
+                            BM, BN, BK)
+    tl.store(DW + rn[None, :] * swn + rm[:, None] * swm, acc.to(DW.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
     if pid_m == 0:
         tl.store(DB + rn, col_sums.to(DB.dtype.element_ty), mask=rn < N)
+# fmt: on
 
 
 # ------------------------------------------------------------------------------------------- tiles and launches
@@ -415,77 +301,37 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def linear_forward(
-    a: Tensor, weight: Tensor, bias: Tensor, stat: Tensor | None, relu: bool, z: Tensor, with_stats: bool
-) -> Tensor | None:
+# The launches' arguments grouped as the kernels declare them:
+# fmt: off
+def linear_forward(a: Tensor, weight: Tensor, bias: Tensor, stat: Tensor | None, relu: bool, z: Tensor,
+                   with_stats: bool) -> Tensor | None:
     """z (M, N) <- act(a) @ weight^T + bias for a (M, K), weight (N, K), with act = relu(. * scale + shift), scale
     and shift from stat (4, K) or None; returns the BN partials (2, M tiles, N) fp32 if with_stats, else None."""
     (M, K), N = a.shape, weight.shape[0]
     BM = _row_block(M)
     part = a.new_empty(2, triton.cdiv(M, BM), N, dtype=torch.float32) if with_stats else None
     kernel = _pick(_linear_fwd_tuned, _linear_fwd_fixed)
-    wrap_triton(kernel)[_grid(M, BM, N)](
-        a,
-        weight,
-        bias,
-        z,
-        _or_dummy(stat, a),
-        _or_dummy(part, a),
-        M,
-        N,
-        K,
-        a.stride(0),
-        a.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        z.stride(0),
-        HAS_STAT=stat is not None,
-        RELU=relu,
-        STATS=with_stats,
-        PRECISION=_precision(a.dtype),
-        BM=BM,
-    )
+    wrap_triton(kernel)[_grid(M, BM, N)](a, weight, bias, z, _or_dummy(stat, a), _or_dummy(part, a), M, N, K,
+                                         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), z.stride(0),
+                                         HAS_STAT=stat is not None, RELU=relu, STATS=with_stats,
+                                         PRECISION=_precision(a.dtype), BM=BM)
     return part
 
 
-def batch_norm_stats(
-    z: Tensor,
-    part: Tensor | None,
-    gamma: Tensor,
-    beta: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    count: Tensor,
-    momentum: float,
-    eps: float,
-    training: bool,
-    stat: Tensor,
-) -> None:
+def batch_norm_stats(z: Tensor, part: Tensor | None, gamma: Tensor, beta: Tensor, running_mean: Tensor,
+                     running_var: Tensor, count: Tensor, momentum: float, eps: float, training: bool,
+                     stat: Tensor) -> None:
     """stat (4, N) fp32 <- mean, rstd, scale, shift of BatchNorm over z (M, N): in training the batch's, from the
     forward GEMM's partials (running_mean, running_var and count updated in place), else the running ones."""
     M, N = z.shape
     block = min(1024, triton.next_power_of_2(N))
     wrap_triton(_bn_stats_kernel)[(triton.cdiv(N, block),)](
-        part if training else _or_dummy(None, z),
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        count,
-        stat,
-        M,
-        N,
-        momentum,
-        eps,
-        TRAINING=training,
-        TILE_M=_row_block(M),
-        BLOCK=block,
-    )
+        part if training else _or_dummy(None, z), gamma, beta, running_mean, running_var, count, stat, M, N,
+        momentum, eps, TRAINING=training, TILE_M=_row_block(M), BLOCK=block)
 
 
-def linear_dgrad(
-    dz: Tensor, weight: Tensor, z_prev: Tensor | None, stat: Tensor | None, relu: bool
-) -> tuple[Tensor, Tensor | None]:
+def linear_dgrad(dz: Tensor, weight: Tensor, z_prev: Tensor | None, stat: Tensor | None,
+                 relu: bool) -> tuple[Tensor, Tensor | None]:
     """(dy = dz @ weight (M, K) through the previous layer's ReLU (relu) at z_prev (M, K), the BN partials
     (2, M tiles, K) where that layer has BN (stat (4, K))) for dz (M, N), weight (N, K). With neither: d input."""
     (M, N), K = dz.shape, weight.shape[1]
@@ -493,88 +339,38 @@ def linear_dgrad(
     da = dz.new_empty(M, K)
     part = dz.new_empty(2, triton.cdiv(M, BM), K, dtype=torch.float32) if stat is not None else None
     kernel = _pick(_linear_dgrad_tuned, _linear_dgrad_fixed)
-    wrap_triton(kernel)[_grid(M, BM, K)](
-        dz,
-        weight,
-        da,
-        _or_dummy(z_prev, dz),
-        _or_dummy(stat, dz),
-        _or_dummy(part, dz),
-        M,
-        K,
-        N,
-        dz.stride(0),
-        dz.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        da.stride(0),
-        z_prev.stride(0) if z_prev is not None else 0,
-        HAS_STAT=stat is not None,
-        RELU=relu,
-        PRECISION=_precision(dz.dtype),
-        BM=BM,
-    )
+    wrap_triton(kernel)[_grid(M, BM, K)](dz, weight, da, _or_dummy(z_prev, dz), _or_dummy(stat, dz),
+                                         _or_dummy(part, dz), M, K, N, dz.stride(0), dz.stride(1), weight.stride(0),
+                                         weight.stride(1), da.stride(0), z_prev.stride(0) if z_prev is not None else 0,
+                                         HAS_STAT=stat is not None, RELU=relu, PRECISION=_precision(dz.dtype), BM=BM)
     return da, part
 
 
-def batch_norm_backward(
-    dy: Tensor, z: Tensor, part: Tensor | None, stat: Tensor, gamma: Tensor, training: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_backward(dy: Tensor, z: Tensor, part: Tensor | None, stat: Tensor, gamma: Tensor,
+                        training: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dz (M, N), dgamma, dbeta) from dy = d loss / d BN's output, BN's input z and the dgrad GEMM's partials."""
     M, N = dy.shape
     BM, BN = _row_block(M), 64
     dz, dgamma, dbeta = torch.empty_like(dy), torch.empty_like(gamma), torch.empty_like(gamma)
     wrap_triton(_bn_backward_kernel)[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        dy,
-        z,
-        part,
-        stat,
-        gamma,
-        dz,
-        dgamma,
-        dbeta,
-        M,
-        N,
-        dy.stride(0),
-        z.stride(0),
-        dz.stride(0),
-        TRAINING=training,
-        BM=BM,
-        BN=BN,
-    )
+        dy, z, part, stat, gamma, dz, dgamma, dbeta, M, N, dy.stride(0), z.stride(0), dz.stride(0),
+        TRAINING=training, BM=BM, BN=BN)
     return dz, dgamma, dbeta
 
 
-def linear_wgrad(
-    a_prev: Tensor, stat: Tensor | None, relu: bool, dz: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def linear_wgrad(a_prev: Tensor, stat: Tensor | None, relu: bool, dz: Tensor,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(dW = dz^T act(a_prev) (N, K), db = sum_b dz (N,)) in dtype, for a_prev (B, K), act from stat (4, K) or None
     and relu, and dz (B, N)."""
     (batch, K), N = a_prev.shape, dz.shape[1]
     BM = _row_block(K)
     dw, db = dz.new_empty(N, K, dtype=dtype), dz.new_empty(N, dtype=dtype)
     kernel = _pick(_linear_wgrad_tuned, _linear_wgrad_fixed)
-    wrap_triton(kernel)[_grid(K, BM, N)](
-        a_prev,
-        dz,
-        dw,
-        db,
-        _or_dummy(stat, dz),
-        K,
-        N,
-        batch,
-        a_prev.stride(0),
-        a_prev.stride(1),
-        dz.stride(0),
-        dz.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        HAS_STAT=stat is not None,
-        RELU=relu,
-        PRECISION=_precision(dz.dtype),
-        BM=BM,
-    )
+    wrap_triton(kernel)[_grid(K, BM, N)](a_prev, dz, dw, db, _or_dummy(stat, dz), K, N, batch, a_prev.stride(0),
+                                         a_prev.stride(1), dz.stride(0), dz.stride(1), dw.stride(0), dw.stride(1),
+                                         HAS_STAT=stat is not None, RELU=relu, PRECISION=_precision(dz.dtype), BM=BM)
     return dw, db
+# fmt: on
 
 
 # ------------------------------------------------------------------- the same steps in PyTorch: the CPU kernels
@@ -640,25 +436,8 @@ def _per_layer(values: Sequence[Tensor], has_bn: Sequence[bool]) -> list[Tensor 
     return [next(it) if bn else None for bn in has_bn]
 
 
-def _forward(
-    linear,
-    batch_norm,
-    x,
-    weights,
-    biases,
-    gammas,
-    betas,
-    running_means,
-    running_vars,
-    counts,
-    has_bn,
-    relu,
-    momentum,
-    eps,
-    training,
-    zs,
-    stats,
-):
+def _forward(linear, batch_norm, x, weights, biases, gammas, betas, running_means, running_vars, counts, has_bn, relu,
+             momentum, eps, training, zs, stats):  # fmt: skip
     """mlp_head_fwd with the steps linear (linear_forward or _torch) and batch_norm (batch_norm_stats or _torch)."""
     bns = iter(zip(gammas, betas, running_means, running_vars, counts, momentum, eps))
     a, stat, stats = x, None, _per_layer(stats, has_bn)
@@ -716,25 +495,8 @@ def mlp_head_fwd(
     Writes zs: z_l (B, N_l) per layer in x's dtype, the last the head's output, and stats: (4, N_l) fp32 mean, rstd,
     scale, shift per BN layer. (Outputs are written in place: a mutating op cannot return lists of tensors under
     torch.compile.)"""
-    return _forward(
-        linear_forward,
-        batch_norm_stats,
-        x,
-        weights,
-        biases,
-        gammas,
-        betas,
-        running_means,
-        running_vars,
-        counts,
-        has_bn,
-        relu,
-        momentum,
-        eps,
-        training,
-        zs,
-        stats,
-    )
+    return _forward(linear_forward, batch_norm_stats, x, weights, biases, gammas, betas, running_means, running_vars,
+                    counts, has_bn, relu, momentum, eps, training, zs, stats)  # fmt: skip
 
 
 @triton_op("fastreg::mlp_head_bwd", mutates_args=())
@@ -754,22 +516,8 @@ def mlp_head_bwd(
     """The head's backward from grad_out (B, N_last) and mlp_head_fwd's x, weights, gammas, zs (all but the last)
     and stats: (d x (B, K_1) in x's dtype, or an empty tensor without input_grad; d weights, d biases (param_dtype);
     d gammas, d betas per BN layer (their dtype))."""
-    return _backward(
-        linear_dgrad,
-        batch_norm_backward,
-        linear_wgrad,
-        grad_out,
-        x,
-        zs,
-        weights,
-        gammas,
-        stats,
-        has_bn,
-        relu,
-        training,
-        input_grad,
-        param_dtype,
-    )
+    return _backward(linear_dgrad, batch_norm_backward, linear_wgrad, grad_out, x, zs, weights, gammas, stats, has_bn,
+                     relu, training, input_grad, param_dtype)  # fmt: skip
 
 
 def _mlp_head_fwd_torch(*args):
