@@ -39,7 +39,7 @@ from rich.table import Table
 from benchmarks.make_jpegs import make_image_folder
 from fastreg.checkpoint import git_commit
 from fastreg.config import DataConfig
-from fastreg.pipelines import build_loader
+from fastreg.pipelines import Batch, build_loader
 from fastreg.placement import pick_device
 
 DEFAULTS = DataConfig()
@@ -132,7 +132,7 @@ def data_config(setting: dict, root: str, crop_size: int) -> DataConfig:
     return DataConfig(root=root, crop_size=crop_size, **used)
 
 
-def batch_stream(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batch_stream(loader) -> Iterator[Batch]:
     """Batches of epochs 0, 1, 2, ... in order, as the trainer asks for them (DALI reads one pass per epoch)."""
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
@@ -152,7 +152,7 @@ def throughput(loader, device: torch.device, warmup: int, batches: int) -> float
         synchronize(device)
         start, images = time.perf_counter(), 0
         for _ in range(batches):
-            images += next(stream)[0].shape[0]
+            images += next(stream).images.shape[0]
         synchronize(device)
         return images / (time.perf_counter() - start)
     finally:

@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.data_throughput import batch_stream
-from benchmarks.throughput import compose_config, environment, images_of, result_stem
+from benchmarks.throughput import compose_config, environment, result_stem
 from fastreg.monitor import PHASES, data_phase
 from fastreg.trainer import Trainer
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def profile_steps(trainer: Trainer, args: argparse.Namespace) -> profile:
-    batches = data_phase(images_of(batch_stream(trainer.loader)))  # each fetch is the "data" phase
+    batches = data_phase(batch_stream(trainer.loader))  # each fetch is the "data" phase
     trainer.distiller.train()
     for _ in range(args.warmup):
         trainer.train_step(next(batches))

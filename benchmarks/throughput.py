@@ -43,7 +43,7 @@ from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
 from fastreg.distributed import setup_distributed
 from fastreg.monitor import GPUMonitor
-from fastreg.pipelines import build_loader
+from fastreg.pipelines import Batch, build_loader
 from fastreg.trainer import Trainer
 
 # (row, overrides added to the previous row's). The baseline is the official SimReg code path: a torchvision
@@ -147,13 +147,9 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def images_of(stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
-    return (images for images, _ in stream)
-
-
 def time_steps(
-    batches: Iterator[torch.Tensor],
-    step: Callable[[torch.Tensor], object],
+    batches: Iterator[Batch],
+    step: Callable[[Batch], object],
     clock: Clock,
     args: argparse.Namespace,
     batch_size: int,
@@ -165,9 +161,9 @@ def time_steps(
     marks = []
     for _ in range(args.steps):
         start = clock.now()
-        images = next(batches)
+        batch = next(batches)
         fetched = clock.now()
-        step(images)
+        step(batch)
         marks.append((start, fetched, clock.now()))
     clock.sync()
     wait = [clock.ms(s, f) for s, f, _ in marks]
@@ -216,7 +212,7 @@ def data_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
     )
     clock, stream = Clock(device), batch_stream(loader)
     try:
-        figures = time_steps(images_of(stream), lambda images: clock.sync(), clock, args, cfg.data.batch_size)
+        figures = time_steps(stream, lambda batch: clock.sync(), clock, args, cfg.data.batch_size)
     finally:
         stream.close()  # stops torchvision's workers now, not during the next mode
     return {**figures, "loader": loader.name}
@@ -228,7 +224,7 @@ def step_mode(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) 
     trainer.distiller.train()
     stream = batch_stream(trainer.loader)
     try:
-        figures = time_steps(images_of(stream), trainer.train_step, Clock(device), args, cfg.data.batch_size)
+        figures = time_steps(stream, trainer.train_step, Clock(device), args, cfg.data.batch_size)
     finally:
         stream.close()
         trainer.log.close()

@@ -25,6 +25,7 @@ from fastreg.config import TrainConfig
 from fastreg.heads import build_head
 from fastreg.losses import FusedRegressionLoss, build_loss, loss_terms
 from fastreg.monitor import phase
+from fastreg.pipelines import Batch
 from fastreg.placement import Placement
 from fastreg.students import Student
 from fastreg.teachers import Teacher, build_teacher
@@ -124,12 +125,12 @@ class Distiller(nn.Module):
             return nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """images (B, 3, H, W) -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
-        with self.autocast(images.device.type), phase("student_forward"):
-            preds = self._run_model(images)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """batch -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
+        with self.autocast(batch.images.device.type), phase("student_forward"):
+            preds = self._run_model(batch.images)
         with phase("teacher"):
-            targets = [teacher(images) for teacher in self.teachers]  # the very same tensor the student saw; (B, D)
+            targets = [teacher(batch.teacher_view) for teacher in self.teachers]  # (B, D)
         with phase("loss"):
             total, terms = self._run_losses(preds, targets)  # [(loss_i, cos_i)]
         metrics = {}

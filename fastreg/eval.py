@@ -554,10 +554,10 @@ def train_on_views(
         for epoch in range(recipe.epochs):
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr_at(epoch)
-            for images, labels in views.epoch(epoch):
+            for batch in views.epoch(epoch):
                 with torch.no_grad():
-                    feats = _forward(backbone, images, device, amp_dtype)  # (B, D)
-                loss = F.cross_entropy(head(feats), labels.to(device))  # (B, C)
+                    feats = _forward(backbone, batch.images, device, amp_dtype)  # (B, D)
+                loss = F.cross_entropy(head(feats), batch.labels.to(device))  # (B, C)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

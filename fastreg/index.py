@@ -63,6 +63,16 @@ class DatasetIndex:
     file_list: Path
 
 
+def positions_list(index: DatasetIndex) -> Path:
+    """index.file_list with each file's position in index.samples as its label, beside it: DALI's training
+    reader reads positions (the rows of a cached teacher's features) and the loader maps them to labels."""
+    path = index.file_list.with_name("positions.txt")
+    text = "".join(f"{rel} {i}\n" for i, (rel, _) in enumerate(index.samples))
+    if not path.exists() or path.read_text(**ENCODING) != text:
+        _write_text(path, text)
+    return path
+
+
 def check_image(path: str | os.PathLike) -> str | None:
     """None when both loaders decode the file completely to the same 8-bit RGB image, else a short reason.
 

@@ -6,7 +6,7 @@ docs/notes/cuda.rst).
     steps 1..WARMUP   eager, on a side stream: cuDNN, cuBLAS, inductor and the Triton autotuners pick their
                       kernels, and lazy state appears (SGD's momentum buffers, the guard's backups)
     next step         capture update(inputs) into the graph (nothing runs), then replay it
-    every step        inputs <- images (one device copy); the trainer fills the lr tensors; replay
+    every step        inputs <- the batch's tensors (device copies); the trainer fills the lr tensors; replay
 
 What a graph fixes, checked in TrainConfig (precision, optimizer, compile mode) and by check_device:
 one CUDA process (DDP's all-reduce would need its own warm-up and NCCL settings), bf16 or fp32 (fp16's
@@ -17,11 +17,14 @@ Every batch must have the captured shape; the loaders drop partial batches, and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+
+from fastreg.pipelines import Batch
 
 Outputs = TypeVar("Outputs")
 WARMUP = 3  # eager steps before the capture, as in PyTorch's whole-network example (DDP would need 11)
@@ -47,38 +50,39 @@ def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
 
 
 class StepGraph:
-    """update(images) -> outputs, run eagerly for WARMUP steps, then as a captured CUDA graph. The outputs
+    """update(batch) -> outputs, run eagerly for WARMUP steps, then as a captured CUDA graph. The outputs
     of a replay are the graph's own tensors: read them before the next step overwrites them."""
 
-    def __init__(self, update: Callable[[torch.Tensor], Outputs], device: torch.device):
+    def __init__(self, update: Callable[[Batch], Outputs], device: torch.device):
         self.update, self.device = update, device
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs = torch.empty(0)  # the static batch the graph reads, once captured
+        self.inputs: Batch | None = None  # the static batch the graph reads, once captured
         self.outputs: Outputs | None = None
 
-    def __call__(self, images: torch.Tensor) -> Outputs:
+    def __call__(self, batch: Batch) -> Outputs:
         if self.graph is None and self.eager_steps < WARMUP:
             self.eager_steps += 1
-            return self.side_stream(images)
+            return self.side_stream(batch)
         if self.graph is None:
-            self.capture(images)
-        self.check_batch(images)
-        self.inputs.copy_(images)
+            self.capture(batch)
+        for name, tensor in self.check_batch(batch).items():
+            getattr(self.inputs, name).copy_(tensor)
         self.graph.replay()
         return self.outputs
 
-    def side_stream(self, images: torch.Tensor) -> Outputs:
+    def side_stream(self, batch: Batch) -> Outputs:
         """One eager update on a side stream: lazy initialization must not happen on the capture's stream."""
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side), no_autocast_cache():
-            outputs = self.update(images)
+            outputs = self.update(batch)
         current.wait_stream(side)
         return outputs
 
-    def capture(self, images: torch.Tensor) -> None:
-        self.inputs = torch.empty_like(images)  # same dtype and memory format (channels-last)
+    def capture(self, batch: Batch) -> None:
+        # the same fields, dtypes and memory formats (channels-last)
+        self.inputs = dataclasses.replace(batch, **{k: torch.empty_like(t) for k, t in batch.tensors().items()})
         self.graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: DALI's threads and the GPU monitor keep running while this thread captures
@@ -90,13 +94,22 @@ class StepGraph:
                 "in the step waits on the host or cannot be captured; train with trainer.cuda_graph=false"
             ) from e
 
-    def check_batch(self, images: torch.Tensor) -> None:
-        if images.shape != self.inputs.shape or images.dtype != self.inputs.dtype:
-            raise ValueError(
-                f"trainer.cuda_graph=true captured the step for batches of {tuple(self.inputs.shape)} "
-                f"{self.inputs.dtype}, and this batch is {tuple(images.shape)} {images.dtype}: a CUDA graph "
-                "replays fixed shapes. Keep every batch the same size, or set trainer.cuda_graph=false"
-            )
+    def check_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """batch's tensors, which must have the captured ones' shapes and dtypes."""
+        tensors, captured = batch.tensors(), self.inputs.tensors()
+        for name in tensors.keys() | captured.keys():
+            got, want = tensors.get(name), captured.get(name)
+            if got is None or want is None or got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(
+                    f"trainer.cuda_graph=true captured the step for batches whose {name} is {describe(want)}, and "
+                    f"this batch's is {describe(got)}: a CUDA graph replays fixed shapes. Keep every batch the same "
+                    "size, or set trainer.cuda_graph=false"
+                )
+        return tensors
+
+
+def describe(tensor: torch.Tensor | None) -> str:
+    return "absent" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """The training loop: AMP, DDP, per-iteration schedule, checkpoints, k-NN evaluation.
 
     for epoch:
-        for images in loader.epoch(epoch):          # one weakly augmented view, on device
-            loss = distiller(images)                # every teacher and the student see `images`
+        for batch in loader.epoch(epoch):           # one weakly augmented view, on device
+            loss = distiller(batch)                 # every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
@@ -34,7 +34,7 @@ from fastreg.distributed import ddp, seed_everything, set_deterministic, setup_d
 from fastreg.monitor import data_phase, phase
 from fastreg.nonfinite import Divergence, build_guard
 from fastreg.optim import LrSchedule, build_optimizer, lr_scaling_warning, optimizer_state
-from fastreg.pipelines import build_loader
+from fastreg.pipelines import Batch, build_loader
 from fastreg.placement import Placement
 from fastreg.preemption import Preempted, StopAgreement
 from fastreg.run_log import RunLogger, open_run_dir
@@ -146,8 +146,8 @@ class Trainer:
         task = self.log.epoch_task(epoch, self.cfg.trainer.epochs, len(self.loader), p.batch_in_epoch)
         tic, tic_step = time.perf_counter(), self.step
         self.log.window()  # drop the samples of the save and k-NN before: the window spans img/s's steps
-        for images, _ in data_phase(self.loader.epoch(epoch)):
-            loss, metrics, lr = self.train_step(images)
+        for batch in data_phase(self.loader.epoch(epoch)):
+            loss, metrics, lr = self.train_step(batch)
             p.batch_in_epoch += 1
             self.report_compile()
             if self.step % self.cfg.trainer.log_every == 0:
@@ -162,24 +162,24 @@ class Trainer:
             if not at_end and every > 0 and self.step % every == 0:
                 self.save(inside_epoch=True)
 
-    def train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        """One optimizer step on one batch (B, 3, H, W): (loss, metrics, lr), the tensors still on the device.
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """One optimizer step on one batch: (loss, metrics, lr), the tensors still on the device.
 
         A step whose loss is NaN or inf on any rank is skipped on the device. It still counts as a step: the lr
         schedule, the data position and the step numbers of checkpoints stay those of an unbroken run, on
         every rank."""
         lr = self.schedule.apply(self.optimizer, self.step)
-        loss, metrics, ok = self.run_update(images)  # self.update, or its CUDA graph (trainer.cuda_graph)
+        loss, metrics, ok = self.run_update(batch)  # self.update, or its CUDA graph (trainer.cuda_graph)
         self.divergence.record(ok, self.step + 1, {"loss": loss, **metrics})
         self.step += 1
         return loss, metrics, lr
 
-    def update(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def update(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward, backward and optimizer step: (loss, metrics, ok), ok the 0-dim bool "the loss was finite on
         every rank"; the guard leaves weights, optimizer state and buffers as they were where it is False."""
         with phase("guard"):
             self.guard.save()  # before the forward: BatchNorm's running statistics move in it
-        loss, metrics = self.distiller(images)
+        loss, metrics = self.distiller(batch)
         ok = self.divergence.loss_is_finite(loss)
         with phase("student_backward"):
             self.scaler.scale(loss).backward()

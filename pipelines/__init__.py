@@ -1,7 +1,7 @@
 """Data pipelines. One front, `build_loader`, picks the loader named by `data.loader`.
 
 Every training loader has the same shape: `len(loader)` batches per epoch, and `loader.epoch(e)`
-yields (images, labels) already on the training device, images (B, 3, H, W) float in `memory_format`
+yields `Batch`es already on the training device, images (B, 3, H, W) float in `memory_format`
 (channels_last unless trainer.channels_last=false). `state_dict()` is what a checkpoint must hold to
 continue with the same samples. The trainer and the Distiller never know which loader runs.
 
@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -28,13 +29,33 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass
+class Batch:
+    """One training batch on the training device."""
+
+    images: torch.Tensor  # (B, 3, H, W): the student's view; the teachers' too unless teacher_images is set
+    labels: torch.Tensor  # (B,) int64 class labels; training does not use them
+    indices: torch.Tensor  # (B,) int64 positions in the dataset index: the rows of teacher.cache
+    teacher_images: torch.Tensor | None = None  # (B, 3, H, W) data.teacher_view=weak: the teachers' view
+    patches: torch.Tensor | None = None  # (B * P, 3, p, p) data.small_patches=P: image b's patches at b*P .. b*P+P-1
+
+    @property
+    def teacher_view(self) -> torch.Tensor:
+        """What the teachers see: the weak view of the student's crop, or the student's own view."""
+        return self.images if self.teacher_images is None else self.teacher_images
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
 class Loader(Protocol):
     name: str
     position: tuple[int, int]  # (epoch, batches of it done): where the next batch comes from
 
     def __len__(self) -> int: ...
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
     def state_dict(self) -> dict: ...
 

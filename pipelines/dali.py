@@ -27,8 +27,8 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
-from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
+from fastreg.index import DatasetIndex, load_index, positions_list
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, usable_state
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,14 @@ class Shard:
     num_shards: int = 1
 
 
-def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int):
-    """JPEG bytes and labels of the validated files. Training reshuffles the entire dataset every epoch
+def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int, positions: bool = False):
+    """JPEG bytes and labels of the validated files, or with `positions` their positions in index.samples. Training reshuffles the entire dataset every epoch
     with a seed shared by all ranks, so the shards partition one permutation (each sample at most once per
     epoch); pad_last_batch gives every shard's pass the same length (DaliLoader never trains on the pad)."""
     shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if shuffle else {}
     jpegs, labels = fn.readers.file(
         file_root=str(index.root),
-        file_list=str(index.file_list),
+        file_list=str(positions_list(index) if positions else index.file_list),
         shard_id=shard.shard_id,
         num_shards=shard.num_shards,
         pad_last_batch=True,
@@ -163,9 +163,9 @@ def gaussian_blur(images):
 
 @pipeline_def
 def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int, half: bool):
-    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 if `half` else FLOAT; labels (B, 1)).
-    FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT."""
-    jpegs, labels = read_files(index, shard, shuffle=True, seed=shuffle_seed)
+    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 if `half` else FLOAT; positions (B, 1) in
+    index.samples). FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT."""
+    jpegs, positions = read_files(index, shard, shuffle=True, seed=shuffle_seed, positions=True)
     gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
     images = fn.decoders.image_random_crop(
         jpegs,
@@ -190,7 +190,7 @@ def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, sh
         std=STD,
         mirror=fn.random.coin_flip(probability=0.5),
     )
-    return images, labels.gpu() if gpu else labels
+    return images, positions.gpu() if gpu else positions
 
 
 def resize_like_torchvision(images, shorter: int):
@@ -350,11 +350,12 @@ class DaliLoader:
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
         self.batches_iter = DaliBatches(pipe, index.classes)
+        self.labels = torch.tensor([label for _, label in index.samples], device=device)  # by position
 
     def __len__(self) -> int:
         return self.batches
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch` not yet consumed: all of them, or the rest after a mid-epoch restore."""
         if epoch != self.position[0]:
             if self.position[1]:
@@ -367,18 +368,18 @@ class DaliLoader:
             )
         batches = iter(self.batches_iter)
         for done in range(self.position[1] + 1, self.batches + 1):
-            images, labels = next(batches)
+            images, positions = next(batches)
             self.position = (epoch, done)
             if done == self.batches:
                 # Read and drop the pass's leftovers now, so that a state saved from here on starts the next
                 # epoch. The drain reuses the iterator's buffers: keep a copy of this last batch.
-                images, labels = images.clone(), labels.clone()
+                images, positions = images.clone(), positions.clone()
                 for _ in batches:
                     pass
                 self.position = (epoch + 1, 0)
             if self.memory_format != torch.channels_last:
                 images = images.contiguous(memory_format=self.memory_format)
-            yield images, labels
+            yield Batch(images, self.labels[positions], positions)
 
     def state_dict(self) -> dict:
         epoch, batch = self.position

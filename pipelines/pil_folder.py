@@ -18,7 +18,7 @@ from torchvision.datasets.folder import pil_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, samples_digest, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, usable_state
 from fastreg.seeding import mix_seed
 
 
@@ -85,9 +85,10 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
+        """(view, label, i)"""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed("views", self.seed, self.epoch, i, bits=63))
-            return self.dataset[i]
+            return *self.dataset[i], i
 
 
 class TorchvisionLoader:
@@ -130,7 +131,7 @@ class TorchvisionLoader:
         """The position alone: an epoch's order and views are functions of (seed, epoch, sample)."""
         return {**self.identity, "epoch": self.position[0], "batch": self.position[1]}
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         """The epoch's batches, after those already trained on when resumed inside it."""
         skip = self.position[1] if epoch == self.position[0] else 0
         self.sampler.set_epoch(epoch)
@@ -149,7 +150,7 @@ class TorchvisionLoader:
             pin_memory=self.device.type == "cuda",
             generator=generator,
         )
-        for done, (images, labels) in enumerate(loader, skip + 1):
+        for done, (images, labels, indices) in enumerate(loader, skip + 1):
             self.position = (epoch, done) if done < len(self) else (epoch + 1, 0)
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield images, labels.to(self.device, non_blocking=True)
+            yield Batch(images, *(t.to(self.device, non_blocking=True) for t in (labels, indices)))

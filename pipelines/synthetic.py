@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from fastreg.config import DataConfig
-from fastreg.pipelines import usable_state
+from fastreg.pipelines import Batch, usable_state
 
 
 class SyntheticLoader:
@@ -26,7 +26,8 @@ class SyntheticLoader:
         b, s = cfg.batch_size, cfg.crop_size
         images = torch.randn(b, 3, s, s, generator=g)  # already "normalized": zero mean, unit std
         self.images = images.to(device).contiguous(memory_format=memory_format)
-        self.labels = torch.randint(0, cfg.synthetic_classes, (b,), generator=g).to(device)
+        labels = torch.randint(0, cfg.synthetic_classes, (b,), generator=g).to(device)
+        self.batch = Batch(self.images, labels, torch.arange(b, device=device))  # one batch, every step
         self.batches = cfg.synthetic_batches
         self.identity = {"loader": self.name, "batches": self.batches}
         state = usable_state(checkpoint, self.identity, order_has_state=False)
@@ -38,8 +39,8 @@ class SyntheticLoader:
     def state_dict(self) -> dict:
         return {**self.identity, "epoch": self.position[0], "batch": self.position[1]}
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         skip = self.position[1] if epoch == self.position[0] else 0
         for done in range(skip + 1, self.batches + 1):
             self.position = (epoch, done) if done < self.batches else (epoch + 1, 0)
-            yield self.images, self.labels
+            yield self.batch

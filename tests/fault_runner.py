@@ -21,6 +21,7 @@ signal exits with -signal (subprocess's returncode).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import random
@@ -53,9 +54,9 @@ def signal_at_step(step: int, sig: signal.Signals, rank: int | None) -> None:
 def add_random_ops() -> None:
     train_step = Trainer.train_step
 
-    def noisy(self, images, *args, **kwargs):
-        noise = torch.randn_like(images) + float(np.random.rand()) + random.random()
-        return train_step(self, images + 0.01 * noise, *args, **kwargs)
+    def noisy(self, batch, *args, **kwargs):
+        noise = torch.randn_like(batch.images) + float(np.random.rand()) + random.random()
+        return train_step(self, dataclasses.replace(batch, images=batch.images + 0.01 * noise), *args, **kwargs)
 
     Trainer.train_step = noisy
 

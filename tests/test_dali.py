@@ -78,13 +78,14 @@ def crop_geometry(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_batch_is_an_nchw_view_of_the_nhwc_buffer(tmp_path):
     ld = dali_loader(make_image_folder(tmp_path, per_class=8))
     assert ld.name == "dali-cpu" and len(ld) == 4
-    images, labels = next(iter(ld.epoch(0)))
+    batch = next(iter(ld.epoch(0)))
+    images, labels = batch.images, batch.labels
     assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32  # FLOAT on CPU
     assert images.is_contiguous(memory_format=torch.channels_last)
     nhwc = images._base  # the iterator's own output tensor: the view made no copy
     assert nhwc is not None and nhwc.shape == (4, 24, 24, 3) and nhwc.is_contiguous()
     assert images.data_ptr() == nhwc.data_ptr() and images.stride() == (24 * 24 * 3, 1, 24 * 3, 3)
-    assert labels.dtype == torch.long and labels.shape == (4,)
+    assert labels.dtype == batch.indices.dtype == torch.long and labels.shape == batch.indices.shape == (4,)
     assert images.min() < 0 < images.max()  # ImageNet-normalized
 
 
@@ -94,7 +95,7 @@ def test_contiguous_format_when_channels_last_is_off(tmp_path):
     ld = DaliLoader(
         cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=CPU, memory_format=torch.contiguous_format
     )
-    images, _ = next(iter(ld.epoch(0)))
+    images = next(iter(ld.epoch(0))).images
     assert images.is_contiguous()
 
 
@@ -106,7 +107,7 @@ def test_two_shards_partition_every_epoch_and_reshuffle(tmp_path):
     shards = [dali_loader(root, Shard(r, 2), batch_size=3) for r in range(2)]
     orders = []
     for epoch in range(3):
-        seen = [torch.cat([y for _, y in ld.epoch(epoch)]).tolist() for ld in shards]
+        seen = [torch.cat([b.labels for b in ld.epoch(epoch)]).tolist() for ld in shards]
         assert len(seen[0]) == len(seen[1]) == 12  # the same number of steps on both ranks
         assert sorted(seen[0] + seen[1]) == list(range(24))  # every sample once per epoch
         orders.append(seen[0] + seen[1])
@@ -122,7 +123,7 @@ def test_uneven_shards_keep_ranks_in_step(tmp_path, images, ranks, batch):
     steps = images // ranks // batch
     assert [len(ld) for ld in shards] == [steps] * ranks
     for epoch in range(3):
-        seen = [[y.tolist() for _, y in ld.epoch(epoch)] for ld in shards]
+        seen = [[b.labels.tolist() for b in ld.epoch(epoch)] for ld in shards]
         assert all(len(batches) == steps and all(len(b) == batch for b in batches) for batches in seen)
         flat = [label for batches in seen for b in batches for label in b]
         assert len(set(flat)) == len(flat) == steps * batch * ranks, epoch
@@ -227,9 +228,9 @@ def test_exif_orientation_is_ignored_as_pil_does(tmp_path):
     ref_eval = torch.cat([pixels(x) for x, _ in eval_loader(str(data), 224, 8, 0)])
     assert (dali_eval - ref_eval).abs().mean() < EVAL_TOLERANCE
     # The whole stored image is the only crop of area 1 at aspect 4/3 (turned, it would be 3/4 and fall back)
-    images, _ = next(
+    images = next(
         iter(dali_loader(data, batch_size=1, crop_size=48, scale=[1.0, 1.0], ratio=[4 / 3, 4 / 3]).epoch(0))
-    )
+    ).images
     crop = pixels(images.float())[0]  # (3, 48, 48), maybe flipped
     ref = torch.from_numpy(np.array(stored.resize((48, 48), Image.BILINEAR))).permute(2, 0, 1).float()
     assert min((crop - ref).abs().mean(), (crop.flip(-1) - ref).abs().mean()) < 6
@@ -245,9 +246,9 @@ def test_cmyk_and_png_files_are_read_by_the_training_and_eval_loaders(tmp_path):
     assert odd <= {rel for rel, _ in index.samples} and len(index.samples) == 10
     ld = dali_loader(root, batch_size=5)
     labels = []
-    for images, y in ld.epoch(0):
-        assert images.shape == (5, 3, 24, 24) and torch.isfinite(images).all()
-        labels += y.tolist()
+    for batch in ld.epoch(0):
+        assert batch.images.shape == (5, 3, 24, 24) and torch.isfinite(batch.images).all()
+        labels += batch.labels.tolist()
     assert sorted(labels) == [0] * 4 + [1] * 6  # every file once, the two odd ones among them
     ((dali_x, dali_y),) = list(dali_eval_loader(str(root), 24, 10, 1, CPU))
     ref_x, ref_y = next(iter(eval_loader(str(root), 24, 10, 0)))
@@ -270,8 +271,8 @@ def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after,
     def run(ld, epochs, stop=None):
         out = []
         for epoch in range(ld.position[0], epochs):
-            for images, labels in ld.epoch(epoch):
-                out.append((images.clone(), labels.clone()))  # the iterator reuses its buffers
+            for batch in ld.epoch(epoch):
+                out.append((batch.images.clone(), batch.labels.clone()))  # the iterator reuses its buffers
                 if len(out) == stop:
                     return out
         return out
@@ -309,7 +310,7 @@ def reference_loader(root: Path, **kw):
 
 
 def draws(ld, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = [(x.clone(), y.clone()) for epoch in range(epochs) for x, y in ld.epoch(epoch)]
+    batches = [(b.images.clone(), b.labels.clone()) for epoch in range(epochs) for b in ld.epoch(epoch)]
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
@@ -563,8 +564,9 @@ def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment):
         device=torch.device("cuda", 0),
         memory_format=torch.channels_last,
     )
-    images, labels = next(iter(ld.epoch(0)))
-    assert ld.name == "dali-mixed" and images.is_cuda and labels.is_cuda
+    batch = next(iter(ld.epoch(0)))
+    images, labels = batch.images, batch.labels
+    assert ld.name == "dali-mixed" and images.is_cuda and labels.is_cuda and batch.indices.is_cuda
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
     assert images._base is not None and images.data_ptr() == images._base.data_ptr()
 
@@ -597,9 +599,9 @@ def test_mixed_decoder_reads_cmyk_and_png_files(tmp_path):
         memory_format=torch.channels_last,
     )
     labels = []
-    for images, y in ld.epoch(0):
-        assert images.shape == (5, 3, 24, 24) and images.is_cuda
-        labels += y.tolist()
+    for batch in ld.epoch(0):
+        assert batch.images.shape == (5, 3, 24, 24) and batch.images.is_cuda
+        labels += batch.labels.tolist()
     assert sorted(labels) == [0] * 4 + [1] * 6
     gpu_x, gpu_y = eval_crops(root, torch.device("cuda", 0))
     cpu_x, cpu_y = eval_crops(root, CPU)

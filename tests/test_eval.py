@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 from fastreg import eval as ev
+from fastreg.pipelines import Batch
 from fastreg.pipelines.pil_folder import eval_loader
 from fastreg.students import Student
 
@@ -288,7 +289,7 @@ class _Views:
         self.epochs.append(e)
         g = torch.Generator().manual_seed(e)
         for _ in range(3):
-            yield torch.randn(4, 3, 16, 16, generator=g), torch.randint(2, (4,), generator=g)
+            yield Batch(torch.randn(4, 3, 16, 16, generator=g), torch.randint(2, (4,), generator=g), torch.arange(4))
 
 
 @pytest.mark.parametrize("name", ["simreg", "moco"])
@@ -323,7 +324,7 @@ def test_augmented_views_draw_fresh_labelled_crops_each_epoch(folders):
     views = ev.augmented_views(
         str(folders[0]), 32, 5, 1, "auto", torch.device("cpu"), seed=0, channels_last=True, half=False
     )
-    epochs = [[(x.clone(), y.clone()) for x, y in views.epoch(e)] for e in range(2)]
+    epochs = [[(b.images.clone(), b.labels.clone()) for b in views.epoch(e)] for e in range(2)]
     assert [len(e) for e in epochs] == [2, 2]  # 12 images at batch 5: the partial batch is dropped
     x, y = epochs[0][0]
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1}

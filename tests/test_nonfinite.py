@@ -66,9 +66,9 @@ def record_steps(trainer: Trainer) -> tuple[list[dict], list[dict]]:
     """The snapshots before and after every train_step, in step order."""
     before, after, train_step = [], [], trainer.train_step
 
-    def recorded(images):
+    def recorded(batch):
         before.append(snapshot(trainer))
-        out = train_step(images)
+        out = train_step(batch)
         after.append(snapshot(trainer))
         return out
 
@@ -195,10 +195,10 @@ def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
 
-    def step(images):
+    def step(batch):
         inside[0] = True
         try:
-            return train_step(images)
+            return train_step(batch)
         finally:
             inside[0] = False
 
@@ -309,9 +309,9 @@ def test_the_steps_after_a_bad_one_are_those_of_a_run_without_its_batch(tmp_path
         else:
             train_step = trainer.train_step
 
-            def leave_out(images, trainer=trainer, train_step=train_step):
+            def leave_out(batch, trainer=trainer, train_step=train_step):
                 if trainer.step + 1 != bad:
-                    return train_step(images)
+                    return train_step(batch)
                 trainer.step += 1
                 return torch.zeros(()), {}, 0.0
 

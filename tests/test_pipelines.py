@@ -23,7 +23,8 @@ def loader(root, rank=0, world=1, **kw):
 def test_batches_are_channels_last_and_normalized(tmp_path):
     ld = loader(make_image_folder(tmp_path, per_class=8))
     assert ld.name == "torchvision" and len(ld) == 4
-    images, labels = next(iter(ld.epoch(0)))
+    batch = next(iter(ld.epoch(0)))
+    images, labels = batch.images, batch.labels
     assert images.shape == (4, 3, 24, 24) and images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.long and images.min() < 0  # ImageNet-normalized
 
@@ -37,9 +38,9 @@ def test_ranks_see_disjoint_shards_covering_the_data(tmp_path):
 
 def test_same_epoch_same_views_new_epoch_new_views(tmp_path):
     root = make_image_folder(tmp_path, per_class=8)
-    a = torch.cat([x for x, _ in loader(root).epoch(3)])
-    b = torch.cat([x for x, _ in loader(root).epoch(3)])
-    c = torch.cat([x for x, _ in loader(root).epoch(4)])
+    a = torch.cat([b.images for b in loader(root).epoch(3)])
+    b = torch.cat([b.images for b in loader(root).epoch(3)])
+    c = torch.cat([b.images for b in loader(root).epoch(4)])
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -81,7 +82,7 @@ def test_synthetic_loader():
     ld = build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU)
     batches = list(ld.epoch(0))
     assert len(ld) == len(batches) == 5 and ld.name == "synthetic"
-    images, labels = batches[0]
+    images = batches[0].images
     assert images.shape == (3, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -97,7 +98,7 @@ def test_bad_folders_fail_clearly(tmp_path):
 
 def test_views_do_not_depend_on_worker_count(tmp_path):
     root = make_image_folder(tmp_path, per_class=8)
-    a = torch.cat([x for x, _ in loader(root).epoch(1)])
+    a = torch.cat([b.images for b in loader(root).epoch(1)])
     cfg = DataConfig(loader="torchvision", root=str(root), crop_size=24, batch_size=4, workers=2)
-    b = torch.cat([x for x, _ in build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU).epoch(1)])
+    b = torch.cat([b.images for b in build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU).epoch(1)])
     assert torch.equal(a, b)

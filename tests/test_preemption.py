@@ -118,10 +118,10 @@ def signal_before_step(monkeypatch, step: int, sig: signal.Signals) -> None:
     """This process gets `sig` as step `step` starts; the step still runs."""
     train_step = Trainer.train_step
 
-    def signalled(self, images):
+    def signalled(self, batch):
         if self.step == step - 1:
             os.kill(os.getpid(), sig)
-        return train_step(self, images)
+        return train_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", signalled)
 

@@ -4,6 +4,8 @@ a NaN batch included."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import make_image_folder, tiny_overrides
@@ -11,6 +13,7 @@ from hydra import compose, initialize_config_module
 from test_nonfinite import equal, fused_sgd, make_trainer, metrics, snapshot  # noqa: F401 (fused_sgd: a fixture)
 
 from fastreg.config import to_config
+from fastreg.pipelines import Batch
 from fastreg.step_graph import WARMUP, StepGraph, lr_tensors
 from fastreg.trainer import Trainer
 
@@ -84,8 +87,9 @@ def nan_at(trainer: Trainer, step: int) -> None:
     """The batch of training step `step` (1-based) is NaN: a replayed graph runs no Python to poison a loss."""
     train_step = trainer.train_step
 
-    def step_with_nan(images):
-        return train_step(images * float("nan") if trainer.step + 1 == step else images)
+    def step_with_nan(batch):
+        poisoned = dataclasses.replace(batch, images=batch.images * float("nan"))
+        return train_step(poisoned if trainer.step + 1 == step else batch)
 
     trainer.train_step = step_with_nan
 
@@ -116,7 +120,8 @@ def test_replayed_steps_are_the_eager_steps_with_a_nan_batch_skipped(tmp_path, p
 def test_a_batch_of_another_shape_is_refused_after_the_capture(tmp_path):
     trainer = graph_trainer(tmp_path, True, "bf16")
     images = torch.randn(8, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    labels = torch.zeros(8, dtype=torch.long, device="cuda")
     for _ in range(WARMUP + 1):
-        trainer.train_step(images)
-    with pytest.raises(ValueError, match=r"captured the step for batches of \(8, 3, 32, 32\)"):
-        trainer.train_step(images[:4])
+        trainer.train_step(Batch(images, labels, labels))
+    with pytest.raises(ValueError, match=r"captured the step for batches whose images is \(8, 3, 32, 32\)"):
+        trainer.train_step(Batch(images[:4], labels[:4], labels[:4]))

@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_module
 
 from fastreg.config import LossConfig, to_config
 from fastreg.distiller import build_distiller
+from fastreg.pipelines import Batch
 from fastreg.placement import Placement
 from fastreg.train import train
 
@@ -99,7 +100,7 @@ def test_teachers_and_student_see_the_same_tensor(tmp_path):
     for module in [distiller.student, *distiller.teachers]:
         module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    loss, metrics = distiller(images)
+    loss, metrics = distiller(Batch(images, torch.zeros(4, dtype=torch.long), torch.arange(4)))
     assert len(seen) == 3 and all(x is images for x in seen)
     assert set(metrics) == {"loss/cnn_small_0", "cos/cnn_small_0", "loss/cnn_small_1", "cos/cnn_small_1"}
     w = distiller.weights
