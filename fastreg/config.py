@@ -18,6 +18,11 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
+def _check_unit_range(key: str, value: list[float]) -> None:
+    if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"{key} must be [min, max] with 0 < min <= max <= 1, got {value}")
+
+
 def _check_positive(key: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{key} must be > 0, got {value}")
@@ -85,6 +90,11 @@ class TeacherConfig:
     # bias + ReLU and add + ReLU fuse into the convolutions). Costs a compile at the first steps; off by default:
     # turn it on where the throughput ablation's "+compiled teacher" row shows it faster on your GPU.
     compile: bool = False
+    # The features of this teacher that `python -m fastreg.cache_teacher` wrote (SimReg's --use_cache): each image's
+    # stored feature of its center crop is the target, the teacher never runs and no checkpoint is needed. The whole
+    # table is loaded onto the device (ImageNet at 2048-d fp16: 5.2 GB). Its dataset and teacher are checked against
+    # this run's at start-up.
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("teacher.format", self.format, TEACHER_FORMATS)
@@ -132,6 +142,7 @@ class LossConfig:
 
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 AUGMENTS = ("weak", "strong", "simclr")
+TEACHER_VIEWS = ("same", "weak")
 
 
 @dataclass
@@ -146,7 +157,7 @@ class DataConfig:
     crop_size: int = 224
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area (SimReg: weak)
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect ratio
-    # The one view that teacher and student share (DALI only, except weak):
+    # The student's view, which the teachers share unless teacher_view=weak (DALI only, except weak):
     #   weak    random-resized crop + flip: SimReg (run.sh: --single_aug --weak_weak)
     #   strong  + MoCo-v2's ColorJitter(0.4,0.4,0.4,0.1) p=0.8 in a random order per image, grayscale p=0.2,
     #           blur p=0.5: SEED with a MoCo-v2 teacher (tools/utils.py mocov2_aug), and with a SwAV teacher at
@@ -154,6 +165,19 @@ class DataConfig:
     #   simclr  + grayscale p=0.2, then ColorJitter(0.4,0.4,0.4,0.4) on every image in a random order, no blur:
     #           SEED with a SimCLR teacher (simclr_aug, the same as its mocov1_aug)
     augment: str = "weak"
+    # What the teachers see. same: the student's view. weak: the weak view (crop + flip) of the student's very crop
+    # box and flip, the student getting data.augment's colours on top: SimReg's --weak_strong with augment=strong.
+    # The official code (dataloader.py TwoCropsTransform) draws the two views' crops independently; here they share
+    # one box, so the teacher's target describes the pixels the student sees. DALI only.
+    teacher_view: str = "same"
+    # SEED's small patches (main_small-patch.py, swav_small_aug): per image this many extra crops of
+    # small_patch_size px at small_patch_scale, each with its own crop, flip and data.augment colours, through
+    # student and teachers; loss=seed adds their term over a second queue. 0: none; SEED's recipe: 6 at 96 px,
+    # scale 0.05-0.14. Each patch is one more forward of both networks at (96/224)^2 of the pixels: 6 patches cost
+    # about as much as the global view again. DALI only; the image is decoded whole (no region-of-interest decode).
+    small_patches: int = 0
+    small_patch_size: int = 96
+    small_patch_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
     batch_size: int = 256  # per process; lr scales with the global batch (batch_size x world size)
     workers: int = 8  # CPU threads per process: DataLoader workers or DALI threads; ~ CPU cores / GPUs
     # DALI: share of JPEGs sent to the hardware decoder (A100/H100 NVJPG); the rest go to nvJPEG's CUDA
@@ -173,8 +197,7 @@ class DataConfig:
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.crop_size", self.crop_size)
         _check_positive("data.prefetch", self.prefetch)
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"data.scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        _check_unit_range("data.scale", self.scale)
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"data.ratio must be [min, max] with 0 < min <= max, got {self.ratio}")
         if self.workers < 0:
@@ -185,6 +208,20 @@ class DataConfig:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.augment != "weak" and self.loader == "torchvision":
             raise ValueError(f"data.augment={self.augment} is built with DALI ops: use data.loader=dali or auto")
+        _check_choice("data.teacher_view", self.teacher_view, TEACHER_VIEWS)
+        if self.teacher_view == "weak" and self.augment == "weak":
+            raise ValueError(
+                "data.teacher_view=weak gives the teachers the weak view and the student data.augment's, which is "
+                "weak too: set data.augment=strong (SimReg's --weak_strong) or data.teacher_view=same"
+            )
+        if self.small_patches < 0:
+            raise ValueError(f"data.small_patches must be >= 0 (0: none), got {self.small_patches}")
+        _check_positive("data.small_patch_size", self.small_patch_size)
+        _check_unit_range("data.small_patch_scale", self.small_patch_scale)
+        if self.loader == "torchvision" and (self.teacher_view == "weak" or self.small_patches):
+            raise ValueError(
+                "data.teacher_view=weak and data.small_patches are built with DALI ops: use data.loader=dali or auto"
+            )
 
 
 OPTIMIZERS = ("sgd", "lars", "lamb", "apex_sgd", "apex_lamb")
@@ -351,6 +388,7 @@ class TrainConfig:
             if t.head is None:
                 t.head = self.head
         self._check_required()
+        self._check_views()
         if self.trainer.cuda_graph and self.optim.name != "sgd":
             raise ValueError(
                 f"trainer.cuda_graph=true needs optim=sgd (torch's fused SGD takes its lr as a device "
@@ -366,13 +404,34 @@ class TrainConfig:
             "data.val_root": d.val_root,
             "data.knn_train_root": d.knn_train_root,
             **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self._teacher_keys, self.teachers)},
+            **{f"{key}.cache": t.cache for key, t in zip(self._teacher_keys, self.teachers)},
         }
         return {key: value for key, value in keys.items() if value is not None}
+
+    def _check_views(self) -> None:
+        """What each view needs: small patches a loss with their term, a cached teacher dataset positions and no
+        view of its own."""
+        d = self.data
+        if d.small_patches and self.loss.name != "seed":
+            raise ValueError(
+                f"data.small_patches={d.small_patches} feeds SEED's second queue, and loss={self.loss.name}: set "
+                "loss=seed or data.small_patches=0"
+            )
+        for key, t in zip(self._teacher_keys, self.teachers):
+            if t.cache is None:
+                continue
+            if d.teacher_view != "same" or d.small_patches:
+                raise ValueError(
+                    f"{key}.cache holds one feature per image; it cannot see data.teacher_view=weak or small patches: "
+                    f"unset {key}.cache or those"
+                )
+            if d.loader == "synthetic":
+                raise ValueError(f"{key}.cache is looked up by dataset position, and data.loader=synthetic has none")
 
     def _check_required(self) -> None:
         """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""
         for key, t in zip(self._teacher_keys, self.teachers):
-            if t.checkpoint is None and not self.demo:  # the demo trains its own teacher
+            if t.checkpoint is None and t.cache is None and not self.demo:  # the demo trains its own teacher
                 raise ValueError(
                     f"{key}.checkpoint is not set (teacher {t.name!r}): pass {key}.checkpoint=/path/to/weights.pth "
                     f"(or {key}.checkpoint=random for an untrained teacher in benchmarks)"

@@ -1,7 +1,8 @@
 """The Distiller: teachers, student, heads and losses in one module, images -> loss.
 
     s = student(x)                                   # (B, d) pooled feature
-    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x
+    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x (or its weak view, or the
+                                                     #   cached feature of the image: teacher.cache)
                          L_i = loss_i(head_i(s), t_i)    # fused simreg: all i in one kernel launch
     L = sum_i w_i L_i / sum_i w_i
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from fastreg import checkpoint as ckpt
+from fastreg.cache_teacher import CachedTeacher
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
 from fastreg.losses import FusedRegressionLoss, build_loss, loss_terms
@@ -39,9 +41,16 @@ class StudentWithHeads(nn.Module):
         super().__init__()
         self.student, self.heads = student, heads
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        s = self.student(images)  # (B, d)
-        return [head(s) for head in self.heads]  # [(B, D_i)]
+    def forward(
+        self, images: torch.Tensor, patches: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(every head's output of the images [(B, D_i)], and of the small patches [(B*P, D_i)] or None). One call
+        for both, so DDP sees one forward per step; the student's BatchNorm normalizes each batch on its own."""
+        preds = [head(self.student(images)) for head in self.heads]  # student (B, d)
+        if patches is None:
+            return preds, None
+        s_p = self.student(patches)  # (B*P, d)
+        return preds, [head(s_p) for head in self.heads]
 
 
 class Distiller(nn.Module):
@@ -114,10 +123,14 @@ class Distiller(nn.Module):
         self.__dict__["_run_losses"] = torch.compile(self.weighted_losses, mode=mode)
 
     def weighted_losses(
-        self, preds: list[torch.Tensor], targets: list[torch.Tensor]
+        self,
+        preds: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(sum_i w_i L_i, [(L_i, cos_i)]) of the heads' outputs against the teachers' features."""
-        terms = loss_terms(list(self.losses), preds, targets)
+        """(sum_i w_i L_i, [(L_i, cos_i)]) of the heads' outputs against the teachers' features; patches: each
+        teacher's (student, teacher) small-patch embeddings, or None."""
+        terms = loss_terms(list(self.losses), preds, targets, patches)
         return sum(w * loss for w, (loss, _) in zip(self.weights, terms)), terms
 
     def autocast(self, device_type: str):
@@ -125,22 +138,38 @@ class Distiller(nn.Module):
             return nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
 
+    def check_dataset(self, digest: str | None) -> None:
+        """Cached teachers' rows must be the loader's dataset positions (digest: its samples' identity)."""
+        for teacher in self.teachers:
+            if isinstance(teacher, CachedTeacher):
+                teacher.check_dataset(digest)
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
         with self.autocast(batch.images.device.type), phase("student_forward"):
-            preds = self._run_model(batch.images)
+            preds, patch_preds = self._run_model(batch.images, batch.patches)
         with phase("teacher"):
-            targets = [teacher(batch.teacher_view) for teacher in self.teachers]  # (B, D)
+            targets = [target(teacher, batch) for teacher in self.teachers]  # [(B, D_i)]
+            patches = None
+            if batch.patches is not None:  # data.small_patches: [(student (B*P, D_i), teacher (B*P, D_i))]
+                patches = [(p, teacher(batch.patches)) for p, teacher in zip(patch_preds, self.teachers)]
         with phase("loss"):
-            total, terms = self._run_losses(preds, targets)  # [(loss_i, cos_i)]
+            total, terms = self._run_losses(preds, targets, patches)  # [(loss_i, cos_i)]
         metrics = {}
         for teacher, (loss, cos) in zip(self.teachers, terms):
             metrics[f"loss/{teacher.name}"], metrics[f"cos/{teacher.name}"] = loss.detach(), cos
         return total, metrics
 
 
-def inference(teacher: Teacher) -> str:
-    """How a teacher runs: eager, folded, or folded and compiled (fastreg.teacher_inference)."""
+def target(teacher: Teacher | CachedTeacher, batch: Batch) -> torch.Tensor:
+    """(B, D): a teacher's feature of the teachers' view, or a cached teacher's row of each image."""
+    return teacher(batch.indices) if isinstance(teacher, CachedTeacher) else teacher(batch.teacher_view)
+
+
+def inference(teacher: Teacher | CachedTeacher) -> str:
+    """How a teacher runs: cached (no forward), eager, folded, or folded and compiled (fastreg.teacher_inference)."""
+    if isinstance(teacher, CachedTeacher):
+        return "cached"
     if teacher.backbone_dtype is None:
         return "eager"
     return "folded+compiled" if isinstance(teacher.backbone, torch._dynamo.eval_frame.OptimizedModule) else "folded"
@@ -158,13 +187,16 @@ def compile_report() -> str:
 
 def build_distiller(cfg: TrainConfig, place: Placement) -> Distiller:
     amp_dtype, device = place.amp_dtype, place.device
-    teachers = [build_teacher(t, amp_dtype=amp_dtype, device=device) for t in cfg.teachers]
+    teachers = [
+        CachedTeacher(t, device) if t.cache else build_teacher(t, amp_dtype=amp_dtype, device=device)
+        for t in cfg.teachers
+    ]
     student = Student(cfg.student.arch)
     heads = [
         build_head(t.head, student.dim, teacher.dim, device, amp_dtype or torch.float32)
         for t, teacher in zip(cfg.teachers, teachers)
     ]
-    losses = [build_loss(cfg.loss, teacher.dim, device) for teacher in teachers]
+    losses = [build_loss(cfg.loss, teacher.dim, device, cfg.data.small_patches > 0) for teacher in teachers]
     distiller = Distiller(teachers, student, heads, losses, [t.weight for t in cfg.teachers], amp_dtype)
     distiller.model.to(device, memory_format=place.memory_format)
     distiller.losses.to(device)

@@ -100,9 +100,15 @@ class FusedRegressionLoss(RegressionLoss):
 
 
 def loss_terms(
-    loss_fns: list[nn.Module], preds: list[torch.Tensor], targets: list[torch.Tensor]
+    loss_fns: list[nn.Module],
+    preds: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(loss_i, cos_i)] of every teacher i; several fused simreg losses go through one kernel launch."""
+    """[(loss_i, cos_i)] of every teacher i; several fused simreg losses go through one kernel launch. patches:
+    every teacher's (student, teacher) embeddings of the small patches (SEEDLoss's second term)."""
+    if patches is not None:
+        return [fn(s, t, p) for fn, s, t, p in zip(loss_fns, preds, targets, patches)]
     if len(loss_fns) == 1 or not all(isinstance(fn, FusedRegressionLoss) for fn in loss_fns):
         return [fn(s, t) for fn, s, t in zip(loss_fns, preds, targets)]
     from fastreg.kernels import normalized_regression_losses
@@ -119,37 +125,59 @@ class SEEDLoss(nn.Module):
 
     p_t = softmax([t.t, t.Q] / tau_t), log p_s = log_softmax([s.t, s.Q] / tau_s), L = -mean_b sum_k p_t log p_s,
     with s, t, Q L2-normalized and the teacher's own embedding prepended as the positive.
+
+    With small patches (seed/small_patch_builder.py, main_small-patch.py) the patches' embeddings get the same
+    term over a second queue, and L = L_global + L_small, each the mean over its own rows (B, and B x P). The
+    second queue takes each image's first patch only, at the main queue's pointer.
     """
 
-    def __init__(self, cfg: LossConfig, dim: int):
+    def __init__(self, cfg: LossConfig, dim: int, small_patches: bool = False):
         super().__init__()
         self.tau_s, self.tau_t = cfg.tau_s, cfg.tau_t
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))  # (K, D)
+        if small_patches:
+            self.register_buffer("small_queue", F.normalize(torch.randn(cfg.queue_size, dim), dim=1))  # (K, D)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, s: torch.Tensor, t: torch.Tensor, patches: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """s, t (B, D); patches: the patches' (s_p, t_p), each (B * P, D), image-major, or None."""
         s, t = F.normalize(at_least_fp32(s), dim=1), F.normalize(t, dim=1)
-        queue = self.queue.clone()  # autograd keeps Q for ds; the in-place enqueue below must not change it
-        logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / self.tau_s  # (B, 1+K)
-        logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1) / self.tau_t  # (B, 1+K)
-        loss = -(logits_t.softmax(1) * logits_s.log_softmax(1)).sum(1).mean()
+        loss = self.cross_entropy(s, t, self.queue)
+        small_keys = None
+        if patches is not None:
+            s_p, t_p = F.normalize(at_least_fp32(patches[0]), dim=1), F.normalize(patches[1], dim=1)
+            loss = loss + self.cross_entropy(s_p, t_p, self.small_queue)
+            small_keys = t_p.view(len(t), -1, t_p.shape[1])[:, 0]  # (B, D): each image's first patch
         if self.training:
-            self.enqueue(t)
+            self.enqueue(t, small_keys)
         return loss, (s.detach() * t).sum(1).mean()
 
+    def cross_entropy(self, s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        """-mean_b sum_k softmax([t.t, t.Q] / tau_t) log_softmax([s.t, s.Q] / tau_s); s, t (N, D) normalized."""
+        queue = queue.clone()  # autograd keeps Q for ds; the in-place enqueue after the loss must not change it
+        logits_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.T], dim=1) / self.tau_s  # (N, 1+K)
+        logits_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.T], dim=1) / self.tau_t  # (N, 1+K)
+        return -(logits_t.softmax(1) * logits_s.log_softmax(1)).sum(1).mean()
+
     @torch.no_grad()
-    def enqueue(self, t: torch.Tensor) -> None:
-        """Replace the oldest entries by every rank's teacher embeddings (ring buffer)."""
-        keys = all_gather(t)[-self.queue.shape[0] :]  # (world*B, D), at most K of them
+    def enqueue(self, keys: torch.Tensor, small_keys: torch.Tensor | None = None) -> None:
+        """Replace the oldest entries by every rank's teacher embeddings (ring buffer), and the small queue's at
+        the same places by every rank's first-patch embeddings."""
+        keys = all_gather(keys)[-self.queue.shape[0] :]  # (world*B, D), at most K of them
         idx = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
         self.queue[idx] = keys
+        if small_keys is not None:
+            self.small_queue[idx] = all_gather(small_keys)[-self.queue.shape[0] :]
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.queue.shape[0])
 
 
-def build_loss(cfg: LossConfig, dim: int, device: torch.device) -> nn.Module:
-    """SEEDLoss, or the eager or fused RegressionLoss as loss.impl and the device choose."""
+def build_loss(cfg: LossConfig, dim: int, device: torch.device, small_patches: bool = False) -> nn.Module:
+    """SEEDLoss (with its second queue for small patches), or the eager or fused RegressionLoss as loss.impl and
+    the device choose."""
     if cfg.name == "seed":
-        return SEEDLoss(cfg, dim)
+        return SEEDLoss(cfg, dim, small_patches)
     fused, why = False, "only simreg has a fused kernel"
     if cfg.name == "simreg":
         fused, why = use_triton("loss.impl", cfg.impl, device, lambda: _probe(device), lambda: loss_auto(device))

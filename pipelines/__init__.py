@@ -198,16 +198,29 @@ def build_loader(
     )
 
 
+def shard_range(samples: int, rank: int, world_size: int) -> range:
+    """The positions an evaluation shard reads: rank r of W takes [N r // W, N (r + 1) // W), DALI's split."""
+    return range(samples * rank // world_size, samples * (rank + 1) // world_size)
+
+
 def eval_batches(
-    kind: str, root: str, crop_size: int, batch_size: int, workers: int, device: torch.device, **index_options
+    kind: str,
+    root: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    shard: tuple[int, int] = (0, 1),
+    **index_options,
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) of every image of the ImageFolder `root` once, in order; `.classes` names the labels.
-    DALI batches are already on `device` (float16 on a GPU); torchvision's are float32 on the CPU.
-    index_options (max_bad_fraction, progress) go to the dataset index that both read."""
+    shard = (rank, world size): only the positions shard_range gives that rank. DALI batches are already on
+    `device` (float16 on a GPU); torchvision's are float32 on the CPU. index_options (file_list,
+    max_bad_fraction, progress) go to the dataset index that both read."""
     if resolve_loader(kind) == "dali":
         from fastreg.pipelines.dali import dali_eval_loader
 
-        return dali_eval_loader(root, crop_size, batch_size, workers, device, **index_options)
+        return dali_eval_loader(root, crop_size, batch_size, workers, device, shard, **index_options)
     from fastreg.pipelines.pil_folder import eval_loader
 
-    return eval_loader(root, crop_size, batch_size, workers, **index_options)
+    return eval_loader(root, crop_size, batch_size, workers, shard, **index_options)

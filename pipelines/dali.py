@@ -392,13 +392,27 @@ class DaliLoader:
 
 
 def dali_eval_loader(
-    root: str, crop_size: int, batch_size: int, workers: int, device: torch.device, **index_options
+    root: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    shard: tuple[int, int] = (0, 1),
+    **index_options,
 ) -> DaliBatches:
-    """Every validated image once, in file-list order, the last batch short (k-NN, linear probe).
-    index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
+    """Every validated image once (or shard = (rank, world size)'s contiguous part, fastreg.pipelines.shard_range),
+    in file-list order, the last batch short (k-NN, linear probe, the teacher cache). index_options go to
+    fastreg.index.load_index."""
     index = load_index(root, **index_options)
     gpu, device_id = decoder_device(device)
     pipe = eval_view(
-        index, Shard(), crop_size, gpu, batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, seed=0
+        index,
+        Shard(*shard),
+        crop_size,
+        gpu,
+        batch_size=batch_size,
+        num_threads=max(1, workers),
+        device_id=device_id,
+        seed=0,
     )
     return DaliBatches(pipe, index.classes)

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import pil_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, shard_range, usable_state
 from fastreg.seeding import mix_seed
 
 
@@ -60,12 +60,18 @@ def eval_transform(crop_size: int) -> T.Compose:
     )
 
 
-def eval_loader(root: str, crop_size: int, batch_size: int, workers: int, **index_options) -> DataLoader:
-    """Every validated image once, in order, no augmentation: k-NN, the linear probe and eval during training.
-    index_options go to fastreg.index.load_index (max_bad_fraction, progress)."""
+def eval_loader(
+    root: str, crop_size: int, batch_size: int, workers: int, shard: tuple[int, int] = (0, 1), **index_options
+) -> DataLoader:
+    """Every validated image once (or those of shard = (rank, world size)), in order, no augmentation: k-NN, the
+    linear probe, eval during training, the teacher cache. index_options go to fastreg.index.load_index."""
     ds = IndexedImages(load_index(root, **index_options), eval_transform(crop_size))
     loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+        Subset(ds, shard_range(len(ds), *shard)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
     )
     loader.classes = ds.classes
     return loader

@@ -163,3 +163,29 @@ def test_loss_impl_choice():
     assert type(build_loss(LossConfig(name="mse", impl="auto"), 8, cpu)) is RegressionLoss
     with pytest.raises(ValueError, match="loss.impl=triton"):
         LossConfig(name="seed", impl="triton")
+
+
+def test_seed_small_patches_add_a_term_over_the_second_queue_and_enqueue_each_images_first_patch():
+    """main_small-patch.py: loss = CE(global, queue) + CE(patches, small_queue), each averaged over its rows;
+    small_patch_builder.py enqueues t_small.view(B, P, D)[:, 0] at the main queue's pointer."""
+    b, p, d, k = 3, 2, 3, 7
+    cfg = LossConfig(name="seed", queue_size=k, tau_s=0.2, tau_t=0.5)
+    loss_fn = SEEDLoss(cfg, d, small_patches=True).double()
+    loss_fn.ptr.fill_(5)  # the enqueue wraps: rows 5, 6, 0
+    g = torch.Generator().manual_seed(0)
+    for buffer in (loss_fn.queue, loss_fn.small_queue):  # unit rows in float64, as the reference makes them
+        buffer.copy_(F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1))
+    queue, small_queue = loss_fn.queue.clone(), loss_fn.small_queue.clone()
+    s, t = torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, d, generator=g, dtype=torch.float64)
+    s_p, t_p = (torch.randn(b * p, d, generator=g, dtype=torch.float64) for _ in range(2))
+    loss, _ = loss_fn(s, t, (s_p, t_p))
+    expected = seed_reference(s.tolist(), t.tolist(), queue.tolist(), 0.2, 0.5) + seed_reference(
+        s_p.tolist(), t_p.tolist(), small_queue.tolist(), 0.2, 0.5
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    rows = [5, 6, 0]
+    assert torch.allclose(loss_fn.queue[rows], F.normalize(t, dim=1))
+    assert torch.allclose(loss_fn.small_queue[rows], F.normalize(t_p[::p], dim=1))  # patch 0 of images 0, 1, 2
+    untouched = [1, 2, 3, 4]
+    assert torch.equal(loss_fn.small_queue[untouched], small_queue[untouched]) and loss_fn.ptr.item() == 1
+    assert "small_queue" in loss_fn.state_dict() and "small_queue" not in SEEDLoss(cfg, d).state_dict()
