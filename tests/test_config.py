@@ -49,6 +49,36 @@ def test_paper_recipes():
     assert (cfg.optim.base_lr, cfg.optim.warmup_epochs, cfg.trainer.epochs) == (0.03, 5, 200)
     assert (cfg.loss.queue_size, cfg.loss.tau_s, cfg.loss.tau_t) == (65536, 0.2, 1e-4)
     assert cfg.teachers[0].projection and cfg.head.kind == "seed"
+    for student in ("effb0", "mbv3"):  # SEED's "*" rows: main_small-patch.py, swav_small_aug, 800 epochs
+        cfg = load(BASE + [f"experiment=seed_swav_r50w2_{student}_sp"])
+        d = cfg.data
+        assert (d.small_patches, d.small_patch_size, d.small_patch_scale, cfg.trainer.epochs) == (
+            6,
+            96,
+            [0.05, 0.14],
+            800,
+        )
+        assert cfg.teachers[0].arch == "resnet50x2" and cfg.teachers[0].projection
+    for teacher, fmt in (("byol", "byol"), ("swav", "swav")):  # the README's "(cached)" rows
+        cfg = load(BASE + [f"experiment=simreg_{teacher}_r50_r18_cached", "teacher.cache=/c"])
+        assert cfg.teachers[0].format == fmt and cfg.teachers[0].cache == "/c" and cfg.head.kind == "simreg4"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.small_patches=6"], "feeds SEED's second queue, and loss=simreg"),
+        (["data.teacher_view=weak"], "data.augment's, which is weak too"),
+        (["data.teacher_view=wek"], "data.teacher_view='wek' is not one of same, weak"),
+        (["data.loader=torchvision", "loss=seed", "data.small_patches=2"], "built with DALI ops"),
+        (["data.small_patch_scale=[0.2,0.1]"], "data.small_patch_scale must be"),
+        (["teacher.cache=/c", "data.augment=strong", "data.teacher_view=weak"], "teacher.cache holds one feature"),
+        (["teacher.cache=/c", "data.loader=synthetic"], "data.loader=synthetic has none"),
+    ],
+)
+def test_views_that_cannot_work_together_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load(BASE + ["experiment=none", *overrides])
 
 
 RECIPES = [e for e in options("experiment") if e not in ("demo", "none")]
