@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import assert_equal_states, logged_lines, make_image_folder, tiny_overrides, trained_state
 
+from fastreg import cache_teacher
 from fastreg import checkpoint as ckpt
 from fastreg.run_log import drop_lines_after
 
@@ -29,11 +30,14 @@ VARIANTS = {
     # SEED's queue (32 entries, 8 per step: its pointer is mid-cycle at step 6) and fp16's GradScaler,
     # whose growth tracker counts the steps since the last overflow
     "seed_fp16": ["data.loader=torchvision", "loss=seed", "head=seed", "loss.queue_size=32", "trainer.precision=fp16"],
+    # the teacher's rows looked up by dataset position (the data fixture writes the cache beside the images)
+    "cached": ["data.loader=dali", "teacher.cache={data}.teacher_cache"],
 }
 
 
 def run(data: Path, out: Path, variant: str, *fault: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    overrides = [*tiny_overrides(data, out), *SCHEDULE, *VARIANTS[variant], *extra, f"hydra.run.dir={out}"]
+    variant_overrides = [o.format(data=data) for o in VARIANTS[variant]]
+    overrides = [*tiny_overrides(data, out), *SCHEDULE, *variant_overrides, *extra, f"hydra.run.dir={out}"]
     return subprocess.run(
         [sys.executable, str(RUNNER), "--random-ops", *fault, "--", *overrides],
         capture_output=True,
@@ -45,7 +49,10 @@ def run(data: Path, out: Path, variant: str, *fault: str, extra: tuple[str, ...]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data") / "images")
+    images = make_image_folder(tmp_path_factory.mktemp("data") / "images")
+    cache = f"{images}.teacher_cache"
+    cache_teacher.main([cache, *tiny_overrides(images, images.parent / "cache_run"), "data.loader=torchvision"])
+    return images
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,7 @@ def assert_same_as_straight(resumed: Path, straight: Path) -> None:
         ("dali", 7, "ckpt_epoch0001_step00000006.pt"),
         ("dali", 8, "ckpt_epoch0002.pt"),
         ("seed_fp16", 7, "ckpt_epoch0001_step00000006.pt"),
+        ("cached", 7, "ckpt_epoch0001_step00000006.pt"),
     ],
 )
 def test_a_killed_run_resumes_exactly(data, straight, tmp_path, variant, killed_at, resumes_from):
