@@ -10,6 +10,8 @@
 #   step        python -m benchmarks.throughput --modes compute --step-variants: the same configuration's step
 #               eager, under each torch.compile mode and as a CUDA graph (picks trainer.compile_mode, cuda_graph)
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
+#   modes       python -m benchmarks.throughput --modes e2e --distill-modes: the same configuration as configured,
+#               with a cached teacher, weak/strong views, SEED and SEED + 6 small patches, e2e each
 #   all         every part in order (more than one call's 10 minutes on an H100)
 #
 # BUDGET (seconds, default 540) bounds one invocation: every command runs under what is left of it, so the
@@ -19,8 +21,8 @@
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
 set -uo pipefail
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|step|profile|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(tests data kernels throughput step profile)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|step|profile|modes|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(tests data kernels throughput step profile modes)
 out=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$out"
 # The device tool's copy of the tree has no .git: pass the commit in, FASTREG_COMMIT=$(git rev-parse HEAD)
@@ -84,6 +86,10 @@ for part in "${parts[@]}"; do
     profile)
       jpegs || status=1
       limited python3 -m benchmarks.profile --out "$out" "${r50_r18[@]}" || status=1 ;;
+    modes)
+      jpegs || status=1
+      limited python3 -m benchmarks.throughput --modes e2e --distill-modes --steps 30 --warmup 10 --out "$out" \
+        "${r50_r18[@]}" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
 done

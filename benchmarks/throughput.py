@@ -13,7 +13,8 @@ wait (asking the loader for a batch until it is there) and the compute (the step
 and the host clock on CPU; peak memory; GPU telemetry (fastreg.monitor). e2e / compute < 1 means data costs
 something, and `data_limit` names how: "starved" (the step waits for batches) or "contention" (the loader's GPU
 work slows the step itself), with both figures. --ablate adds e2e rows that switch the speed-ups on one by one
-(ABLATION).
+(ABLATION); --distill-modes adds e2e rows of the official codes' other ways to distill next to the command's own
+(DISTILL_MODES: a cached teacher, SEED's small patches, weak/strong views).
 
 Results: benchmarks/results/<gpu or cpu>/<date>-<commit>.json (device, versions, config, every figure), a
 markdown table beside it and two PNGs (img/s per ablation row; data wait and compute per step and mode).
@@ -39,6 +40,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from benchmarks.data_throughput import batch_stream, device_name
+from fastreg.cache_teacher import write_cache
 from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
 from fastreg.distributed import setup_distributed
@@ -84,6 +86,19 @@ STEP_VARIANTS = [
         ["trainer.compile=true", "trainer.compile_mode=default", "trainer.cuda_graph=true"],
     ),
 ]
+# (row, overrides on top of the command's, each row on its own): what each of the official codes' other setups costs,
+# e2e, next to the command's own. The cached teacher's file is written first, untimed ({cache}); the SEED rows
+# switch the loss to SEED's (its small patches need its second queue), so compare the two of them with each other.
+DISTILL_MODES = [
+    ("as configured", []),
+    ("cached teacher (SimReg --use_cache)", ["teacher.cache={cache}"]),
+    (
+        "weak teacher view, strong student view (SimReg --weak_strong)",
+        ["data.augment=strong", "data.teacher_view=weak"],
+    ),
+    ("SEED, one view", ["loss=seed", "head=seed", "data.augment=strong"]),
+    ("SEED + 6 small patches of 96 px", ["loss=seed", "head=seed", "data.augment=strong", "data.small_patches=6"]),
+]
 CUDA_ONLY = "trainer.cuda_graph=true"  # a row with it is recorded as not run on a CPU
 MODES = ("data", "compute", "e2e")
 
@@ -99,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--step-variants",
         action="store_true",
         help="also compute-only rows for each way to run the step (STEP_VARIANTS)",
+    )
+    parser.add_argument(
+        "--distill-modes",
+        action="store_true",
+        help="also e2e rows for a cached teacher, weak/strong views and SEED's small patches (DISTILL_MODES)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args, overrides = parser.parse_known_args(argv)
@@ -242,6 +262,9 @@ def implementations(trainer: Trainer) -> dict:
         "compile": t.compile,
         "compile_mode": t.compile_mode,
         "cuda_graph": t.cuda_graph,
+        "loss": trainer.cfg.loss.name,
+        "teacher_view": trainer.cfg.data.teacher_view,
+        "small_patches": trainer.cfg.data.small_patches,
         **trainer.distiller.implementations(),
         "trainable_params": sum(p.numel() for p in trainer.distiller.trainable_parameters()),
     }
@@ -276,6 +299,14 @@ def ablation(overrides: list[str], args: argparse.Namespace, work: Path, device:
 
 def step_variants(overrides: list[str], args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
     return run_rows(STEP_VARIANTS, "compute", overrides, args, work, device)
+
+
+def distill_modes(overrides: list[str], args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
+    """DISTILL_MODES' rows, e2e, after writing the first teacher's cache of data.root (fastreg.cache_teacher)."""
+    cache = work / "teacher_cache"
+    write_cache(compose_config(overrides, work / "cache"), cache, 0, "float16")
+    rows = [(name, [o.format(cache=cache) for o in delta]) for name, delta in DISTILL_MODES]
+    return run_rows(rows, "e2e", overrides, args, work, device)
 
 
 def run_rows(
@@ -382,7 +413,12 @@ def markdown(result: dict) -> str:
         )
     if "e2e_over_compute" in result:
         lines += ["", f"e2e / compute = {result['e2e_over_compute']:.2f}: {result['limit']}"]
-    for key, title in (("ablation", "ablation row (e2e)"), ("step_variants", "step variant (compute-only)")):
+    titles = (
+        ("ablation", "ablation row (e2e)"),
+        ("step_variants", "step variant (compute-only)"),
+        ("distill_modes", "distillation mode (e2e)"),
+    )
+    for key, title in titles:
         if result.get(key):
             lines += [
                 "",
@@ -460,12 +496,15 @@ def main(argv: list[str] | None = None) -> dict:
             result["ablation"] = ablation(overrides, args, work, device)
         if args.step_variants:
             result["step_variants"] = step_variants(overrides, args, work, device)
+        if args.distill_modes:
+            result["distill_modes"] = distill_modes(overrides, args, work, device)
     # one file per kind of run: a call that runs the ablation and the step variants separately keeps both
     tag = "-".join(
         [
             *(args.modes if args.modes != list(MODES) else []),
             *(["ablate"] if args.ablate else []),
             *(["step-variants"] if args.step_variants else []),
+            *(["distill-modes"] if args.distill_modes else []),
         ]
     )
     stem = result_stem(args.out, result["env"], tag)
