@@ -86,6 +86,29 @@ def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp
     )
 
 
+def test_small_patches_go_through_student_heads_and_teachers_into_seeds_second_term(tmp_path):
+    """data.small_patches: the student (and its head) and the teacher embed the patches, and the loss is SEED's
+    CE over the main queue plus CE of the patches over the second queue (main_small-patch.py), written out here
+    with python loops (test_losses.seed_reference)."""
+    from test_losses import seed_reference
+
+    extra = ["loss=seed", "head=seed", "loss.queue_size=8", "loss.tau_t=0.5", "data.small_patches=2"]
+    cfg = to_config(compose_cfg(tiny_overrides(tmp_path, tmp_path) + extra))
+    distiller = build_distiller(cfg, Placement.of("fp32", True, torch.device("cpu")))
+    loss_fn, teacher = distiller.losses[0], distiller.teachers[0]
+    queue, small_queue = loss_fn.queue.clone(), loss_fn.small_queue.clone()
+    images, patches = torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16)
+    distiller.eval()  # BatchNorm's running statistics, so the reference forward below is the same function
+    loss, _ = distiller(Batch(images, torch.zeros(4, dtype=torch.long), torch.arange(4), patches=patches))
+    with torch.no_grad():
+        head, student = distiller.model.heads[0], distiller.student
+        s, s_p = head(student(images)), head(student(patches))
+        t, t_p = teacher(images), teacher(patches)
+    expected = seed_reference(s.tolist(), t.tolist(), queue.tolist(), 0.2, 0.5)
+    expected += seed_reference(s_p.tolist(), t_p.tolist(), small_queue.tolist(), 0.2, 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_teachers_and_student_see_the_same_tensor(tmp_path):
     cfg = to_config(
         compose_cfg(
