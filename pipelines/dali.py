@@ -1,11 +1,12 @@
 """NVIDIA DALI pipelines: JPEG decode on the GPU (nvJPEG + the hardware decoder) or on the CPU.
 
-Training yields ONE augmented view per image: the same tensor feeds every teacher and the student. It is
+Training yields one augmented view per image, which feeds the student and, by default, every teacher. It is
 SimReg's weak view (crop + flip), or with data.augment=strong|simclr SEED's MoCo-v2 or SimCLR colour
-augmentation on top (ColorJitter in a random order per image, grayscale, blur). On a GPU,
-`decoders.image_random_crop(device="mixed")` decodes only the crop's region;
-`crop_mirror_normalize(output_layout="HWC")` writes an NHWC buffer, and the NCHW view of it that the
-trainer receives is already channels_last, without a copy.
+augmentation on top (ColorJitter in a random order per image, grayscale, blur). data.teacher_view=weak adds
+the teachers' own view: the same crop box and flip without the colours. data.small_patches=P adds SEED's P small
+patches per image, each cut, coloured and flipped on its own. On a GPU, `decoders.image_random_crop(device="mixed")`
+decodes only the crop's region (the whole image when patches are on); `crop_mirror_normalize(output_layout="HWC")`
+writes an NHWC buffer, and the NCHW view of it that the trainer receives is already channels_last, without a copy.
 
 The file list comes from `fastreg.index`, which decode-checks every image first: one corrupt JPEG
 would otherwise kill the whole pipeline ("Critical error in pipeline", DALI cannot skip samples). The
@@ -161,36 +162,96 @@ def gaussian_blur(images):
     return fn.gaussian_blur(images, sigma=sigma, window_size=13)  # 3 sigma each side of the widest kernel
 
 
-@pipeline_def
-def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int, half: bool):
-    """One augmented view: (images (B, H, W, 3) normalized, FLOAT16 if `half` else FLOAT; positions (B, 1) in
-    index.samples). FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT."""
-    jpegs, positions = read_files(index, shard, shuffle=True, seed=shuffle_seed, positions=True)
-    gpu_hints = dict(hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY) if gpu else {}
+def colour_view(images, augment: str):
+    """data.augment's colour ops on uint8 HWC crops: none for weak."""
+    if augment == "strong":
+        return strong_view(images)
+    if augment == "simclr":
+        return simclr_view(images)
+    return images
+
+
+def normalize(images, mirror, dtype):
+    """ImageNet-normalized, mirrored where `mirror` (per sample 0/1) is 1, written as an NHWC buffer."""
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", mean=MEAN, std=STD, mirror=mirror)
+
+
+def training_decoder(cfg: DataConfig, gpu: bool) -> dict:
+    """The training decoders' arguments: RGB as stored, on the mixed decoder with its hardware share and pools."""
+    common = dict(output_type=types.RGB, adjust_orientation=False)
+    if not gpu:
+        return dict(device="cpu", **common)
+    return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, **MIXED_DECODER_MEMORY, **common)
+
+
+def decode_crop(jpegs, cfg: DataConfig, gpu: bool):
+    """The global view's random-resized crop (crop_size, crop_size, 3) uint8, decoding only the crop's region."""
     images = fn.decoders.image_random_crop(
         jpegs,
-        device="mixed" if gpu else "cpu",
-        output_type=types.RGB,
-        adjust_orientation=False,
         random_area=list(cfg.scale),
         random_aspect_ratio=list(cfg.ratio),
         num_attempts=10,
-        **gpu_hints,
+        **training_decoder(cfg, gpu),
     )
-    images = fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
-    if cfg.augment == "strong":
-        images = strong_view(images)
-    elif cfg.augment == "simclr":
-        images = simclr_view(images)
-    images = fn.crop_mirror_normalize(
+    return fn.resize(images, resize_x=cfg.crop_size, resize_y=cfg.crop_size, antialias=cfg.antialias)
+
+
+def random_resized_crop(images, size: int, scale: list[float], ratio: list[float], antialias: bool):
+    """RandomResizedCrop(size, scale, ratio) of decoded images, its own box per sample: (size, size, 3) uint8."""
+    return fn.random_resized_crop(
         images,
-        dtype=types.FLOAT16 if half else types.FLOAT,
-        output_layout="HWC",
-        mean=MEAN,
-        std=STD,
-        mirror=fn.random.coin_flip(probability=0.5),
+        size=[size, size],
+        random_area=list(scale),
+        random_aspect_ratio=list(ratio),
+        num_attempts=10,
+        antialias=antialias,
     )
-    return images, positions.gpu() if gpu else positions
+
+
+def small_patches(whole, cfg: DataConfig, dtype):
+    """SEED's swav_small_aug: data.small_patches crops of each whole image, stacked to (P, p, p, 3) normalized.
+    Each patch draws its own box, data.augment colours and flip: every op here is a new operator instance, with
+    its own seed, since DALI cannot fan one sample out into several."""
+    patches = []
+    for _ in range(cfg.small_patches):
+        patch = random_resized_crop(whole, cfg.small_patch_size, cfg.small_patch_scale, cfg.ratio, cfg.antialias)
+        patch = colour_view(patch, cfg.augment)
+        patches.append(normalize(patch, fn.random.coin_flip(probability=0.5), dtype))
+    return fn.stack(*patches, axis_name="F")
+
+
+def train_outputs(cfg: DataConfig) -> list[str]:
+    """train_view's outputs by name, in order: the iterator's output map and Batch's fields."""
+    teacher = ["teacher_images"] if cfg.teacher_view == "weak" else []
+    return ["images", "positions", *teacher, *(["patches"] if cfg.small_patches else [])]
+
+
+@pipeline_def
+def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int, half: bool):
+    """The training views, in the order of train_outputs(cfg), normalized and FLOAT16 if `half` else FLOAT
+    (FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT):
+    images (B, H, W, 3), the student's view: a random-resized crop, flipped, with data.augment's colours;
+    positions (B, 1) in index.samples;
+    teacher_images (B, H, W, 3), data.teacher_view=weak: the same crop and flip without the colours;
+    patches (B, P, p, p, 3), data.small_patches=P.
+
+    Without patches, the decoder decodes only the crop's region. With them, the image is decoded whole once and
+    every crop cut from it: a patch may lie anywhere in the image."""
+    jpegs, positions = read_files(index, shard, shuffle=True, seed=shuffle_seed, positions=True)
+    dtype = types.FLOAT16 if half else types.FLOAT
+    if cfg.small_patches:
+        whole = fn.decoders.image(jpegs, **training_decoder(cfg, gpu))
+        crops = random_resized_crop(whole, cfg.crop_size, cfg.scale, cfg.ratio, cfg.antialias)
+    else:
+        crops = decode_crop(jpegs, cfg, gpu)
+    images = colour_view(crops, cfg.augment)
+    mirror = fn.random.coin_flip(probability=0.5)  # shared by the student's and the teachers' views
+    views = {"images": normalize(images, mirror, dtype), "positions": positions.gpu() if gpu else positions}
+    if cfg.teacher_view == "weak":
+        views["teacher_images"] = normalize(crops, mirror, dtype)
+    if cfg.small_patches:
+        views["patches"] = small_patches(whole, cfg, dtype)
+    return tuple(views[name] for name in train_outputs(cfg))
 
 
 def resize_like_torchvision(images, shorter: int):
@@ -255,35 +316,46 @@ def nchw_view(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2)
 
 
+def torch_view(output: torch.Tensor) -> torch.Tensor:
+    """An iterator output as the trainer takes it. Images (B, H, W, C) and patches (B, P, H, W, C) become
+    NCHW views, (B, C, H, W) and (B * P, C, H, W) image-major, without a copy; labels or positions (B, 1)
+    become (B,) int64."""
+    if output.dim() == 2:
+        return output.squeeze(-1).long()
+    return nchw_view(output.flatten(0, -4))  # flatten(0, 0) returns the tensor itself
+
+
 def full_batches(total: int, shard: Shard, batch_size: int) -> int:
     """Full batches every rank can take: DALI's shards hold floor(N/W) or floor(N/W) + 1 samples."""
     return total // shard.num_shards // batch_size
 
 
 class DaliBatches:
-    """Iterates a built pipeline as (images NCHW view, labels (B,) int64) batches on the pipeline's device,
-    one pass over the data per iteration; the last batch may be short (PARTIAL, padding removed).
+    """Iterates a built pipeline as tuples of its outputs, named by `names` in the pipeline's order, on the
+    pipeline's device (torch_view: images as NCHW views, labels (B,) int64), one pass over the data per
+    iteration; the last batch may be short (PARTIAL, padding removed). Eval's are (images, labels).
 
     The iterator reuses its output buffers: clone a batch that must outlive the next iteration.
     """
 
-    def __init__(self, pipe, classes: list[str]):
+    def __init__(self, pipe, classes: list[str], names: list[str] | None = None):
         pipe.build()
+        self.names = names or ["images", "labels"]
         self.iterator = DALIGenericIterator(
             pipe,
-            ["images", "labels"],
+            self.names,
             reader_name=READER,
             last_batch_policy=LastBatchPolicy.PARTIAL,
         )
         self.classes = classes
         self.in_pass = False
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.in_pass:  # DALI cannot rewind, and a new pass would start where the old one stopped
             raise RuntimeError("the previous pass over this DALI loader was left unfinished; build a new one")
         self.in_pass = True
         for (batch,) in self.iterator:
-            yield nchw_view(batch["images"]), batch["labels"].squeeze(-1).long()
+            yield tuple(torch_view(batch[name]) for name in self.names)
         self.iterator.reset()
         self.in_pass = False
 
@@ -349,7 +421,7 @@ class DaliLoader:
             enable_checkpointing=True,
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
-        self.batches_iter = DaliBatches(pipe, index.classes)
+        self.batches_iter = DaliBatches(pipe, index.classes, train_outputs(cfg))
         self.labels = torch.tensor([label for _, label in index.samples], device=device)  # by position
 
     def __len__(self) -> int:
@@ -368,18 +440,20 @@ class DaliLoader:
             )
         batches = iter(self.batches_iter)
         for done in range(self.position[1] + 1, self.batches + 1):
-            images, positions = next(batches)
+            outputs = next(batches)
             self.position = (epoch, done)
             if done == self.batches:
                 # Read and drop the pass's leftovers now, so that a state saved from here on starts the next
-                # epoch. The drain reuses the iterator's buffers: keep a copy of this last batch.
-                images, positions = images.clone(), positions.clone()
+                # epoch. The drain reuses the iterator's buffers: keep a copy of this last batch, every output.
+                outputs = tuple(output.clone() for output in outputs)
                 for _ in batches:
                     pass
                 self.position = (epoch + 1, 0)
+            views = dict(zip(self.batches_iter.names, outputs))
+            positions = views.pop("positions")
             if self.memory_format != torch.channels_last:
-                images = images.contiguous(memory_format=self.memory_format)
-            yield Batch(images, self.labels[positions], positions)
+                views = {name: v.contiguous(memory_format=self.memory_format) for name, v in views.items()}
+            yield Batch(labels=self.labels[positions], indices=positions, **views)
 
     def state_dict(self) -> dict:
         epoch, batch = self.position

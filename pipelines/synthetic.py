@@ -24,10 +24,20 @@ class SyntheticLoader:
     ):
         g = torch.Generator().manual_seed(seed)
         b, s = cfg.batch_size, cfg.crop_size
-        images = torch.randn(b, 3, s, s, generator=g)  # already "normalized": zero mean, unit std
-        self.images = images.to(device).contiguous(memory_format=memory_format)
+
+        def random_images(*shape: int) -> torch.Tensor:  # already "normalized": zero mean, unit std
+            return torch.randn(*shape, generator=g).to(device).contiguous(memory_format=memory_format)
+
+        self.images = random_images(b, 3, s, s)
         labels = torch.randint(0, cfg.synthetic_classes, (b,), generator=g).to(device)
-        self.batch = Batch(self.images, labels, torch.arange(b, device=device))  # one batch, every step
+        # data.teacher_view=weak and data.small_patches: their tensors too, drawn after the images and labels
+        # (which stay as they were without them), so that the benchmark times those modes' compute.
+        teacher_images = random_images(b, 3, s, s) if cfg.teacher_view == "weak" else None
+        p = cfg.small_patch_size
+        patches = random_images(b * cfg.small_patches, 3, p, p) if cfg.small_patches else None
+        indices = torch.arange(b, device=device)
+        # one batch, every step
+        self.batch = Batch(self.images, labels, indices, teacher_images=teacher_images, patches=patches)
         self.batches = cfg.synthetic_batches
         self.identity = {"loader": self.name, "batches": self.batches}
         state = usable_state(checkpoint, self.identity, order_has_state=False)

@@ -284,3 +284,29 @@ def test_step_variants_on_cpu(tmp_path):
         "| step variant (compute-only) |" in text
         and "| CUDA graph (whole step) | not run: needs a CUDA device |" in text
     )
+
+
+def test_distill_modes_on_cpu(tmp_path):
+    """The official codes' other setups, e2e, next to the command's: the cache is written first and the cached row
+    runs no teacher; the view rows run with their views."""
+    from helpers import make_image_folder, tiny_overrides
+
+    from benchmarks.throughput import DISTILL_MODES, main
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
+    args = ["--modes", "e2e", "--distill-modes", "--steps", "2", "--warmup", "1", "--window", "1"]
+    main([*args, "--out", str(tmp_path / "out"), *overrides, "data.small_patch_size=16", "loss.queue_size=64"])
+    saved = json.loads(next((tmp_path / "out" / "cpu").glob("*distill-modes.json")).read_text())
+    rows = saved["distill_modes"]
+    assert [r["row"] for r in rows] == [name for name, _ in DISTILL_MODES]
+    assert all(r["img_per_s"] > 0 and r["loader"] == "dali-cpu" for r in rows) and rows[0]["speedup"] == 1.0
+    assert [r["teachers"] for r in rows] == [["eager"], ["cached"], ["eager"], ["eager"], ["eager"]]
+    assert [(r["loss"], r["teacher_view"], r["small_patches"]) for r in rows] == [
+        ("simreg", "same", 0),
+        ("simreg", "same", 0),
+        ("simreg", "weak", 0),
+        ("seed", "same", 0),
+        ("seed", "same", 6),
+    ]
+    assert "| distillation mode (e2e) |" in next((tmp_path / "out" / "cpu").glob("*.md")).read_text()

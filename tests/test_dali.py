@@ -99,6 +99,27 @@ def test_contiguous_format_when_channels_last_is_off(tmp_path):
     assert images.is_contiguous()
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_teacher_view_and_patches_have_the_images_layout(tmp_path, memory_format):
+    """teacher_images (B, 3, H, W) and patches (B * P, 3, p, p): NCHW views of their own NHWC buffers, or
+    contiguous copies when channels_last is off, in the images' dtype."""
+    root = make_image_folder(tmp_path, per_class=4)
+    cfg = data_config(root, augment="strong", teacher_view="weak", small_patches=3, small_patch_size=12)
+    ld = DaliLoader(
+        cfg, load_index(root, progress=False), shard=Shard(), seed=0, device=CPU, memory_format=memory_format
+    )
+    batch = next(iter(ld.epoch(0)))
+    assert batch.teacher_images.shape == batch.images.shape == (4, 3, 24, 24)
+    assert batch.patches.shape == (12, 3, 12, 12)
+    for x in (batch.images, batch.teacher_images, batch.patches):
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=memory_format)
+    if memory_format == torch.channels_last:
+        assert batch.teacher_images._base.shape == (4, 24, 24, 3)
+        assert batch.patches._base.shape == (4, 3, 12, 12, 3)  # (B, P, p, p, 3), the pipeline's stack
+        assert batch.patches.data_ptr() == batch.patches._base.data_ptr()
+        assert batch.teacher_images.data_ptr() not in (batch.images.data_ptr(), batch.patches.data_ptr())
+
+
 # --------------------------------------------------------------------------------- shards, epochs
 
 
@@ -261,29 +282,53 @@ def test_cmyk_and_png_files_are_read_by_the_training_and_eval_loaders(tmp_path):
 # ---------------------------------------------------------------------------------------- resume
 
 
-# Inside epoch 0, at its end, inside epoch 2; the colour augmentations' random ops are in the state too.
+PATCHES = dict(small_patches=2, small_patch_size=12)
+TEACHER_VIEW = dict(augment="strong", teacher_view="weak")
+
+
+# Inside epoch 0, at its end, inside epoch 2; the colour augmentations' random ops are in the state too, and so
+# are the teachers' view's and the small patches' (their own crops, colours and flips).
 @pytest.mark.parametrize(
-    "stop_after, augment", [(1, "weak"), (3, "weak"), (4, "weak"), (9, "weak"), (3, "strong"), (9, "simclr")]
+    "stop_after, options",
+    [
+        (1, {}),
+        (3, {}),
+        (4, {}),
+        (9, {}),
+        (3, dict(augment="strong")),
+        (9, dict(augment="simclr")),
+        (3, PATCHES),
+        (4, dict(PATCHES, augment="strong")),
+        (3, TEACHER_VIEW),
+        (9, dict(TEACHER_VIEW, **PATCHES)),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v),
 )
-def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after, augment):
+def test_resume_from_state_continues_with_the_same_batches(tmp_path, stop_after, options):
     root = make_image_folder(tmp_path, per_class=9)  # 18 images, batch 4: 4 batches per epoch, 2 left over
+    fields = {"images", "labels", "indices"}
+    fields |= {"teacher_images"} if options.get("teacher_view") == "weak" else set()
+    fields |= {"patches"} if options.get("small_patches") else set()
 
     def run(ld, epochs, stop=None):
         out = []
         for epoch in range(ld.position[0], epochs):
             for batch in ld.epoch(epoch):
-                out.append((batch.images.clone(), batch.labels.clone()))  # the iterator reuses its buffers
+                # the iterator reuses its buffers
+                out.append({name: tensor.clone() for name, tensor in batch.tensors().items()})
                 if len(out) == stop:
                     return out
         return out
 
-    straight = run(dali_loader(root, augment=augment), 3)
-    first = dali_loader(root, augment=augment)
+    straight = run(dali_loader(root, **options), 3)
+    first = dali_loader(root, **options)
     before = run(first, 3, stop=stop_after)
-    after = run(dali_loader(root, checkpoint=first.state_dict(), augment=augment), 3)
+    after = run(dali_loader(root, checkpoint=first.state_dict(), **options), 3)
     assert len(before) + len(after) == len(straight) == 12
-    for (x, y), (x_ref, y_ref) in zip(before + after, straight):
-        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    for batch, reference in zip(before + after, straight):
+        assert batch.keys() == reference.keys() == fields
+        for name in fields:
+            assert torch.equal(batch[name], reference[name]), name
 
 
 def test_state_of_another_loader_or_dataset_restarts_the_order_with_a_warning(tmp_path, caplog):
@@ -490,6 +535,142 @@ def test_the_strong_views_colour_ops_run_in_several_orders_across_a_batch(first,
     assert 0 < second_first.sum() < len(second_first), second_first  # both orders: P(one only) = 2^-31
 
 
+# ------------------------------------------------------------------ the teachers' view and small patches
+
+
+def edge_folder(root: Path, copies: int, width: int = 200, height: int = 160, at=(83, 61)) -> Path:
+    """Gray PNGs (lossless) with one vertical step at column at[0] (+60 to the right) and one horizontal step at
+    row at[1] (+110 below), on levels 40..210: a view shows where its crop put the two steps, and which way the
+    vertical one turned."""
+    x, y = np.arange(width)[None, :], np.arange(height)[:, None]
+    gray = 40 + 60 * (x >= at[0]) + 110 * (y >= at[1])
+    (root / "c").mkdir(parents=True)
+    for i in range(copies):
+        Image.fromarray(np.repeat(gray[..., None], 3, -1).astype(np.uint8)).save(root / "c" / f"{i}.png")
+    return root
+
+
+def steps(views: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(position, sign, strength) of the strongest step of each 0..255 view (N, 3, H, W) across columns
+    (axis=-1) or rows (axis=-2): where the channel-summed image changes most, summed along the step, and that
+    change's sign and size per pixel of its length."""
+    gray = views.sum(1)
+    change = gray.diff(dim=axis).sum(-1 if axis == -2 else -2)  # (N, W - 1) or (N, H - 1)
+    position = change.abs().argmax(1)
+    size = change.gather(1, position[:, None]).squeeze(1)
+    return position, size.sign(), size.abs() / gray.shape[-1 if axis == -2 else -2]
+
+
+def test_teachers_weak_view_shares_the_students_crop_box_and_flip(tmp_path):
+    """data.teacher_view=weak with augment=strong, 80 views of edge_folder: wherever the teachers' view shows a
+    step, the student's shows it at the same pixel (within 1) and turned the same way, while the crops and flips
+    vary from view to view. On a gray image the colour ops are monotone maps of the gray level (hue and
+    saturation keep gray as it is) and the blur is symmetric, so only the crop and the flip move a step; two
+    independently drawn crops would put it elsewhere. Measured: every step at the same pixel."""
+    ld = dali_loader(edge_folder(tmp_path, copies=8), batch_size=8, crop_size=32, augment="strong", teacher_view="weak")
+    views = [(pixels(b.images), pixels(b.teacher_images)) for epoch in range(10) for b in ld.epoch(epoch)]
+    student, teacher = torch.cat([s for s, _ in views]), torch.cat([t for _, t in views])
+    # The teachers' view has no colour ops: gray, within the file's levels; the student's has them.
+    assert (teacher[:, 0] - teacher[:, 1]).abs().max() < 0.5 and (teacher[:, 1] - teacher[:, 2]).abs().max() < 0.5
+    assert teacher.min() > 39 and teacher.max() < 211
+    assert ((student.amin((1, 2, 3)) < 38) | (student.amax((1, 2, 3)) > 212)).float().mean() > 0.3
+    for axis in (-1, -2):
+        at, sign, strength = steps(teacher, axis)
+        student_at, student_sign, student_strength = steps(student, axis)
+        seen = strength > 10  # flat views measure 0
+        assert seen.float().mean() > 0.8, axis
+        assert ((student_at - at).abs()[seen] <= 1).all(), (axis, student_at[seen], at[seen])
+        assert (student_sign == sign)[seen].all() and (student_strength[seen] > 10).all(), axis
+        assert at[seen].unique().numel() >= 8, axis  # the crop box varies
+    _, sign, strength = steps(teacher, -1)
+    assert 0.3 < (sign[strength > 10] < 0).float().mean() < 0.7  # and so does the flip, shared
+
+
+def coordinate_pngs(root: Path, copies: int, width: int = 200, height: int = 160) -> Path:
+    """PNGs (lossless) whose red channel is x and green channel y, 0..255 over the width and the height, and blue
+    30, 50, ... names the copy: a crop shows which box of which file it was cut from."""
+    x = np.tile(np.arange(width) * 255 / (width - 1), (height, 1))
+    y = np.tile(np.arange(height)[:, None] * 255 / (height - 1), (1, width))
+    (root / "c").mkdir(parents=True)
+    for i in range(copies):
+        img = np.stack([x, y, np.full((height, width), 30.0 + 20 * i)], -1)
+        Image.fromarray(img.round().astype(np.uint8)).save(root / "c" / f"{i}.png")
+    return root
+
+
+def crop_boxes(views: torch.Tensor, width: int = 200, height: int = 160) -> dict[str, torch.Tensor]:
+    """Each coordinate_pngs view's box in source pixels, from the range of its red and green: the first and last
+    output pixel centres lie half an output pixel inside the box, so the range is (side - 1) / side of it."""
+    p = pixels(views.float())
+    xs, ys = p[:, 0] / 255 * (width - 1), p[:, 1] / 255 * (height - 1)
+    side = views.shape[-1]
+    w = (xs.amax((1, 2)) - xs.amin((1, 2))) * side / (side - 1)
+    h = (ys.amax((1, 2)) - ys.amin((1, 2))) * side / (side - 1)
+    return {
+        "area": w * h / (width * height),
+        "ratio": w / h,
+        "left": xs.amin((1, 2)),
+        "top": ys.amin((1, 2)),
+        "flipped": xs[:, :, 0].mean(1) > xs[:, :, -1].mean(1),
+        "file": p[:, 2].mean((1, 2)),
+    }
+
+
+def test_small_patches_are_random_resized_crops_of_the_whole_image(tmp_path):
+    """data.small_patches=4 at 16 px over 15 epochs of 10 coordinate PNGs (480 patches): each patch a box of area
+    uniform in small_patch_scale [0.05, 0.14] (torchvision's RandomResizedCrop, mean 0.095; a log-uniform area
+    would give 0.087) and aspect ratio in data.ratio, anywhere in the image, with its own flip; image b's patches
+    at rows b*P .. b*P+P-1. The global view keeps crop_size and data.scale. Measured: patch areas 0.0498-0.1407,
+    mean 0.0962; ratios 0.742-1.334."""
+    P, p = 4, 16
+    ld = dali_loader(
+        coordinate_pngs(tmp_path, copies=10), batch_size=4, crop_size=32, small_patches=P, small_patch_size=p
+    )
+    images, patches = [], []
+    for epoch in range(15):  # 2 batches per epoch, 2 images left over
+        for batch in ld.epoch(epoch):
+            assert batch.images.shape == (4, 3, 32, 32) and batch.patches.shape == (4 * P, 3, p, p)
+            assert batch.patches.is_contiguous(memory_format=torch.channels_last)
+            images.append(crop_boxes(batch.images))
+            patches.append(crop_boxes(batch.patches))
+    images = {k: torch.cat([b[k] for b in images]) for k in images[0]}
+    patches = {k: torch.cat([b[k] for b in patches]) for k in patches[0]}
+    # Image-major: rows b*P .. b*P+P-1 are cut from image b's file.
+    assert (patches["file"].view(-1, P) - images["file"][:, None]).abs().max() < 1
+    area, ratio = patches["area"], patches["ratio"]
+    assert 0.05 * 0.95 < area.min() < 0.06 and 0.13 < area.max() < 0.14 * 1.05, (area.min(), area.max())
+    assert abs(area.mean() - 0.095) < 0.005 and 0.4 < (area < 0.095).float().mean() < 0.6, area.mean()
+    assert 0.75 / 1.03 < ratio.min() < 0.8 and 1.25 < ratio.max() < 4 / 3 * 1.03, (ratio.min(), ratio.max())
+    # Anywhere in the whole image, not in the global crop: the left edges span most of the width.
+    assert patches["left"].min() < 10 and patches["left"].max() > 120
+    # The patches of one image differ from each other: no two share a box.
+    corner = torch.stack([patches["left"], patches["top"]], -1).view(-1, P, 2)
+    apart = (corner[:, :, None] - corner[:, None]).abs().amax(-1) + torch.eye(P) * 1e3  # (images, P, P)
+    assert apart.min() > 0.5
+    # Each its own flip, independent of the other patches' and of the global view's.
+    flipped = patches["flipped"].view(-1, P)
+    assert 0.35 < flipped.float().mean() < 0.65
+    assert 0.75 < (flipped.any(1) & ~flipped.all(1)).float().mean() < 0.95  # 1 - 2 / 2^P = 0.875
+    assert 0.35 < (flipped == images["flipped"][:, None]).float().mean() < 0.65
+    # The global view: data.scale [0.2, 1] and data.ratio, cut from the same whole decode.
+    assert 0.2 * 0.95 < images["area"].min() < 0.3 and 0.7 < images["area"].max() < 1.02
+    assert 0.75 / 1.03 < images["ratio"].min() and images["ratio"].max() < 4 / 3 * 1.03
+
+
+def test_each_patch_draws_its_own_colours(tmp_path):
+    """augment=simclr jitters every view: on a flat colour, an image's patches differ in colour from each other
+    and from the global view, each drawn on its own."""
+    ld = dali_loader(flat_colour_folder(tmp_path, copies=8), batch_size=8, augment="simclr", small_patches=3)
+    batches = [(pixels(b.images), pixels(b.patches)) for epoch in range(3) for b in ld.epoch(epoch)]
+    images = torch.cat([x for x, _ in batches]).mean((2, 3))  # (N, 3) mean colour
+    patches = torch.cat([x for _, x in batches]).mean((2, 3)).view(-1, 3, 3)  # (N, P, 3)
+    views = torch.cat([images[:, None], patches], 1)  # (N, 1 + P, 3)
+    apart = (views[:, :, None] - views[:, None]).abs().amax(-1)  # (N, 1 + P, 1 + P)
+    rows, columns = torch.triu_indices(4, 4, offset=1)
+    pairs = apart[:, rows, columns]  # (N, 6): every two views of one image
+    assert (pairs > 3).float().mean() > 0.9, pairs
+
+
 @pytest.mark.parametrize("augment", ["strong", "simclr"])
 def test_colour_augmentations_need_dali(augment):
     with pytest.raises(ValueError, match=f"data.augment={augment}"):
@@ -528,8 +709,18 @@ def test_eval_batches_follow_the_loader_choice(tmp_path):
 # ---------------------------------------------------------------------------------- GPU: mixed
 
 
-@pytest.mark.parametrize("augment", ["weak", "strong", "simclr"])
-def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, augment):
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(augment="weak"),
+        dict(augment="strong"),
+        dict(augment="simclr"),
+        dict(augment="strong", teacher_view="weak"),
+        dict(augment="simclr", teacher_view="weak", small_patches=2, small_patch_size=12),
+    ],
+    ids=lambda v: "-".join(map(str, v.values())),
+)
+def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, options):
     """Defining the GPU graph needs no GPU, and it finds what the CPU pipeline cannot show: a named argument
     fed by a GPU node (the contrast pivot of the colour jitter) is refused there."""
     from fastreg.pipelines.dali import eval_view, train_view
@@ -539,7 +730,7 @@ def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, augment)
     train_view(
         index,
         Shard(),
-        data_config(root, augment=augment),
+        data_config(root, **options),
         True,
         shuffle_seed=0,
         half=True,

@@ -54,7 +54,7 @@ def test_weak_augmentation_is_simregs():
 
 def test_eval_loader_resizes_then_center_crops(tmp_path):
     ld = eval_loader(str(make_image_folder(tmp_path, per_class=3, size=50)), crop_size=32, batch_size=8, workers=0)
-    ops = ld.dataset.transform.transforms
+    ops = ld.dataset.dataset.transform.transforms  # a Subset: the eval shard of the IndexedImages
     assert ops[0].size == round(32 * 256 / 224) and ops[1].size == (32, 32)
     images, labels = next(iter(ld))
     assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -84,6 +84,25 @@ def test_synthetic_loader():
     assert len(ld) == len(batches) == 5 and ld.name == "synthetic"
     images = batches[0].images
     assert images.shape == (3, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+    assert batches[0].teacher_images is None and batches[0].patches is None
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_synthetic_loader_gives_the_teachers_view_and_small_patches(memory_format):
+    """Fixed random tensors of the configured shapes, in the images' memory format; the images and labels are
+    those of the same loader without them."""
+    options = dict(loader="synthetic", crop_size=16, batch_size=3, synthetic_batches=2)
+    cfg = DataConfig(augment="strong", teacher_view="weak", small_patches=4, small_patch_size=8, **options)
+    ld = build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU, memory_format=memory_format)
+    first, second = ld.epoch(0)
+    assert first.teacher_images.shape == (3, 3, 16, 16) and first.patches.shape == (12, 3, 8, 8)
+    for x in (first.images, first.teacher_images, first.patches):
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=memory_format)
+    assert torch.equal(second.patches, first.patches) and torch.equal(second.teacher_images, first.teacher_images)
+    assert not torch.equal(first.teacher_images, first.images)
+    assert 0.8 < first.patches.std() < 1.2 and abs(first.patches.mean()) < 0.2
+    plain = next(iter(build_loader(DataConfig(**options), rank=0, world_size=1, seed=0, device=CPU).epoch(0)))
+    assert torch.equal(plain.images, first.images) and torch.equal(plain.labels, first.labels)
 
 
 def test_bad_folders_fail_clearly(tmp_path):
