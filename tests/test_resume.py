@@ -30,6 +30,18 @@ VARIANTS = {
     # SEED's queue (32 entries, 8 per step: its pointer is mid-cycle at step 6) and fp16's GradScaler,
     # whose growth tracker counts the steps since the last overflow
     "seed_fp16": ["data.loader=torchvision", "loss=seed", "head=seed", "loss.queue_size=32", "trainer.precision=fp16"],
+    # SEED's small patches and second queue, with the teachers on the weak view of the student's strong one: every
+    # view from DALI's checkpointed pipeline
+    "views": [
+        "data.loader=dali",
+        "loss=seed",
+        "head=seed",
+        "loss.queue_size=32",
+        "data.augment=strong",
+        "data.teacher_view=weak",
+        "data.small_patches=2",
+        "data.small_patch_size=16",
+    ],
     # the teacher's rows looked up by dataset position (the data fixture writes the cache beside the images)
     "cached": ["data.loader=dali", "teacher.cache={data}.teacher_cache"],
 }
@@ -92,6 +104,7 @@ def assert_same_as_straight(resumed: Path, straight: Path) -> None:
         ("dali", 7, "ckpt_epoch0001_step00000006.pt"),
         ("dali", 8, "ckpt_epoch0002.pt"),
         ("seed_fp16", 7, "ckpt_epoch0001_step00000006.pt"),
+        ("views", 7, "ckpt_epoch0001_step00000006.pt"),
         ("cached", 7, "ckpt_epoch0001_step00000006.pt"),
     ],
 )

@@ -86,6 +86,27 @@ def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp
     )
 
 
+def test_cli_seed_with_small_patches_and_the_teachers_on_the_weak_view(tmp_path):
+    """python -m fastreg.train with SEED's small patches and weak/strong views: both queues fill, one pointer."""
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    out = tmp_path / "run"
+    views = ["data.augment=strong", "data.teacher_view=weak", "data.small_patches=3", "data.small_patch_size=16"]
+    seed = ["loss=seed", "head=seed", "loss.queue_size=64", "data.loader=dali"]
+    args = tiny_overrides(data, out) + seed + views + ["trainer.epochs=2", f"hydra.run.dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in logged_lines(out) if "loss" in m] == list(range(1, 7))  # 24 images, batch 8
+    state = torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["loss"]
+    assert state["0.ptr"].item() == 6 * 8 % 64  # both queues share the pointer
+    # 48 rows of first-patch teacher embeddings: cnn_small's pooled post-ReLU features, so no negative entry, where
+    # the initial random rows have some
+    small = state["0.small_queue"]
+    assert (small[:48] >= 0).all() and (small[48:] < 0).any(dim=1).all()
+    assert state["0.queue"].shape == state["0.small_queue"].shape == (64, 128)
+
+
 def test_small_patches_go_through_student_heads_and_teachers_into_seeds_second_term(tmp_path):
     """data.small_patches: the student (and its head) and the teacher embed the patches, and the loss is SEED's
     CE over the main queue plus CE of the patches over the second queue (main_small-patch.py), written out here
