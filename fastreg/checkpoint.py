@@ -280,6 +280,12 @@ LATER_KEYS = {
     "teachers.*.compile": False,
     "trainer.compile_mode": "default",
     "trainer.cuda_graph": False,
+    "teacher.cache": None,
+    "teachers.*.cache": None,
+    "data.teacher_view": "same",
+    "data.small_patches": 0,
+    "data.small_patch_size": 96,
+    "data.small_patch_scale": [0.05, 0.14],
 }
 
 
