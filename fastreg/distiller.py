@@ -1,12 +1,15 @@
-"""The Distiller: teachers, student, heads and losses in one module, images -> loss.
+"""The Distiller: teachers, student, heads and losses in one module, a batch -> loss.
 
-    s = student(x)                                   # (B, d) pooled feature
-    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x (or its weak view, or the
-                                                     #   cached feature of the image: teacher.cache)
+    s = student(x)                                   # (B, d) pooled feature of the student's view x
+    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x; or the weak view of x's crop
+                                                     #   (data.teacher_view=weak); or the image's cached feature
+                                                     #   (teacher.cache)
                          L_i = loss_i(head_i(s), t_i)    # fused simreg: all i in one kernel launch
+                         # SEED's small patches p (data.small_patches): + CE(head_i(student(p)), teacher_i(p))
+                         #   over the loss's second queue
     L = sum_i w_i L_i / sum_i w_i
 
-The trainer sees `loss, metrics = distiller(images)` and the interface below (trainable_parameters,
+The trainer sees `loss, metrics = distiller(batch)` and the interface below (trainable_parameters,
 trained_buffers, save_state/load_state of the trained part, loss_names, student, wrap, compile); it never
 reaches into the heads, the losses or the teachers.
 """

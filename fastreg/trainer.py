@@ -1,8 +1,8 @@
 """The training loop: AMP, DDP, per-iteration schedule, checkpoints, k-NN evaluation.
 
     for epoch:
-        for batch in loader.epoch(epoch):           # one weakly augmented view, on device
-            loss = distiller(batch)                 # every teacher and the student see batch.images
+        for batch in loader.epoch(epoch):           # the student's view (+ the teachers', patches), on device
+            loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
