@@ -233,10 +233,12 @@ dist.destroy_process_group()
     "overrides, env",
     [
         (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
+        # the patches go through the student in the same DDP forward; both queues take every rank's keys
+        (["loss=seed", "head=seed", "loss.queue_size=32", "data.loader=dali", "data.small_patches=2"], {}),
         # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
         (["loss.impl=triton", "head.impl=triton", "head=mlp2_bn"], {"TRITON_INTERPRET": "1"}),
     ],
-    ids=["seed", "triton_head_and_loss"],
+    ids=["seed", "seed_small_patches", "triton_head_and_loss"],
 )
 def test_ddp_two_processes_gloo(tmp_path, overrides, env):
     data = make_image_folder(tmp_path / "data", per_class=16)
