@@ -49,7 +49,8 @@ class StudentWithHeads(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """(every head's output of the images [(B, D_i)], and of the small patches [(B*P, D_i)] or None). One call
         for both, so DDP sees one forward per step; the student's BatchNorm normalizes each batch on its own."""
-        preds = [head(self.student(images)) for head in self.heads]  # student (B, d)
+        s = self.student(images)  # (B, d), once for every head
+        preds = [head(s) for head in self.heads]
         if patches is None:
             return preds, None
         s_p = self.student(patches)  # (B*P, d)

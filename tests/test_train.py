@@ -145,7 +145,7 @@ def test_teachers_and_student_see_the_same_tensor(tmp_path):
         module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     loss, metrics = distiller(Batch(images, torch.zeros(4, dtype=torch.long), torch.arange(4)))
-    assert len(seen) == 3 and all(x is images for x in seen)
+    assert len(seen) == 3 and all(x is images for x in seen)  # the student once for both heads
     assert set(metrics) == {"loss/cnn_small_0", "cos/cnn_small_0", "loss/cnn_small_1", "cos/cnn_small_1"}
     w = distiller.weights
     assert torch.allclose(loss, w[0] * metrics["loss/cnn_small_0"] + w[1] * metrics["loss/cnn_small_1"])
