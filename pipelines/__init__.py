@@ -182,8 +182,10 @@ def build_loader(
             half=half,
             checkpoint=checkpoint,
         )
-    if cfg.augment != "weak":
-        raise ValueError(f"data.augment={cfg.augment} is built with DALI ops, and DALI cannot be imported here")
+    dali_only = {"data.augment": cfg.augment != "weak", "data.teacher_view": cfg.teacher_view != "same"}
+    dali_only["data.small_patches"] = cfg.small_patches > 0
+    if wanted := [key for key, on in dali_only.items() if on]:
+        raise ValueError(f"{', '.join(wanted)} is built with DALI ops, and DALI cannot be imported here")
     from fastreg.pipelines.pil_folder import TorchvisionLoader
 
     return TorchvisionLoader(

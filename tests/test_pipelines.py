@@ -121,3 +121,17 @@ def test_views_do_not_depend_on_worker_count(tmp_path):
     cfg = DataConfig(loader="torchvision", root=str(root), crop_size=24, batch_size=4, workers=2)
     b = torch.cat([b.images for b in build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU).epoch(1)])
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "option, key",
+    [({"augment": "strong"}, "data.augment"), ({"small_patches": 2}, "data.small_patches")],
+)
+def test_dali_only_views_stop_when_auto_falls_back_to_torchvision(tmp_path, monkeypatch, option, key):
+    """data.loader=auto without DALI: the view the config asks for is refused by name, never trained without."""
+    import fastreg.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "resolve_loader", lambda kind: "torchvision")
+    cfg = DataConfig(loader="auto", root=str(make_image_folder(tmp_path)), crop_size=24, batch_size=4, **option)
+    with pytest.raises(ValueError, match=f"^{key} is built with DALI ops, and DALI cannot be imported here"):
+        build_loader(cfg, rank=0, world_size=1, seed=0, device=CPU)
