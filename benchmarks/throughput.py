@@ -303,6 +303,8 @@ def step_variants(overrides: list[str], args: argparse.Namespace, work: Path, de
 
 def distill_modes(overrides: list[str], args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
     """DISTILL_MODES' rows, e2e, after writing the first teacher's cache of data.root (fastreg.cache_teacher)."""
+    if compose_config(overrides, work / "cache").data.loader == "synthetic":
+        raise SystemExit("--distill-modes runs e2e on a dataset: drop data.loader=synthetic, pass data.root=")
     cache = work / "teacher_cache"
     write_cache(compose_config(overrides, work / "cache"), cache, 0, "float16")
     rows = [(name, [o.format(cache=cache) for o in delta]) for name, delta in DISTILL_MODES]

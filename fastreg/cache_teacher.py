@@ -37,78 +37,14 @@ from torch import nn
 
 from fastreg import checkpoint as ckpt
 from fastreg import files
-from fastreg.config import TeacherConfig, TrainConfig, to_config
-from fastreg.distributed import seed_everything, setup_distributed
+from fastreg.cached_teacher import FEATURES, META, TEACHER_KEYS
+from fastreg.config import CACHE_REQUIRED, TeacherConfig, TrainConfig, to_config
+from fastreg.distributed import agree_on_failure, seed_everything, setup_distributed
 from fastreg.pipelines import dataset_index, eval_batches, samples_digest, shard_range
 from fastreg.placement import Placement
 from fastreg.teachers import build_teacher
 
 log = logging.getLogger(__name__)
-FEATURES, META = "features.npy", "meta.json"
-# What must equal the run's teacher for its cache to stand in for it; the checkpoint path may move.
-TEACHER_KEYS = ("arch", "format", "projection", "momentum_encoder")
-
-
-# ---- reading: teacher.cache ----
-
-
-class CachedTeacher(nn.Module):
-    """A teacher whose features are a table: forward(positions (B,)) -> (B, D) float32, rows of the dataset index.
-    The whole table is on the device, so a lookup is one gather (and a CUDA graph can capture it)."""
-
-    def __init__(self, cfg: TeacherConfig, device: torch.device):
-        super().__init__()
-        self.path, self.name, self.arch = Path(cfg.cache), cfg.name or cfg.arch, cfg.arch
-        self.meta = read_meta(self.path)
-        for key in TEACHER_KEYS:
-            if self.meta["teacher"][key] != getattr(cfg, key):
-                raise ValueError(
-                    f"teacher.cache={self.path} holds the features of a teacher with {key}={self.meta['teacher'][key]!r}, "
-                    f"and this run's teacher {self.name!r} has {key}={getattr(cfg, key)!r}: cache this teacher "
-                    "(python -m fastreg.cache_teacher) or set the teacher's keys to the cache's"
-                )
-        table = np.load(self.path / FEATURES, mmap_mode="r")  # (N, D)
-        if table.shape != (self.meta["samples"], self.meta["dim"]):
-            raise ValueError(f"{self.path / FEATURES} is {table.shape}, its meta.json says otherwise: write it again")
-        self.dim = table.shape[1]
-        self.features = load_table(table, device)  # (N, D); not a buffer: checkpoints do not carry it
-        self.backbone_dtype = None
-        log.info("teacher %s: %d cached %d-d features from %s", self.name, *table.shape, self.path)
-
-    def check_dataset(self, digest: str | None) -> None:
-        """The cache's rows are this run's dataset positions (the loader's samples digest), or training stops."""
-        if digest != self.meta["dataset"]:
-            raise ValueError(
-                f"teacher.cache={self.path} was computed for {self.meta['samples']} images of {self.meta['root']}, "
-                "and this run reads another list of images: its rows would be other images' features. Compute the "
-                "cache again for this data (python -m fastreg.cache_teacher)"
-            )
-
-    def train(self, mode: bool = True) -> CachedTeacher:
-        return super().train(False)
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.features[positions.to(self.features.device)].float()
-
-
-def load_table(table: np.ndarray, device: torch.device, rows: int = 65536) -> torch.Tensor:
-    """The memory-mapped table on `device`, copied a block of rows at a time (no second host copy of it all)."""
-    out = torch.empty(table.shape, dtype=getattr(torch, table.dtype.name), device=device)
-    for start in range(0, len(table), rows):
-        out[start : start + rows] = torch.from_numpy(np.array(table[start : start + rows]))
-    return out
-
-
-def read_meta(path: Path) -> dict:
-    if not (path / META).is_file():
-        raise FileNotFoundError(
-            f"teacher.cache={path}: no {META} there. Write the cache with python -m fastreg.cache_teacher {path} "
-            "<the training overrides>"
-        )
-    return json.loads((path / META).read_text())
-
-
-# ---- writing ----
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -125,10 +61,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
+    """The training config of `overrides`, a cached recipe's required teacher.cache (what this command writes)
+    unset."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("fastreg.configs", version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides))
+        raw = compose("config", overrides=overrides)
+    for teacher in [raw.teacher, *raw.teachers]:
+        if teacher is not None and teacher.cache == CACHE_REQUIRED:
+            teacher.cache = None
+    cfg = to_config(raw)
     if cfg.demo or cfg.data.loader == "synthetic":
         raise ValueError("the cache needs a dataset: pass experiment=<name> (or experiment=none) and data.root=...")
     return cfg
@@ -144,26 +86,50 @@ def write_cache(cfg: TrainConfig, out: Path, teacher_index: int, dtype: str) -> 
     t = cfg.teachers[teacher_index]
     seed_everything(cfg.trainer.seed, -1, 0)  # a random teacher (benchmarks) as the trainer would build it
     teacher = build_teacher(t, amp_dtype=place.amp_dtype, device=device)
-    partial = out.with_name(out.name + ".partial")
-    shape = (len(index.samples), teacher.dim)
+    partial, shape = out.with_name(out.name + ".partial"), (len(index.samples), teacher.dim)
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # a killed run's leftovers
         partial.mkdir(parents=True)
         np.lib.format.open_memmap(partial / FEATURES, mode="w+", dtype=dtype, shape=shape).flush()
     barrier(world)
+    failure = None
+    try:
+        write_rows(partial, teacher, cfg, index, (rank, world), place)
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait for this one forever
+        failure = e
+    agree_on_failure(failure, world, f"write its rows into {partial}")
+    if rank == 0:
+        try:
+            finish(partial, out, describe(cfg, t, index, shape, dtype), world)
+        except Exception as e:  # noqa: BLE001 - as above
+            failure = e
+    agree_on_failure(failure, world, f"complete {out}")
+    return out
+
+
+def write_rows(partial: Path, teacher: nn.Module, cfg: TrainConfig, index, shard: tuple[int, int], place: Placement):
+    """This rank's rows into the shared file, then its mark that they are there."""
     table = np.load(partial / FEATURES, mmap_mode="r+")
-    fill(table, teacher, cfg, index, (rank, world), place)
+    fill(table, teacher, cfg, index, shard, place)
     table.flush()
     del table
-    barrier(world)
-    if rank == 0:
-        meta = describe(cfg, t, index, shape, dtype)
-        files.atomic_write(partial / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        files.sync(partial / FEATURES)
-        partial.rename(out)
-        files.sync(out.parent)
-    barrier(world)
-    return out
+    (partial / f"rank{shard[0]}.done").touch()
+
+
+def finish(partial: Path, out: Path, meta: dict, world: int) -> None:
+    """Rank 0: every rank's rows are in the file it sees, so it is whole; meta.json, then the rename to `out`."""
+    missing = [r for r in range(world) if not (partial / f"rank{r}.done").exists()]
+    if missing:
+        raise RuntimeError(
+            f"rank(s) {missing} wrote their rows into another {partial}: the cache's folder must be on a file "
+            "system every rank shares"
+        )
+    for r in range(world):
+        (partial / f"rank{r}.done").unlink()
+    files.atomic_write(partial / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    files.sync(partial / FEATURES)
+    partial.rename(out)
+    files.sync(out.parent)
 
 
 def fill(table: np.ndarray, teacher: nn.Module, cfg: TrainConfig, index, shard: tuple[int, int], place: Placement):

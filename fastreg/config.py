@@ -64,6 +64,7 @@ class HeadConfig:
             raise ValueError(f"head.hidden is only used by head.kind=mlp, not {self.kind!r}")
 
 
+CACHE_REQUIRED = "required"  # teacher.cache in a recipe that needs one (python -m fastreg.cache_teacher unsets it)
 TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "simsiam", "dino", "dinov2")
 
 
@@ -93,7 +94,7 @@ class TeacherConfig:
     # The features of this teacher that `python -m fastreg.cache_teacher` wrote (SimReg's --use_cache): each image's
     # stored feature of its center crop is the target, the teacher never runs and no checkpoint is needed. The whole
     # table is loaded onto the device (ImageNet at 2048-d fp16: 5.2 GB). Its dataset and teacher are checked against
-    # this run's at start-up.
+    # this run's at start-up. A cached recipe sets it to "required": the run stops until it is given.
     cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +103,11 @@ class TeacherConfig:
         if self.compile and self.inference == "eager":
             raise ValueError("teacher.compile=true compiles the folded teacher: set teacher.inference=folded or auto")
         _check_positive("teacher.weight", self.weight)
+        if self.cache == CACHE_REQUIRED:
+            raise ValueError(
+                "teacher.cache must be set: this recipe trains against cached teacher features. Write them with "
+                "python -m fastreg.cache_teacher PATH <the same overrides>, then pass teacher.cache=PATH"
+            )
 
 
 @dataclass
@@ -173,8 +179,10 @@ class DataConfig:
     # SEED's small patches (main_small-patch.py, swav_small_aug): per image this many extra crops of
     # small_patch_size px at small_patch_scale, each with its own crop, flip and data.augment colours, through
     # student and teachers; loss=seed adds their term over a second queue. 0: none; SEED's recipe: 6 at 96 px,
-    # scale 0.05-0.14. Each patch is one more forward of both networks at (96/224)^2 of the pixels: 6 patches cost
-    # about as much as the global view again. DALI only; the image is decoded whole (no region-of-interest decode).
+    # scale 0.05-0.14. With teacher_view=weak the teachers still see the patches with their colours (SEED's teacher
+    # sees the student's patches; the official code has no weak view). Each patch is one more forward of both
+    # networks at (96/224)^2 of the pixels: 6 patches cost about as much as the global view again. DALI only; the
+    # image is decoded whole (no region-of-interest decode).
     small_patches: int = 0
     small_patch_size: int = 96
     small_patch_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
@@ -377,7 +385,8 @@ class TrainConfig:
     demo: bool = False  # experiment=demo: build (or reuse) the demo's data and teacher, and set their paths
 
     def __post_init__(self) -> None:
-        self._teacher_keys = [f"teachers.{i}" for i in range(len(self.teachers))] or ["teacher"]
+        # each teacher's key in overrides and messages: teacher, or teachers.<i> (not a field: not saved)
+        self.teacher_keys = [f"teachers.{i}" for i in range(len(self.teachers))] or ["teacher"]
         if not self.teachers:
             if self.teacher is None:
                 raise ValueError("no teacher: pick one with teacher=<arch> or list several under teachers:")
@@ -403,8 +412,8 @@ class TrainConfig:
             "data.file_list": d.file_list,
             "data.val_root": d.val_root,
             "data.knn_train_root": d.knn_train_root,
-            **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self._teacher_keys, self.teachers)},
-            **{f"{key}.cache": t.cache for key, t in zip(self._teacher_keys, self.teachers)},
+            **{f"{key}.checkpoint": t.checkpoint for key, t in zip(self.teacher_keys, self.teachers)},
+            **{f"{key}.cache": t.cache for key, t in zip(self.teacher_keys, self.teachers)},
         }
         return {key: value for key, value in keys.items() if value is not None}
 
@@ -417,7 +426,7 @@ class TrainConfig:
                 f"data.small_patches={d.small_patches} feeds SEED's second queue, and loss={self.loss.name}: set "
                 "loss=seed or data.small_patches=0"
             )
-        for key, t in zip(self._teacher_keys, self.teachers):
+        for key, t in zip(self.teacher_keys, self.teachers):
             if t.cache is None:
                 continue
             if d.teacher_view != "same" or d.small_patches:
@@ -430,7 +439,7 @@ class TrainConfig:
 
     def _check_required(self) -> None:
         """Values without a sensible default (checked here, not in the groups, whose defaults must build)."""
-        for key, t in zip(self._teacher_keys, self.teachers):
+        for key, t in zip(self.teacher_keys, self.teachers):
             if t.checkpoint is None and t.cache is None and not self.demo:  # the demo trains its own teacher
                 raise ValueError(
                     f"{key}.checkpoint is not set (teacher {t.name!r}): pass {key}.checkpoint=/path/to/weights.pth "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastreg import checkpoint as ckpt
-from fastreg.cache_teacher import CachedTeacher
+from fastreg.cached_teacher import CachedTeacher
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
 from fastreg.losses import FusedRegressionLoss, build_loss, loss_terms
@@ -60,7 +60,7 @@ class StudentWithHeads(nn.Module):
 class Distiller(nn.Module):
     def __init__(
         self,
-        teachers: list[Teacher],
+        teachers: list[Teacher | CachedTeacher],
         student: Student,
         heads: list[nn.Module],
         losses: list[nn.Module],
@@ -142,11 +142,12 @@ class Distiller(nn.Module):
             return nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
 
-    def check_dataset(self, digest: str | None) -> None:
-        """Cached teachers' rows must be the loader's dataset positions (digest: its samples' identity)."""
+    def bind_dataset(self, digest: str | None, root: str | None) -> None:
+        """Cached teachers check that their rows are the loader's dataset positions (digest: its samples'
+        identity), then load their tables onto the device."""
         for teacher in self.teachers:
             if isinstance(teacher, CachedTeacher):
-                teacher.check_dataset(digest)
+                teacher.bind_dataset(digest, root)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""
@@ -192,8 +193,8 @@ def compile_report() -> str:
 def build_distiller(cfg: TrainConfig, place: Placement) -> Distiller:
     amp_dtype, device = place.amp_dtype, place.device
     teachers = [
-        CachedTeacher(t, device) if t.cache else build_teacher(t, amp_dtype=amp_dtype, device=device)
-        for t in cfg.teachers
+        CachedTeacher(t, key, device) if t.cache else build_teacher(t, amp_dtype=amp_dtype, device=device)
+        for key, t in zip(cfg.teacher_keys, cfg.teachers)
     ]
     student = Student(cfg.student.arch)
     heads = [

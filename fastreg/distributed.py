@@ -57,3 +57,14 @@ def gather(obj: dict, world: int) -> list[dict]:
     objs: list = [None] * world
     dist.all_gather_object(objs, obj)
     return objs
+
+
+def agree_on_failure(failure: BaseException | None, world: int, what: str) -> None:
+    """Raise on every rank when any rank failed at `what` (a collective: all ranks call it): the failed rank
+    re-raises its error, the others a RuntimeError naming it, so that none waits for it at a later barrier."""
+    messages = gather({"error": f"{type(failure).__name__}: {failure}" if failure else None}, world)
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(messages):
+        if message["error"] is not None:
+            raise RuntimeError(f"rank {rank} could not {what}: {message['error']}")

@@ -5,6 +5,7 @@ DALI cannot skip a bad sample, so every image is decode-checked here before trai
 left out of the file_list that `fn.readers.file(file_root=index.root, file_list=index.file_list)` reads.
 
 The index lives in `cache_dir/<sha1 of the root and file_list>/`: file_list.txt ("relpath label" lines),
+positions.txt ("relpath position" lines, the training reader's: fastreg.cached_teacher's rows are positions),
 bad_files.txt ("relpath<TAB>reason" lines) and index.json (fingerprint and classes). It is reused while the
 fingerprint (every file's relpath, label, size and mtime: a stat walk, no decode) still matches.
 
@@ -65,7 +66,8 @@ class DatasetIndex:
 
 def positions_list(index: DatasetIndex) -> Path:
     """index.file_list with each file's position in index.samples as its label, beside it: DALI's training
-    reader reads positions (the rows of a cached teacher's features) and the loader maps them to labels."""
+    reader reads positions (the rows of a cached teacher's features) and the loader maps them to labels.
+    Written with the index; an index cached by an older fastreg gets it at its first training run."""
     path = index.file_list.with_name("positions.txt")
     text = "".join(f"{rel} {i}\n" for i, (rel, _) in enumerate(index.samples))
     if not path.exists() or path.read_text(**ENCODING) != text:
@@ -274,8 +276,10 @@ def _build(
     (folder / "index.json").unlink(missing_ok=True)
     _write_text(folder / "file_list.txt", "".join(f"{rel} {label}\n" for rel, label in samples))
     _write_text(folder / "bad_files.txt", "".join(f"{rel}\t{reason}\n" for rel, reason in bad))
+    index = DatasetIndex(root, classes, samples, bad, folder / "file_list.txt")
+    positions_list(index)
     _write_text(folder / "index.json", json.dumps({"fingerprint": fingerprint, "classes": classes}))
-    return DatasetIndex(root, classes, samples, bad, folder / "file_list.txt")
+    return index
 
 
 def _check_all(paths: Sequence[str], workers: int, progress: bool) -> list[str | None]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fastreg.config import DataConfig
+from fastreg.distributed import agree_on_failure
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Batch:
 
 class Loader(Protocol):
     name: str
+    identity: dict  # what a saved position belongs to: the loader, its samples' digest, shards, batch size
     position: tuple[int, int]  # (epoch, batches of it done): where the next batch comes from
 
     def __len__(self) -> int: ...
@@ -127,13 +129,7 @@ def dataset_index(cfg: DataConfig, rank: int, world_size: int):
             index = load(progress=rank == 0)
         except Exception as e:  # noqa: BLE001 - any failure must reach the waiting ranks, or they hang
             failure = e
-    messages: list = [None] * world_size
-    dist.all_gather_object(messages, f"{type(failure).__name__}: {failure}" if failure else None)
-    if failure is not None:
-        raise failure
-    for other, message in enumerate(messages):
-        if message is not None:
-            raise RuntimeError(f"rank {other} could not index {cfg.root}: {message}")
+    agree_on_failure(failure, world_size, f"index {cfg.root}")
     if not builder:
         index_log = logging.getLogger("fastreg.index")
         level = index_log.level

@@ -55,9 +55,10 @@ class Shard:
 
 
 def read_files(index: DatasetIndex, shard: Shard, *, shuffle: bool, seed: int, positions: bool = False):
-    """JPEG bytes and labels of the validated files, or with `positions` their positions in index.samples. Training reshuffles the entire dataset every epoch
-    with a seed shared by all ranks, so the shards partition one permutation (each sample at most once per
-    epoch); pad_last_batch gives every shard's pass the same length (DaliLoader never trains on the pad)."""
+    """JPEG bytes and labels of the validated files, or with `positions` their positions in index.samples.
+    Training reshuffles the entire dataset every epoch with a seed shared by all ranks, so the shards partition
+    one permutation (each sample at most once per epoch); pad_last_batch gives every shard's pass the same length
+    (DaliLoader never trains on the pad)."""
     shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if shuffle else {}
     jpegs, labels = fn.readers.file(
         file_root=str(index.root),

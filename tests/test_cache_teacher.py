@@ -20,7 +20,7 @@ from fastreg import cache_teacher
 from fastreg.config import TeacherConfig, to_config
 from fastreg.distiller import build_distiller
 from fastreg.index import load_index
-from fastreg.pipelines import Batch
+from fastreg.pipelines import Batch, samples_digest
 from fastreg.pipelines.pil_folder import eval_transform
 from fastreg.placement import Placement
 from fastreg.teachers import TEACHERS, build_teacher
@@ -99,6 +99,16 @@ def test_two_ranks_write_their_shards_into_one_cache(data, teacher_file, tmp_pat
     torch.testing.assert_close(torch.from_numpy(np.load(out / "features.npy")), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_folder_some_rank_did_not_write_into_is_not_completed(tmp_path):
+    """Rank 0 renames the cache only when every rank marked its rows written in the folder rank 0 sees."""
+    partial = tmp_path / "cache.partial"
+    partial.mkdir()
+    (partial / "rank0.done").touch()
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] wrote their rows into another .* every rank shares"):
+        cache_teacher.finish(partial, tmp_path / "cache", {}, world=2)
+    assert not (tmp_path / "cache").exists()
+
+
 def compose_cfg(*items):
     with initialize_config_module("fastreg.configs", version_base="1.3"):
         return to_config(compose("config", overrides=list(items)))
@@ -116,6 +126,7 @@ def cache(data, teacher_file, tmp_path_factory):
 def test_the_loss_regresses_the_cached_rows_of_the_batchs_positions(data, teacher_file, cache, tmp_path):
     cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={cache}", "head=linear", "loss=simreg"))
     distiller = build_distiller(cfg, Placement.of("fp32", True, CPU))
+    distiller.bind_dataset(samples_digest(load_index(data).samples), str(data))
     assert distiller.implementations()["teachers"] == ["cached"]
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     positions = torch.tensor([13, 0, 5, 5])
@@ -138,6 +149,11 @@ def test_a_cache_of_other_data_or_another_teacher_is_refused(data, teacher_file,
     )
     with pytest.raises(ValueError, match="projection=False, and this run's teacher 'cnn_small' has projection=True"):
         build_distiller(cfg, Placement.of("fp32", True, CPU))
+    other = overrides(data, teacher_file.with_name("other.pt"), tmp_path / "d", f"teacher.cache={cache}")
+    with pytest.raises(
+        ValueError, match="teacher.checkpoint=.*other.pt is not the checkpoint teacher.cache=.* computed"
+    ):
+        build_distiller(compose_cfg(*other), Placement.of("fp32", True, CPU))
     with pytest.raises(
         FileNotFoundError, match="no meta.json there. Write the cache with python -m fastreg.cache_teacher"
     ):

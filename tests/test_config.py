@@ -34,6 +34,8 @@ def test_every_experiment_composes(experiment):
     overrides = ["trainer.out_dir=/tmp/x", "data.root=/data/train", f"experiment={experiment}"]
     if experiment == "simreg_multi":
         overrides += ["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"]
+    elif experiment.endswith("_cached"):
+        overrides += ["teacher.cache=/c"]
     elif experiment != "demo":
         overrides += ["teacher.checkpoint=random"]
     cfg = load(overrides)
@@ -62,6 +64,8 @@ def test_paper_recipes():
     for teacher, fmt in (("byol", "byol"), ("swav", "swav")):  # the README's "(cached)" rows
         cfg = load(BASE + [f"experiment=simreg_{teacher}_r50_r18_cached", "teacher.cache=/c"])
         assert cfg.teachers[0].format == fmt and cfg.teachers[0].cache == "/c" and cfg.head.kind == "simreg4"
+        with pytest.raises(ValueError, match="teacher.cache must be set: this recipe trains against cached"):
+            load(BASE + [f"experiment=simreg_{teacher}_r50_r18_cached"])  # never an online teacher by mistake
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,10 @@ def test_recipes_train_on_their_papers_view_batch_and_schedule(experiment):
     overrides = (
         ["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"]
         if experiment == "simreg_multi"
-        else ["teacher.checkpoint=random"]
+        else [
+            "teacher.checkpoint=random",
+            "teacher.cache=/c" if experiment.endswith("_cached") else "teacher.cache=null",
+        ]
     )
     cfg = load(["trainer.out_dir=/tmp/x", "data.root=/d", f"experiment={experiment}"] + overrides)
     assert (cfg.optim.recipe_batch, cfg.optim.schedule) == (256, "epoch")
