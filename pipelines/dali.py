@@ -402,6 +402,10 @@ class DaliLoader:
             "dataset": samples_digest(index.samples),
             "num_shards": shard.num_shards,
             "batch_size": cfg.batch_size,
+            # DALI restores a state only into the same operators; None for one view (as states saved before it)
+            "views": f"{cfg.augment}, teacher_view={cfg.teacher_view}, small_patches={cfg.small_patches}"
+            if cfg.teacher_view != "same" or cfg.small_patches
+            else None,
         }
         checkpoint = usable_state(checkpoint, self.identity, order_has_state=True)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.

@@ -346,6 +346,18 @@ def test_state_of_another_loader_or_dataset_restarts_the_order_with_a_warning(tm
     assert "another loader" in warned[0] and "another batch_size" in warned[1] and "another dataset" in warned[2]
 
 
+def test_state_of_a_pipeline_with_other_views_restarts_the_order_with_a_warning(tmp_path, caplog):
+    """A state saved with small patches or a teacher view fits only a pipeline with the same operators; another
+    one starts over with a warning (trainer.resume_force), where DALI would stop on it."""
+    root = make_image_folder(tmp_path, per_class=4)
+    patched = dali_loader(root, small_patches=2, small_patch_size=8)
+    next(iter(patched.epoch(0)))
+    with caplog.at_level(logging.WARNING):
+        assert dali_loader(root, checkpoint=patched.state_dict()).position == (0, 0)
+        assert dali_loader(root, checkpoint=dali_loader(root).state_dict(), small_patches=2).position == (0, 0)
+    assert sum("another views" in r.getMessage() for r in caplog.records) == 2
+
+
 # ------------------------------------------------------------------------- parity with torchvision
 
 
