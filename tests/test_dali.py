@@ -755,10 +755,18 @@ def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, options)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("augment", ["weak", "strong", "simclr"])
-def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment):
+@pytest.mark.parametrize(
+    "augment, views",
+    [
+        ("weak", {}),
+        ("strong", {}),
+        ("simclr", {}),
+        ("strong", {"teacher_view": "weak", "small_patches": 3, "small_patch_size": 16}),  # whole-image decode
+    ],
+)
+def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment, views):
     root = make_image_folder(tmp_path, per_class=8, size=64)
-    cfg = data_config(root, crop_size=32, hw_decoder_load=0.5, augment=augment)
+    cfg = data_config(root, crop_size=32, hw_decoder_load=0.5, augment=augment, **views)
     ld = DaliLoader(
         cfg,
         load_index(root, progress=False),
@@ -772,6 +780,9 @@ def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment):
     assert ld.name == "dali-mixed" and images.is_cuda and labels.is_cuda and batch.indices.is_cuda
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
     assert images._base is not None and images.data_ptr() == images._base.data_ptr()
+    for extra, shape in ((batch.teacher_images, (4, 3, 32, 32)), (batch.patches, (12, 3, 16, 16))):
+        assert (extra is None) == (not views) and (extra is None or extra.shape == shape)
+        assert extra is None or (extra.is_cuda and extra.dtype == torch.float16 and torch.isfinite(extra).all())
 
 
 @pytest.mark.gpu
