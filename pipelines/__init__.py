@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ import torch.distributed as dist
 from fastreg.config import DataConfig
 from fastreg.distributed import agree_on_failure
 from fastreg.seeding import mix_seed
+
+if TYPE_CHECKING:
+    from fastreg.index import DatasetIndex
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,6 +82,21 @@ def usable_state(checkpoint: dict | None, identity: dict, *, order_has_state: bo
             identity["loader"],
         )
     return None
+
+
+def dataset_identity(name: str, index: DatasetIndex, num_shards: int, batch_size: int, batches: int) -> dict:
+    """A dataset loader's identity (see usable_state), once `batches` per epoch is checked to be at least one."""
+    if batches == 0:
+        raise ValueError(
+            f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {batch_size} per process "
+            f"across {num_shards} process(es); lower data.batch_size"
+        )
+    return {
+        "loader": name,
+        "dataset": samples_digest(index.samples),
+        "num_shards": num_shards,
+        "batch_size": batch_size,
+    }
 
 
 def samples_digest(samples: Iterable[tuple[str, int]]) -> str:
@@ -178,8 +196,11 @@ def build_loader(
             half=half,
             checkpoint=checkpoint,
         )
-    dali_only = {"data.augment": cfg.augment != "weak", "data.teacher_view": cfg.teacher_view != "same"}
-    dali_only["data.small_patches"] = cfg.small_patches > 0
+    dali_only = {
+        "data.augment": cfg.augment != "weak",
+        "data.teacher_view": cfg.teacher_view != "same",
+        "data.small_patches": cfg.small_patches > 0,
+    }
     if wanted := [key for key, on in dali_only.items() if on]:
         raise ValueError(f"{', '.join(wanted)} is built with DALI ops, and DALI cannot be imported here")
     from fastreg.pipelines.pil_folder import TorchvisionLoader

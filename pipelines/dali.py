@@ -29,7 +29,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index, positions_list
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, usable_state
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -392,21 +392,10 @@ class DaliLoader:
         self.name = "dali-mixed" if self.gpu else "dali-cpu"
         self.memory_format = memory_format
         self.batches = full_batches(len(index.samples), shard, cfg.batch_size)
-        if self.batches == 0:
-            raise ValueError(
-                f"{index.root} has {len(index.samples)} usable images: fewer than one batch of {cfg.batch_size} "
-                f"per process across {shard.num_shards} process(es); lower data.batch_size"
-            )
-        self.identity = {
-            "loader": self.name,
-            "dataset": samples_digest(index.samples),
-            "num_shards": shard.num_shards,
-            "batch_size": cfg.batch_size,
-            # DALI restores a state only into the same operators; None for one view (as states saved before it)
-            "views": f"{cfg.augment}, teacher_view={cfg.teacher_view}, small_patches={cfg.small_patches}"
-            if cfg.teacher_view != "same" or cfg.small_patches
-            else None,
-        }
+        self.identity = dataset_identity(self.name, index, shard.num_shards, cfg.batch_size, self.batches)
+        # DALI restores a state only into the same operators; None for one view (as states saved before it)
+        views = f"{cfg.augment}, teacher_view={cfg.teacher_view}, small_patches={cfg.small_patches}"
+        self.identity["views"] = views if cfg.teacher_view != "same" or cfg.small_patches else None
         checkpoint = usable_state(checkpoint, self.identity, order_has_state=True)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.
         self.position = (checkpoint["epoch"], checkpoint["batch"]) if checkpoint else (0, 0)

@@ -18,7 +18,7 @@ from torchvision.datasets.folder import pil_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, samples_digest, shard_range, usable_state
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, shard_range, usable_state
 from fastreg.seeding import mix_seed
 
 
@@ -116,17 +116,7 @@ class TorchvisionLoader:
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         self.cfg, self.device, self.memory_format = cfg, device, memory_format
-        if len(self) == 0:
-            raise ValueError(
-                f"{index.root} has {len(self.dataset)} usable images: fewer than one batch of {cfg.batch_size} per "
-                f"process across {world_size} process(es); lower data.batch_size"
-            )
-        self.identity = {
-            "loader": self.name,
-            "dataset": samples_digest(index.samples),
-            "num_shards": world_size,
-            "batch_size": cfg.batch_size,
-        }
+        self.identity = dataset_identity(self.name, index, world_size, cfg.batch_size, len(self))
         state = usable_state(checkpoint, self.identity, order_has_state=False)
         self.position = (state["epoch"], state["batch"]) if state else (0, 0)
 

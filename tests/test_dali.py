@@ -18,7 +18,7 @@ from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_ba
 from fastreg.pipelines.dali import DaliLoader, Shard, colour_jitter, dali_eval_loader, random_order
 from fastreg.pipelines.pil_folder import eval_loader
 
-CPU = torch.device("cpu")
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -27,14 +27,14 @@ def data_config(root: Path, **kw) -> DataConfig:
     return DataConfig(**{"loader": "dali", "root": str(root), "crop_size": 24, "batch_size": 4, "workers": 1, **kw})
 
 
-def dali_loader(root: Path, shard: Shard | None = None, checkpoint=None, **kw) -> DaliLoader:
+def dali_loader(root: Path, shard: Shard | None = None, checkpoint=None, device=CPU, **kw) -> DaliLoader:
     cfg = data_config(root, **kw)
     return DaliLoader(
         cfg,
         load_index(root, progress=False),
         shard=shard or Shard(),
         seed=0,
-        device=CPU,
+        device=device,
         memory_format=torch.channels_last,
         checkpoint=checkpoint,
     )
@@ -766,15 +766,7 @@ def test_mixed_decoder_pipelines_can_be_defined_without_a_gpu(tmp_path, options)
 )
 def test_mixed_decoder_gives_half_channels_last_on_the_gpu(tmp_path, augment, views):
     root = make_image_folder(tmp_path, per_class=8, size=64)
-    cfg = data_config(root, crop_size=32, hw_decoder_load=0.5, augment=augment, **views)
-    ld = DaliLoader(
-        cfg,
-        load_index(root, progress=False),
-        shard=Shard(),
-        seed=0,
-        device=torch.device("cuda", 0),
-        memory_format=torch.channels_last,
-    )
+    ld = dali_loader(root, device=GPU, crop_size=32, hw_decoder_load=0.5, augment=augment, **views)
     batch = next(iter(ld.epoch(0)))
     images, labels = batch.images, batch.labels
     assert ld.name == "dali-mixed" and images.is_cuda and labels.is_cuda and batch.indices.is_cuda
@@ -790,7 +782,7 @@ def test_mixed_and_cpu_decoders_agree_on_eval_crops(photo_jpegs):
     """The mixed decoder (nvJPEG and the hardware decoder, with jpeg_fancy_upsampling) against the CPU one
     (libjpeg-turbo) through the same resize and crop: within the tolerance the CPU eval crops keep to
     torchvision, image by image. Without fancy upsampling the H200 measured a mean of 3.1 grey levels."""
-    gpu_x, gpu_y = eval_crops(photo_jpegs, torch.device("cuda", 0))
+    gpu_x, gpu_y = eval_crops(photo_jpegs, GPU)
     cpu_x, cpu_y = eval_crops(photo_jpegs, CPU)
     assert torch.equal(gpu_y, cpu_y)
     per_image = (gpu_x - cpu_x).abs().mean((1, 2, 3))
@@ -803,21 +795,13 @@ def test_mixed_decoder_reads_cmyk_and_png_files(tmp_path):
     decoder, for training crops and eval alike, with the CPU pipeline's pixels."""
     root = make_image_folder(tmp_path, per_class=4, size=32)
     add_odd_files(root)
-    cfg = data_config(root, batch_size=5)
-    ld = DaliLoader(
-        cfg,
-        load_index(root, progress=False),
-        shard=Shard(),
-        seed=0,
-        device=torch.device("cuda", 0),
-        memory_format=torch.channels_last,
-    )
+    ld = dali_loader(root, device=GPU, batch_size=5)
     labels = []
     for batch in ld.epoch(0):
         assert batch.images.shape == (5, 3, 24, 24) and batch.images.is_cuda
         labels += batch.labels.tolist()
     assert sorted(labels) == [0] * 4 + [1] * 6
-    gpu_x, gpu_y = eval_crops(root, torch.device("cuda", 0))
+    gpu_x, gpu_y = eval_crops(root, GPU)
     cpu_x, cpu_y = eval_crops(root, CPU)
     assert torch.equal(gpu_y, cpu_y)
     assert (gpu_x - cpu_x).abs().mean((1, 2, 3)).max() < EVAL_TOLERANCE

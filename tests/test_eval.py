@@ -391,25 +391,7 @@ def test_a_damaged_cache_file_is_an_error_that_says_to_delete_it(folders, tmp_pa
 def test_the_cli_caches_features_under_fastreg_cache(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTREG_CACHE", str(tmp_path / "cache"))
     torch.save(Student("cnn_tiny").backbone.state_dict(), tmp_path / "tiny.pt")
-    ev.main(
-        [
-            str(tmp_path / "tiny.pt"),
-            "--arch",
-            "cnn_tiny",
-            "--train-root",
-            str(folders[0]),
-            "--val-root",
-            str(folders[1]),
-            "--crop-size",
-            "32",
-            "--workers",
-            "0",
-            "--k",
-            "3",
-            "--device",
-            "cpu",
-        ]
-    )
+    _cli_on_folders(tmp_path / "tiny.pt", "cnn_tiny", folders, "--device", "cpu")
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2  # the bank's and the queries'
 
 
@@ -499,27 +481,16 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
 
 def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
     torch.save(Student("resnet18").backbone.state_dict(), tmp_path / "r18.pt")
-    ev.main(
-        [
-            str(tmp_path / "r18.pt"),
-            "--arch",
-            "resnet18",
-            "--train-root",
-            str(folders[0]),
-            "--val-root",
-            str(folders[1]),
-            "--crop-size",
-            "32",
-            "--workers",
-            "0",
-            "--k",
-            "3",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    _cli_on_folders(tmp_path / "r18.pt", "resnet18", folders, "--cache-dir", tmp_path / "cache")
     out = capsys.readouterr().out
     assert "r18.pt (resnet18, crop 32)" in out and set(_figures(out)) == {"knn3_majority", "knn3_weighted", "nn1"}
+
+
+def _cli_on_folders(weights, arch: str, folders, *extra) -> None:
+    """fastreg.eval on exported weights with the folders' train and val roots, crop 32, k 3, in process."""
+    roots = ["--train-root", folders[0], "--val-root", folders[1]]
+    args = [weights, "--arch", arch, *roots, "--crop-size", 32, "--workers", 0, "--k", 3, *extra]
+    ev.main([str(a) for a in args])
 
 
 def _cli_error(*args) -> str:
