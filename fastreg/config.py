@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from fastreg.placement import auto_precision
+
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -274,7 +276,10 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 130
-    precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast dtype of teacher and student
+    # Autocast dtype of teacher and student: bf16 | fp16 (with a GradScaler) | fp32 (no autocast) | auto: bf16 on
+    # CUDA and on CPUs with native bf16, fp32 on other CPUs (which emulate bf16 20-40x slower than fp32). auto is
+    # resolved here, so train.log and checkpoints hold the precision that ran.
+    precision: str = "auto"
     channels_last: bool = True
     # torch.compile the student and heads (one graph) and the losses (another); train.log gives the graphs and graph
     # breaks after the first step (none for the registered students, heads and losses). Off by default: turn it on
@@ -330,8 +335,10 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check_positive("trainer.epochs", self.epochs)
-        _check_choice("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _check_choice("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _check_choice("trainer.device", self.device, ("auto", "cuda", "cpu"))
+        if self.precision == "auto":
+            self.precision = auto_precision(self.device)
         _check_choice(
             "trainer.compile_mode", self.compile_mode, ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
         )

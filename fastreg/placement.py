@@ -20,6 +20,14 @@ def pick_device(choice: str, key: str = "trainer.device", index: int = 0) -> tor
     return torch.device("cpu")
 
 
+def auto_precision(device: str) -> str:
+    """trainer.precision=auto for trainer.device=`device`: bf16 autocast where the hardware computes in bf16 (CUDA;
+    CPUs with AVX512-BF16 or AMX, which oneDNN reports), else fp32. A CPU without them emulates bf16: R50 -> R18 at
+    batch 16 on this project's 2-core CPU machines took 175 s per step under bf16 autocast and 10 s in fp32."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 @dataclass(frozen=True)
 class Placement:
     device: torch.device

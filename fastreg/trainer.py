@@ -233,7 +233,7 @@ class Trainer:
     def log_startup(self) -> None:
         o = self.cfg.optim
         lines = [
-            f"device {self.device}, world size {self.world}, loader {self.loader.name} ({len(self.loader)} "
+            f"device {self.device}, precision {self.cfg.trainer.precision}, world size {self.world}, loader {self.loader.name} ({len(self.loader)} "
             f"batches/epoch), optimizer {self.optimizer_impl}, peak lr {self.schedule.peak:.4g} (global batch "
             f"{self.global_batch}), lr schedule per {o.schedule}",
             f"a step whose loss is NaN or inf is {self.guard.name}",

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
@@ -157,3 +158,14 @@ def test_missing_required_values():
         load(["experiment=simreg_multi", "data.root=/d", "trainer.out_dir=/tmp/x", "teachers.0.checkpoint=random"])
     with pytest.raises(ValueError, match="data.root"):
         load(["experiment=none", "teacher.checkpoint=random", "trainer.out_dir=/tmp/x"])
+
+
+def test_precision_auto_is_resolved_to_what_the_device_computes_in():
+    """auto: bf16 on CUDA and CPUs with native bf16 (oneDNN says which), else fp32; explicit choices are kept."""
+    native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert load(BASE).trainer.precision == ("bf16" if native else "fp32")
+    assert load(BASE + ["trainer.device=cpu"]).trainer.precision == (
+        "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    )
+    assert load(BASE + ["trainer.precision=bf16", "trainer.device=cpu"]).trainer.precision == "bf16"
+    assert load(BASE + ["experiment=seed_r50_effb0"]).trainer.precision == "fp16"  # the recipe's own
