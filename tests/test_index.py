@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, make_image_folder, noise
+from helpers import BAD, ODD_BUT_READABLE, add_bad_files, add_odd_files, make_image_folder, noise, overwrite_in_place
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -419,17 +419,6 @@ def test_a_second_way_into_a_folder_is_skipped_and_named(tree, tmp_path, caplog)
 # ------------------------------------------------------------------ content: checksums, in-place changes, --recheck
 
 
-def overwrite_in_place(path: Path, data: bytes = bytes(64)) -> None:
-    """Write `data` over the file's first bytes, keeping its size, and set its atime and mtime back: what a
-    failing disk or a careless script does, which neither `ls -l` nor the old fingerprint sees."""
-    before = path.stat()
-    with open(path, "r+b") as f:
-        f.write(data)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-
-
 def test_a_jpeg_corrupted_in_place_with_its_size_and_mtime_is_checked_again(tree, monkeypatch, caplog):
     first = index(tree)
     original = (tree / "class1" / "1.jpg").read_bytes()
@@ -524,3 +513,16 @@ def test_knn_evaluation_names_the_key_of_a_missing_folder(tmp_path):
         cfg.eval.workers, cfg.eval.batch_size = 0, 4
         with pytest.raises(FileNotFoundError, match=f"point {key} at an ImageFolder"):
             knn_eval_run(Student("cnn_tiny").backbone, cfg, torch.device("cpu"))
+
+
+def test_after_a_loader_failure_unchanged_files_are_all_read_and_none_blamed(tree, monkeypatch, caplog):
+    """When no file was written since it was checked, every file is read again before the failure is declared
+    not the files' (the loader then re-raises its own error)."""
+    idx = index(tree)
+    checked = recording_checks(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="fastreg.index"):
+        assert fi.recheck_after_failure(idx, "the DALI pipeline (x)") is None
+    assert len(checked) == 15
+    assert "no file that the DALI pipeline (x) read was written since it was checked; reading all 15" in caplog.text
+    assert "every file the DALI pipeline (x) read still passes the decode check" in caplog.text
+    assert index(tree) == idx
