@@ -55,6 +55,7 @@ class Batch:
 
 class Loader(Protocol):
     name: str
+    index: DatasetIndex | None  # the checked files it reads (a cached teacher binds to it); None for synthetic data
     identity: dict  # what a saved position belongs to: the loader, its samples' digest, shards, batch size
     position: tuple[int, int]  # (epoch, batches of it done): where the next batch comes from
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from fastreg import cache_teacher
 from fastreg.config import TeacherConfig, to_config
 from fastreg.distiller import build_distiller
 from fastreg.index import load_index
-from fastreg.pipelines import Batch, samples_digest
+from fastreg.pipelines import Batch
 from fastreg.pipelines.pil_folder import eval_transform
 from fastreg.placement import Placement
 from fastreg.teachers import TEACHERS, build_teacher
@@ -42,9 +43,16 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=7)  # 14: a short last batch
 
 
-def overrides(data, teacher_file, out_dir, *extra):
-    base = [o for o in tiny_overrides(data, out_dir) if o != "teacher.checkpoint=random"]
+def cache_overrides(data, teacher_file, *extra):
+    """cache_teacher's training overrides, without trainer.out_dir: the README's commands pass none."""
+    unwanted = ("teacher.checkpoint=", "trainer.out_dir=")
+    base = [o for o in tiny_overrides(data, Path("unused")) if not o.startswith(unwanted)]
     return [*base, f"teacher.checkpoint={teacher_file}", "eval.batch_size=4", *extra]
+
+
+def overrides(data, teacher_file, out_dir, *extra):
+    """A training run's overrides."""
+    return [*cache_overrides(data, teacher_file, *extra), f"trainer.out_dir={out_dir}"]
 
 
 def reference_features(data, teacher_file, crop_size=32) -> torch.Tensor:
@@ -61,9 +69,7 @@ def reference_features(data, teacher_file, crop_size=32) -> torch.Tensor:
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("float16", 1e-3)])
 def test_rows_are_the_teachers_features_of_each_center_crop(data, teacher_file, tmp_path, dtype, tol):
     out = tmp_path / "cache"
-    cache_teacher.main(
-        [str(out), "--dtype", dtype, *overrides(data, teacher_file, tmp_path / "run", "data.loader=torchvision")]
-    )
+    cache_teacher.main([str(out), "--dtype", dtype, *cache_overrides(data, teacher_file, "data.loader=torchvision")])
     table = np.load(out / "features.npy")
     expected = reference_features(data, teacher_file)
     assert table.dtype == np.dtype(dtype) and table.shape == expected.shape == (14, 128)
@@ -75,13 +81,13 @@ def test_rows_are_the_teachers_features_of_each_center_crop(data, teacher_file, 
     assert meta["view"] == {"resize": 37, "center_crop": 32}
     assert not (tmp_path / "cache.partial").exists()
     with pytest.raises(SystemExit, match="exists: delete it"):  # never overwritten
-        cache_teacher.main([str(out), *overrides(data, teacher_file, tmp_path / "run")])
+        cache_teacher.main([str(out), *cache_overrides(data, teacher_file)])
 
 
 def test_dali_cache_matches_the_pil_one_within_resampling(data, teacher_file, tmp_path):
     """DALI's eval view is torchvision's within resampling differences (pipelines/dali.py eval_view)."""
     cache_teacher.main(
-        [str(tmp_path / "c"), "--dtype", "float32", *overrides(data, teacher_file, tmp_path / "r", "data.loader=dali")]
+        [str(tmp_path / "c"), "--dtype", "float32", *cache_overrides(data, teacher_file, "data.loader=dali")]
     )
     table = torch.from_numpy(np.load(tmp_path / "c" / "features.npy"))
     cos = F.cosine_similarity(table, reference_features(data, teacher_file), dim=1)
@@ -92,7 +98,7 @@ def test_two_ranks_write_their_shards_into_one_cache(data, teacher_file, tmp_pat
     out = tmp_path / "cache"
     proc = run_two_ranks(
         cache_teacher.__file__,
-        [str(out), "--dtype", "float32", *overrides(data, teacher_file, tmp_path / "run", "data.loader=torchvision")],
+        [str(out), "--dtype", "float32", *cache_overrides(data, teacher_file, "data.loader=torchvision")],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = reference_features(data, teacher_file)
@@ -104,7 +110,7 @@ def test_a_folder_some_rank_did_not_write_into_is_not_completed(tmp_path):
     partial = tmp_path / "cache.partial"
     partial.mkdir()
     (partial / "rank0.done").touch()
-    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] wrote their rows into another .* every rank shares"):
+    with pytest.raises(OSError, match=r"rank\(s\) \[1\] wrote their rows into another .* every rank shares"):
         cache_teacher.finish(partial, tmp_path / "cache", {}, world=2)
     assert not (tmp_path / "cache").exists()
 
@@ -118,7 +124,7 @@ def compose_cfg(*items):
 def cache(data, teacher_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "cnn_small"
     cache_teacher.main(
-        [str(out), "--dtype", "float32", *overrides(data, teacher_file, out.parent / "run", "data.loader=torchvision")]
+        [str(out), "--dtype", "float32", *cache_overrides(data, teacher_file, "data.loader=torchvision")]
     )
     return out
 
@@ -126,7 +132,7 @@ def cache(data, teacher_file, tmp_path_factory):
 def test_the_loss_regresses_the_cached_rows_of_the_batchs_positions(data, teacher_file, cache, tmp_path):
     cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={cache}", "head=linear", "loss=simreg"))
     distiller = build_distiller(cfg, Placement.of("fp32", True, CPU))
-    distiller.bind_dataset(samples_digest(load_index(data).samples), str(data))
+    distiller.bind_dataset(load_index(data))
     assert distiller.implementations()["teachers"] == ["cached"]
     images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     positions = torch.tensor([13, 0, 5, 5])
