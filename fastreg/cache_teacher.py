@@ -249,7 +249,8 @@ def finite_rows(values: np.ndarray, dtype: np.dtype, names: list[str], cfg: Trai
     def not_finite(table: np.ndarray) -> str:
         return listing(name for name, finite in zip(names, np.isfinite(table).all(axis=1)) if not finite)
 
-    rows = values.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is refused below, by name
+        rows = values.astype(dtype)
     if bad := not_finite(values):
         raise FloatingPointError(
             f"the teacher's features of {bad} are not finite (NaN or inf) even in float32: the teacher's weights "
