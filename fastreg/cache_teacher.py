@@ -6,7 +6,8 @@ then looked up by the trainer (teacher.cache=OUT) instead of running the teacher
     for every image i of data.root's validated index:
         features[i] = teacher(center_crop(image_i))     # (D,); resize crop*256/224, center crop: the eval view
     OUT/features.npy   (N, D), a .npy that numpy memory-maps; row i is the index's sample i
-    OUT/meta.json      the dataset's digest, the teacher, the view, the dtype: what teacher.cache checks
+    OUT/meta.json      the dataset's digests (names and labels; bytes) and root, the teacher, the view, the dtype,
+                       a CRC-32 per 65,536 rows, this command's arguments: what teacher.cache checks
 
 The official code loads a dict of one feature per file name, computed by a script it does not include. One
 fixed feature per image can only come from a fixed view; the center crop is the deterministic view of its
@@ -16,23 +17,23 @@ against it, which SimReg's README reports as slightly below the online teacher f
 The key=value overrides compose the training config (experiment=..., data.root=..., teacher.checkpoint=...),
 so the index, teacher and precision are the training run's. Under torchrun every rank computes the contiguous
 shard DALI's reader gives it and writes its rows into one file (ranks on one machine, or a shared file system).
-Everything is written into OUT.partial/ and renamed to OUT at the end: OUT is whole or absent.
+Everything is written into OUT.partial/ and renamed to OUT at the end: OUT is whole or absent. One writer at a
+time: rank 0 holds OUT.lock (fastreg.lock) from before OUT is looked at until it is renamed. A feature that is not
+finite, or overflows float16, is refused by image name before it is written (pass --dtype float32 for the latter).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from fastreg.cached_teacher import FEATURES, META, TEACHER_KEYS, block_checksums
 from fastreg.config import CACHE_REQUIRED, TeacherConfig, TrainConfig, to_config
 from fastreg.distributed import agree_on_failure, seed_everything, setup_distributed
 from fastreg.index import DatasetIndex
+from fastreg.lock import writer_lock
 from fastreg.messages import listing
 from fastreg.pipelines import dataset_index, eval_batches, samples_digest, shard_range
 from fastreg.placement import Placement
@@ -112,7 +114,7 @@ def write_cache(cfg: TrainConfig, out: Path, teacher_index: int, dtype: str, arg
 
 def take_lock(out: Path, held: ExitStack) -> None:
     """Rank 0: hold OUT.lock until `held` closes, and refuse an OUT that exists (never overwritten)."""
-    held.enter_context(writer_lock(out))
+    held.enter_context(writer_lock(out, "python -m fastreg.cache_teacher"))
     if out.exists():
         raise FileExistsError(f"{out} exists: delete it, or pass another folder")
 
@@ -151,49 +153,6 @@ def agree(work: Callable[[], object], world: int, what: str) -> None:
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait for this one forever
         failure = e
     agree_on_failure(failure, world, what)
-
-
-@contextmanager
-def writer_lock(out: Path) -> Iterator[None]:
-    """One writer of `out` at a time: an exclusive flock on OUT.lock, which names its holder (pid and host).
-
-    The kernel drops a flock when its process ends, however it ends. A lock file whose flock is free was
-    therefore left by a writer that died (killed before it could remove it), and is taken over with a warning.
-    A second writer while the first runs is refused: two used to write into one OUT.partial, and both "succeeded"
-    with a cache of zero rows."""
-    path = out.with_name(out.name + ".lock")
-    fd = locked(path, out)
-    try:
-        left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if left:
-            log.warning("%s: taking over the lock of a writer that died (%s) before it removed it", path, left)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def locked(path: Path, out: Path) -> int:
-    """A descriptor of the file at `path`, holding its exclusive flock."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "starting"
-            os.close(fd)
-            raise BlockingIOError(
-                f"{out} is being written by another python -m fastreg.cache_teacher ({holder}), which holds {path}: "
-                "wait for it to finish, or write another folder"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its holder removed that file as it finished, after this process opened it: lock anew
 
 
 def write_rows(partial: Path, teacher: nn.Module, cfg: TrainConfig, index, shard: tuple[int, int], place: Placement):
