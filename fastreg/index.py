@@ -322,7 +322,8 @@ def _enter(path: str, seen: dict[tuple[int, int], str], root: Path) -> bool:
     first = seen.setdefault((stat.st_dev, stat.st_ino), path)
     if first == path:
         return True
-    shown = os.path.relpath(path, root)
+    shown, met = os.path.relpath(path, root), os.path.relpath(first, root)
+    met = "the dataset root" if met == "." else met
     target = f" -> {os.readlink(path)}" if os.path.islink(path) else ""
     if path.startswith(first + os.sep):
         log.warning(
@@ -331,7 +332,7 @@ def _enter(path: str, seen: dict[tuple[int, int], str], root: Path) -> bool:
             root,
             shown,
             target,
-            os.path.relpath(first, root),
+            met,
         )
     else:
         log.warning(
@@ -340,7 +341,7 @@ def _enter(path: str, seen: dict[tuple[int, int], str], root: Path) -> bool:
             root,
             shown,
             target,
-            os.path.relpath(first, root),
+            met,
         )
     return False
 

@@ -389,10 +389,12 @@ def test_a_symlink_loop_is_entered_once_and_named(tree, caplog):
     expected = index(tree).samples
     (tree / "class0" / "loop").symlink_to("..")
     (tree / "class2" / "sub" / "up").symlink_to("../..")  # back to the root from a nested folder
+    (tree / "class1" / "self").symlink_to(".")  # back to its class folder
     with caplog.at_level(logging.WARNING, logger="fastreg.index"):
         idx = index(tree)
     assert idx.samples == expected
-    for link, target in (("class0/loop -> ..", "."), ("class2/sub/up -> ../..", ".")):
+    loops = [("class0/loop -> ..", "the dataset root"), ("class2/sub/up -> ../..", "the dataset root")]
+    for link, target in [*loops, ("class1/self -> .", "class1")]:
         assert f"skipped {link}: it leads back to {target}, which contains it (a loop" in caplog.text
     assert "remove the link" in caplog.text
 
