@@ -211,10 +211,12 @@ def finite_rows(values: np.ndarray, dtype: np.dtype, names: list[str], cfg: Trai
     with np.errstate(over="ignore"):  # an overflow is refused below, by name
         rows = values.astype(dtype)
     if bad := not_finite(values):
+        precision = cfg.trainer.precision
+        overflow = "" if precision == "fp32" else f", or its forward overflows at trainer.precision={precision}"
+        fix = "" if precision == "fp32" else ", or pass trainer.precision=fp32"
         raise FloatingPointError(
             f"the teacher's features of {bad} are not finite (NaN or inf) even in float32: the teacher's weights "
-            f"hold NaN or inf, or its forward overflows at trainer.precision={cfg.trainer.precision}; check "
-            "teacher.checkpoint, or pass trainer.precision=fp32"
+            f"hold NaN or inf{overflow}; check teacher.checkpoint{fix}"
         )
     if bad := not_finite(rows):
         raise FloatingPointError(
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as e:  # as fastreg.train: one line, exit 1
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(f"error: {e}")
+        cause = f"\n{e.__cause__}" if isinstance(e, HydraException) and e.__cause__ else ""  # as hydra prints it
+        sys.exit(f"error: {e}{cause}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

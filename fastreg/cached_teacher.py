@@ -47,6 +47,7 @@ META_KEYS = {
     "checksums": dict,
     "arguments": list,
 }
+JSON_TYPES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
 # Rows per CRC-32 of features.npy: ImageNet's 1.28M rows at 2048-d float16 are 20 blocks of 256 MB. A CRC-32 (as
 # a zip's, as checkpoints') finds damage, not tampering; at 1.1 GB/s it adds a few seconds to the load.
 BLOCK_ROWS = 65536
@@ -152,7 +153,7 @@ def load_table(table: np.ndarray, device: torch.device, out: Path, meta: dict) -
             bad = listing(str(start + i) for i in np.flatnonzero(~finite))
             # float16 stops at 65504: a float32 cache holds what overflowed it
             wider = {**meta, "arguments": ["float32" if a == "float16" else a for a in meta["arguments"]]}
-            raise ValueError(f"{where}: rows {bad} hold NaN or inf; {rewrite(out, wider)}")
+            raise ValueError(f"{where}: NaN or inf in row(s) {bad}; {rewrite(out, wider)}")
         result[start : start + len(values)] = torch.from_numpy(values)
     return result
 
@@ -177,7 +178,7 @@ def read_meta(path: Path, key: str = "teacher") -> dict:
         raise ValueError(f"{path / META} lacks {', '.join(missing)}: it is damaged, or older than this fastreg; {fix}")
     for name, kind in META_KEYS.items():
         if not isinstance(meta[name], kind):
-            raise ValueError(f"{path / META}: {name} is {meta[name]!r}, not a {kind.__name__}; {fix}")
+            raise ValueError(f"{path / META}: {name} is {meta[name]!r}, not {JSON_TYPES[kind]}; {fix}")
     if meta["dtype"] not in DTYPES:
         raise ValueError(f"{path / META} gives dtype {meta['dtype']!r}, not one of {', '.join(DTYPES)}; {fix}")
     if missing := [name for name in (*TEACHER_KEYS, "checkpoint") if name not in meta["teacher"]]:

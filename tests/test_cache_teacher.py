@@ -279,7 +279,7 @@ DAMAGE = {
             resave(c, lambda t: np.where(np.arange(14)[:, None] == 3, np.inf, t).astype(np.float32)),
             rewrite_meta(c, lambda m: m.update(checksums=block_checksums(np.load(c / "features.npy")))),
         ),
-        "features.npy, rows 0..13 (block 0 of 1): rows 3 hold NaN or inf",
+        "features.npy, rows 0..13 (block 0 of 1): NaN or inf in row(s) 3",
     ),
     "meta_cut_short": (
         lambda c: os.truncate(c / "meta.json", 100),
@@ -291,7 +291,7 @@ DAMAGE = {
     ),
     "meta_wrong_type": (
         lambda c: rewrite_meta(c, lambda m: m.update(samples="14")),
-        "meta.json: samples is '14', not a int",
+        "meta.json: samples is '14', not an integer",
     ),
 }
 
@@ -428,7 +428,10 @@ def test_the_readme_recipe_composes_without_trainer_out_dir(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "argument, message",
     [
-        ("trainer.epoch=3", "error: Could not override 'trainer.epoch'."),
+        (
+            "trainer.epoch=3",
+            "error: Could not override 'trainer.epoch'.\nTo append to your config use +trainer.epoch=3\nKey 'epoch' not in 'TrainerConfig'",
+        ),
         ("student=resnet19", "error: In 'config': Could not find 'student/resnet19'"),
         ("data.root=/no/such/folder", "error: dataset root /no/such/folder does not exist or is not a directory"),
         ("head.kind=mlp3", "error: head.kind='mlp3' is not one of"),
