@@ -28,6 +28,7 @@ from fastreg import checkpoint as ckpt
 from fastreg.cached_teacher import CachedTeacher
 from fastreg.config import TrainConfig
 from fastreg.heads import build_head
+from fastreg.index import DatasetIndex
 from fastreg.losses import FusedRegressionLoss, build_loss, loss_terms
 from fastreg.monitor import phase
 from fastreg.pipelines import Batch
@@ -142,12 +143,12 @@ class Distiller(nn.Module):
             return nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
 
-    def bind_dataset(self, digest: str | None, root: str | None) -> None:
-        """Cached teachers check that their rows are the loader's dataset positions (digest: its samples'
-        identity), then load their tables onto the device."""
+    def bind_dataset(self, index: DatasetIndex | None) -> None:
+        """Cached teachers check that their rows are the features of the loader's images (its index; None for
+        synthetic data), then load their tables onto the device."""
         for teacher in self.teachers:
             if isinstance(teacher, CachedTeacher):
-                teacher.bind_dataset(digest, root)
+                teacher.bind_dataset(index)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch -> (weighted loss, {loss/<teacher>, cos/<teacher>} as 0-dim tensors)."""

@@ -233,21 +233,25 @@ def knn_eval(
     t: float,
     amp_dtype: torch.dtype | None = None,
     loader: str = "auto",
+    root_keys: tuple[str, str] = ("data.knn_train_root", "data.val_root"),
     **index_options,
 ) -> dict[str, float]:
     """knn_accuracy's three figures for `model`, with train_root's images as the bank and val_root's as the
-    queries; `loader` is the data.loader that decodes them (auto: DALI when it can be imported), index_options
-    (max_bad_fraction, progress) go to the dataset index.
+    queries; `loader` is the data.loader that decodes them (auto: DALI when it can be imported), root_keys the
+    keys that gave the two roots (for the messages), index_options (max_bad_fraction, progress) go to the
+    dataset index.
 
     Nothing is cached: during training the model changes between calls.
     """
 
-    def features(root: str) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), **index_options)
+    def features(root: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = eval_batches(
+            loader, root, crop_size, batch_size, workers, torch.device(device), key=key, **index_options
+        )
         return extract_features(model, batches, device, amp_dtype)
 
-    bank, bank_labels = features(train_root)
-    queries, query_labels = features(val_root)
+    bank, bank_labels = features(train_root, root_keys[0])
+    queries, query_labels = features(val_root, root_keys[1])
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k=k, t=t)
 
@@ -271,6 +275,7 @@ def knn_eval_run(
         e.knn_t,
         amp_dtype=amp_dtype,
         loader=d.loader,
+        root_keys=("data.knn_train_root" if d.knn_train_root else "data.root", "data.val_root"),
         max_bad_fraction=d.max_bad_fraction,
         progress=False,
     )
@@ -311,9 +316,10 @@ def cached_features(
     device: str | torch.device,
     amp_dtype: torch.dtype | None = None,
     loader: str = "auto",
+    key: str = "data.root",
 ) -> dict:
-    """Raw (not normalized) center-crop features of the ImageFolder `root`, extracted once and then read from
-    `cache_dir`.
+    """Raw (not normalized) center-crop features of the ImageFolder `root` (given by `key`, which messages name),
+    extracted once and then read from `cache_dir`.
 
     The file is `<slot>-<key>.pt`:
       slot = hash(tag, root, crop size): which features these are (`tag` names the model, the CLI
@@ -333,7 +339,7 @@ def cached_features(
     if path.is_file():
         cached = checkpoint.read(path, "cached features", fix="delete it: the next run extracts them again")
         return {**cached, "cached": True}
-    batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device))
+    batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), key=key)
     feats, labels = extract_features(model, batches, device, amp_dtype, normalize=False)
     entry = {"feats": feats, "labels": labels, "classes": batches.classes}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -728,9 +734,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     tag = str(Path(args.checkpoint).resolve()) + head  # the head's features get their own cache slot
     train, val = (
         cached_features(
-            backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype, s.loader
+            backbone, root, s.crop_size, args.cache_dir, tag, s.batch_size, s.workers, device, amp_dtype, s.loader, key
         )
-        for root in (s.train_root, s.val_root)
+        for root, key in ((s.train_root, "--train-root"), (s.val_root, "--val-root"))
     )
     if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
         raise ValueError(f"{s.train_root} and {s.val_root} have different class folders: labels would not match")

@@ -63,7 +63,7 @@ class Trainer:
         data_state = checkpointer.rank_state(resumed, "data", self.rank, self.world)
         shard = dict(rank=self.rank, world_size=self.world, seed=t.seed)
         self.loader = build_loader(cfg.data, **shard, **self.place.loader_options(), checkpoint=data_state)
-        self.distiller.bind_dataset(self.loader.identity.get("dataset"), cfg.data.root)
+        self.distiller.bind_dataset(self.loader.index)
         self.global_batch = cfg.data.batch_size * self.world
         self.schedule = LrSchedule(cfg.optim, t.epochs, len(self.loader), self.global_batch)
         params = self.distiller.trainable_parameters()

@@ -55,6 +55,7 @@ class Batch:
 
 class Loader(Protocol):
     name: str
+    index: DatasetIndex | None  # the checked files it reads (a cached teacher binds to it); None for synthetic data
     identity: dict  # what a saved position belongs to: the loader, its samples' digest, shards, batch size
     position: tuple[int, int]  # (epoch, batches of it done): where the next batch comes from
 
@@ -235,7 +236,7 @@ def eval_batches(
     """(images, labels) of every image of the ImageFolder `root` once, in order; `.classes` names the labels.
     shard = (rank, world size): only the positions shard_range gives that rank. DALI batches are already on
     `device` (float16 on a GPU); torchvision's are float32 on the CPU. index_options (file_list,
-    max_bad_fraction, progress) go to the dataset index that both read."""
+    max_bad_fraction, progress, key: the config key that gave `root`) go to the dataset index that both read."""
     if resolve_loader(kind) == "dali":
         from fastreg.pipelines.dali import dali_eval_loader
 

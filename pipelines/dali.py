@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
-from fastreg.index import DatasetIndex, load_index, positions_list
+from fastreg.index import DatasetIndex, load_index, positions_list, recheck_after_failure
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, usable_state
 from fastreg.seeding import mix_seed
 
@@ -332,33 +333,61 @@ def full_batches(total: int, shard: Shard, batch_size: int) -> int:
 
 
 class DaliBatches:
-    """Iterates a built pipeline as tuples of its outputs, named by `names` in the pipeline's order, on the
-    pipeline's device (torch_view: images as NCHW views, labels (B,) int64), one pass over the data per
-    iteration; the last batch may be short (PARTIAL, padding removed). Eval's are (images, labels).
+    """Iterates a built pipeline over `index`'s files as tuples of its outputs, named by `names` in the pipeline's
+    order, on the pipeline's device (torch_view: images as NCHW views, labels (B,) int64), one pass over the data
+    per iteration; the last batch may be short (PARTIAL, padding removed). Eval's are (images, labels).
 
     The iterator reuses its output buffers: clone a batch that must outlive the next iteration.
     """
 
-    def __init__(self, pipe, classes: list[str], names: list[str] | None = None):
-        pipe.build()
+    def __init__(self, pipe, index: DatasetIndex, names: list[str] | None = None):
+        self.index, self.classes = index, index.classes
         self.names = names or ["images", "labels"]
-        self.iterator = DALIGenericIterator(
-            pipe,
-            self.names,
-            reader_name=READER,
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-        )
-        self.classes = classes
+        with self.files_named():  # the iterator runs the pipeline for its first batches already
+            pipe.build()
+            self.iterator = DALIGenericIterator(
+                pipe,
+                self.names,
+                reader_name=READER,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+            )
         self.in_pass = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.in_pass:  # DALI cannot rewind, and a new pass would start where the old one stopped
             raise RuntimeError("the previous pass over this DALI loader was left unfinished; build a new one")
         self.in_pass = True
-        for (batch,) in self.iterator:
-            yield tuple(torch_view(batch[name]) for name in self.names)
+        batches = iter(self.iterator)
+        while True:
+            with self.files_named():
+                outputs = next(batches, None)  # [{name: tensor}], one dict per pipeline
+            if outputs is None:
+                break
+            yield tuple(torch_view(outputs[0][name]) for name in self.names)
         self.iterator.reset()
         self.in_pass = False
+
+    @contextmanager
+    def files_named(self) -> Iterator[None]:
+        """A file that stops the pipeline (changed, corrupted or removed after the index checked it) makes DALI
+        raise "Critical error in pipeline ... nvImageCodec failure: '#3'", naming no file, and every rerun on
+        the same index would stop the same way. So the index's files are checked again (only after such a
+        failure), the index is updated to leave the bad ones out, and the error names them and the fix."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not any(op in str(e) for op in ("fn.decoders.", "fn.readers.file")):
+                raise
+            error = recheck_after_failure(self.index, f"the DALI pipeline ({dali_reason(e)})")
+            if error is None:
+                raise
+            raise error from e
+
+
+def dali_reason(error: RuntimeError) -> str:
+    """What DALI's error says went wrong ("nvImageCodec failure: '#3'"), without the pipeline's traceback."""
+    lines = [line.strip() for line in str(error).split("encountered:", 1)[-1].splitlines() if line.strip()]
+    return lines[0] if lines else "a critical error"
 
 
 def decoder_device(device: torch.device) -> tuple[bool, int | None]:
@@ -415,7 +444,8 @@ class DaliLoader:
             enable_checkpointing=True,
             checkpoint=checkpoint["pipeline"] if checkpoint else None,
         )
-        self.batches_iter = DaliBatches(pipe, index.classes, train_outputs(cfg))
+        self.index = index
+        self.batches_iter = DaliBatches(pipe, index, train_outputs(cfg))
         self.labels = torch.tensor([label for _, label in index.samples], device=device)  # by position
 
     def __len__(self) -> int:
@@ -483,4 +513,4 @@ def dali_eval_loader(
         device_id=device_id,
         seed=0,
     )
-    return DaliBatches(pipe, index.classes)
+    return DaliBatches(pipe, index)

@@ -112,6 +112,7 @@ class TorchvisionLoader:
         memory_format: torch.memory_format,
         checkpoint: dict | None = None,
     ):
+        self.index = index
         self.dataset = SeededViews(IndexedImages(index, train_transform(cfg)), seed)
         # Each rank reads a disjoint 1/world_size of a per-epoch permutation; drop_last keeps ranks in step.
         self.sampler = DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)

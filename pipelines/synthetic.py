@@ -12,6 +12,7 @@ from fastreg.pipelines import Batch, usable_state
 
 class SyntheticLoader:
     name = "synthetic"
+    index = None  # no files
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ torch.compile sees a Triton kernel write."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,18 @@ def add_bad_files(root):
 def add_odd_files(root):
     for name, write in ODD_BUT_READABLE.items():
         write(root / "class1" / f"{name}.jpg")
+
+
+def overwrite_in_place(path: Path, data: bytes = bytes(64)) -> None:
+    """Write `data` over the file's first bytes, keeping its size, and set its atime and mtime back: what a
+    failing disk or a careless script does, which neither `ls -l` nor a size-and-mtime fingerprint sees. Only
+    the ctime tells (no call can set it back)."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
 class LaunchRecorder:

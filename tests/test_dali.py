@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder
+from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder, overwrite_in_place
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -165,6 +166,69 @@ def test_eval_pipeline_sees_every_image_once_in_order(tmp_path):
         assert sizes == (4, 4, 3)  # PARTIAL: the last batch is short, nothing padded or dropped
         assert torch.cat(labels).tolist() == list(range(11))
     assert batches.classes == ImageFolder(str(root)).classes
+
+
+# ------------------------------------------------------------------ a file that changes after the index checked it
+
+
+def stopped_on(root: Path, rel: str, reason: str) -> str:
+    """The message of a loader stopped by `rel` (escaped for pytest's match)."""
+    return (
+        re.escape(f"{root}: the DALI pipeline (")
+        + r"[^)]*\) "
+        + re.escape(
+            f"stopped on 1 file(s) that changed since the index was built and now fail the decode check: {rel} "
+            f"({reason}). The index now leaves them out, so the same command runs without them. To read and check "
+            f"every file of the folder again, run python -m fastreg.index {root} --recheck"
+        )
+    )
+
+
+def test_a_jpeg_corrupted_during_training_is_named_and_left_out_next_time(tmp_path, caplog):
+    """DALI said "nvImageCodec failure: '#3'" and named no file, and every rerun stopped the same way."""
+    root = make_image_folder(tmp_path / "data", per_class=16)  # 32 images, batch 4: 8 batches an epoch
+    loader = dali_loader(root)
+    overwrite_in_place(root / "class1" / "10.jpg")
+    with pytest.raises(ValueError, match=stopped_on(root, "class1/10.jpg", "not an image")):
+        for epoch in range(2):  # read after the change in one of them: the first batches are prefetched
+            for _ in loader.epoch(epoch):
+                pass
+    with caplog.at_level(logging.WARNING, logger="fastreg.index"):
+        index = load_index(root, progress=False, max_bad_fraction=0.05)  # the next run's index, as updated
+    assert index.bad == [("class1/10.jpg", "not an image")] and len(index.samples) == 31
+    assert "left out 1 of 32 images that fail the decode check (one would stop a DALI pipeline)" in caplog.text
+    rerun = DaliLoader(data_config(root), index, shard=Shard(), seed=0, device=CPU, memory_format=torch.channels_last)
+    for epoch in range(2):
+        assert len(list(rerun.epoch(epoch))) == 7
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [(overwrite_in_place, "not an image"), (Path.unlink, "missing")],
+    ids=["corrupted_in_place", "removed"],
+)
+def test_the_eval_loader_names_a_file_that_changed_after_indexing(tmp_path, change, reason):
+    root = make_image_folder(tmp_path / "data", per_class=16)
+    batches = dali_eval_loader(str(root), crop_size=24, batch_size=4, workers=1, device=CPU)
+    change(root / "class1" / "10.jpg")  # position 26: batch 7 of 8, after the prefetched ones
+    with pytest.raises(ValueError, match=stopped_on(root, "class1/10.jpg", reason)):
+        list(batches)
+    again = dali_eval_loader(str(root), crop_size=24, batch_size=4, workers=1, device=CPU, max_bad_fraction=0.05)
+    assert torch.cat([labels for _, labels in again]).tolist() == [0] * 16 + [1] * 15
+
+
+def test_a_fresh_run_leaves_out_a_jpeg_corrupted_since_the_index_was_built(tmp_path, caplog):
+    """Its size and mtime are kept, its ctime is not: the next run's index checks it again, and leaves it out."""
+    root = make_image_folder(tmp_path / "data", per_class=16)
+    dali_loader(root)
+    overwrite_in_place(root / "class0" / "3.jpg")
+    with caplog.at_level(logging.WARNING, logger="fastreg.index"):
+        index = load_index(root, progress=False, max_bad_fraction=0.05)
+    assert "left out 1 of 32 images that fail the decode check" in caplog.text and "class0/3.jpg (not an image)" in (
+        caplog.text
+    )
+    loader = DaliLoader(data_config(root), index, shard=Shard(), seed=0, device=CPU, memory_format=torch.channels_last)
+    assert sum(len(batch.indices) for batch in loader.epoch(0)) == 28  # 7 full batches of the 31
 
 
 def test_eval_center_crop_matches_torchvision(tmp_path):
