@@ -14,7 +14,8 @@ import hashlib
 import importlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
@@ -127,6 +128,30 @@ def resolve_loader(kind: str) -> str:
         )
         return "torchvision"
     return "dali"
+
+
+@contextmanager
+def files_named(index: DatasetIndex, stopped_by: Callable[[Exception], str | None]) -> Iterator[None]:
+    """A loader stopped by a file that changed after the index checked it (rewritten, corrupted, removed, made
+    unreadable): every rerun on the same index would stop the same way, and DALI names no file. So the index's files
+    are checked again, the index is updated to leave the bad ones out, and the error raised names them and the
+    command that re-checks the folder (fastreg.index.recheck_after_failure). Costs nothing until a loader fails.
+
+    stopped_by(error): the reader as the message names it ("the DALI pipeline (nvImageCodec failure: '#3')"), or
+    None for an error that no file causes, raised as it is. So is the loader's own error when every file still
+    passes the check."""
+    try:
+        yield
+    except Exception as e:
+        reader = stopped_by(e)
+        if reader is None:
+            raise
+        from fastreg.index import recheck_after_failure
+
+        error = recheck_after_failure(index, reader)
+        if error is None:
+            raise
+        raise error from e
 
 
 def dataset_index(cfg: DataConfig, rank: int, world_size: int):

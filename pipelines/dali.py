@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,8 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
-from fastreg.index import DatasetIndex, load_index, positions_list, recheck_after_failure
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, usable_state
+from fastreg.index import DatasetIndex, load_index, positions_list
+from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, files_named, usable_state
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -343,7 +342,7 @@ class DaliBatches:
     def __init__(self, pipe, index: DatasetIndex, names: list[str] | None = None):
         self.index, self.classes = index, index.classes
         self.names = names or ["images", "labels"]
-        with self.files_named():  # the iterator runs the pipeline for its first batches already
+        with files_named(index, stopped_by_a_file):  # the iterator runs the pipeline for its first batches already
             pipe.build()
             self.iterator = DALIGenericIterator(
                 pipe,
@@ -359,7 +358,7 @@ class DaliBatches:
         self.in_pass = True
         batches = iter(self.iterator)
         while True:
-            with self.files_named():
+            with files_named(self.index, stopped_by_a_file):
                 outputs = next(batches, None)  # [{name: tensor}], one dict per pipeline
             if outputs is None:
                 break
@@ -367,21 +366,13 @@ class DaliBatches:
         self.iterator.reset()
         self.in_pass = False
 
-    @contextmanager
-    def files_named(self) -> Iterator[None]:
-        """A file that stops the pipeline (changed, corrupted or removed after the index checked it) makes DALI
-        raise "Critical error in pipeline ... nvImageCodec failure: '#3'", naming no file, and every rerun on
-        the same index would stop the same way. So the index's files are checked again (only after such a
-        failure), the index is updated to leave the bad ones out, and the error names them and the fix."""
-        try:
-            yield
-        except RuntimeError as e:
-            if not any(op in str(e) for op in ("fn.decoders.", "fn.readers.file")):
-                raise
-            error = recheck_after_failure(self.index, f"the DALI pipeline ({dali_reason(e)})")
-            if error is None:
-                raise
-            raise error from e
+
+def stopped_by_a_file(error: Exception) -> str | None:
+    """The DALI pipeline and its reason, for files_named, when a decoder or the file reader stopped it (DALI says
+    "Critical error in pipeline ... nvImageCodec failure: '#3'", naming no file); None for any other error."""
+    if isinstance(error, RuntimeError) and any(op in str(error) for op in ("fn.decoders.", "fn.readers.file")):
+        return f"the DALI pipeline ({dali_reason(error)})"
+    return None
 
 
 def dali_reason(error: RuntimeError) -> str:

@@ -2,7 +2,9 @@
 
 It reads the files of fastreg.index's validated list, as the DALI loader does: the same samples, in
 ImageFolder's order and labels, without the corrupt, truncated or unreadable files, which would otherwise
-stop a DataLoader worker mid-epoch. Every file is decoded by PIL and converted to RGB, whatever its format
+stop a DataLoader worker mid-epoch. A file that PIL cannot read any more (it changed after the index checked it)
+stops the loader with the error that names it and the command that re-checks the folder, and the index leaves it
+out from then on (fastreg.pipelines.files_named), as with DALI. Every file is decoded by PIL and converted to RGB, whatever its format
 (JPEG, CMYK JPEG, PNG, ...). Training views are SimReg's weak augmentation:
 RandomResizedCrop(scale=data.scale) + horizontal flip.
 """
@@ -10,6 +12,7 @@ RandomResizedCrop(scale=data.scale) + horizontal flip.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -18,23 +21,66 @@ from torchvision.datasets.folder import pil_loader
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, shard_range, usable_state
+from fastreg.pipelines import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    dataset_identity,
+    files_named,
+    shard_range,
+    usable_state,
+)
 from fastreg.seeding import mix_seed
+
+
+class UnreadableImage(OSError):
+    """A file of the index that PIL cannot read now: it changed after the index checked it. From a DataLoader worker
+    it comes back as the same type, with the worker's traceback as its message."""
 
 
 class IndexedImages(Dataset):
     """(transform(image), label) of every file in a validated index, decoded by PIL as ImageFolder does."""
 
     def __init__(self, index: DatasetIndex, transform: T.Compose):
-        self.root, self.classes, self.samples, self.transform = index.root, index.classes, index.samples, transform
+        self.index, self.transform = index, transform
+        self.root, self.classes, self.samples = index.root, index.classes, index.samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        rel, label = self.samples[i]
-        # pil_loader, not default_loader: the latter reads with accimage (JPEG only) when that backend is set
-        return self.transform(pil_loader(str(self.root / rel))), label
+        path, label = self.root / self.samples[i][0], self.samples[i][1]
+        try:
+            # pil_loader, not default_loader: the latter reads with accimage (JPEG only) when that backend is set
+            image = pil_loader(str(path))
+        except Exception as e:  # PIL raises many types on a damaged file (fastreg.index.check_bytes)
+            raise UnreadableImage(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from e
+        return self.transform(image), label
+
+
+def stopped_by_a_file(error: Exception) -> str | None:
+    """The reader, for files_named, when PIL could not read a file of the index; None for any other error."""
+    return "the torchvision loader" if isinstance(error, UnreadableImage) else None
+
+
+class IndexedLoader(DataLoader):
+    """A DataLoader of IndexedImages (or a Subset or SeededViews of them) whose batches come through files_named."""
+
+    def __init__(self, index: DatasetIndex, dataset: Dataset, **options: Any):
+        super().__init__(dataset, **options)
+        self.index = index
+
+    def __iter__(self) -> Iterator:
+        batches = super().__iter__()
+        try:
+            while True:
+                with files_named(self.index, stopped_by_a_file):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            del batches  # its workers end now: an error's traceback holds this frame, and would keep them running
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
@@ -62,11 +108,12 @@ def eval_transform(crop_size: int) -> T.Compose:
 
 def eval_loader(
     root: str, crop_size: int, batch_size: int, workers: int, shard: tuple[int, int] = (0, 1), **index_options
-) -> DataLoader:
+) -> IndexedLoader:
     """Every validated image once (or those of shard = (rank, world size)), in order, no augmentation: k-NN, the
     linear probe, eval during training, the teacher cache. index_options go to fastreg.index.load_index."""
     ds = IndexedImages(load_index(root, **index_options), eval_transform(crop_size))
-    loader = DataLoader(
+    loader = IndexedLoader(
+        ds.index,
         Subset(ds, shard_range(len(ds), *shard)),
         batch_size=batch_size,
         shuffle=False,
@@ -138,7 +185,8 @@ class TorchvisionLoader:
         # RNG: a run resumed inside the epoch starts this iterator later than the uninterrupted run did, and
         # that draw would shift every random op after it (dropout, stochastic depth).
         generator = torch.Generator().manual_seed(mix_seed("worker seeds", self.dataset.seed, epoch, bits=63))
-        loader = DataLoader(
+        loader = IndexedLoader(
+            self.index,
             self.dataset,
             batch_size=self.cfg.batch_size,
             sampler=order,

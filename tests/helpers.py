@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,26 @@ def overwrite_in_place(path: Path, data: bytes = bytes(64)) -> None:
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def loop_link(path: Path) -> None:
+    """Replace the file with a symlink to itself: unreadable (ELOOP) even for root, whom chmod does not stop."""
+    path.unlink()
+    path.symlink_to(path.name)
+
+
+def stopped_by_a_file(root: Path, rel: str, reason: str, reader: str = re.escape("the torchvision loader")) -> str:
+    """The message of a loader (`reader`, a pattern) stopped by `rel`, which the index now leaves out for `reason`: a
+    pattern for pytest's match."""
+    return (
+        re.escape(f"{root}: ")
+        + reader
+        + re.escape(
+            f" stopped on 1 file(s) that changed since the index was built and now fail the decode check: {rel} "
+            f"({reason}). The index now leaves them out, so the same command runs without them. To read and check "
+            f"every file of the folder again, run python -m fastreg.index {root} --recheck"
+        )
+    )
 
 
 class LaunchRecorder:

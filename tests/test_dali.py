@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ODD_BUT_READABLE, add_odd_files, make_image_folder, make_photo_folder, overwrite_in_place
+from helpers import (
+    ODD_BUT_READABLE,
+    add_odd_files,
+    make_image_folder,
+    make_photo_folder,
+    overwrite_in_place,
+    stopped_by_a_file,
+)
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -172,16 +179,8 @@ def test_eval_pipeline_sees_every_image_once_in_order(tmp_path):
 
 
 def stopped_on(root: Path, rel: str, reason: str) -> str:
-    """The message of a loader stopped by `rel` (escaped for pytest's match)."""
-    return (
-        re.escape(f"{root}: the DALI pipeline (")
-        + r"[^)]*\) "
-        + re.escape(
-            f"stopped on 1 file(s) that changed since the index was built and now fail the decode check: {rel} "
-            f"({reason}). The index now leaves them out, so the same command runs without them. To read and check "
-            f"every file of the folder again, run python -m fastreg.index {root} --recheck"
-        )
-    )
+    """The message of a DALI loader stopped by `rel` (a pattern for pytest's match), with DALI's reason."""
+    return stopped_by_a_file(root, rel, reason, reader=re.escape("the DALI pipeline (") + r"[^)]*\)")
 
 
 def test_a_jpeg_corrupted_during_training_is_named_and_left_out_next_time(tmp_path, caplog):

@@ -1,9 +1,11 @@
 """The torchvision reference loader and the synthetic loader behind one interface (DALI: test_dali.py)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from helpers import add_odd_files, make_image_folder, noise
+from helpers import add_odd_files, loop_link, make_image_folder, noise, overwrite_in_place, stopped_by_a_file
 from PIL import Image
 from torchvision import transforms as T
 
@@ -16,7 +18,9 @@ CPU = torch.device("cpu")
 
 
 def loader(root, rank=0, world=1, **kw):
-    cfg = DataConfig(loader="torchvision", root=str(root), crop_size=24, batch_size=4, workers=0, **kw)
+    cfg = DataConfig(
+        **{"loader": "torchvision", "root": str(root), "crop_size": 24, "batch_size": 4, "workers": 0, **kw}
+    )
     return build_loader(cfg, rank=rank, world_size=world, seed=0, device=CPU)
 
 
@@ -113,6 +117,39 @@ def test_bad_folders_fail_clearly(tmp_path):
         loader(tmp_path / "empty")
     with pytest.raises(ValueError, match="fewer than one batch"):
         loader(make_image_folder(tmp_path / "small", classes=1, per_class=3))
+
+
+@pytest.mark.parametrize(
+    "change, reason, workers",
+    [
+        (overwrite_in_place, "not an image", 2),
+        (Path.unlink, "missing", 0),
+        (loop_link, "unreadable: Too many levels of symbolic links", 0),
+    ],
+    ids=["corrupted_in_place_in_a_worker", "removed", "made_unreadable"],
+)
+def test_a_file_that_changed_after_indexing_is_named_and_left_out_next_time(tmp_path, change, reason, workers):
+    """PIL's error ("cannot identify image file <_io.BufferedReader ...>") came from a DataLoader worker, or the loop
+    itself, without the command that re-checks the folder; the next run read the same index and stopped again."""
+    root = make_image_folder(tmp_path / "data", per_class=16)  # 32 images, batch 4: every one read in an epoch
+    ld = loader(root, workers=workers)
+    change(root / "class1" / "10.jpg")
+    with pytest.raises(ValueError, match=stopped_by_a_file(root, "class1/10.jpg", reason)):
+        for _ in ld.epoch(0):
+            pass
+    rerun = loader(root, workers=workers, max_bad_fraction=0.05)
+    assert "class1/10.jpg" not in dict(rerun.index.samples) and len(rerun.index.samples) == 31
+    assert sum(len(batch.indices) for batch in rerun.epoch(0)) == 28  # 7 full batches of the 31
+
+
+def test_the_eval_loader_names_a_file_that_changed_after_indexing(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=16)
+    batches = eval_loader(str(root), crop_size=24, batch_size=4, workers=2)
+    overwrite_in_place(root / "class0" / "3.jpg")
+    with pytest.raises(ValueError, match=stopped_by_a_file(root, "class0/3.jpg", "not an image")):
+        list(batches)
+    again = eval_loader(str(root), crop_size=24, batch_size=4, workers=0, max_bad_fraction=0.05)
+    assert torch.cat([labels for _, labels in again]).tolist() == [0] * 15 + [1] * 16
 
 
 def test_views_do_not_depend_on_worker_count(tmp_path):
