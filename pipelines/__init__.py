@@ -154,6 +154,16 @@ def files_named(index: DatasetIndex, stopped_by: Callable[[Exception], str | Non
         raise error from e
 
 
+def checked_batches(batches: Iterator, index: DatasetIndex, stopped_by: Callable[[Exception], str | None]) -> Iterator:
+    """The items of `batches`, each taken inside files_named(index, stopped_by)."""
+    while True:
+        with files_named(index, stopped_by):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def dataset_index(cfg: DataConfig, rank: int, world_size: int):
     """The validated file list of data.root, which every training loader reads. The first process of each
     machine builds it (decode-checks every image; the cache may not be shared between machines) while the

@@ -29,7 +29,15 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fastreg.config import DataConfig
 from fastreg.index import DatasetIndex, load_index, positions_list
-from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD, Batch, dataset_identity, files_named, usable_state
+from fastreg.pipelines import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    checked_batches,
+    dataset_identity,
+    files_named,
+    usable_state,
+)
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -356,13 +364,8 @@ class DaliBatches:
         if self.in_pass:  # DALI cannot rewind, and a new pass would start where the old one stopped
             raise RuntimeError("the previous pass over this DALI loader was left unfinished; build a new one")
         self.in_pass = True
-        batches = iter(self.iterator)
-        while True:
-            with files_named(self.index, stopped_by_a_file):
-                outputs = next(batches, None)  # [{name: tensor}], one dict per pipeline
-            if outputs is None:
-                break
-            yield tuple(torch_view(outputs[0][name]) for name in self.names)
+        for outputs in checked_batches(iter(self.iterator), self.index, stopped_by_a_file):  # [{name: tensor}]
+            yield tuple(torch_view(outputs[0][name]) for name in self.names)  # one dict per pipeline: outputs[0]
         self.iterator.reset()
         self.in_pass = False
 

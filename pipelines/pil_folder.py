@@ -25,8 +25,8 @@ from fastreg.pipelines import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
+    checked_batches,
     dataset_identity,
-    files_named,
     shard_range,
     usable_state,
 )
@@ -64,23 +64,15 @@ def stopped_by_a_file(error: Exception) -> str | None:
 
 
 class IndexedLoader(DataLoader):
-    """A DataLoader of IndexedImages (or a Subset or SeededViews of them) whose batches come through files_named."""
+    """A DataLoader of IndexedImages (or a Subset or SeededViews of them) whose batches come through files_named: a file
+    that PIL cannot read any more stops it with the error that names it."""
 
     def __init__(self, index: DatasetIndex, dataset: Dataset, **options: Any):
         super().__init__(dataset, **options)
         self.index = index
 
     def __iter__(self) -> Iterator:
-        batches = super().__iter__()
-        try:
-            while True:
-                with files_named(self.index, stopped_by_a_file):
-                    batch = next(batches, None)
-                if batch is None:
-                    return
-                yield batch
-        finally:
-            del batches  # its workers end now: an error's traceback holds this frame, and would keep them running
+        return checked_batches(super().__iter__(), self.index, stopped_by_a_file)
 
 
 def train_transform(cfg: DataConfig) -> T.Compose:
