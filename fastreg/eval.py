@@ -49,6 +49,7 @@ from fastreg import checkpoint, files
 from fastreg.config import DataConfig, HeadConfig, TrainConfig
 from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm, build_head
+from fastreg.index import load_index
 from fastreg.messages import listing
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
 from fastreg.placement import AMP_DTYPES, pick_device
@@ -294,13 +295,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def folder_stamp(root: str | Path) -> list[tuple[str, int]]:
-    """mtimes of an ImageFolder and its class folders: they change when images are added, removed or renamed."""
-    root = Path(root)
-    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    return [(p.name, p.stat().st_mtime_ns) for p in folders]
-
-
 def _hash(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -321,21 +315,23 @@ def cached_features(
     """Raw (not normalized) center-crop features of the ImageFolder `root` (given by `key`, which messages name),
     extracted once and then read from `cache_dir`.
 
-    The file is `<slot>-<key>.pt`:
+    The file is `<slot>-<name>.pt`:
       slot = hash(tag, root, crop size): which features these are (`tag` names the model, the CLI
-             passes the checkpoint's absolute path). Writing a new key for a slot deletes the old one,
+             passes the checkpoint's absolute path). Writing a new name for a slot deletes the old one,
              so a checkpoint overwritten at the same path does not pile up files.
-      key  = hash(digest of the model's weights, mtimes of root and its class folders, amp dtype, loader,
-             "raw"): new weights, an edited folder, another precision or decoder give a new key, never a
-             stale file ("raw" keeps out the L2-normalized features that earlier versions cached).
+      name = hash(digest of the model's weights, content digest of root's index, amp dtype, loader, "raw"): new
+             weights, an image added, removed, relabelled or rewritten (the index checksums every file's
+             bytes), another precision or decoder give a new name, never a stale file ("raw" keeps out the
+             L2-normalized features that earlier versions cached).
     Returns {"feats": (N, D) float32 raw, "labels": (N,), "classes": class names or None,
     "cached": whether it was read from the cache}.
     """
     root = os.path.abspath(root)
     cache_dir = Path(cache_dir)
     slot = _hash(tag, root, crop_size)
-    key = _hash(weights_digest(model), folder_stamp(root), str(amp_dtype), resolve_loader(loader), "raw")
-    path = cache_dir / f"{slot}-{key}.pt"
+    content = load_index(root, key=key).content  # rechecks the files written since their last check
+    name = _hash(weights_digest(model), content, str(amp_dtype), resolve_loader(loader), "raw")
+    path = cache_dir / f"{slot}-{name}.pt"
     if path.is_file():
         cached = checkpoint.read(path, "cached features", fix="delete it: the next run extracts them again")
         return {**cached, "cached": True}

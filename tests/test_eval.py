@@ -379,6 +379,27 @@ def test_feature_cache_sees_new_images(tmp_path):
     assert not again["cached"] and len(again["labels"]) == 5
 
 
+def test_feature_cache_sees_images_replaced_in_place(tmp_path):
+    """The cache was keyed by the folders' mtimes, which files rewritten under their names leave as they were: the
+    features of the old pixels came back. It is keyed by the index's content digest, over every file's bytes."""
+    root = _image_folder(tmp_path / "data", per_class=2)
+    model = Student("cnn_tiny").backbone
+    first = ev.cached_features(model, str(root), 32, tmp_path / "c", "t", 8, 0, "cpu")
+    folders = {p: p.stat().st_mtime_ns for p in (root, root / "cat", root / "dog")}
+    for i in range(2):  # the cats' pixels under the dogs' names
+        (root / "dog" / f"{i}.jpg").write_bytes((root / "cat" / f"{i}.jpg").read_bytes())
+    assert {p: p.stat().st_mtime_ns for p in folders} == folders
+    again = ev.cached_features(model, str(root), 32, tmp_path / "c", "t", 8, 0, "cpu")
+    assert not again["cached"] and again["labels"].tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(again["feats"][2:], first["feats"][:2])
+
+
+def test_feature_cache_of_a_missing_folder_names_its_argument(tmp_path):
+    model = Student("cnn_tiny").backbone
+    with pytest.raises(FileNotFoundError, match=f"^dataset root {tmp_path / 'nope'} does not exist .*--val-root"):
+        ev.cached_features(model, str(tmp_path / "nope"), 32, tmp_path / "c", "t", 8, 0, "cpu", key="--val-root")
+
+
 def test_a_damaged_cache_file_is_an_error_that_says_to_delete_it(folders, tmp_path):
     model = Student("cnn_tiny").backbone
     ev.cached_features(model, str(folders[0]), 32, tmp_path, "ckpt.pt", 4, 0, "cpu")
