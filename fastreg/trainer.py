@@ -30,7 +30,7 @@ from fastreg import checkpointer
 from fastreg.checkpointer import Checkpointer, Entry, Progress
 from fastreg.config import TrainConfig
 from fastreg.distiller import build_distiller, compile_report
-from fastreg.distributed import ddp, seed_everything, set_deterministic, setup_distributed
+from fastreg.distributed import ddp, failures_shared, seed_everything, set_deterministic, setup_distributed
 from fastreg.monitor import data_phase, phase
 from fastreg.nonfinite import Divergence, build_guard
 from fastreg.optim import LrSchedule, build_optimizer, lr_scaling_warning, optimizer_state
@@ -117,7 +117,7 @@ class Trainer:
         self.log_startup()
         results: dict[str, float] = {}
         saved = None
-        with self.stop.signals, self.log:
+        with self.stop.signals, self.log, failures_shared(self.rank, self.world):
             for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
                 self.train_epoch(epoch)
                 if self.stop.signal:  # agreed inside the epoch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,27 @@ def run_two_ranks(script: Path, args: list[str], timeout: int = 300, env: dict |
     """`script` in two processes through torch.distributed.run (gloo on a CPU), its output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_two_processes(script: Path, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`script` as ranks 0 and 1 of one gloo group, each its own process, as the README's srun launch starts them
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): no agent stops a rank when another fails. Rank 0's
+    process holds the group's store. Each rank's output captured."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                **dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+            },
+        )
+        for r in range(2)
+    ]
+    outputs = [rank.communicate(timeout=timeout) for rank in ranks]
+    return [subprocess.CompletedProcess(rank.args, rank.returncode, *out) for rank, out in zip(ranks, outputs)]

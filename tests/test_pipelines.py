@@ -1,11 +1,21 @@
 """The torchvision reference loader and the synthetic loader behind one interface (DALI: test_dali.py)."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import add_odd_files, loop_link, make_image_folder, noise, overwrite_in_place, stopped_by_a_file
+from helpers import (
+    add_odd_files,
+    loop_link,
+    make_image_folder,
+    noise,
+    overwrite_in_place,
+    run_two_processes,
+    stopped_by_a_file,
+    tiny_overrides,
+)
 from PIL import Image
 from torchvision import transforms as T
 
@@ -150,6 +160,58 @@ def test_the_eval_loader_names_a_file_that_changed_after_indexing(tmp_path):
         list(batches)
     again = eval_loader(str(root), crop_size=24, batch_size=4, workers=0, max_bad_fraction=0.05)
     assert torch.cat([labels for _, labels in again]).tolist() == [0] * 15 + [1] * 16
+
+
+TESTS = Path(__file__).resolve().parent
+# python -m fastreg.train, where one rank's first image of epoch 0 is rewritten in place once the index is built
+CHANGED_ON_ONE_RANK = f"""
+import os, sys
+sys.path.insert(0, {str(TESTS)!r})
+import torch.distributed as dist
+import fastreg.trainer
+from helpers import overwrite_in_place
+
+fit = fastreg.trainer.Trainer.fit
+
+
+def fit_after_a_file_changed(self):
+    if self.rank == int(os.environ["FAILING_RANK"]):
+        self.loader.sampler.set_epoch(0)
+        rel = self.loader.index.samples[next(iter(self.loader.sampler))][0]
+        overwrite_in_place(self.loader.index.root / rel)
+        print("CHANGED", rel, flush=True)
+    dist.barrier()
+    return fit(self)
+
+
+fastreg.trainer.Trainer.fit = fit_after_a_file_changed
+from fastreg.train import main
+
+main()
+"""
+
+
+@pytest.mark.parametrize("failing", [1, 0], ids=["rank_1", "rank_0_which_holds_the_store"])
+def test_a_file_that_changed_on_one_rank_stops_every_rank_with_its_message(tmp_path, monkeypatch, failing):
+    """Only the rank that read the file knew of it: the other rank stopped with gloo's "Connection closed by peer"
+    traceback (with NCCL it waits in its all-reduce until the timeout). Launched as the README's srun script does."""
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    script = tmp_path / "train.py"
+    script.write_text(CHANGED_ON_ONE_RANK)
+    monkeypatch.setenv("FAILING_RANK", str(failing))
+    ranks = run_two_processes(script, [*tiny_overrides(data, tmp_path / "run"), "data.loader=torchvision"])
+    errors = [rank.stderr.strip().splitlines()[-1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 1] and "Traceback" not in ranks[0].stderr + ranks[1].stderr
+    changed = re.search(r"^CHANGED (\S+)$", ranks[failing].stdout, re.MULTILINE).group(1)
+    message = errors[failing].removeprefix("error: ")
+    assert re.fullmatch(stopped_by_a_file(data, changed, "not an image"), message)
+    if failing == 1:
+        assert errors[0] == f"error: rank 1 stopped, and with it every rank: {message}"
+    else:  # the store, where rank 0 posted its error, ended with its process
+        assert errors[1] == (
+            "error: rank 0 ended, and with it every rank: its own output says why (the process group's store, where "
+            "it would have posted its error, lived in its process)"
+        )
 
 
 def test_views_do_not_depend_on_worker_count(tmp_path):
