@@ -40,7 +40,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from benchmarks.data_throughput import batch_stream, device_name
-from fastreg.cache_teacher import write_cache
+from fastreg.cache_writer import write_cache
 from fastreg.checkpoint import git_commit
 from fastreg.config import TrainConfig, to_config
 from fastreg.distributed import setup_distributed

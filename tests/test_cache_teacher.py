@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from helpers import logged_lines, make_image_folder, run_two_ranks, tiny_overrid
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from fastreg import cache_teacher
+from fastreg import cache_teacher, cache_writer
 from fastreg.cached_teacher import block_checksums
 from fastreg.config import TeacherConfig, to_config
 from fastreg.distiller import build_distiller
@@ -116,7 +118,7 @@ def test_a_folder_some_rank_did_not_write_into_is_not_completed(tmp_path):
     partial.mkdir()
     (partial / "rank0.done").touch()
     with pytest.raises(OSError, match=r"rank\(s\) \[1\] wrote their rows into another .* every rank shares"):
-        cache_teacher.finish(partial, tmp_path / "cache", {}, world=2)
+        cache_writer.finish(partial, tmp_path / "cache", {}, world=2)
     assert not (tmp_path / "cache").exists()
 
 
@@ -410,11 +412,50 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(data, 
 # ------------------------------------------------------------------ the command line
 
 
+def signalled(command: list[str], cwd: Path, sig: signal.Signals, ready) -> subprocess.CompletedProcess:
+    """`command` run, sent `sig` as soon as ready() holds, and waited for."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, "ended or hung before the signal"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(command, proc.returncode, "", stderr)
+
+
+@pytest.mark.parametrize("sig, when", [("TERM", "imports"), ("USR1", "rows")])
+def test_a_stop_signal_exits_75_with_one_line_and_leaves_nothing(teacher_file, tmp_path, sig, when):
+    """SIGTERM or SIGUSR1 ended cache_teacher with 143 or 138 and no word, which a Slurm script does not requeue,
+    leaving OUT.partial and OUT.lock. Stopped while torch imports, or while the rows are written (64 images at crop
+    224: seconds), it exits 75 with one line, leaves no OUT, OUT.partial or OUT.lock, and the same command starts
+    over."""
+    data = make_image_folder(tmp_path / "data", per_class=32)
+    out, partial = tmp_path / "cache", tmp_path / "cache.partial"
+    arguments = [str(out), *cache_overrides(data, teacher_file, "data.crop_size=224", "data.loader=torchvision")]
+    start = time.monotonic()
+
+    def ready() -> bool:
+        return time.monotonic() > start + 1 if when == "imports" else (partial / "features.npy").exists()
+
+    signum = signal.Signals[f"SIG{sig}"]
+    proc = signalled([sys.executable, "-m", "fastreg.cache_teacher", *arguments], tmp_path, signum, ready)
+    assert proc.returncode == 75 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"SIG{sig} received: stopped at once; nothing was written to {out}, and cache.lock is released: the same "
+        "command starts over; python -m fastreg.cache_teacher exits with code 75 (EX_TEMPFAIL)"
+    )
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("cache")]  # no OUT, OUT.partial, OUT.lock
+    if when == "rows":
+        cache_teacher.main(arguments)
+        assert np.load(out / "features.npy").shape == (64, 128)
+
+
 def test_the_readme_recipe_composes_without_trainer_out_dir(tmp_path, monkeypatch):
     """`python -m fastreg.cache_teacher OUT experiment=... teacher.checkpoint=... data.root=...` failed with
     "HydraConfig was not set full_key: trainer.out_dir"."""
     monkeypatch.chdir(tmp_path)
-    cfg = cache_teacher.compose_config(
+    cfg = cache_writer.compose_config(
         [
             "experiment=simreg_byol_r50_r18_cached",
             "teacher.checkpoint=pretrain_res50x1.pth.tar",
