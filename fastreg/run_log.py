@@ -13,7 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from fastreg.checkpoint import atomic_write, remove_partial_saves
+from fastreg.messages import listing
 from fastreg.monitor import GPUMonitor
+from fastreg.run_folder import move_aside
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,8 @@ def drop_lines_after(path: Path, step: int) -> None:
     if len(kept) == len(lines):
         return
     log.warning(
-        "%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
-        "its last checkpoint)",
+        "%s: dropping %d line(s) past step %d, where this run starts: an earlier run in this folder logged them "
+        "after the checkpoint this run resumes from",
         path,
         len(lines) - len(kept),
         step,
@@ -169,14 +171,20 @@ def attach_log_file(path: Path) -> None:
     root.addHandler(handler)
 
 
-def open_run_dir(out_dir: Path, is_main: bool) -> None:
-    """Rank 0: trainer.out_dir created and writable, train.log attached, the files of saves that were killed
-    removed. Other ranks log warnings only."""
+def open_run_dir(out_dir: Path, is_main: bool, resume: str) -> None:
+    """Rank 0: trainer.out_dir created and writable, the files of earlier runs that this one (trainer.resume) does
+    not continue moved into previous/ (fastreg.run_folder), train.log attached, the files of saves that were killed
+    removed. Other ranks log warnings only: they write nothing in the folder, and read a checkpoint only when
+    resuming, which moves none of the files it continues."""
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
         return
     make_out_dir(out_dir)
+    moved = move_aside(out_dir, resume)
     attach_log_file(out_dir / "train.log")
+    if moved:
+        aside, names = moved
+        log.info("moved the files of an earlier run that this one does not continue into %s: %s", aside, listing(names))
     remove_partial_saves(out_dir)
 
 

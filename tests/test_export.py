@@ -118,7 +118,7 @@ def test_export_demo_cnn_loads_strictly_into_student(tmp_path):
 
 def test_checkpoint_without_student_is_a_clear_error(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a trainer checkpoint: it has no 'student' entry"):
+    with pytest.raises(ValueError, match="has no 'student', 'config' entries, which every trainer checkpoint has"):
         export_student(tmp_path / "bad.pt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
 
