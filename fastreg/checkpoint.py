@@ -235,7 +235,9 @@ def load_resume(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
     for path in reversed(found):
         try:
             return path, load(path)
-        except UnreadableCheckpoint as e:  # e.g. a copy gone wrong, or a file system without atomic rename
+        # a copy gone wrong, or a file system without atomic rename; gone since it was listed: rank 0 moved it aside
+        # (fastreg.run_folder), being newer than the one this run resumes from
+        except (UnreadableCheckpoint, FileNotFoundError) as e:
             log.warning("%s. trainer.resume=auto skips it and tries the checkpoint before it", e)
     if found:
         raise UnreadableCheckpoint(

@@ -5,14 +5,15 @@ config its checkpoints carry.
     train.log, metrics.jsonl, tb/                       its record (fastreg.run_log)
     previous/<UTC time>/                                files of earlier runs, moved aside, never deleted
 
-- trainer.resume=auto continues the newest checkpoint, under the same config: fastreg.checkpoint.compare_configs
-  refuses another one, naming the keys and the ways out. A finished run resumes at its end, with nothing to train.
+- trainer.resume=auto continues the newest readable checkpoint, under the same config: compare_configs
+  (fastreg.checkpoint) refuses another one before anything in the folder changes, naming the keys and the ways out.
+  A finished run resumes at its end, with nothing to train.
 - A run that starts afresh here (trainer.resume=none; auto with no checkpoint yet; a checkpoint from another
   folder) first moves the earlier run's files into previous/<UTC time>/: nothing is deleted, nothing of two runs
   mixes, and pruning sees this run's checkpoints only.
-- A run that goes back to an older checkpoint of this folder (trainer.resume=<out_dir>/ckpt_...pt) moves the newer
-  checkpoints there, with a copy of metrics.jsonl: they are another continuation, which this run's saves would
-  replace and a later trainer.resume=auto would pick.
+- A run that resumes from a checkpoint older than others here (trainer.resume=<out_dir>/ckpt_...pt, or auto past an
+  unreadable newer one) moves the newer ones there, with a copy of metrics.jsonl: they are another continuation,
+  which this run's saves would replace and a later trainer.resume=auto would pick.
 - Pruning never removes the checkpoint just written, nor one newer than it (fastreg.checkpoint.prune).
 
 No torch here: fastreg.train reads the folder to say what the same command does next when a stop signal ends it
@@ -58,41 +59,34 @@ def is_inside_epoch(path: Path) -> bool:
     return position(path)[1] >= 0
 
 
-def not_continued(out_dir: Path, resume: str) -> tuple[list[Path], bool]:
-    """The files of out_dir that the run trainer.resume starts does not continue, and whether metrics.jsonl is
-    copied with them (it stays, as the record up to the checkpoint resumed from). Decided from the names alone,
-    before anything is read: auto continues the newest checkpoint when there is one; a checkpoint of this folder
-    continues the ones up to it; anything else starts afresh. A named file that does not exist moves nothing
-    (reading it fails next)."""
+def not_continued(out_dir: Path, resumed: Path | None) -> tuple[list[Path], bool]:
+    """The files of out_dir that a run resuming from `resumed` (None: starting afresh) does not continue, and
+    whether metrics.jsonl is copied with them (it stays, as the record up to `resumed`). A checkpoint of this folder
+    continues the ones up to it; one from elsewhere, or none, continues nothing here."""
     found = list_checkpoints(out_dir)
-    record = [out_dir / name for name in RECORD if (out_dir / name).exists()]
-    if resume == "auto":
-        return ([], False) if found else (record, False)
-    if resume != "none":
-        named = Path(resume)
-        if not named.is_file():
-            return [], False
-        if named.resolve().parent == out_dir.resolve() and CKPT_RE.search(named.name):
-            newer = [p for p in found if position(p) > position(named)]
-            return newer, bool(newer)
-    return found + record, False
+    if resumed is not None and resumed.resolve().parent == out_dir.resolve() and CKPT_RE.search(resumed.name):
+        newer = [p for p in found if position(p) > position(resumed)]
+        return newer, bool(newer)
+    return found + [out_dir / name for name in RECORD if (out_dir / name).exists()], False
 
 
-def move_aside(out_dir: Path, resume: str) -> tuple[Path, list[str]] | None:
+def move_aside(out_dir: Path, resumed: Path | None) -> tuple[Path, list[str]] | None:
     """Move the files not_continued names into out_dir/previous/<UTC time>/ (renames within the folder: each file
     is in one place or the other, whole): (that folder, the names moved), or None when there was nothing to move.
-    Rank 0 only, before this run writes anything there."""
-    moved, copy_metrics = not_continued(out_dir, resume)
+    Rank 0 only, once the checkpoint to resume from is known and before this run writes anything there."""
+    moved, copy_metrics = not_continued(out_dir, resumed)
     if not moved:
         return None
     aside = new_folder(out_dir / PREVIOUS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    names = [p.name for p in moved]
     if copy_metrics and (out_dir / "metrics.jsonl").is_file():
         metrics = (out_dir / "metrics.jsonl").read_bytes()
         atomic_write(aside / "metrics.jsonl", lambda f: f.write(metrics))
+        names.append("metrics.jsonl (a copy)")
     for path in moved:
         os.rename(path, aside / path.name)
     sync(out_dir)
-    return aside, [p.name for p in moved] + (["metrics.jsonl (a copy)"] if copy_metrics else [])
+    return aside, names
 
 
 def new_folder(parent: Path, name: str) -> Path:

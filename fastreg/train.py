@@ -90,8 +90,6 @@ def main() -> None:
     try:
         import hydra
 
-        import fastreg.config  # noqa: F401 (registers the typed schema, base_config, that hydra composes with)
-
         hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")(run)()
     except Stopped as e:
         print(e.message(e.outcome or BEFORE_CONFIG), file=sys.stderr)

@@ -56,9 +56,9 @@ class Trainer:
         self.is_main, self.out_dir = self.rank == 0, Path(t.out_dir)
         if device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
-        open_run_dir(self.out_dir, self.is_main, t.resume)
         config, self.commit = dataclasses.asdict(cfg), ckpt.git_commit()
-        resumed = checkpointer.find(t.resume, self.out_dir, config)  # before the teacher loads: a refusal comes first
+        # before the teacher loads: a refused resume comes first, and leaves the folder as it was
+        resumed = open_run_dir(self.out_dir, self.is_main, lambda: checkpointer.find(t.resume, self.out_dir, config))
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.place)
         data_state = checkpointer.rank_state(resumed, "data", self.rank, self.world)
