@@ -366,6 +366,37 @@ def test_torchrun_forwards_sigusr1_to_its_workers_and_waits(tmp_path):
     assert int(step) < 80 and ckpt.load(Path(saved))["step"] == int(step)
 
 
+def test_torchrun_workers_each_stop_at_once_when_signalled_during_start_up(tmp_path, large_jpeg):
+    """Slurm signals every task, and torchrun (the README's flags) forwards the signal to every worker: during
+    start-up, with rank 0 decode-checking 200 large images and rank 1 waiting for its index, each worker stops on
+    its own signal with its own line, nothing saved."""
+    data = make_image_folder(tmp_path / "data", per_class=32)
+    add_large_images(data, large_jpeg)
+    out = tmp_path / "run"
+    command = [
+        *TORCHRUN,
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout=120",
+        "-m",
+        "fastreg.train",
+        *cli(data, out),
+    ]
+    proc = signal_when(
+        command,
+        tmp_path,
+        {**os.environ, "FASTREG_CACHE": str(tmp_path / "cache")},
+        signal.SIGUSR1,
+        lambda: logged(out, "loss simreg: eager PyTorch"),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's own code after a signal (README)
+    line = (
+        "SIGUSR1 received during start-up: stopped at once; nothing was saved yet: the same command starts over; "
+        "fastreg.train exits with code 75 (EX_TEMPFAIL)"
+    )
+    assert proc.stderr.count(line) == 2 and "forcefully exiting" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("*.pt")) and not temporary_files(out, tmp_path / "cache")
+
+
 def test_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     """Rank 1 is SIGKILLed before step 8 on torchrun's first attempt; the restarted group resumes from the
     save at step 6 (trainer.checkpoint_every=2) and finishes."""
