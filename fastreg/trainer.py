@@ -5,7 +5,8 @@
             loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
-    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
+    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75);
+    in the final evaluation, after the last save, at once (preemption.Stopped, exit 75 too)
 
 No host sync inside the step except at logging steps (and, with several processes, every
 trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is skipped
