@@ -52,7 +52,7 @@ class Stopped(BaseException):
 class AtOnce:
     """The handler of SIGTERM and SIGUSR1 outside the training loop: the first one raises Stopped; later ones
     change nothing, so that the unwinding's own cleanup is not cut short. Trainer.fit's StopSignals replace it
-    for the loop, and mark it `after training` when they give it back."""
+    for the loop, and when they give it back mark it `after training`, with the signal they received if any."""
 
     def __init__(self):
         self.received = 0
@@ -89,6 +89,7 @@ class StopSignals:
             signal.signal(sig, handler)
             if isinstance(handler, AtOnce):
                 handler.during = "after training"
+                handler.received = handler.received or self.received  # a stop under way: later signals change nothing
 
     def record(self, signum: int, frame) -> None:
         if self.received:

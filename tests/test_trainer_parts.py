@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fastreg.config import OptimConfig
 from fastreg.nonfinite import Divergence, StepSkip, StepUndo, build_guard
 from fastreg.optim import LrSchedule, lr_at
 from fastreg.placement import Placement
-from fastreg.preemption import StopAgreement
+from fastreg.preemption import StopAgreement, Stopped, StopSignals
 from fastreg.run_log import RunLogger
 
 CPU = torch.device("cpu")
@@ -144,6 +145,24 @@ def test_a_stop_signal_is_agreed_at_the_next_check_and_named():
     message = stop.message(2, 0.5, "run/ckpt.pt", "run")
     assert message.startswith("SIGUSR1 received: stopped at step 2 (epoch 0.50) and saved run/ckpt.pt")
     assert "exits with code 75" in message
+
+
+def test_in_the_final_evaluation_a_stop_signal_raises_at_once_even_one_received_before():
+    """After the last save nothing waits for a step boundary: a signal inside at_once raises Stopped there, and one
+    recorded in the last steps raises it as the evaluation starts; the handlers come back either way."""
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
+    with pytest.raises(Stopped) as inside, StopSignals() as signals, signals.at_once("the final evaluation", "saved"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert inside.value.message("saved") == (
+        "SIGTERM received during the final evaluation: stopped at once; saved; fastreg.train exits with code 75 "
+        "(EX_TEMPFAIL)"
+    )
+    with pytest.raises(Stopped, match="before the final evaluation"), StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded: a step boundary would come
+        with signals.at_once("the final evaluation", "saved"):
+            pytest.fail("the evaluation ran")
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == before
 
 
 # ---- run logger ----
