@@ -208,6 +208,7 @@ def stop_message(stderr: str) -> str:
     may come before it)."""
     lines = stderr.splitlines()
     assert "Traceback" not in stderr and [line for line in lines if " received " in line] == lines[-1:], stderr
+    print(lines[-1])  # pytest -s shows them: docs/reliability.md quotes them
     return lines[-1]
 
 
