@@ -572,10 +572,6 @@ def train_on_views(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _is_state_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple[nn.Module, str, dict]:
     """(backbone, arch, config) from `ckpt`, the contents of `path`: a trainer checkpoint or an exported student
     state_dict.
@@ -584,10 +580,11 @@ def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple
     state_dict has no config ({}), so `arch` is required. The weights must fit the arch exactly.
     """
     if "student" in ckpt:
-        config = ckpt.get("config") or {}
+        fix = "Evaluate the checkpoint that fastreg.train wrote, or the student that fastreg.export wrote with --arch"
+        config = checkpoint.check_entries(ckpt, Path(path), ("student", "config"), fix)["config"]
         arch = arch or checkpoint_arch(ckpt, path)
         state_dict = ckpt["student"]
-    elif _is_state_dict(ckpt):
+    elif checkpoint.is_state_dict(ckpt):
         if arch is None:
             raise ValueError(
                 f"{path} is an exported student state_dict, which has no config: pass --arch (one of {', '.join(STUDENTS)})"

@@ -5,7 +5,8 @@
             loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
-    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
+    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75);
+    in the final evaluation, after the last save, at once (preemption.Stopped, exit 75 too)
 
 No host sync inside the step except at logging steps (and, with several processes, every
 trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is skipped
@@ -17,6 +18,7 @@ distributed (ranks, seeds), step_graph (the CUDA graph).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -55,11 +57,11 @@ class Trainer:
         self.is_main, self.out_dir = self.rank == 0, Path(t.out_dir)
         if device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
-        open_run_dir(self.out_dir, self.is_main)
         config, self.commit = dataclasses.asdict(cfg), ckpt.git_commit()
+        # before the teacher loads: a refused resume comes first, and leaves the folder as it was
+        resumed = open_run_dir(self.out_dir, self.is_main, lambda: checkpointer.find(t.resume, self.out_dir, config))
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.place)
-        resumed = checkpointer.find(t.resume, self.out_dir, config)
         data_state = checkpointer.rank_state(resumed, "data", self.rank, self.world)
         shard = dict(rank=self.rank, world_size=self.world, seed=t.seed)
         self.loader = build_loader(cfg.data, **shard, **self.place.loader_options(), checkpoint=data_state)
@@ -216,19 +218,32 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """knn_eval's figures (knn<k>_majority, knn<k>_weighted, nn1) of the student's pooled feature (rank 0; the
-        others wait at the barrier)."""
+        others wait at the barrier). A stop signal stops the final evaluation at once (preemption.Stopped)."""
         results: dict[str, float] = {}
-        if self.is_main:
-            from fastreg.eval import knn_eval_run
+        with self.stop_at_once_if_final():
+            if self.is_main:
+                from fastreg.eval import knn_eval_run
 
-            student = self.distiller.student
-            student.eval()
-            results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
-            student.train()
-            self.log.evaluation(self.step, self.progress.epoch, results)
-        if dist.is_initialized():
-            dist.barrier()
+                student = self.distiller.student
+                student.eval()
+                results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
+                student.train()
+                self.log.evaluation(self.step, self.progress.epoch, results)
+            if dist.is_initialized():
+                dist.barrier()
         return results
+
+    def stop_at_once_if_final(self):
+        """After the last epoch's save, the evaluation is all that is left: a stop signal ends it at once."""
+        p, epochs = self.progress, self.cfg.trainer.epochs
+        if (p.epoch, p.batch_in_epoch) != (epochs, 0):
+            return contextlib.nullcontext()
+        saved = ckpt.checkpoint_path(self.out_dir, epochs)
+        return self.stop.signals.at_once(
+            "the final evaluation",
+            f"training is complete and saved in {saved}, the evaluation is not: the same command resumes there and "
+            "runs it",
+        )
 
     def log_startup(self) -> None:
         o = self.cfg.optim

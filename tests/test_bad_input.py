@@ -23,6 +23,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from fastreg.checkpointer import ENTRIES
+from fastreg.export import export_student
 from fastreg.students import SmallCNN
 from fastreg.train import train
 
@@ -405,8 +407,10 @@ def resume_with_another_config(b: Bench) -> Expect:
         [
             f"checkpoint {b.run / 'ckpt_epoch0001.pt'} was written with other settings, which change the "
             "result (checkpoint -> this run): optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2. ",
-            "pass trainer.resume_force=true",
-            "trainer.resume=none or another trainer.out_dir",
+            "A run folder holds one run: resume with the checkpoint's settings, or run these in another folder "
+            "with name=<another> (runs/<another>) or trainer.out_dir=<folder>",
+            f"or start afresh here with trainer.resume=none (the files already in {b.run} move into {b.run}/previous/)",
+            "or continue the checkpoint's weights under the new settings with trainer.resume_force=true",
         ],
     )
 
@@ -423,6 +427,51 @@ def resume_with_another_config_forced(b: Bench) -> Expect:
         None,
         ["trainer.resume_force=true: resuming from", "optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2"],
         trained_on,
+    )
+
+
+def resume_from_a_checkpoint_without(entry: str) -> Callable[[Bench], Expect]:
+    """A trainer checkpoint that lacks `entry`, one that every trainer checkpoint has and a resume reads: refused
+    before any part loads, where a KeyError came (or a part loaded and the next did not)."""
+
+    def make(b: Bench) -> Expect:
+        overrides = b.resume()
+        saved = b.run / b.trained.checkpoint.name
+        state = torch.load(saved, weights_only=True)
+        del state[entry]
+        torch.save(state, saved)
+        return Expect(
+            overrides,
+            ValueError,
+            [
+                f"{saved} has no '{entry}' entry, which every trainer checkpoint has (this file holds ",
+                "it was written by something else, or changed. Resume from another checkpoint, "
+                "trainer.resume=<out_dir>/ckpt_epochNNNN.pt (or auto: the newest readable one in trainer.out_dir), "
+                "or start afresh with trainer.resume=none",
+            ],
+        )
+
+    make.__name__ = f"resume_from_a_checkpoint_without_{entry}"
+    return make
+
+
+for _entry in ENTRIES:
+    case(resume_from_a_checkpoint_without(_entry))
+
+
+@case
+def resume_from_an_exported_student(b: Bench) -> Expect:
+    overrides = b.resume()
+    student = b.tmp / "student.pt"
+    export_student(b.trained.checkpoint, student)
+    return Expect(
+        overrides + [f"trainer.resume={student}"],
+        ValueError,
+        [
+            f"{student} is an exported student backbone (a bare state_dict, what fastreg.export writes), not a "
+            "trainer checkpoint: it holds the student's weights alone. Resume from another checkpoint",
+            "or start afresh with trainer.resume=none",
+        ],
     )
 
 
