@@ -159,7 +159,7 @@ def load_index(
                 "file_list; rename the file"
             )
 
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir("index")
+    folder = files.cache_folder("index", cache_dir)  # writable, or an error naming FASTREG_CACHE: before the check
     folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
     fingerprint = _fingerprint(root, classes, entries)
     index = _read_cached(folder, root, fingerprint)
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(
         f"{len(index.samples)} good, {len(index.bad)} bad images in {len(index.classes)} classes under "
