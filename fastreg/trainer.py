@@ -1,11 +1,13 @@
 """The training loop: AMP, DDP, per-iteration schedule, checkpoints, k-NN evaluation.
 
+    check_before_work(cfg)                          # fastreg.preflight: paths, memory, output folders
     for epoch:
         for batch in loader.epoch(epoch):           # the student's view (+ the teachers', patches), on device
             loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
+    resumed at the end: the final k-NN evaluation if metrics.jsonl lacks it, else one line saying it had finished
 
 No host sync inside the step except at logging steps (and, with several processes, every
 trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is skipped
