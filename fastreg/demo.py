@@ -358,7 +358,7 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
 
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)  # the teacher's training runs before the Trainer's
-    cache = files.cache_dir("demo")
+    cache = files.cache_folder("demo")  # writable, or an error naming FASTREG_CACHE: before the demo builds anything
     root = ensure_demo_data(cache)
     cfg.data.root, cfg.data.val_root = str(root / "train"), str(root / "val")
     cfg.teachers[0].checkpoint = str(ensure_demo_teacher(cache, root))

@@ -717,6 +717,7 @@ def linear_eval(
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
+    args.cache_dir = files.cache_folder("features", args.cache_dir)  # writable: before any feature is extracted
     ckpt = read_checkpoint(args.checkpoint)
     backbone, arch, config = load_student(ckpt, args.checkpoint, args.arch)
     if args.through_head is not None:  # the features are the head's output (SimReg's eval --use_pred)
@@ -863,12 +864,11 @@ def main(argv: list[str] | None = None) -> None:
         help="decoder of the images (default: data.loader, else auto: DALI when installed)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    default_cache = files.cache_dir("features")
-    p.add_argument("--cache-dir", type=Path, default=default_cache, help=f"feature cache (default: {default_cache})")
+    p.add_argument("--cache-dir", type=Path, help=f"feature cache (default: {files.cache_dir('features')})")
     args = p.parse_args(argv)
     try:
         results, facts = evaluate(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     _report(args, results, facts)
 

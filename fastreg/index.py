@@ -205,7 +205,7 @@ def load_index(
                 "file_list; rename the file"
             )
 
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir("index")
+    folder = files.cache_folder("index", cache_dir)  # writable, or an error naming FASTREG_CACHE: before the check
     folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
     index = _update(root, source, classes, entries, folder, workers, progress, recheck)
     _report_bad(index, max_bad_fraction, key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from logging.handlers import BufferingHandler
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fastreg.checkpoint import atomic_write, remove_partial_saves
 from fastreg.checkpointer import Resumed
+from fastreg.files import make_writable_dir
 from fastreg.messages import listing
 from fastreg.monitor import GPUMonitor
 from fastreg.run_folder import move_aside
@@ -151,6 +151,16 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
+def logged_evaluation(path: Path, step: int) -> dict[str, float]:
+    """The k-NN results the metrics file `path` holds at `step`, without their eval/ prefix; {} when none."""
+    results: dict[str, float] = {}
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    for line in lines:
+        if logged_step(line) == step:
+            results.update({k.removeprefix("eval/"): v for k, v in json.loads(line).items() if k.startswith("eval/")})
+    return results
+
+
 def make_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -208,9 +218,7 @@ def open_run_dir(out_dir: Path, is_main: bool, find: Callable[[], Resumed | None
 def make_out_dir(path: Path) -> None:
     """Create trainer.out_dir and check that a file can be written there, before any work is done."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):  # unnamed (O_TMPFILE): nothing is left behind
-            pass
+        make_writable_dir(path)
     except OSError as e:
         raise OSError(
             e.errno,
