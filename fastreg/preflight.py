@@ -19,6 +19,7 @@ from fastreg import files
 from fastreg.checkpoint import RESUME_FIX
 from fastreg.config import TrainConfig
 from fastreg.distributed import launch
+from fastreg.index import find_samples
 from fastreg.placement import pick_device
 from fastreg.run_log import make_out_dir
 from fastreg.step_graph import check_device
@@ -71,7 +72,7 @@ PATHS = {
 
 def check_paths(cfg: TrainConfig) -> None:
     """Every path the config names exists and is a directory or a file as its key says; one message for all."""
-    problems = [path_problem(key, value) for key, value in used_paths(cfg).items()]
+    problems = [path_problem(key, value) or folder_problem(key, value) for key, value in used_paths(cfg).items()]
     problems = [p for p in problems if p]
     if len(problems) == 1:
         raise FileNotFoundError(problems[0])
@@ -101,6 +102,22 @@ def path_problem(key: str, value: str) -> str | None:
         return None
     wrong = "does not exist" if not path.exists() else "is not a directory" if is_dir else "is not a file"
     return f"{key}={value} {wrong}: {fix.format(key=key)}"
+
+
+# The k-NN's folders, read after the training: scanned for images here (data.root is indexed before the first step).
+EVAL_FOLDERS = ("data.val_root", "data.knn_train_root")
+
+
+def folder_problem(key: str, value: str) -> str | None:
+    """The index's error about an evaluation folder without images (empty, no class subfolders, no image files in
+    them), found by its walk alone: no file is opened. None when the folder holds images, or is not one."""
+    if key not in EVAL_FOLDERS:
+        return None
+    try:
+        find_samples(value, key=key)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- memory

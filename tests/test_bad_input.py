@@ -554,6 +554,35 @@ def val_root_missing(b: Bench) -> Expect:
 
 
 @case
+def val_root_without_images(b: Bench) -> Expect:
+    """A val folder whose class folders are still empty passed the path check and failed after the training."""
+    val = b.tmp / "val"
+    for name in ("class0", "class1"):
+        (val / name).mkdir(parents=True)
+    return Expect(
+        b.fresh(f"data.val_root={val}"),
+        FileNotFoundError,
+        [f"no image files under {val} in the class subfolders; check data.val_root"],
+        b.nothing_started,
+    )
+
+
+@case
+def knn_train_root_without_class_folders(b: Bench) -> Expect:
+    bank = b.tmp / "bank"
+    make_image_folder(bank, classes=1, per_class=2)
+    for jpeg in (bank / "class0").iterdir():
+        jpeg.rename(bank / jpeg.name)
+    (bank / "class0").rmdir()
+    return Expect(
+        b.fresh(f"data.val_root={b.data}", f"data.knn_train_root={bank}"),
+        FileNotFoundError,
+        [f"dataset root {bank} has no class subfolders: point data.knn_train_root at an ImageFolder"],
+        b.nothing_started,
+    )
+
+
+@case
 def val_root_is_a_file(b: Bench) -> Expect:
     path = b.tmp / "val.tar"
     path.write_bytes(b"not a folder")
@@ -825,14 +854,17 @@ def test_cli_prints_the_message_alone(tmp_path, full_error):
 
 
 def test_a_rerun_does_the_final_evaluation_that_failed(tmp_path, caplog):
-    """The finished run's final k-NN failed (a val folder whose class folders were still empty: it passes the check
-    before the work), after its last checkpoint. Run again once the folder is fixed, the same command evaluates
-    instead of resuming at the end and exiting 0 with nothing done; a third time there is nothing left to do."""
+    """The finished run's final k-NN failed (a val folder of files named .jpg that are no images: the check before
+    the work walks folders, it opens no file), after its last checkpoint. Run again once the folder is fixed, the
+    same command evaluates instead of resuming at the end and exiting 0 with nothing done; a third time there is
+    nothing left to do."""
     data, val, run = make_image_folder(tmp_path / "data", per_class=8), tmp_path / "val", tmp_path / "run"
     for name in ("class0", "class1"):
         (val / name).mkdir(parents=True)
+        for i in range(3):
+            (val / name / f"{i}.jpg").write_text("not a jpeg yet")
     overrides = tiny_overrides(data, run) + ["trainer.epochs=1", f"data.val_root={val}", "eval.knn_k=3"]
-    with pytest.raises(FileNotFoundError, match=f"no image files under {val}"):
+    with pytest.raises(ValueError, match=f"{val}: none of the 6 images passes the decode check"):
         train(compose_cfg(overrides))
     saved = (run / "ckpt_epoch0001.pt").read_bytes()
     assert not [m for m in logged_lines(run) if "eval/nn1" in m]
