@@ -538,19 +538,50 @@ def resume_from_an_exported_student(b: Bench) -> Expect:
 # fastreg.preflight: the paths, the memory of a step and the folders written, before the data, teacher or index.
 
 
-@case
-def val_root_missing(b: Bench) -> Expect:
-    """A typo in data.val_root trained every epoch, saved, and only then failed, naming data.root."""
-    path = b.tmp / "vall"
-    return Expect(
-        b.fresh(f"data.val_root={path}"),
-        FileNotFoundError,
-        [
-            f"data.val_root={path} does not exist: point data.val_root at the labelled ImageFolder of the k-NN "
-            "evaluation, or set data.val_root=null to train without one"
-        ],
-        b.nothing_started,
-    )
+def path_missing(case_id: str, key: str, name: str, fix: str, *extra: str) -> Callable[[Bench], Expect]:
+    """`key` names no file or folder (a typo): refused before any work, naming the key and the fix. `extra`:
+    overrides, {data} the training folder. A typo in data.val_root trained every epoch, saved, and only then
+    failed, naming data.root."""
+
+    def make(b: Bench) -> Expect:
+        path = b.tmp / name
+        return Expect(
+            b.fresh(*(e.format(data=b.data) for e in extra), f"{key}={path}"),
+            FileNotFoundError,
+            [f"{key}={path} does not exist: {fix}"],
+            b.nothing_started,
+        )
+
+    make.__name__ = case_id
+    return make
+
+
+for _missing in [
+    (
+        "val_root_missing",
+        "data.val_root",
+        "vall",
+        "point data.val_root at the labelled ImageFolder of the k-NN evaluation, or set data.val_root=null to train "
+        "without one",
+    ),
+    (
+        "knn_train_root_missing",
+        "data.knn_train_root",
+        "bank",
+        "point data.knn_train_root at the ImageFolder of the k-NN memory bank, or set data.knn_train_root=null to "
+        "use data.root",
+        "data.val_root={data}",
+    ),
+    (
+        "file_list_missing",
+        "data.file_list",
+        "train.txt",
+        "point data.file_list at the 'relpath label' list of data.root's images",
+    ),
+    ("teacher_cache_missing", "teacher.cache", "features_r50", "point teacher.cache at the folder python -m fastreg"),
+    ("resume_checkpoint_missing", "trainer.resume", "ckpt_epoch0010.pt", "pass trainer.resume=<another checkpoint>"),
+]:
+    case(path_missing(*_missing))
 
 
 @case
@@ -590,53 +621,6 @@ def val_root_is_a_file(b: Bench) -> Expect:
         b.fresh(f"data.val_root={path}"),
         FileNotFoundError,
         [f"data.val_root={path} is not a directory: point data.val_root at the labelled ImageFolder"],
-        b.nothing_started,
-    )
-
-
-@case
-def knn_train_root_missing(b: Bench) -> Expect:
-    path = b.tmp / "bank"
-    return Expect(
-        b.fresh(f"data.val_root={b.data}", f"data.knn_train_root={path}"),
-        FileNotFoundError,
-        [
-            f"data.knn_train_root={path} does not exist: point data.knn_train_root at the ImageFolder of the k-NN "
-            "memory bank, or set data.knn_train_root=null to use data.root"
-        ],
-        b.nothing_started,
-    )
-
-
-@case
-def file_list_missing(b: Bench) -> Expect:
-    path = b.tmp / "train.txt"
-    return Expect(
-        b.fresh(f"data.file_list={path}"),
-        FileNotFoundError,
-        [f"data.file_list={path} does not exist: point data.file_list at the 'relpath label' list of data.root's"],
-        b.nothing_started,
-    )
-
-
-@case
-def teacher_cache_missing(b: Bench) -> Expect:
-    path = b.tmp / "features_r50"
-    return Expect(
-        b.fresh(f"teacher.cache={path}"),
-        FileNotFoundError,
-        [f"teacher.cache={path} does not exist: point teacher.cache at the folder python -m fastreg.cache_teacher"],
-        b.nothing_started,
-    )
-
-
-@case
-def resume_checkpoint_missing(b: Bench) -> Expect:
-    path = b.tmp / "ckpt_epoch0010.pt"
-    return Expect(
-        b.fresh(f"trainer.resume={path}"),
-        FileNotFoundError,
-        [f"trainer.resume={path} does not exist: pass trainer.resume=<another checkpoint>"],
         b.nothing_started,
     )
 

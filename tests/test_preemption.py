@@ -35,6 +35,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # torch 2.14's torchrun keeps its rendezvous store across restarts, and a restarted group can read the previous
 # attempt's gloo addresses from it and fail to connect (README, "Elastic restarts"): a store per attempt.
 RESTARTS = ["--max-restarts=1"]
+# The README's flags: the agent forwards SIGUSR1 (by default it would die of it) and waits for its workers.
+TORCHRUN_FORWARDING = [
+    *TORCHRUN,
+    "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    "--shutdown-timeout=120",
+    "-m",
+    "fastreg.train",
+]
 RESTART_ENV = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
@@ -347,11 +355,7 @@ def test_torchrun_forwards_sigusr1_to_its_workers_and_waits(tmp_path):
     data = make_image_folder(tmp_path / "data")  # 2 steps per epoch, 40 epochs: still training when signalled
     out = tmp_path / "run"
     command = [
-        *TORCHRUN,
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "--shutdown-timeout=120",
-        "-m",
-        "fastreg.train",
+        *TORCHRUN_FORWARDING,
         *cli(data, out, "trainer.epochs=40", "trainer.stop_check_every=1"),
     ]
     with launched(command, tmp_path, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
@@ -375,11 +379,7 @@ def test_torchrun_workers_each_stop_at_once_when_signalled_during_start_up(tmp_p
     add_large_images(data, large_jpeg)
     out = tmp_path / "run"
     command = [
-        *TORCHRUN,
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "--shutdown-timeout=120",
-        "-m",
-        "fastreg.train",
+        *TORCHRUN_FORWARDING,
         *cli(data, out),
     ]
     proc = signal_when(
