@@ -158,6 +158,8 @@ def text_start(path: Path) -> str | None:
     """The first line of a file that starts as text (an HTML error page, a Git LFS pointer), else None."""
     with open(path, "rb") as f:
         start = f.read(80)
+    if b"PK\x03\x04".startswith(start[:4]):  # the start of a zip (torch.save's format) cut short, not text
+        return None
     try:
         text = start.decode("utf-8")
     except UnicodeDecodeError:

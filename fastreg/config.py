@@ -317,16 +317,17 @@ class TrainerConfig:
     # log_every steps later, every step in between skipped. 1 stops at the first bad step.
     max_bad_steps: int = 10
     eval_every: int = 0  # epochs between k-NN evaluations; 0 = only at the end
-    # auto: the newest readable checkpoint in out_dir (an unreadable one is skipped with a warning) | none |
-    # path/to/checkpoint.pt (must be readable: no fallback)
+    # auto: the newest readable checkpoint in out_dir (an unreadable one is skipped with a warning) | none: start
+    # afresh, the folder's earlier files moved into out_dir/previous/<UTC time>/ (never deleted) |
+    # path/to/checkpoint.pt (must be readable: no fallback). A run folder holds one run (fastreg.run_folder).
     resume: str = "auto"
     # Resume although settings that change the result differ from the checkpoint's (e.g. more trainer.epochs:
     # the cosine schedule is stretched from the resumed step on). false refuses, listing every difference;
     # logging, saving, evaluation and worker settings may differ either way (fastreg.checkpoint.FREE_KEYS).
     resume_force: bool = False
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tensorboard
-    # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones
-    # are deleted after a save.
+    # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones of
+    # this run are deleted after a save, never the one just written nor a newer one.
     keep_checkpoints: int = 2
     # Steps between checkpoints inside an epoch (0: only at epoch ends): a killed run loses at most this
     # many steps. Each save writes the student, heads, optimizer state and the data position.

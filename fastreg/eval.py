@@ -47,7 +47,7 @@ from torch import nn
 
 from fastreg import checkpoint, files
 from fastreg.config import DataConfig, HeadConfig, TrainConfig
-from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
+from fastreg.export import WRONG_ARCH, check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm, build_head
 from fastreg.messages import listing
 from fastreg.pipelines import Loader, build_loader, eval_batches, resolve_loader
@@ -579,6 +579,7 @@ def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple
     A trainer checkpoint gives its config, and its arch unless `arch` overrides it. An exported
     state_dict has no config ({}), so `arch` is required. The weights must fit the arch exactly.
     """
+    given = arch is not None
     if "student" in ckpt:
         fix = "Evaluate the checkpoint that fastreg.train wrote, or the student that fastreg.export wrote with --arch"
         config = checkpoint.check_entries(ckpt, Path(path), ("student", "config"), fix)["config"]
@@ -597,7 +598,7 @@ def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple
         )
     if arch not in STUDENTS:
         raise ValueError(f"--arch {arch!r} is not one of {', '.join(STUDENTS)}")
-    check_keys(state_dict, arch)
+    check_keys(state_dict, arch, path, "pass the --arch it was trained as" if given else WRONG_ARCH)
     backbone = Student(arch).backbone
     backbone.load_state_dict(state_dict, strict=False)  # check_keys allowed only the classifier to be missing
     return backbone, arch, config

@@ -47,8 +47,9 @@ def checkpoint_arch(ckpt: dict, path: str | Path) -> str:
     return arch
 
 
-def check_keys(state_dict: dict, arch: str) -> None:
-    """Raise ValueError unless `state_dict` is a whole `arch` backbone.
+def check_keys(state_dict: dict, arch: str, path: str | Path, fix: str) -> None:
+    """Raise ValueError unless `state_dict` is a whole `arch` backbone; the message names the file `path` it came
+    from and ends with `fix`, what to do.
 
     torchvision archs: it must load into torchvision.models.<arch>() with nothing unexpected and nothing
     missing but the final classifier Linear the student drops (STUDENTS[arch].final_linear: fc, classifier.3
@@ -64,13 +65,20 @@ def check_keys(state_dict: dict, arch: str) -> None:
     try:
         missing, unexpected = reference.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch raises even with strict=False
-        raise ValueError(f"the student weights do not fit {arch}: {e}") from e
+        raise ValueError(f"the student weights of {path} do not fit {arch}: {e}; {fix}") from e
     missing = [k for k in missing if k not in droppable]
     if missing or unexpected:
         raise ValueError(
-            f"the student weights do not fit {arch}: missing keys [{listing(missing)}], unexpected keys "
-            f"[{listing(unexpected)}]"
+            f"the student weights of {path} do not fit {arch}: missing keys [{listing(missing)}], unexpected keys "
+            f"[{listing(unexpected)}]; {fix}"
         )
+
+
+# The fix when a trainer checkpoint's student weights are not of the arch its config names.
+WRONG_ARCH = (
+    "its config.student.arch does not describe its weights: the file was changed, or written by something other than "
+    "fastreg.train. Use a checkpoint that fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)"
+)
 
 
 def student_state_dict(checkpoint_path: str | Path) -> tuple[dict, str]:
@@ -83,7 +91,7 @@ def student_state_dict(checkpoint_path: str | Path) -> tuple[dict, str]:
     )
     arch = checkpoint_arch(ckpt, checkpoint_path)
     state_dict = ckpt["student"]
-    check_keys(state_dict, arch)
+    check_keys(state_dict, arch, checkpoint_path, WRONG_ARCH)
     return state_dict, arch
 
 

@@ -281,9 +281,10 @@ def _scan_image_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str,
     classes = _subfolders(root)
     if not classes:
         what = "has no class subfolders" if any(root.iterdir()) else "is empty"
+        listed = {"data.root": ", or pass data.file_list", "ROOT": ", or pass --file-list"}.get(key, "")
         raise FileNotFoundError(
             f"dataset root {root} {what}: point {key} at an ImageFolder, whose class "
-            "subfolders (named after the classes) hold the images, or pass a file_list"
+            f"subfolders (named after the classes) hold the images{listed}"
         )
     # Every directory entered, by (st_dev, st_ino), with the path it was entered by. The root and the class
     # folders first, so that a link into another class folder is a duplicate, never a second way in for it.

@@ -530,6 +530,9 @@ def test_cli_errors(folders, tmp_path):
     assert (
         "do not fit cnn_tiny: missing keys [features.0.weight" in message and "unexpected keys [conv1.weight" in message
     )
+    assert f"the student weights of {tmp_path / 'r18.pt'}" in message and message.endswith(
+        "pass the --arch it was trained as"
+    )
 
     linear = [
         "--train-root",

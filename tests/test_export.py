@@ -136,8 +136,10 @@ def test_wrong_keys_are_named_and_nothing_is_written(tmp_path):
         "config": {"student": {"arch": "resnet18"}},
     }  # a DDP-prefixed state_dict
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight") as e:
         export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert str(e.value).startswith(f"the student weights of {tmp_path / 'ckpt.pt'} do not fit resnet18: ")
+    assert str(e.value).endswith("Use a checkpoint that fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)")
     assert not (tmp_path / "out.pt").exists()
 
 
