@@ -306,7 +306,8 @@ def distill_modes(overrides: list[str], args: argparse.Namespace, work: Path, de
     if compose_config(overrides, work / "cache").data.loader == "synthetic":
         raise SystemExit("--distill-modes runs e2e on a dataset: drop data.loader=synthetic, pass data.root=")
     cache = work / "teacher_cache"
-    write_cache(compose_config(overrides, work / "cache"), cache, 0, "float16")
+    arguments = ["--teacher", "0", "--dtype", "float16", *overrides]  # what meta.json says wrote it
+    write_cache(compose_config(overrides, work / "cache"), cache, 0, "float16", arguments)
     rows = [(name, [o.format(cache=cache) for o in delta]) for name, delta in DISTILL_MODES]
     return run_rows(rows, "e2e", overrides, args, work, device)
 

@@ -31,9 +31,10 @@ import torch
 
 from fastreg.files import atomic_write, temporary_path
 from fastreg.messages import listing
+from fastreg.run_folder import checkpoint_path as checkpoint_path  # re-exported: the trainer and tests name saves
+from fastreg.run_folder import is_inside_epoch, list_checkpoints
 
 log = logging.getLogger(__name__)
-CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})(?:_step(\d{8,}))?\.pt$")
 
 
 def git_commit() -> str:
@@ -78,40 +79,22 @@ def disk_full(path: Path, tmp: Path, error: OSError) -> OSError:
     )
 
 
-def checkpoint_path(out_dir: Path, epoch: int, step: int | None = None) -> Path:
-    """`epoch` complete epochs; `step`: the global step of a save inside the next epoch."""
-    inside = f"_step{step:08d}" if step is not None else ""
-    return out_dir / f"ckpt_epoch{epoch:04d}{inside}.pt"
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first (temporary files never match). An epoch's end comes
-    before the saves inside the following epoch: (epoch, -1) < (epoch, step)."""
-    found = [
-        ((int(m.group(1)), int(m.group(2) or -1)), p)
-        for p in out_dir.glob("ckpt_epoch*.pt")
-        if (m := CKPT_RE.search(p.name))
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def prune(out_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` epoch-end checkpoints (0: keep everything), and the newest `keep` saves inside
-    the epoch after them: saves inside an epoch never push out the epoch ends, which a resume with other
-    settings needs, and they go once their epoch has ended."""
+def prune(out_dir: Path, keep: int, written: Path) -> None:
+    """Keep the newest `keep` epoch-end checkpoints up to `written`, the one just saved (0: keep everything), and
+    the newest `keep` saves inside the epoch after them: saves inside an epoch never push out the epoch ends,
+    which a resume with other settings needs, and they go once their epoch has ended. `written` and any newer
+    checkpoint stay whatever `keep` says: a newer one is not this run's to remove (fastreg.run_folder moves
+    another run's files aside, but a checkpoint that trainer.resume=auto skipped as unreadable stays)."""
     if keep <= 0:
         return
     found = list_checkpoints(out_dir)
+    found = found[: found.index(written) + 1]
     ends = [p for p in found if not is_inside_epoch(p)]
     newest_end = found.index(ends[-1]) if ends else -1
     inside_done = [p for i, p in enumerate(found) if is_inside_epoch(p) and i < newest_end]
     inside_now = [p for i, p in enumerate(found) if is_inside_epoch(p) and i > newest_end]
     for old in ends[:-keep] + inside_done + inside_now[:-keep]:
         old.unlink()
-
-
-def is_inside_epoch(path: Path) -> bool:
-    return CKPT_RE.search(path.name).group(2) is not None
 
 
 class UnreadableCheckpoint(ValueError):
@@ -175,6 +158,8 @@ def text_start(path: Path) -> str | None:
     """The first line of a file that starts as text (an HTML error page, a Git LFS pointer), else None."""
     with open(path, "rb") as f:
         start = f.read(80)
+    if b"PK\x03\x04".startswith(start[:4]):  # the start of a zip (torch.save's format) cut short, not text
+        return None
     try:
         text = start.decode("utf-8")
     except UnicodeDecodeError:
@@ -197,6 +182,34 @@ def load(path: Path) -> dict:
     """A checkpoint to resume from; an unreadable one 'cannot be read', which the warning of trainer.resume=auto
     follows with 'skips it'."""
     return read(path, "checkpoint", RESUME_FIX, verdict="cannot be read")
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A bare state_dict: tensors under string keys, what fastreg.export writes and torchvision loads."""
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
+
+
+def check_entries(state: Any, path: Path, entries: tuple[str, ...], fix: str) -> dict:
+    """`state`, the contents of `path`, when it is a trainer checkpoint with every one of `entries`; else a
+    ValueError that says what the file is, and `fix`: a file of another kind (an exported student, a list) or
+    one without an entry would otherwise fail later with a KeyError, or load in part."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a trainer checkpoint: {fix}")
+    if is_state_dict(state):
+        raise ValueError(
+            f"{path} is an exported student backbone (a bare state_dict, what fastreg.export writes), not a trainer "
+            f"checkpoint: it holds the student's weights alone. {fix}"
+        )
+    missing = [k for k in entries if k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} has no {listing(repr(k) for k in missing)} entr{'y' if len(missing) == 1 else 'ies'}, which "
+            f"every trainer checkpoint has (this file holds {listing(map(str, state), first=12)}): it was written by something "
+            f"else, or changed. {fix}"
+        )
+    return state
 
 
 def check_crcs(path: Path) -> None:
@@ -224,12 +237,15 @@ def load_resume(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
     for path in reversed(found):
         try:
             return path, load(path)
-        except UnreadableCheckpoint as e:  # e.g. a copy gone wrong, or a file system without atomic rename
+        # a copy gone wrong, or a file system without atomic rename; gone since it was listed: rank 0 moved it aside
+        # (fastreg.run_folder), being newer than the one this run resumes from
+        except (UnreadableCheckpoint, FileNotFoundError) as e:
             log.warning("%s. trainer.resume=auto skips it and tries the checkpoint before it", e)
     if found:
         raise UnreadableCheckpoint(
             f"none of the {len(found)} checkpoints in {out_dir} can be read (see the warnings "
-            "above); delete them, or start over with trainer.resume=none"
+            "above); move them away, or start over with trainer.resume=none (which moves them into "
+            f"{out_dir}/previous/)"
         )
     return None
 
@@ -305,11 +321,14 @@ def compare_configs(saved: dict, current: dict, path: Path) -> None:
     if not binding:
         return
     if not new.get("trainer.resume_force"):
+        out_dir = new.get("trainer.out_dir")
         raise ValueError(
             f"checkpoint {path} was written with other settings, which change the result (checkpoint -> this "
-            f"run): {differences(binding, old, new)}. Resume with the checkpoint's settings, pass "
-            "trainer.resume_force=true to continue its weights under the new ones, or start afresh with "
-            "trainer.resume=none or another trainer.out_dir"
+            f"run): {differences(binding, old, new)}. A run folder holds one run: resume with the checkpoint's "
+            "settings, or run these in another folder with name=<another> (runs/<another>) or "
+            f"trainer.out_dir=<folder>, or start afresh here with trainer.resume=none (the files already in "
+            f"{out_dir} move into {out_dir}/previous/), or continue the checkpoint's weights under the new settings "
+            "with trainer.resume_force=true"
         )
     log.warning(
         "trainer.resume_force=true: resuming from %s with other settings (checkpoint -> this run): %s",

@@ -66,12 +66,23 @@ class Resumed:
     state: dict[str, Any]
 
 
+# What every trainer checkpoint has held since the first, and a resume reads: a file without one of them is refused
+# before any part loads. Entries added later are read where present (batch_in_epoch, the per-rank data and rng).
+ENTRIES = ("student", "heads", "loss", "optimizer", "scaler", "epoch", "step", "config", "commit")
+RESUME_ELSE = (
+    "Resume from another checkpoint, trainer.resume=<out_dir>/ckpt_epochNNNN.pt (or auto: the newest readable one "
+    "in trainer.out_dir), or start afresh with trainer.resume=none"
+)
+
+
 def find(resume: str, out_dir: Path, config: dict) -> Resumed | None:
-    """The checkpoint trainer.resume picks, checked against this run's config (fastreg.checkpoint)."""
+    """The checkpoint trainer.resume picks, checked to be a trainer checkpoint with every entry a resume reads and
+    against this run's config (fastreg.checkpoint)."""
     found = ckpt.load_resume(resume, out_dir)
     if found is None:
         return None
     path, state = found
+    ckpt.check_entries(state, path, ENTRIES, RESUME_ELSE)
     ckpt.compare_configs(state["config"], config, path)
     return Resumed(path, state)
 
@@ -110,7 +121,7 @@ class Checkpointer:
             for part in self.parts:
                 state.update(part.save_state())
             ckpt.atomic_save(state, path)
-            ckpt.prune(self.out_dir, self.keep)
+            ckpt.prune(self.out_dir, self.keep, path)
             log.info("saved %s", path)
         return path
 

@@ -1,12 +1,16 @@
 """Typed configuration: one dataclass per config group, registered in hydra's ConfigStore.
 
 Hydra composes YAML from configs/ onto these schemas, so a misspelled key or a wrong type is an
-error at compose time. `to_config(cfg)` turns the composed DictConfig into dataclasses, which runs
-every `__post_init__` check below; the rest of the code only sees validated dataclasses.
+error at compose time. `to_config(cfg)` refuses the keys that hydra's +key= and ++key= added past the
+schemas, then turns the composed DictConfig into dataclasses, which runs every `__post_init__` check below;
+the rest of the code only sees validated dataclasses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -227,6 +231,12 @@ class DataConfig:
         if self.small_patches < 0:
             raise ValueError(f"data.small_patches must be >= 0 (0: none), got {self.small_patches}")
         _check_positive("data.small_patch_size", self.small_patch_size)
+        if self.small_patches and self.small_patch_size > self.crop_size:
+            raise ValueError(
+                f"data.small_patch_size={self.small_patch_size} is larger than data.crop_size={self.crop_size}: "
+                "the small patches are small crops beside the global view (SEED: 96 px at crop 224); set "
+                f"data.small_patch_size <= {self.crop_size}"
+            )
         _check_unit_range("data.small_patch_scale", self.small_patch_scale)
         if self.loader == "torchvision" and (self.teacher_view == "weak" or self.small_patches):
             raise ValueError(
@@ -307,16 +317,17 @@ class TrainerConfig:
     # log_every steps later, every step in between skipped. 1 stops at the first bad step.
     max_bad_steps: int = 10
     eval_every: int = 0  # epochs between k-NN evaluations; 0 = only at the end
-    # auto: the newest readable checkpoint in out_dir (an unreadable one is skipped with a warning) | none |
-    # path/to/checkpoint.pt (must be readable: no fallback)
+    # auto: the newest readable checkpoint in out_dir (an unreadable one is skipped with a warning) | none: start
+    # afresh, the folder's earlier files moved into out_dir/previous/<UTC time>/ (never deleted) |
+    # path/to/checkpoint.pt (must be readable: no fallback). A run folder holds one run (fastreg.run_folder).
     resume: str = "auto"
     # Resume although settings that change the result differ from the checkpoint's (e.g. more trainer.epochs:
     # the cosine schedule is stretched from the resumed step on). false refuses, listing every difference;
     # logging, saving, evaluation and worker settings may differ either way (fastreg.checkpoint.FREE_KEYS).
     resume_force: bool = False
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tensorboard
-    # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones
-    # are deleted after a save.
+    # Newest epoch-end checkpoints kept (0: all), and as many saves inside the epoch after them; older ones of
+    # this run are deleted after a save, never the one just written nor a newer one.
     keep_checkpoints: int = 2
     # Steps between checkpoints inside an epoch (0: only at epoch ends): a killed run loses at most this
     # many steps. Each save writes the student, heads, optimizer state and the data position.
@@ -375,6 +386,14 @@ class EvalConfig:
     knn_t: float = 0.07
     batch_size: int = 256
     workers: int = 8
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:
+            raise ValueError(f"eval.knn_k must be >= 1 (the neighbours that vote), got {self.knn_k}")
+        _check_positive("eval.knn_t", self.knn_t)
+        _check_positive("eval.batch_size", self.batch_size)
+        if self.workers < 0:
+            raise ValueError(f"eval.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -465,7 +484,49 @@ def _name_teachers(teachers: list[TeacherConfig]) -> None:
 
 def to_config(cfg: DictConfig) -> TrainConfig:
     """Resolve and validate a composed config into dataclasses (runs every __post_init__)."""
+    _check_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
     return OmegaConf.to_object(cfg)
+
+
+def _check_keys(node: object, schema: type, prefix: str = "") -> None:
+    """Refuse every key of the composed config (plain dicts and lists) that the dataclass `schema` lacks, at
+    any depth. Hydra's +key= and ++key= add keys that no schema checks (hydra suggests +key= for a key it
+    does not know), and OmegaConf.to_object drops them without a word: a misspelled setting would run with
+    its default. (hydra.* is not in the composed config.)"""
+    if not isinstance(node, dict):
+        return  # None (an Optional section that is not set) or an interpolation
+    known = [f.name for f in dataclasses.fields(schema)]
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items():
+        if key not in known:
+            raise ValueError(_not_a_setting(f"{prefix}{key}", prefix, known))
+        section = _section_schema(hints[key])
+        if section is None:
+            continue
+        if isinstance(value, list):  # teachers: list[TeacherConfig]
+            for i, item in enumerate(value):
+                _check_keys(item, section, f"{prefix}{key}.{i}.")
+        else:
+            _check_keys(value, section, f"{prefix}{key}.")
+
+
+def _section_schema(hint: object) -> type | None:
+    """The dataclass a field holds: the field's type, or X in `X | None` and `list[X]`; None for a value."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+
+
+def _not_a_setting(key: str, prefix: str, known: list[str]) -> str:
+    """'optim.lrr is not a setting (optim has: name, base_lr, ...; did you mean optim.min_lr or optim.base_lr?)'"""
+    section = f"{prefix[:-1]} has" if prefix else "the config's top level has"
+    # cutoff 0.4: 'lrr' is 0.44 like 'min_lr' and 0.4 like 'base_lr' (difflib's default 0.6 finds neither)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3, cutoff=0.4)
+    guess = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+    return (
+        f"{key} is not a setting ({section}: {', '.join(known)}{guess}): fix its name or remove it (hydra adds a "
+        "key given with + or ++ whatever its name, and the run would ignore it)"
+    )
 
 
 def register_configs() -> None:

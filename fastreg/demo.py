@@ -16,9 +16,19 @@ build is never mistaken for a finished one:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # python -m fastreg.demo [key=value ...]: python -m fastreg.train experiment=demo, with the same overrides,
+    # output folder (runs/demo) and exit codes. Called from here, before this module's imports (torch, scikit-learn:
+    # seconds), so that its stop-signal handling starts on the first line; it imports this module for run_demo.
+    from fastreg.train import main
+
+    sys.argv[1:1] = ["experiment=demo"]  # hydra reads its overrides from the command line
+    sys.exit(main())
+
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -348,7 +358,7 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
 
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)  # the teacher's training runs before the Trainer's
-    cache = files.cache_dir("demo")
+    cache = files.cache_folder("demo")  # writable, or an error naming FASTREG_CACHE: before the demo builds anything
     root = ensure_demo_data(cache)
     cfg.data.root, cfg.data.val_root = str(root / "train"), str(root / "val")
     cfg.teachers[0].checkpoint = str(ensure_demo_teacher(cache, root))
@@ -387,16 +397,3 @@ def print_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> N
         f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
         f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})"
     )
-
-
-def main() -> None:
-    """python -m fastreg.demo [key=value ...]: python -m fastreg.train experiment=demo, with the same overrides,
-    output folder (runs/demo) and exit codes."""
-    from fastreg.train import main as train
-
-    sys.argv[1:1] = ["experiment=demo"]  # hydra reads its overrides from the command line
-    train()
-
-
-if __name__ == "__main__":
-    main()

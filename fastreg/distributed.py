@@ -18,10 +18,15 @@ from fastreg.placement import pick_device
 from fastreg.seeding import mix_seed
 
 
+def launch() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them (RANK, LOCAL_RANK, WORLD_SIZE); (0, 0, 1) without it."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """(rank, world_size, device). NCCL on GPU, gloo on CPU."""
+    rank, local_rank, world = launch()
     device = pick_device(device_choice, "trainer.device", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

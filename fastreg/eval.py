@@ -47,7 +47,7 @@ from torch import nn
 
 from fastreg import checkpoint, files
 from fastreg.config import DataConfig, HeadConfig, TrainConfig
-from fastreg.export import check_keys, checkpoint_arch, read_checkpoint
+from fastreg.export import WRONG_ARCH, check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import L2Norm, build_head
 from fastreg.index import load_index
 from fastreg.messages import listing
@@ -568,10 +568,6 @@ def train_on_views(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _is_state_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple[nn.Module, str, dict]:
     """(backbone, arch, config) from `ckpt`, the contents of `path`: a trainer checkpoint or an exported student
     state_dict.
@@ -579,11 +575,13 @@ def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple
     A trainer checkpoint gives its config, and its arch unless `arch` overrides it. An exported
     state_dict has no config ({}), so `arch` is required. The weights must fit the arch exactly.
     """
+    given = arch is not None
     if "student" in ckpt:
-        config = ckpt.get("config") or {}
+        fix = "Evaluate the checkpoint that fastreg.train wrote, or the student that fastreg.export wrote with --arch"
+        config = checkpoint.check_entries(ckpt, Path(path), ("student", "config"), fix)["config"]
         arch = arch or checkpoint_arch(ckpt, path)
         state_dict = ckpt["student"]
-    elif _is_state_dict(ckpt):
+    elif checkpoint.is_state_dict(ckpt):
         if arch is None:
             raise ValueError(
                 f"{path} is an exported student state_dict, which has no config: pass --arch (one of {', '.join(STUDENTS)})"
@@ -596,7 +594,7 @@ def load_student(ckpt: dict, path: str | Path, arch: str | None = None) -> tuple
         )
     if arch not in STUDENTS:
         raise ValueError(f"--arch {arch!r} is not one of {', '.join(STUDENTS)}")
-    check_keys(state_dict, arch)
+    check_keys(state_dict, arch, path, "pass the --arch it was trained as" if given else WRONG_ARCH)
     backbone = Student(arch).backbone
     backbone.load_state_dict(state_dict, strict=False)  # check_keys allowed only the classifier to be missing
     return backbone, arch, config
@@ -716,6 +714,7 @@ def linear_eval(
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """Run the CLI's evaluation: (results, facts about what ran, for the table)."""
+    args.cache_dir = files.cache_folder("features", args.cache_dir)  # writable: before any feature is extracted
     ckpt = read_checkpoint(args.checkpoint)
     backbone, arch, config = load_student(ckpt, args.checkpoint, args.arch)
     if args.through_head is not None:  # the features are the head's output (SimReg's eval --use_pred)
@@ -862,12 +861,11 @@ def main(argv: list[str] | None = None) -> None:
         help="decoder of the images (default: data.loader, else auto: DALI when installed)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    default_cache = files.cache_dir("features")
-    p.add_argument("--cache-dir", type=Path, default=default_cache, help=f"feature cache (default: {default_cache})")
+    p.add_argument("--cache-dir", type=Path, help=f"feature cache (default: {files.cache_dir('features')})")
     args = p.parse_args(argv)
     try:
         results, facts = evaluate(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     _report(args, results, facts)
 

@@ -1,8 +1,9 @@
 """Export a trained student: its backbone alone, as a plain state_dict with torchvision's key names.
 
-    python -m fastreg.export runs/r18/ckpt_epoch0130.pt resnet18_simreg.pt
+    python -m fastreg.export runs/r18/ckpt_epoch0130.pt resnet18_simreg.pt [--force]
 
-The heads, loss state (SEED's queue), optimizer, scaler and RNG state of the trainer checkpoint are
+An existing file is replaced only with --force, and never the checkpoint being exported (nor another name of it: a
+hard link, a symlink) or a read-only file. The heads, loss state (SEED's queue), optimizer, scaler and RNG state of the trainer checkpoint are
 dropped. For torchvision archs the weights are checked before anything is written: they must load
 into `torchvision.models.<arch>()` with the final classifier Linear's keys (fc.* for ResNets,
 classifier.3.* for MobileNet-v3-L, classifier.1.* for MobileNet-v2 and EfficientNet-B0) as the only
@@ -12,6 +13,7 @@ missing ones, so `model.load_state_dict(sd, strict=False)` is all a user needs.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,8 +47,9 @@ def checkpoint_arch(ckpt: dict, path: str | Path) -> str:
     return arch
 
 
-def check_keys(state_dict: dict, arch: str) -> None:
-    """Raise ValueError unless `state_dict` is a whole `arch` backbone.
+def check_keys(state_dict: dict, arch: str, path: str | Path, fix: str) -> None:
+    """Raise ValueError unless `state_dict` is a whole `arch` backbone; the message names the file `path` it came
+    from and ends with `fix`, what to do.
 
     torchvision archs: it must load into torchvision.models.<arch>() with nothing unexpected and nothing
     missing but the final classifier Linear the student drops (STUDENTS[arch].final_linear: fc, classifier.3
@@ -62,40 +65,94 @@ def check_keys(state_dict: dict, arch: str) -> None:
     try:
         missing, unexpected = reference.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch raises even with strict=False
-        raise ValueError(f"the student weights do not fit {arch}: {e}") from e
+        raise ValueError(f"the student weights of {path} do not fit {arch}: {e}; {fix}") from e
     missing = [k for k in missing if k not in droppable]
     if missing or unexpected:
         raise ValueError(
-            f"the student weights do not fit {arch}: missing keys [{listing(missing)}], unexpected keys "
-            f"[{listing(unexpected)}]"
+            f"the student weights of {path} do not fit {arch}: missing keys [{listing(missing)}], unexpected keys "
+            f"[{listing(unexpected)}]; {fix}"
         )
+
+
+# The fix when a trainer checkpoint's student weights are not of the arch its config names.
+WRONG_ARCH = (
+    "its config.student.arch does not describe its weights: the file was changed, or written by something other than "
+    "fastreg.train. Use a checkpoint that fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)"
+)
 
 
 def student_state_dict(checkpoint_path: str | Path) -> tuple[dict, str]:
     """(state_dict, arch) of a trainer checkpoint's student backbone, checked by check_keys."""
-    ckpt = read_checkpoint(checkpoint_path)
-    if "student" not in ckpt:
-        raise ValueError(
-            f"{checkpoint_path} is not a trainer checkpoint: it has no 'student' entry (keys: "
-            f"{listing(sorted(map(str, ckpt)))})"
-        )
+    ckpt = checkpoint.check_entries(
+        read_checkpoint(checkpoint_path),
+        Path(checkpoint_path),
+        ("student", "config"),
+        "Export the checkpoint that fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)",
+    )
     arch = checkpoint_arch(ckpt, checkpoint_path)
     state_dict = ckpt["student"]
-    check_keys(state_dict, arch)
+    check_keys(state_dict, arch, checkpoint_path, WRONG_ARCH)
     return state_dict, arch
 
 
-def export_student(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+def export_student(checkpoint_path: str | Path, out_path: str | Path, force: bool = False) -> Path:
     """Write the student backbone of a trainer checkpoint alone, atomically; returns the written path."""
-    state_dict, _ = student_state_dict(checkpoint_path)
-    return _write(state_dict, out_path)
+    export(Path(checkpoint_path), Path(out_path), force)
+    return Path(out_path)
 
 
-def _write(state_dict: dict, out_path: str | Path) -> Path:
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_save(state_dict, out)
-    return out
+def export(source: Path, out: Path, force: bool) -> tuple[dict, str]:
+    """(state_dict, arch) of the student, written to `out` once the destination passed check_destination."""
+    check_destination(source, out, force)
+    state_dict, arch = student_state_dict(source)
+    _write(state_dict, out)
+    return state_dict, arch
+
+
+def check_destination(source: Path, out: Path, force: bool) -> None:
+    """Refuse, before anything is read or written, a destination the export would write badly, each with one
+    line that names the path and the fix: the checkpoint itself under any name (even with --force: the
+    trainer checkpoint's optimizer, heads and progress would be lost), a directory, an existing file without
+    --force, a read-only file, and a folder that is a file or read-only. Read-only means by the mode bits as
+    well as for this user, so that root, who may write anywhere, is refused the same files as anyone."""
+    if out.exists() and source.exists() and os.path.samefile(source, out):  # the same path, a hard link, a symlink
+        raise ValueError(
+            f"{out} is the checkpoint being exported ({source}): the student alone would replace the trainer "
+            "checkpoint, and its heads, optimizer and progress would be lost (--force does not allow it). Give "
+            f"another destination, e.g. {source.with_name(source.stem + '_student.pt')}"
+        )
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory: give the file to write in it, e.g. {out / 'student.pt'}")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ValueError(f"{out} already exists: pass --force to replace it, or give another destination")
+        if not out.is_symlink() and read_only(out):  # a symlink is replaced, not the file it points to
+            raise ValueError(
+                f"{out} is read-only (mode {out.stat().st_mode & 0o777:o}), and --force does not replace a "
+                f"read-only file: make it writable (chmod u+w {out}) or give another destination"
+            )
+    folder = next(p for p in out.absolute().parents if p.exists())  # the folder to write in, or to create it in
+    if not folder.is_dir():
+        raise ValueError(f"{out} cannot be written: {folder} is a file, not a folder; give a destination in a folder")
+    if read_only(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{out} cannot be written: the folder {folder} is read-only (mode {folder.stat().st_mode & 0o777:o}); "
+            "give a destination in a folder you can write to, or make it writable"
+        )
+
+
+def read_only(path: Path, access: int = os.W_OK) -> bool:
+    """No write bit in the mode, or no write access for this user."""
+    return not (path.stat().st_mode & 0o222 and os.access(path, access))
+
+
+def _write(state_dict: dict, out: Path) -> None:
+    """`out`, written atomically; a failure (a read-only disk, a full one) in one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_save(state_dict, out)
+    except OSError as e:
+        raise ValueError(f"{out} was not written ({e.strerror or e}): give another destination") from e
 
 
 def load_hint(arch: str, path: Path) -> str:
@@ -116,10 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastreg.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="trainer checkpoint (ckpt_epochNNNN.pt)")
     parser.add_argument("out", help="where to write the student's state_dict (.pt)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing file (never the checkpoint itself, or a read-only file)",
+    )
     args = parser.parse_args(argv)
     try:
-        state_dict, arch = student_state_dict(args.checkpoint)
-        out = _write(state_dict, args.out)
+        out = Path(args.out)
+        state_dict, arch = export(Path(args.checkpoint), out, args.force)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     n_params = sum(t.numel() for t in state_dict.values() if isinstance(t, torch.Tensor))

@@ -6,6 +6,7 @@ No torch here: `python -m fastreg.index` imports this module and should start in
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +20,49 @@ def cache_dir(kind: str) -> Path:
         return Path(os.environ["FASTREG_CACHE"]).expanduser() / kind
     home = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
     return Path(home).expanduser() / "fastreg" / kind
+
+
+# What each cache folder holds, for messages.
+CACHED = {
+    "index": "the dataset indexes",
+    "demo": "the demo's data and teacher",
+    "features": "fastreg.eval's cached features",
+}
+
+
+def cache_folder(kind: str, given: str | os.PathLike | None = None) -> Path:
+    """cache_dir(kind), or the folder `given` on a command line (--cache-dir), created and checked writable:
+    called before any work whose result goes there. Raises OSError naming the variable that put it there and
+    the fix."""
+    path = Path(given).expanduser() if given is not None else cache_dir(kind)
+    try:
+        make_writable_dir(path)
+    except OSError as e:
+        origin = f"--cache-dir={given}" if given is not None else cache_origin()
+        fix = "pass a writable --cache-dir" if given is not None else "export FASTREG_CACHE=<a writable folder>"
+        raise OSError(
+            e.errno,
+            f"{origin}: the folder {path}, where fastreg keeps {CACHED[kind]}, is not a writable directory "
+            f"({e.strerror}); {fix}, or fix its permissions",
+        ) from e
+    return path
+
+
+def cache_origin() -> str:
+    """The setting that puts fastreg's caches where cache_dir says, for messages."""
+    if os.environ.get("FASTREG_CACHE"):
+        return f"FASTREG_CACHE={os.environ['FASTREG_CACHE']}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return f"XDG_CACHE_HOME={os.environ['XDG_CACHE_HOME']} (FASTREG_CACHE is not set)"
+    return "~/.cache (FASTREG_CACHE and XDG_CACHE_HOME are not set)"
+
+
+def make_writable_dir(path: Path) -> None:
+    """Create `path` and write a file there, raising the OSError if either fails: checked before the work
+    whose files go there. The file is unnamed (O_TMPFILE where the system has it): nothing is left behind."""
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

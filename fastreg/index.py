@@ -183,6 +183,21 @@ def load_index(
     Raises FileNotFoundError or ValueError, naming root, the key and what to do, when there is nothing usable
     to index or more than max_bad_fraction of the files are bad.
     """
+    root, source, classes, entries = find_samples(root, file_list, key)
+    folder = files.cache_folder("index", cache_dir)  # writable, or an error naming FASTREG_CACHE: before the check
+    folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
+    index = _update(root, source, classes, entries, folder, workers, progress, recheck)
+    _report_bad(index, max_bad_fraction, key)
+    return index
+
+
+def find_samples(
+    root: str | os.PathLike, file_list: str | os.PathLike | None = None, key: str = "data.root"
+) -> tuple[Path, Path | None, list[str], list[tuple[str, int]]]:
+    """(root, file list, classes, (relpath, label) samples) of load_index's root, found by a walk or read from the
+    list, no file opened: what the index will check. Raises load_index's errors about the root (missing, empty, no
+    class subfolders, no image files), naming `key`; fastreg.preflight calls it on the evaluation folders, so their
+    errors come before the training, not after it."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -204,12 +219,7 @@ def load_index(
                 f"{str(root / rel)!r}: a line break in the file name cannot be written to DALI's "
                 "file_list; rename the file"
             )
-
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else files.cache_dir("index")
-    folder = folder / hashlib.sha1(f"{root}\0{source or ''}".encode(**ENCODING)).hexdigest()[:16]
-    index = _update(root, source, classes, entries, folder, workers, progress, recheck)
-    _report_bad(index, max_bad_fraction, key)
-    return index
+    return root, source, classes, entries
 
 
 def recheck_after_failure(index: DatasetIndex, reader: str) -> ValueError | None:
@@ -271,9 +281,10 @@ def _scan_image_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str,
     classes = _subfolders(root)
     if not classes:
         what = "has no class subfolders" if any(root.iterdir()) else "is empty"
+        listed = {"data.root": ", or pass data.file_list", "ROOT": ", or pass --file-list"}.get(key, "")
         raise FileNotFoundError(
             f"dataset root {root} {what}: point {key} at an ImageFolder, whose class "
-            "subfolders (named after the classes) hold the images, or pass a file_list"
+            f"subfolders (named after the classes) hold the images{listed}"
         )
     # Every directory entered, by (st_dev, st_ino), with the path it was entered by. The root and the class
     # folders first, so that a link into another class folder is a duplicate, never a second way in for it.

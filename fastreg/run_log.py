@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
+from logging.handlers import BufferingHandler
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from fastreg.checkpoint import atomic_write, remove_partial_saves
+from fastreg.checkpointer import Resumed
+from fastreg.files import make_writable_dir
+from fastreg.messages import listing
 from fastreg.monitor import GPUMonitor
+from fastreg.run_folder import move_aside
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +134,8 @@ def drop_lines_after(path: Path, step: int) -> None:
     if len(kept) == len(lines):
         return
     log.warning(
-        "%s: dropping %d line(s) past step %d, where this run starts (logged by a run that stopped after "
-        "its last checkpoint)",
+        "%s: dropping %d line(s) past step %d, where this run starts: an earlier run in this folder logged them "
+        "after the checkpoint this run resumes from",
         path,
         len(lines) - len(kept),
         step,
@@ -146,6 +151,16 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
+def logged_evaluation(path: Path, step: int) -> dict[str, float]:
+    """The k-NN results the metrics file `path` holds at `step`, without their eval/ prefix; {} when none."""
+    results: dict[str, float] = {}
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    for line in lines:
+        if logged_step(line) == step:
+            results.update({k.removeprefix("eval/"): v for k, v in json.loads(line).items() if k.startswith("eval/")})
+    return results
+
+
 def make_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -159,33 +174,51 @@ def make_progress(enabled: bool):
     )
 
 
-def attach_log_file(path: Path) -> None:
+def attach_log_file(path: Path) -> logging.Handler:
+    """The root logger's handler that writes `path`, added unless it is there already."""
     root = logging.getLogger()
     target = str(path.resolve())
-    if any(getattr(h, "baseFilename", None) == target for h in root.handlers):
-        return  # a second Trainer in this process (tests, notebooks): don't write every line twice
+    for h in root.handlers:
+        if getattr(h, "baseFilename", None) == target:
+            return h  # a second Trainer in this process (tests, notebooks): don't write every line twice
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root.addHandler(handler)
+    return handler
 
 
-def open_run_dir(out_dir: Path, is_main: bool) -> None:
-    """Rank 0: trainer.out_dir created and writable, train.log attached, the files of saves that were killed
-    removed. Other ranks log warnings only."""
+def open_run_dir(out_dir: Path, is_main: bool, find: Callable[[], Resumed | None]) -> Resumed | None:
+    """The checkpoint `find` picks to resume from (fastreg.checkpointer.find), with the run folder set up around
+    it. Rank 0: trainer.out_dir created and writable before anything is read; `find` and its checks, so that a
+    refused resume leaves the folder as it was; then the files of earlier runs that this one does not continue
+    moved into previous/ (fastreg.run_folder), train.log attached, with what `find` logged, and the files of saves
+    that were killed removed. Other ranks log warnings only and write nothing in the folder; of its files they read
+    the checkpoint resumed from only, which stays where it is."""
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
-        return
+        return find()
     make_out_dir(out_dir)
-    attach_log_file(out_dir / "train.log")
+    held = BufferingHandler(capacity=math.inf)  # find's lines, for train.log (they reach the console as usual)
+    logging.getLogger().addHandler(held)
+    try:
+        resumed = find()
+    finally:
+        logging.getLogger().removeHandler(held)
+    moved = move_aside(out_dir, resumed.path if resumed else None)
+    log_file = attach_log_file(out_dir / "train.log")
+    for record in held.buffer:
+        log_file.handle(record)
+    if moved:
+        aside, names = moved
+        log.info("moved the files of an earlier run that this one does not continue into %s: %s", aside, listing(names))
     remove_partial_saves(out_dir)
+    return resumed
 
 
 def make_out_dir(path: Path) -> None:
     """Create trainer.out_dir and check that a file can be written there, before any work is done."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):  # unnamed (O_TMPFILE): nothing is left behind
-            pass
+        make_writable_dir(path)
     except OSError as e:
         raise OSError(
             e.errno,

@@ -1,11 +1,14 @@
 """The training loop: AMP, DDP, per-iteration schedule, checkpoints, k-NN evaluation.
 
+    check_before_work(cfg)                          # fastreg.preflight: paths, memory, output folders
     for epoch:
         for batch in loader.epoch(epoch):           # the student's view (+ the teachers', patches), on device
             loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
-    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75)
+    SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75);
+    in the final evaluation, after the last save, at once (preemption.Stopped, exit 75 too)
+    resumed at the end: the final k-NN evaluation if metrics.jsonl lacks it, else one line saying it had finished
 
 No host sync inside the step except at logging steps (and, with several processes, every
 trainer.stop_check_every steps: the ranks agree on a stop signal). A step whose loss is NaN or inf is skipped
@@ -17,6 +20,7 @@ distributed (ranks, seeds), step_graph (the CUDA graph).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -30,36 +34,37 @@ from fastreg import checkpointer
 from fastreg.checkpointer import Checkpointer, Entry, Progress
 from fastreg.config import TrainConfig
 from fastreg.distiller import build_distiller, compile_report
-from fastreg.distributed import ddp, failures_shared, seed_everything, set_deterministic, setup_distributed
+from fastreg.distributed import ddp, failures_shared, gather, seed_everything, set_deterministic, setup_distributed
 from fastreg.monitor import data_phase, phase
 from fastreg.nonfinite import Divergence, build_guard
 from fastreg.optim import LrSchedule, build_optimizer, lr_scaling_warning, optimizer_state
 from fastreg.pipelines import Batch, build_loader
 from fastreg.placement import Placement
 from fastreg.preemption import Preempted, StopAgreement
-from fastreg.run_log import RunLogger, open_run_dir
-from fastreg.step_graph import StepGraph, check_device, lr_tensors
+from fastreg.preflight import check_before_work
+from fastreg.run_log import RunLogger, logged_evaluation, open_run_dir
+from fastreg.step_graph import StepGraph, lr_tensors
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        check_before_work(cfg)  # paths, memory, output folders: before the processes, teacher, data or index
         self.cfg = cfg
         t = cfg.trainer
         set_deterministic(t.deterministic)
         self.rank, self.world, device = setup_distributed(t.device)
-        if t.cuda_graph:
-            check_device(device, self.world)
         self.place, self.device = Placement.of(t.precision, t.channels_last, device), device
         self.is_main, self.out_dir = self.rank == 0, Path(t.out_dir)
         if device.type == "cpu" and t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
-        open_run_dir(self.out_dir, self.is_main)
         config, self.commit = dataclasses.asdict(cfg), ckpt.git_commit()
+        # before the teacher loads: a refused resume comes first, and leaves the folder as it was
+        resumed = open_run_dir(self.out_dir, self.is_main, lambda: checkpointer.find(t.resume, self.out_dir, config))
         seed_everything(t.seed, -1, 0)  # the same initial weights on every rank
         self.distiller = build_distiller(cfg, self.place)
-        resumed = checkpointer.find(t.resume, self.out_dir, config)
+        self.resumed_from = resumed.path if resumed else None
         data_state = checkpointer.rank_state(resumed, "data", self.rank, self.world)
         shard = dict(rank=self.rank, world_size=self.world, seed=t.seed)
         self.loader = build_loader(cfg.data, **shard, **self.place.loader_options(), checkpoint=data_state)
@@ -118,6 +123,8 @@ class Trainer:
         results: dict[str, float] = {}
         saved = None
         with self.stop.signals, self.log, failures_shared(self.rank, self.world):
+            if self.progress.epoch >= self.cfg.trainer.epochs:
+                results = self.finish_finished_run()
             for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
                 self.train_epoch(epoch)
                 if self.stop.signal:  # agreed inside the epoch
@@ -138,6 +145,31 @@ class Trainer:
                 log.warning(message)
             raise Preempted(message)
         return results
+
+    def finish_finished_run(self) -> dict[str, float]:
+        """A run resumed at its end does what it did not do: its final k-NN evaluation, when data.val_root is set
+        and metrics.jsonl holds none at the last step (the evaluation failed, or data.val_root was given only
+        now: a free key); else nothing, said in one line. The final k-NN results (rank 0; {} on the others)."""
+        metrics = self.out_dir / "metrics.jsonl"
+        logged = logged_evaluation(metrics, self.step) if self.is_main else {}
+        missing = gather({"missing": not logged}, self.world)[0]["missing"]  # rank 0 read the file: all agree
+        done = (
+            f"the run in {self.out_dir} had finished: {self.progress.epoch} of {self.cfg.trainer.epochs} epochs, "
+            f"step {self.step}, saved in {self.resumed_from}"
+        )
+        if self.cfg.data.val_root is not None and missing:
+            if self.is_main:
+                log.warning("%s, without its final k-NN evaluation in %s: evaluating it now", done, metrics)
+            return self.evaluate()
+        if self.is_main:
+            found = f"its k-NN results are in {metrics}" if logged else "no k-NN evaluation: data.val_root is not set"
+            log.info(
+                "%s; %s. Nothing left to do: to train longer raise trainer.epochs (with trainer.resume_force=true), "
+                "to start over pass trainer.resume=none",
+                done,
+                found,
+            )
+        return logged
 
     def train_epoch(self, epoch: int) -> None:
         p = self.progress
@@ -216,19 +248,32 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """knn_eval's figures (knn<k>_majority, knn<k>_weighted, nn1) of the student's pooled feature (rank 0; the
-        others wait at the barrier)."""
+        others wait at the barrier). A stop signal stops the final evaluation at once (preemption.Stopped)."""
         results: dict[str, float] = {}
-        if self.is_main:
-            from fastreg.eval import knn_eval_run
+        with self.stop_at_once_if_final():
+            if self.is_main:
+                from fastreg.eval import knn_eval_run
 
-            student = self.distiller.student
-            student.eval()
-            results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
-            student.train()
-            self.log.evaluation(self.step, self.progress.epoch, results)
-        if dist.is_initialized():
-            dist.barrier()
+                student = self.distiller.student
+                student.eval()
+                results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
+                student.train()
+                self.log.evaluation(self.step, self.progress.epoch, results)
+            if dist.is_initialized():
+                dist.barrier()
         return results
+
+    def stop_at_once_if_final(self):
+        """After the last epoch's save, the evaluation is all that is left: a stop signal ends it at once."""
+        p, epochs = self.progress, self.cfg.trainer.epochs
+        if (p.epoch, p.batch_in_epoch) != (epochs, 0):
+            return contextlib.nullcontext()
+        saved = ckpt.checkpoint_path(self.out_dir, epochs)
+        return self.stop.signals.at_once(
+            "the final evaluation",
+            f"training is complete and saved in {saved}, the evaluation is not: the same command resumes there and "
+            "runs it",
+        )
 
     def log_startup(self) -> None:
         o = self.cfg.optim

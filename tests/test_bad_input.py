@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import add_bad_files, add_odd_files, make_image_folder, tiny_overrides
+from helpers import add_bad_files, add_odd_files, logged_lines, make_image_folder, tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from fastreg.checkpointer import ENTRIES
+from fastreg.export import export_student
 from fastreg.students import SmallCNN
 from fastreg.train import train
 
@@ -85,6 +87,19 @@ class Bench:
 
     def fresh(self, *extra: str) -> list[str]:
         return tiny_overrides(self.data, self.run) + ["trainer.epochs=1", *extra]
+
+    def nothing_started(self) -> None:
+        """Refused before the work: no output folder, so no checkpoint, log or metrics either."""
+        assert not self.run.exists()
+
+    def unwritable(self, name: str) -> Path:
+        """A folder that cannot be created or written to, by anyone."""
+        if ROOT:  # root writes in any directory: a path under a regular file cannot be created by anyone
+            (self.tmp / "file").write_text("")
+            return self.tmp / "file" / name
+        (self.tmp / "readonly").mkdir(exist_ok=True)
+        (self.tmp / "readonly").chmod(0o500)
+        return self.tmp / "readonly" / name
 
     def resume(self, *extra: str) -> list[str]:
         """The trained run's command in another out_dir (a setting that may change), its checkpoint copied there."""
@@ -224,7 +239,8 @@ def teacher_missing(b: Bench) -> Expect:
     return Expect(
         b.fresh(f"teacher.checkpoint={path}"),
         FileNotFoundError,
-        [f"teacher checkpoint {path} does not exist", "set teacher.checkpoint"],
+        [f"teacher.checkpoint={path} does not exist: set teacher.checkpoint to the teacher's weights file"],
+        b.nothing_started,
     )
 
 
@@ -397,6 +413,51 @@ def invalid_value(b: Bench) -> Expect:
 
 
 @case
+def key_added_with_plus(b: Bench) -> Expect:
+    """hydra's hint for a key it does not know is +key=; the settings dropped what it added without a word."""
+    return Expect(
+        b.fresh("+optim.lrr=0.1"),
+        ValueError,
+        [
+            "optim.lrr is not a setting (optim has: name, base_lr, momentum, weight_decay, schedule, "
+            "warmup_epochs, min_lr, recipe_batch; did you mean optim.min_lr or optim.base_lr?): fix its name or "
+            "remove it",
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def eval_knn_k_zero(b: Bench) -> Expect:
+    return Expect(
+        b.fresh(f"data.val_root={b.data}", "eval.knn_k=0"),
+        ValueError,
+        ["eval.knn_k must be >= 1 (the neighbours that vote), got 0"],
+        b.nothing_started,
+    )
+
+
+@case
+def eval_batch_size_zero(b: Bench) -> Expect:
+    return Expect(
+        b.fresh(f"data.val_root={b.data}", "eval.batch_size=0"),
+        ValueError,
+        ["eval.batch_size must be > 0, got 0"],
+        b.nothing_started,
+    )
+
+
+@case
+def small_patches_larger_than_the_crop(b: Bench) -> Expect:
+    return Expect(
+        b.fresh("loss=seed", "data.small_patches=2", "data.small_patch_size=400"),
+        ValueError,
+        ["data.small_patch_size=400 is larger than data.crop_size=32", "set data.small_patch_size <= 32"],
+        b.nothing_started,
+    )
+
+
+@case
 def resume_with_another_config(b: Bench) -> Expect:
     overrides = b.resume("trainer.epochs=2", "optim.base_lr=1.0", "trainer.log_every=2", "data.workers=1")
     return Expect(
@@ -405,8 +466,10 @@ def resume_with_another_config(b: Bench) -> Expect:
         [
             f"checkpoint {b.run / 'ckpt_epoch0001.pt'} was written with other settings, which change the "
             "result (checkpoint -> this run): optim.base_lr 2.0 -> 1.0; trainer.epochs 1 -> 2. ",
-            "pass trainer.resume_force=true",
-            "trainer.resume=none or another trainer.out_dir",
+            "A run folder holds one run: resume with the checkpoint's settings, or run these in another folder "
+            "with name=<another> (runs/<another>) or trainer.out_dir=<folder>",
+            f"or start afresh here with trainer.resume=none (the files already in {b.run} move into {b.run}/previous/)",
+            "or continue the checkpoint's weights under the new settings with trainer.resume_force=true",
         ],
     )
 
@@ -426,18 +489,251 @@ def resume_with_another_config_forced(b: Bench) -> Expect:
     )
 
 
+def resume_from_a_checkpoint_without(entry: str) -> Callable[[Bench], Expect]:
+    """A trainer checkpoint that lacks `entry`, one that every trainer checkpoint has and a resume reads: refused
+    before any part loads, where a KeyError came (or a part loaded and the next did not)."""
+
+    def make(b: Bench) -> Expect:
+        overrides = b.resume()
+        saved = b.run / b.trained.checkpoint.name
+        state = torch.load(saved, weights_only=True)
+        del state[entry]
+        torch.save(state, saved)
+        return Expect(
+            overrides,
+            ValueError,
+            [
+                f"{saved} has no '{entry}' entry, which every trainer checkpoint has (this file holds ",
+                "it was written by something else, or changed. Resume from another checkpoint, "
+                "trainer.resume=<out_dir>/ckpt_epochNNNN.pt (or auto: the newest readable one in trainer.out_dir), "
+                "or start afresh with trainer.resume=none",
+            ],
+        )
+
+    make.__name__ = f"resume_from_a_checkpoint_without_{entry}"
+    return make
+
+
+for _entry in ENTRIES:
+    case(resume_from_a_checkpoint_without(_entry))
+
+
+@case
+def resume_from_an_exported_student(b: Bench) -> Expect:
+    overrides = b.resume()
+    student = b.tmp / "student.pt"
+    export_student(b.trained.checkpoint, student)
+    return Expect(
+        overrides + [f"trainer.resume={student}"],
+        ValueError,
+        [
+            f"{student} is an exported student backbone (a bare state_dict, what fastreg.export writes), not a "
+            "trainer checkpoint: it holds the student's weights alone. Resume from another checkpoint",
+            "or start afresh with trainer.resume=none",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- before the work
+# fastreg.preflight: the paths, the memory of a step and the folders written, before the data, teacher or index.
+
+
+def path_missing(case_id: str, key: str, name: str, fix: str, *extra: str) -> Callable[[Bench], Expect]:
+    """`key` names no file or folder (a typo): refused before any work, naming the key and the fix. `extra`:
+    overrides, {data} the training folder. A typo in data.val_root trained every epoch, saved, and only then
+    failed, naming data.root."""
+
+    def make(b: Bench) -> Expect:
+        path = b.tmp / name
+        return Expect(
+            b.fresh(*(e.format(data=b.data) for e in extra), f"{key}={path}"),
+            FileNotFoundError,
+            [f"{key}={path} does not exist: {fix}"],
+            b.nothing_started,
+        )
+
+    make.__name__ = case_id
+    return make
+
+
+for _missing in [
+    (
+        "val_root_missing",
+        "data.val_root",
+        "vall",
+        "point data.val_root at the labelled ImageFolder of the k-NN evaluation, or set data.val_root=null to train "
+        "without one",
+    ),
+    (
+        "knn_train_root_missing",
+        "data.knn_train_root",
+        "bank",
+        "point data.knn_train_root at the ImageFolder of the k-NN memory bank, or set data.knn_train_root=null to "
+        "use data.root",
+        "data.val_root={data}",
+    ),
+    (
+        "file_list_missing",
+        "data.file_list",
+        "train.txt",
+        "point data.file_list at the 'relpath label' list of data.root's images",
+    ),
+    ("teacher_cache_missing", "teacher.cache", "features_r50", "point teacher.cache at the folder python -m fastreg"),
+    ("resume_checkpoint_missing", "trainer.resume", "ckpt_epoch0010.pt", "pass trainer.resume=<another checkpoint>"),
+]:
+    case(path_missing(*_missing))
+
+
+@case
+def val_root_without_images(b: Bench) -> Expect:
+    """A val folder whose class folders are still empty passed the path check and failed after the training."""
+    val = b.tmp / "val"
+    for name in ("class0", "class1"):
+        (val / name).mkdir(parents=True)
+    return Expect(
+        b.fresh(f"data.val_root={val}"),
+        FileNotFoundError,
+        [f"no image files under {val} in the class subfolders; check data.val_root"],
+        b.nothing_started,
+    )
+
+
+@case
+def knn_train_root_without_class_folders(b: Bench) -> Expect:
+    bank = b.tmp / "bank"
+    make_image_folder(bank, classes=1, per_class=2)
+    for jpeg in (bank / "class0").iterdir():
+        jpeg.rename(bank / jpeg.name)
+    (bank / "class0").rmdir()
+    return Expect(
+        b.fresh(f"data.val_root={b.data}", f"data.knn_train_root={bank}"),
+        FileNotFoundError,
+        [f"dataset root {bank} has no class subfolders: point data.knn_train_root at an ImageFolder"],
+        b.nothing_started,
+    )
+
+
+@case
+def val_root_is_a_file(b: Bench) -> Expect:
+    path = b.tmp / "val.tar"
+    path.write_bytes(b"not a folder")
+    return Expect(
+        b.fresh(f"data.val_root={path}"),
+        FileNotFoundError,
+        [f"data.val_root={path} is not a directory: point data.val_root at the labelled ImageFolder"],
+        b.nothing_started,
+    )
+
+
+@case
+def several_paths_wrong(b: Bench) -> Expect:
+    """Every wrong path in one message: one fix, one rerun."""
+    val, teacher = b.tmp / "vall", b.tmp / "moco_v2.pth"
+    return Expect(
+        b.fresh(f"data.val_root={val}", f"teacher.checkpoint={teacher}"),
+        FileNotFoundError,
+        [
+            f"2 paths of this config are wrong:\n  data.val_root={val} does not exist: ",
+            f"\n  teacher.checkpoint={teacher} does not exist: ",
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def step_larger_than_the_memory(b: Bench) -> Expect:
+    return Expect(
+        b.fresh("data.batch_size=1000000"),
+        ValueError,
+        [
+            "one training step needs at least ",
+            "(the images, 12.3 GB: data.batch_size=1000000 x (data.crop_size=32^2) pixels x 3 channels + the "
+            "student's activations kept for its backward, ",
+            "of host RAM: lower data.batch_size, data.small_patches, data.small_patch_size or data.crop_size",
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def cache_not_writable(b: Bench) -> Expect:
+    """An unwritable FASTREG_CACHE failed with a PermissionError traceback after the whole decode check."""
+    cache = b.unwritable("cache")
+    b.monkeypatch.setenv("FASTREG_CACHE", str(cache))
+
+    def nothing_in_out_dir():  # out_dir is created first (it is checked writable too), and left empty
+        assert list(b.run.iterdir()) == []
+
+    return Expect(
+        b.fresh(),
+        OSError,
+        [
+            f"FASTREG_CACHE={cache}: the folder {cache / 'index'}, where fastreg keeps the dataset indexes, is not "
+            "a writable directory (",
+            "export FASTREG_CACHE=<a writable folder>, or fix its permissions",
+        ],
+        nothing_in_out_dir,
+    )
+
+
+@case
+def xdg_cache_not_writable(b: Bench) -> Expect:
+    cache = b.unwritable("xdg")
+    b.monkeypatch.delenv("FASTREG_CACHE")
+    b.monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return Expect(
+        b.fresh(),
+        OSError,
+        [
+            f"XDG_CACHE_HOME={cache} (FASTREG_CACHE is not set): the folder {cache / 'fastreg' / 'index'}, where "
+            "fastreg keeps the dataset indexes, is not a writable directory",
+            "export FASTREG_CACHE=<a writable folder>",
+        ],
+    )
+
+
+@case
+def demo_cache_not_writable(b: Bench) -> Expect:
+    cache = b.unwritable("cache")
+    b.monkeypatch.setenv("FASTREG_CACHE", str(cache))
+    return Expect(
+        ["experiment=demo", f"trainer.out_dir={b.run}"],
+        OSError,
+        [
+            f"FASTREG_CACHE={cache}: the folder {cache / 'demo'}, where fastreg keeps the demo's data and teacher, "
+            "is not a writable directory",
+            "export FASTREG_CACHE=<a writable folder>",
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def final_evaluation_missing(b: Bench) -> Expect:
+    """A finished run without its final k-NN (it failed, or data.val_root was given only now) does it when run
+    again, instead of resuming at the end and exiting 0 with nothing done."""
+
+    def evaluated():
+        [line] = [m for m in logged_lines(b.run) if "eval/nn1" in m]
+        assert line["step"] == 2
+
+    return Expect(
+        b.resume(f"data.val_root={b.data}", "eval.knn_k=3"),
+        None,
+        [
+            f"the run in {b.run} had finished: 1 of 1 epochs, step 2, saved in {b.run / 'ckpt_epoch0001.pt'}, "
+            f"without its final k-NN evaluation in {b.run / 'metrics.jsonl'}: evaluating it now"
+        ],
+        evaluated,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 
 @case
 def out_dir_not_writable(b: Bench) -> Expect:
-    if ROOT:  # root writes in any directory: a path under a regular file cannot be created by anyone
-        (b.tmp / "file").write_text("")
-        run = b.tmp / "file" / "run"
-    else:
-        run = b.tmp / "readonly"
-        run.mkdir()
-        run.chmod(0o500)
+    run = b.unwritable("run")
     return Expect(
         b.fresh(f"trainer.out_dir={run}"),
         OSError,
@@ -531,12 +827,47 @@ def test_cli_prints_the_message_alone(tmp_path, full_error):
         timeout=120,
     )
     assert proc.returncode == 1
-    assert f"teacher checkpoint {missing} does not exist" in proc.stderr
+    assert f"teacher.checkpoint={missing} does not exist" in proc.stderr
     if full_error:
         assert "Traceback" in proc.stderr
     else:
         assert proc.stderr.strip().splitlines() == [
-            f"error: teacher checkpoint {missing} does not exist (or is not a "
-            "file): set teacher.checkpoint (teachers.<i>.checkpoint with "
-            "several teachers) to the teacher's weights file"
+            f"error: teacher.checkpoint={missing} does not exist: set teacher.checkpoint to the teacher's weights "
+            "file (teacher.checkpoint=random: an untrained teacher, for benchmarks and tests)"
         ]
+
+
+def test_a_rerun_does_the_final_evaluation_that_failed(tmp_path, caplog):
+    """The finished run's final k-NN failed (a val folder of files named .jpg that are no images: the check before
+    the work walks folders, it opens no file), after its last checkpoint. Run again once the folder is fixed, the
+    same command evaluates instead of resuming at the end and exiting 0 with nothing done; a third time there is
+    nothing left to do."""
+    data, val, run = make_image_folder(tmp_path / "data", per_class=8), tmp_path / "val", tmp_path / "run"
+    for name in ("class0", "class1"):
+        (val / name).mkdir(parents=True)
+        for i in range(3):
+            (val / name / f"{i}.jpg").write_text("not a jpeg yet")
+    overrides = tiny_overrides(data, run) + ["trainer.epochs=1", f"data.val_root={val}", "eval.knn_k=3"]
+    with pytest.raises(ValueError, match=f"{val}: none of the 6 images passes the decode check"):
+        train(compose_cfg(overrides))
+    saved = (run / "ckpt_epoch0001.pt").read_bytes()
+    assert not [m for m in logged_lines(run) if "eval/nn1" in m]
+
+    make_image_folder(val, per_class=3, seed=1)
+    with caplog.at_level(logging.INFO):
+        results = train(compose_cfg(overrides))
+    assert "without its final k-NN evaluation" in caplog.text and "evaluating it now" in caplog.text
+    [evaluation] = [m for m in logged_lines(run) if "eval/nn1" in m]
+    assert evaluation == {"step": 2, **{f"eval/{k}": v for k, v in results.items()}}
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert train(compose_cfg(overrides)) == results  # the logged results, not evaluated again
+    print(next(r.getMessage() for r in caplog.records if "had finished" in r.getMessage()))  # docs quote it
+    assert (
+        f"the run in {run} had finished: 1 of 1 epochs, step 2, saved in {run / 'ckpt_epoch0001.pt'}; its k-NN "
+        f"results are in {run / 'metrics.jsonl'}. Nothing left to do: to train longer raise trainer.epochs (with "
+        "trainer.resume_force=true), to start over pass trainer.resume=none"
+    ) in caplog.text
+    assert len([m for m in logged_lines(run) if "eval/nn1" in m]) == 1
+    assert (run / "ckpt_epoch0001.pt").read_bytes() == saved

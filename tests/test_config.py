@@ -169,3 +169,72 @@ def test_precision_auto_is_resolved_to_what_the_device_computes_in():
     )
     assert load(BASE + ["trainer.precision=bf16", "trainer.device=cpu"]).trainer.precision == "bf16"
     assert load(BASE + ["experiment=seed_r50_effb0"]).trainer.precision == "fp16"  # the recipe's own
+
+
+MULTI = ["trainer.out_dir=/tmp/x", "data.root=/d", "experiment=simreg_multi"]
+MULTI += ["teachers.0.checkpoint=random", "teachers.1.checkpoint=random"]
+OPTIM_KEYS = "name, base_lr, momentum, weight_decay, schedule, warmup_epochs, min_lr, recipe_batch"
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["+optim.lrr=0.1"], f"optim.lrr is not a setting (optim has: {OPTIM_KEYS}; did you mean optim.min_lr or "),
+        (["++optim.lrr=0.1"], "optim.lrr is not a setting (optim has: name, base_lr, "),
+        (["+foo=1"], "foo is not a setting (the config's top level has: name, teacher, teachers, student, head, "),
+        (["++trainer.epoch=3"], "trainer.epoch is not a setting (trainer has: epochs, precision, "),
+        (["+teacher.bogus=1"], "teacher.bogus is not a setting (teacher has: arch, checkpoint, format, "),
+        (["+data.small_patch=96"], "data.small_patch is not a setting (data has: loader, root, "),
+        (MULTI[2:] + ["+teachers.1.bogus=1"], "teachers.1.bogus is not a setting (teachers.1 has: arch, checkpoint, "),
+    ],
+    ids=["plus", "plus_plus", "top_level", "plus_plus_trainer", "teacher", "data", "in_the_teachers_list"],
+)
+def test_keys_added_past_the_settings_are_refused(overrides, says):
+    """hydra adds any key given with + or ++ (and suggests +key= for a key it does not know); the settings would
+    drop it without a word: +optim.lrr=0.1 ran with the default lr."""
+    with pytest.raises(ValueError) as raised:
+        load(BASE + overrides)
+    assert says in str(raised.value)
+    assert "fix its name or remove it" in str(raised.value)
+
+
+def test_a_key_without_plus_and_in_an_experiment_file_is_refused_by_hydra(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="Could not override 'optim.lrr'"):
+        load(BASE + ["optim.lrr=0.1"])
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigCompositionException) as raised:
+        load(BASE + [f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"])
+    assert "Key 'lrr' not in 'OptimConfig'" in str(raised.value) and "full_key: optim.lrr" in str(raised.value)
+
+
+def test_hydra_keys_are_not_settings():
+    cfg = load(BASE + ["hydra.job.chdir=false", "+hydra.job.env_set.FASTREG_X=1", "++hydra.verbose=true"])
+    assert cfg.optim.base_lr > 0
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("eval.knn_k=0", "eval.knn_k must be >= 1 (the neighbours that vote), got 0"),
+        ("eval.knn_k=-5", "eval.knn_k must be >= 1 (the neighbours that vote), got -5"),
+        ("eval.knn_t=0", "eval.knn_t must be > 0, got 0.0"),
+        ("eval.batch_size=0", "eval.batch_size must be > 0, got 0"),
+        ("eval.workers=-1", "eval.workers must be >= 0, got -1"),
+    ],
+    ids=["knn_k_0", "knn_k_negative", "knn_t_0", "batch_size_0", "workers_negative"],
+)
+def test_eval_settings_are_checked_before_training(override, says):
+    with pytest.raises(ValueError) as raised:
+        load(BASE + [override])
+    assert says in str(raised.value)
+
+
+def test_small_patches_larger_than_the_crop_are_refused():
+    seed = BASE + ["experiment=none", "loss=seed", "data.crop_size=40"]
+    with pytest.raises(ValueError) as raised:
+        load(seed + ["data.small_patches=6", "data.small_patch_size=400"])
+    assert str(raised.value).startswith("data.small_patch_size=400 is larger than data.crop_size=40: ")
+    assert str(raised.value).endswith("set data.small_patch_size <= 40")
+    assert load(seed + ["data.small_patches=6", "data.small_patch_size=40"]).data.small_patch_size == 40
+    assert load(seed + ["data.small_patch_size=400"]).data.small_patches == 0  # no patches: the size is unused

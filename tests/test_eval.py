@@ -520,6 +520,20 @@ def _cli_error(*args) -> str:
     return str(exit_.value)
 
 
+def test_cli_names_a_trainer_checkpoint_without_its_config(folders, tmp_path):
+    """The config gives the arch and the data folders: without it the CLI once said config.student.arch=None."""
+    _trainer_checkpoint(tmp_path / "ckpt.pt", "cnn_tiny", *folders)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["config"]
+    torch.save(state, tmp_path / "no_config.pt")
+    assert _cli_error(tmp_path / "no_config.pt", "--arch", "cnn_tiny") == (
+        f"error: {tmp_path / 'no_config.pt'} has no 'config' entry, which every trainer checkpoint has (this file "
+        "holds student, heads, loss, optimizer, scaler, epoch, step, rng, commit): it was written by something else, "
+        "or changed. Evaluate the checkpoint that fastreg.train wrote, or the student that fastreg.export wrote with "
+        "--arch"
+    )
+
+
 def test_cli_errors(folders, tmp_path):
     roots = ["--train-root", folders[0], "--val-root", folders[1]]
     assert "does not exist" in _cli_error(tmp_path / "nope.pt")
@@ -536,6 +550,9 @@ def test_cli_errors(folders, tmp_path):
     message = _cli_error(tmp_path / "r18.pt", "--arch", "cnn_tiny", *roots)
     assert (
         "do not fit cnn_tiny: missing keys [features.0.weight" in message and "unexpected keys [conv1.weight" in message
+    )
+    assert f"the student weights of {tmp_path / 'r18.pt'}" in message and message.endswith(
+        "pass the --arch it was trained as"
     )
 
     linear = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -118,7 +119,7 @@ def test_export_demo_cnn_loads_strictly_into_student(tmp_path):
 
 def test_checkpoint_without_student_is_a_clear_error(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a trainer checkpoint: it has no 'student' entry"):
+    with pytest.raises(ValueError, match="has no 'student', 'config' entries, which every trainer checkpoint has"):
         export_student(tmp_path / "bad.pt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
 
@@ -135,8 +136,10 @@ def test_wrong_keys_are_named_and_nothing_is_written(tmp_path):
         "config": {"student": {"arch": "resnet18"}},
     }  # a DDP-prefixed state_dict
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \[conv1\.weight.*unexpected keys \[module\.conv1\.weight") as e:
         export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert str(e.value).startswith(f"the student weights of {tmp_path / 'ckpt.pt'} do not fit resnet18: ")
+    assert str(e.value).endswith("Use a checkpoint that fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)")
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -171,3 +174,138 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_and_nothing_is_written(tmp_
     with pytest.raises(ValueError, match="fails its CRC-32 check"):
         export_student(tmp_path / "ckpt.pt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+# ---------------------------------------------------------------- destinations
+
+
+def test_cli_exporting_a_checkpoint_onto_itself_is_refused_and_loses_nothing(tmp_path):
+    """`python -m fastreg.export CKPT CKPT` once replaced the trainer checkpoint with the bare student."""
+    ckpt = tmp_path / "ckpt.pt"
+    _trainer_checkpoint(_trained_student("cnn_tiny"), ckpt)
+    before = ckpt.read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-m", "fastreg.export", str(ckpt), str(ckpt), "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"error: {ckpt} is the checkpoint being exported ({ckpt}): the student alone would replace the trainer "
+        "checkpoint, and its heads, optimizer and progress would be lost (--force does not allow it). Give another "
+        f"destination, e.g. {tmp_path / 'ckpt_student.pt'}\n"
+    )
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def _hard_link(tmp, ckpt):
+    os.link(ckpt, tmp / "link.pt")
+    return tmp / "link.pt"
+
+
+def _symlink(tmp, ckpt):
+    (tmp / "sym.pt").symlink_to(ckpt)
+    return tmp / "sym.pt"
+
+
+def _directory(tmp, ckpt):
+    (tmp / "exports").mkdir()
+    return tmp / "exports"
+
+
+def _existing_file(tmp, ckpt):
+    (tmp / "student.pt").write_bytes(b"an earlier export")
+    return tmp / "student.pt"
+
+
+def _read_only_file(tmp, ckpt):
+    out = _existing_file(tmp, ckpt)
+    out.chmod(0o444)  # root may still write it: the mode bits are what export honours
+    return out
+
+
+def _read_only_folder(tmp, ckpt):
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0o555)
+    return tmp / "locked" / "student.pt"
+
+
+def _parent_is_a_file(tmp, ckpt):
+    (tmp / "notes").write_text("a file, not a folder")
+    return tmp / "notes" / "student.pt"
+
+
+# each: (how the destination is made, --force given, the message after 'error: <out> ' with {out}, {tmp} filled)
+DESTINATIONS = {
+    "same_path": (lambda tmp, ckpt: ckpt, True, "is the checkpoint being exported ({ckpt}): "),
+    "hard_link": (_hard_link, True, "is the checkpoint being exported ({ckpt}): "),
+    "symlink": (_symlink, True, "is the checkpoint being exported ({ckpt}): "),
+    "directory": (_directory, False, "is a directory: give the file to write in it, e.g. {out}/student.pt"),
+    "existing_file": (_existing_file, False, "already exists: pass --force to replace it, or give another destination"),
+    "read_only_file": (
+        _read_only_file,
+        True,
+        "is read-only (mode 444), and --force does not replace a read-only file: make it writable (chmod u+w {out}) "
+        "or give another destination",
+    ),
+    "read_only_folder": (
+        _read_only_folder,
+        False,
+        "cannot be written: the folder {tmp}/locked is read-only (mode 555); give a destination in a folder you can "
+        "write to, or make it writable",
+    ),
+    "parent_is_a_file": (
+        _parent_is_a_file,
+        False,
+        "cannot be written: {tmp}/notes is a file, not a folder; give a destination in a folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DESTINATIONS)
+def test_a_bad_destination_is_one_line_and_nothing_is_written(tmp_path, case):
+    make, force, says = DESTINATIONS[case]
+    ckpt = tmp_path / "ckpt.pt"
+    _trainer_checkpoint(_trained_student("cnn_tiny"), ckpt)
+    out = make(tmp_path, ckpt)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main([str(ckpt), str(out), *(["--force"] if force else [])])
+    message = str(exit_.value)
+    print(f"[{case}] {message}")  # docs/reliability.md quotes them
+    assert message.startswith(f"error: {out} ") and "\n" not in message
+    assert says.format(out=out, tmp=tmp_path, ckpt=ckpt) in message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # the source and all else kept
+
+
+def test_force_replaces_an_earlier_export(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    _trainer_checkpoint(_trained_student("cnn_tiny"), ckpt)
+    out = _existing_file(tmp_path, ckpt)
+    main([str(ckpt), str(out), "--force"])
+    assert set(torch.load(out, weights_only=True)) == set(Student("cnn_tiny").backbone.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "student.pt"]
+
+
+def test_an_exported_student_or_a_checkpoint_without_config_is_named(tmp_path):
+    student = _trained_student("cnn_tiny")
+    torch.save(student.backbone.state_dict(), tmp_path / "student.pt")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "student.pt"), str(tmp_path / "again.pt")])
+    assert str(exit_.value) == (
+        f"error: {tmp_path / 'student.pt'} is an exported student backbone (a bare state_dict, what fastreg.export "
+        "writes), not a trainer checkpoint: it holds the student's weights alone. Export the checkpoint that "
+        "fastreg.train wrote (runs/<name>/ckpt_epochNNNN.pt)"
+    )
+    _trainer_checkpoint(student, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["config"]
+    torch.save(state, tmp_path / "no_config.pt")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "no_config.pt"), str(tmp_path / "out.pt")])
+    assert str(exit_.value).startswith(
+        f"error: {tmp_path / 'no_config.pt'} has no 'config' entry, which every trainer checkpoint has (this file "
+        "holds student, heads, loss, optimizer, scaler, epoch, step, rng, commit)"
+    )
+    assert not (tmp_path / "again.pt").exists() and not (tmp_path / "out.pt").exists()

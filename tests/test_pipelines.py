@@ -224,7 +224,7 @@ def test_views_do_not_depend_on_worker_count(tmp_path):
 
 @pytest.mark.parametrize(
     "option, key",
-    [({"augment": "strong"}, "data.augment"), ({"small_patches": 2}, "data.small_patches")],
+    [({"augment": "strong"}, "data.augment"), ({"small_patches": 2, "small_patch_size": 16}, "data.small_patches")],
 )
 def test_dali_only_views_stop_when_auto_falls_back_to_torchvision(tmp_path, monkeypatch, option, key):
     """data.loader=auto without DALI: the view the config asks for is refused by name, never trained without."""

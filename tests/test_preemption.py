@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_equal_states, make_image_folder, tiny_overrides, trained_state
+from helpers import assert_equal_states, logged_lines, make_image_folder, tiny_overrides, trained_state
+from PIL import Image
 from test_train import compose_cfg
 
 from fastreg import checkpoint as ckpt
@@ -33,6 +35,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # torch 2.14's torchrun keeps its rendezvous store across restarts, and a restarted group can read the previous
 # attempt's gloo addresses from it and fail to connect (README, "Elastic restarts"): a store per attempt.
 RESTARTS = ["--max-restarts=1"]
+# The README's flags: the agent forwards SIGUSR1 (by default it would die of it) and waits for its workers.
+TORCHRUN_FORWARDING = [
+    *TORCHRUN,
+    "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    "--shutdown-timeout=120",
+    "-m",
+    "fastreg.train",
+]
 RESTART_ENV = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
@@ -162,6 +172,149 @@ def test_a_signal_in_an_epochs_last_step_stops_after_the_epochs_own_save(
     assert not list(out.glob("ckpt_*_step*.pt")) and not guard[1]
 
 
+# ---------------------------------------------------------------- outside the training loop
+
+
+@pytest.fixture(scope="module")
+def large_jpeg(tmp_path_factory) -> bytes:
+    """A 2400x2400 JPEG (200 kB): its decode check takes about 25 ms, where a test image's takes well under 1."""
+    y, x = np.mgrid[0:2400, 0:2400]
+    pixels = np.stack([(x // 3) % 256, (y // 5) % 256, ((x + y) // 7) % 256], axis=-1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("large") / "large.jpg"
+    Image.fromarray(pixels).save(path, quality=85)
+    return path.read_bytes()
+
+
+def add_large_images(folder: Path, jpeg: bytes, count: int = 200) -> None:
+    """`count` large JPEGs in class0: indexing the folder (a decode check of every image) takes seconds."""
+    for i in range(count):
+        (folder / "class0" / f"large{i}.jpg").write_bytes(jpeg)
+
+
+def signal_when(command: list[str], cwd: Path, env: dict, sig: signal.Signals, ready) -> subprocess.CompletedProcess:
+    """Run `command`, send it `sig` as soon as ready() holds, and wait for it to end."""
+    with launched(command, cwd, env, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "ended or hung before the signal"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(command, proc.returncode, "", stderr)
+
+
+def logged(out: Path, text: str) -> bool:
+    return (out / "train.log").is_file() and text in (out / "train.log").read_text()
+
+
+def temporary_files(*folders: Path) -> list[Path]:
+    return [p for folder in folders for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def stop_message(stderr: str) -> str:
+    """The stop's line, the last one on stderr and the only one that names a signal (the index's progress bar
+    may come before it)."""
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr and [line for line in lines if " received " in line] == lines[-1:], stderr
+    print(lines[-1])  # pytest -s shows them: docs/reliability.md quotes them
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "sig, when",
+    [("TERM", "imports"), ("USR1", "index"), ("TERM", "index_after_a_preemption")],
+)
+def test_a_signal_during_start_up_exits_75_with_one_line_saying_what_the_same_command_does(
+    tmp_path, monkeypatch, guard, large_jpeg, sig, when
+):
+    """A signal while python imports torch, or while the index decode-checks 200 large images (the folder changed
+    since the last index), stops at once with code 75: it once ended the process with 143 or 138 and no word,
+    which Slurm does not requeue. The line says the same command starts over, or, after an earlier stop at a step
+    boundary, resumes from its checkpoint, left as it was; the index is not half-written."""
+    data = make_image_folder(tmp_path / "data")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    saved = None
+    if when == "index_after_a_preemption":  # the run was stopped after step 6, and requeued
+        signal_before_step(monkeypatch, 6, signal.SIGTERM)
+        with pytest.raises(Preempted):
+            train(compose_cfg(overrides(data, out)))
+        saved = out / "ckpt_epoch0001_step00000006.pt"
+    before = saved.read_bytes() if saved else None
+    add_large_images(data, large_jpeg)
+    start = time.monotonic()
+
+    def ready() -> bool:
+        if when == "imports":
+            return time.monotonic() > start + 1
+        return logged(out, "loss simreg: eager PyTorch")  # the teacher and the heads are built; the index is next
+
+    proc = signal_when(
+        [sys.executable, "-m", "fastreg.train", *cli(data, out)],
+        tmp_path,
+        {**os.environ, "FASTREG_CACHE": str(cache)},
+        signal.Signals[f"SIG{sig}"],
+        ready,
+    )
+    assert proc.returncode == EXIT_PREEMPTED == 75, proc.stderr[-3000:]
+    line = stop_message(proc.stderr)
+    assert line.startswith(f"SIG{sig} received during start-up: stopped at once; ")
+    assert line.endswith("; fastreg.train exits with code 75 (EX_TEMPFAIL)")
+    if saved:
+        assert f"; {saved} is saved: the same command resumes from it;" in line
+        assert saved.read_bytes() == before
+    else:
+        assert "the same command starts over" in line and not list(out.glob("*.pt"))
+    if when != "imports":
+        assert line in (out / "train.log").read_text()
+        assert not list(cache.glob("index/*/index.json"))  # stopped inside the index, which was not published
+    assert not temporary_files(out, cache)
+
+
+def test_a_signal_during_the_final_evaluation_exits_75_and_keeps_the_checkpoint(tmp_path, large_jpeg):
+    """The k-NN of the final evaluation indexes and reads a validation folder of 200 large images: a signal there
+    stops it at once, after the last save. It once waited for the evaluation (longer than Slurm's grace period
+    on a large dataset) and then exited 0."""
+    data, val = make_image_folder(tmp_path / "data"), make_image_folder(tmp_path / "val", per_class=2)
+    add_large_images(val, large_jpeg)
+    out = tmp_path / "run"
+    saved = out / "ckpt_epoch0001.pt"
+    proc = signal_when(
+        [sys.executable, "-m", "fastreg.train", *cli(data, out, "trainer.epochs=1", f"data.val_root={val}")],
+        tmp_path,
+        {**os.environ, "FASTREG_CACHE": str(tmp_path / "cache")},
+        signal.SIGTERM,
+        lambda: logged(out, f"saved {saved}"),
+    )
+    assert proc.returncode == EXIT_PREEMPTED == 75, proc.stderr[-3000:]
+    assert stop_message(proc.stderr) == (
+        f"SIGTERM received during the final evaluation: stopped at once; training is complete and saved in {saved}, "
+        "the evaluation is not: the same command resumes there and runs it; fastreg.train exits with code 75 "
+        "(EX_TEMPFAIL)"
+    )
+    assert ckpt.load(saved)["step"] == 4
+    assert not [m for m in logged_lines(out) if "eval/nn1" in m]
+    assert not temporary_files(out, tmp_path / "cache")
+
+
+def test_fastreg_demo_handles_a_signal_while_it_builds_its_data(tmp_path):
+    """python -m fastreg.demo goes through fastreg.train's main from its first line: a signal while it renders
+    its dataset ends it with code 75, and the unfinished build is removed."""
+    cache = tmp_path / "cache"
+    proc = signal_when(
+        [sys.executable, "-m", "fastreg.demo"],
+        tmp_path,
+        {**os.environ, "FASTREG_CACHE": str(cache)},
+        signal.SIGTERM,
+        lambda: any((cache / "demo").glob(".digits*.tmp-*/train/*/*.jpg")),
+    )
+    assert proc.returncode == EXIT_PREEMPTED == 75, proc.stderr[-3000:]
+    assert stop_message(proc.stderr) == (
+        "SIGTERM received during start-up: stopped at once; the same command starts over (trainer.resume=none); "
+        "fastreg.train exits with code 75 (EX_TEMPFAIL)"
+    )
+    assert not list((cache / "demo").iterdir()) and not list((tmp_path / "runs" / "demo").iterdir())
+
+
 # ---------------------------------------------------------------- two processes
 
 
@@ -202,11 +355,7 @@ def test_torchrun_forwards_sigusr1_to_its_workers_and_waits(tmp_path):
     data = make_image_folder(tmp_path / "data")  # 2 steps per epoch, 40 epochs: still training when signalled
     out = tmp_path / "run"
     command = [
-        *TORCHRUN,
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "--shutdown-timeout=120",
-        "-m",
-        "fastreg.train",
+        *TORCHRUN_FORWARDING,
         *cli(data, out, "trainer.epochs=40", "trainer.stop_check_every=1"),
     ]
     with launched(command, tmp_path, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
@@ -220,6 +369,33 @@ def test_torchrun_forwards_sigusr1_to_its_workers_and_waits(tmp_path):
     assert "forcefully exiting" not in stderr  # no worker needed a SIGKILL
     step, saved = re.search(r"SIGUSR1 received: stopped at step (\d+) .* and saved (\S+);", stop_line(out)).groups()
     assert int(step) < 80 and ckpt.load(Path(saved))["step"] == int(step)
+
+
+def test_torchrun_workers_each_stop_at_once_when_signalled_during_start_up(tmp_path, large_jpeg):
+    """Slurm signals every task, and torchrun (the README's flags) forwards the signal to every worker: during
+    start-up, with rank 0 decode-checking 200 large images and rank 1 waiting for its index, each worker stops on
+    its own signal with its own line, nothing saved."""
+    data = make_image_folder(tmp_path / "data", per_class=32)
+    add_large_images(data, large_jpeg)
+    out = tmp_path / "run"
+    command = [
+        *TORCHRUN_FORWARDING,
+        *cli(data, out),
+    ]
+    proc = signal_when(
+        command,
+        tmp_path,
+        {**os.environ, "FASTREG_CACHE": str(tmp_path / "cache")},
+        signal.SIGUSR1,
+        lambda: logged(out, "loss simreg: eager PyTorch"),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's own code after a signal (README)
+    line = (
+        "SIGUSR1 received during start-up: stopped at once; nothing was saved yet: the same command starts over; "
+        "fastreg.train exits with code 75 (EX_TEMPFAIL)"
+    )
+    assert proc.stderr.count(line) == 2 and "forcefully exiting" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("*.pt")) and not temporary_files(out, tmp_path / "cache")
 
 
 def test_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path):

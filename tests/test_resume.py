@@ -189,6 +189,7 @@ def flip_a_byte(path: Path) -> None:
 
 CORRUPTIONS = {
     "truncated": truncate,
+    "cut_to_its_first_byte": lambda p: p.write_bytes(p.read_bytes()[:1]),  # "P": not to be called a text file
     "flipped_byte": flip_a_byte,
     "empty": lambda p: p.write_bytes(b""),
     "not_a_checkpoint": lambda p: p.write_text("not a checkpoint"),
@@ -204,8 +205,10 @@ def test_unreadable_checkpoints_are_skipped_by_auto_and_an_error_by_name(tmp_pat
     CORRUPTIONS[corrupt](newest)
     path, state = ckpt.load_resume("auto", tmp_path)
     assert path.name == "ckpt_epoch0001.pt" and state["epoch"] == 1
-    with pytest.raises(ckpt.UnreadableCheckpoint, match=f"checkpoint {newest} cannot be read"):
+    with pytest.raises(ckpt.UnreadableCheckpoint, match=f"checkpoint {newest} cannot be read") as e:
         ckpt.load_resume(str(newest), tmp_path)  # named by the user: no fallback
+    if corrupt.startswith(("truncated", "cut")):
+        assert "the file is damaged, cut short or of another kind" in str(e.value)
     CORRUPTIONS[corrupt](ckpt.checkpoint_path(tmp_path, 1))
     with pytest.raises(ckpt.UnreadableCheckpoint, match="none of the 2 checkpoints"):
         ckpt.load_resume("auto", tmp_path)

@@ -113,7 +113,14 @@ def test_small_patches_go_through_student_heads_and_teachers_into_seeds_second_t
     with python loops (test_losses.seed_reference)."""
     from test_losses import seed_reference
 
-    extra = ["loss=seed", "head=seed", "loss.queue_size=8", "loss.tau_t=0.5", "data.small_patches=2"]
+    extra = [
+        "loss=seed",
+        "head=seed",
+        "loss.queue_size=8",
+        "loss.tau_t=0.5",
+        "data.small_patches=2",
+        "data.small_patch_size=16",
+    ]
     cfg = to_config(compose_cfg(tiny_overrides(tmp_path, tmp_path) + extra))
     distiller = build_distiller(cfg, Placement.of("fp32", True, torch.device("cpu")))
     loss_fn, teacher = distiller.losses[0], distiller.teachers[0]
@@ -234,7 +241,17 @@ dist.destroy_process_group()
     [
         (["loss=seed", "head=seed", "loss.queue_size=32"], {}),
         # the patches go through the student in the same DDP forward; both queues take every rank's keys
-        (["loss=seed", "head=seed", "loss.queue_size=32", "data.loader=dali", "data.small_patches=2"], {}),
+        (
+            [
+                "loss=seed",
+                "head=seed",
+                "loss.queue_size=32",
+                "data.loader=dali",
+                "data.small_patches=2",
+                "data.small_patch_size=16",
+            ],
+            {},
+        ),
         # DDP's gradient hooks fire on the gradients of fastreg.kernels' autograd Functions too
         (["loss.impl=triton", "head.impl=triton", "head=mlp2_bn"], {"TRITON_INTERPRET": "1"}),
     ],

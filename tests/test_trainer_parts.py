@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fastreg.config import OptimConfig
 from fastreg.nonfinite import Divergence, StepSkip, StepUndo, build_guard
 from fastreg.optim import LrSchedule, lr_at
 from fastreg.placement import Placement
-from fastreg.preemption import StopAgreement
+from fastreg.preemption import StopAgreement, Stopped, StopSignals
 from fastreg.run_log import RunLogger
 
 CPU = torch.device("cpu")
@@ -31,10 +32,10 @@ def sgd_with_state() -> torch.optim.SGD:
     return opt
 
 
-def make_checkpointer(tmp_path, progress: Progress, opt: torch.optim.Optimizer, data: dict) -> Checkpointer:
+def make_checkpointer(tmp_path, progress: Progress, opt: torch.optim.Optimizer, data: dict, *more) -> Checkpointer:
     return Checkpointer(
         tmp_path,
-        [Entry("optimizer", opt.state_dict, opt.load_state_dict), progress],
+        [Entry("optimizer", opt.state_dict, opt.load_state_dict), progress, *more],
         {"data": lambda: data, "rng": ckpt.rng_state},
         {"config": {"a": 1}, "commit": "c0ffee"},
         rank=0,
@@ -72,8 +73,14 @@ def test_saves_are_pruned_to_the_newest(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_epoch0003.pt", "ckpt_epoch0004.pt"]
 
 
+def trained_parts() -> list[Entry]:
+    """The entries of a trainer checkpoint that the parts above leave out (the distiller's, the scaler's)."""
+    return [Entry(key, dict, lambda state: None) for key in ("student", "heads", "loss", "scaler")]
+
+
 def test_find_refuses_a_checkpoint_of_other_settings(tmp_path):
-    make_checkpointer(tmp_path, Progress(), sgd_with_state(), {}).save(ckpt.checkpoint_path(tmp_path, 1))
+    saver = make_checkpointer(tmp_path, Progress(), sgd_with_state(), {}, *trained_parts())
+    saver.save(ckpt.checkpoint_path(tmp_path, 1))
     assert find("auto", tmp_path, {"a": 1}).state["commit"] == "c0ffee"
     assert find("none", tmp_path, {"a": 1}) is None
     with pytest.raises(ValueError, match="a 1 -> 2"):
@@ -138,6 +145,24 @@ def test_a_stop_signal_is_agreed_at_the_next_check_and_named():
     message = stop.message(2, 0.5, "run/ckpt.pt", "run")
     assert message.startswith("SIGUSR1 received: stopped at step 2 (epoch 0.50) and saved run/ckpt.pt")
     assert "exits with code 75" in message
+
+
+def test_in_the_final_evaluation_a_stop_signal_raises_at_once_even_one_received_before():
+    """After the last save nothing waits for a step boundary: a signal inside at_once raises Stopped there, and one
+    recorded in the last steps raises it as the evaluation starts; the handlers come back either way."""
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
+    with pytest.raises(Stopped) as inside, StopSignals() as signals, signals.at_once("the final evaluation", "saved"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert inside.value.message("saved") == (
+        "SIGTERM received during the final evaluation: stopped at once; saved; fastreg.train exits with code 75 "
+        "(EX_TEMPFAIL)"
+    )
+    with pytest.raises(Stopped, match="before the final evaluation"), StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded: a step boundary would come
+        with signals.at_once("the final evaluation", "saved"):
+            pytest.fail("the evaluation ran")
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == before
 
 
 # ---- run logger ----

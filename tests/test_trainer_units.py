@@ -78,7 +78,7 @@ def test_atomic_save_prune_and_find_latest(tmp_path):
     for epoch in (1, 2, 3):
         ckpt.atomic_save({"epoch": epoch}, ckpt.checkpoint_path(tmp_path, epoch))
     (tmp_path / ".ckpt_epoch0004.pt.tmp123").write_bytes(b"half a checkpoint")  # a crash mid-save
-    ckpt.prune(tmp_path, keep=2)
+    ckpt.prune(tmp_path, keep=2, written=ckpt.checkpoint_path(tmp_path, 3))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
     latest, state = ckpt.load_resume("auto", tmp_path)
     assert latest.name == "ckpt_epoch0003.pt" and state["epoch"] == 3
@@ -109,7 +109,8 @@ def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp
         "ckpt_epoch0002_step00000240.pt",
         "ckpt_epoch0002_step00000270.pt",
     ]
-    ckpt.prune(tmp_path, keep=2)  # the 2 newest epoch ends, and the 2 newest saves inside the epoch after them
+    # the 2 newest epoch ends, and the 2 newest saves inside the epoch after them
+    ckpt.prune(tmp_path, keep=2, written=tmp_path / "ckpt_epoch0002_step00000270.pt")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
         "ckpt_epoch0001.pt",
         "ckpt_epoch0002.pt",
@@ -117,6 +118,20 @@ def test_saves_inside_an_epoch_sort_between_its_ends_and_never_push_them_out(tmp
         "ckpt_epoch0002_step00000270.pt",
     ]
     assert ckpt.load_resume("auto", tmp_path)[0].name == "ckpt_epoch0002_step00000270.pt"
+
+
+def test_prune_keeps_the_checkpoint_just_written_and_newer_ones(tmp_path):
+    """A folder with newer-numbered checkpoints than the save just written (here another run's epochs 7 and 8):
+    keep_checkpoints=1 removes only this run's older save, never the new one (pruned by number, it would go first)
+    nor the newer files."""
+    for name in ("ckpt_epoch0007.pt", "ckpt_epoch0008.pt", "ckpt_epoch0001.pt", "ckpt_epoch0002.pt"):
+        ckpt.atomic_save({"name": name}, tmp_path / name)
+    ckpt.prune(tmp_path, keep=1, written=tmp_path / "ckpt_epoch0002.pt")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "ckpt_epoch0002.pt",
+        "ckpt_epoch0007.pt",
+        "ckpt_epoch0008.pt",
+    ]
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):

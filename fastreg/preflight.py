@@ -1,0 +1,204 @@
+"""What a training config asks of the machine, checked before any work: the paths it names, the memory of one
+step, and the folders it writes.
+
+A mistake found here costs a second; found by the work, it costs the work before it: a wrong data.val_root
+surfaced after the last epoch, a patch size too large for the memory after the data was indexed and the
+teacher loaded. `check_before_work` runs first in the Trainer (and must in anything else that starts work from
+a TrainConfig). It reads no image, loads no weights and builds no index: it stats paths, builds the student on
+the meta device (no memory, no compute), and creates only trainer.out_dir and the cache folders, last.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fastreg import files
+from fastreg.checkpoint import RESUME_FIX
+from fastreg.config import TrainConfig
+from fastreg.distributed import launch
+from fastreg.index import find_samples
+from fastreg.placement import pick_device
+from fastreg.run_log import make_out_dir
+from fastreg.step_graph import check_device
+from fastreg.students import Student
+
+
+def check_before_work(cfg: TrainConfig) -> None:
+    """Raise FileNotFoundError, ValueError or OSError (fastreg.train.USER_ERRORS), naming the key and the fix,
+    for every path the config names that is missing or of the wrong kind (all of them in one message), a step
+    that cannot fit in memory, or an output folder that cannot be written."""
+    check_paths(cfg)
+    _, local_rank, world = launch()
+    device = pick_device(cfg.trainer.device, "trainer.device", local_rank)
+    if cfg.trainer.cuda_graph:
+        check_device(device, world)
+    check_memory(cfg, device)
+    make_out_dir(Path(cfg.trainer.out_dir))
+    if cfg.data.loader != "synthetic" or cfg.data.val_root is not None:
+        files.cache_folder("index")  # the loaders and the k-NN index their folders there
+    # the demo's own cache folder is checked by fastreg.demo.run_demo, before it builds the data it names here
+
+
+# What each path key must be, and what to do when it is not: (a directory?, the fix). A teacher's keys by their
+# last part: teacher.checkpoint, teachers.<i>.checkpoint.
+PATHS = {
+    "data.root": (True, "point data.root at the training ImageFolder (one subfolder of images per class)"),
+    "data.val_root": (
+        True,
+        "point data.val_root at the labelled ImageFolder of the k-NN evaluation, or set data.val_root=null to "
+        "train without one",
+    ),
+    "data.knn_train_root": (
+        True,
+        "point data.knn_train_root at the ImageFolder of the k-NN memory bank, or set data.knn_train_root=null to "
+        "use data.root",
+    ),
+    "data.file_list": (
+        False,
+        "point data.file_list at the 'relpath label' list of data.root's images, or set data.file_list=null to "
+        "scan data.root",
+    ),
+    "checkpoint": (
+        False,
+        "set {key} to the teacher's weights file ({key}=random: an untrained teacher, for benchmarks and tests)",
+    ),
+    "cache": (True, "point {key} at the folder python -m fastreg.cache_teacher wrote, or unset it"),
+    "trainer.resume": (False, RESUME_FIX),
+}
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every path the config names exists and is a directory or a file as its key says; one message for all."""
+    problems = [path_problem(key, value) or folder_problem(key, value) for key, value in used_paths(cfg).items()]
+    problems = [p for p in problems if p]
+    if len(problems) == 1:
+        raise FileNotFoundError(problems[0])
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} paths of this config are wrong:\n  " + "\n  ".join(problems))
+
+
+def used_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The paths the run will read, by key: cfg.paths() less those it will not open."""
+    paths = cfg.paths()
+    if cfg.data.loader == "synthetic":  # random tensors: no training folder read
+        paths.pop("data.root", None)
+        paths.pop("data.file_list", None)
+    for key, t in zip(cfg.teacher_keys, cfg.teachers):
+        if t.checkpoint == "random" or t.cache is not None:  # a cached teacher never loads its checkpoint
+            paths.pop(f"{key}.checkpoint", None)
+    if cfg.trainer.resume not in ("auto", "none"):
+        paths["trainer.resume"] = cfg.trainer.resume
+    return paths
+
+
+def path_problem(key: str, value: str) -> str | None:
+    """'<key>=<value> does not exist: <fix>', or is not a directory (a file); None when it is as it should be."""
+    is_dir, fix = PATHS.get(key) or PATHS[key.rsplit(".", 1)[-1]]
+    path = Path(value).expanduser()
+    if is_dir and path.is_dir() or not is_dir and path.is_file():
+        return None
+    wrong = "does not exist" if not path.exists() else "is not a directory" if is_dir else "is not a file"
+    return f"{key}={value} {wrong}: {fix.format(key=key)}"
+
+
+# The k-NN's folders, read after the training: scanned for images here (data.root is indexed before the first step).
+EVAL_FOLDERS = ("data.val_root", "data.knn_train_root")
+
+
+def folder_problem(key: str, value: str) -> str | None:
+    """The index's error about an evaluation folder without images (empty, no class subfolders, no image files in
+    them), found by its walk alone: no file is opened. None when the folder holds images, or is not one."""
+    if key not in EVAL_FOLDERS:
+        return None
+    try:
+        find_samples(value, key=key)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def check_memory(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a step that cannot fit: a lower bound of its memory (step_bytes) above what the device has."""
+    images, activations = step_bytes(cfg, device)
+    have, where = device_memory(device)
+    if images + activations <= have:
+        return
+    d = cfg.data
+    patches = f" + data.small_patches={d.small_patches} x {d.small_patch_size}^2" if d.small_patches else ""
+    views = "2 x " if d.teacher_view == "weak" else ""
+    kept = f" + the student's activations kept for its backward, {gb(activations)}" if activations else ""
+    raise ValueError(
+        f"one training step needs at least {gb(images + activations)} (the images, {gb(images)}: data.batch_size="
+        f"{d.batch_size} x ({views}data.crop_size={d.crop_size}^2{patches}) pixels x 3 channels{kept}), more "
+        f"than the {gb(have)} of {where}: lower data.batch_size, data.small_patches, data.small_patch_size or "
+        "data.crop_size"
+    )
+
+
+def gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def step_bytes(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
+    """(images, activations): a lower bound, in bytes, of one step's memory on `device`, in two parts.
+
+    images       what the loader hands over per step: B x (crop^2 x views + P x patch^2) x 3 x itemsize, views 2
+                 with data.teacher_view=weak; float16 from DALI on a GPU under autocast, else float32.
+    activations  what autograd keeps from the student's forward until its backward, B x (saved(crop) + P x
+                 saved(patch)), at the autocast dtype's size (bf16/fp16: 2 bytes, fp32: 4). 0 with
+                 trainer.compile: inductor may recompute some of them in the backward instead of keeping them.
+    Left out, so the sum is a lower bound: the weights, gradients and optimizer state, the teachers' forwards
+    (no autograd, but each holds a layer's input and output at a time), the decoder's buffers, the allocator's
+    slack. Enough to refuse what cannot run, never a run that fits.
+    """
+    d, t = cfg.data, cfg.trainer
+    half = t.precision != "fp32"
+    views = 2 if d.teacher_view == "weak" else 1
+    pixels = views * d.crop_size**2 + d.small_patches * d.small_patch_size**2
+    images = d.batch_size * pixels * 3 * (2 if half and device.type == "cuda" else 4)
+    if t.compile:
+        return images, 0
+    with torch.device("meta"):  # shapes only: no memory, no compute
+        student = Student(cfg.student.arch)
+    saved = saved_bytes(student, d.crop_size)
+    if d.small_patches:
+        saved += d.small_patches * saved_bytes(student, d.small_patch_size)
+    return images, d.batch_size * saved * (2 if half else 4) // 4
+
+
+def saved_bytes(student: torch.nn.Module, size: int) -> int:
+    """float32 bytes per image of size x size that the forward of `student`, on the meta device, saves for its
+    backward: the tensors autograd's saved-tensor hooks see, each storage once (a ReLU in place saves the
+    BatchNorm output it overwrote), less the weights and the input. At batch 2, as BatchNorm's batch statistics
+    need two values per channel, halved."""
+    images = torch.empty(2, 3, size, size, device="meta")
+    # _cdata identifies a storage (a meta tensor has no data pointer to compare)
+    known = {x.untyped_storage()._cdata for x in [images, *student.parameters(), *student.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        if storage._cdata not in known:
+            saved[storage._cdata] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        student(images)
+    return sum(saved.values()) // 2
+
+
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory one step of this process has: its GPU's, or the host's RAM shared by
+    the processes torchrun started on this host."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{device} ({props.name})"
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return ram // here, "host RAM" if here == 1 else f"host RAM per process ({here} processes on this host)"
