@@ -31,50 +31,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # fastreg.preemption's, which imports torch
+from fastreg.preemption import EXIT_PREEMPTED, AtOnce, Stopped
 
 
-class Stopped(BaseException):
-    """A stop signal, raised where the process is: the work unwinds, and on the way rank 0 removes OUT.partial and
-    releases OUT.lock. A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for an error
-    (fastreg.cache_writer.agree would tell the other ranks of it as of a failure)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_stopped(signum: int, frame) -> None:
-    for sig in STOP_SIGNALS:  # one stop: a second signal must not cut the cleanup on the way out short
-        signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Inside, SIGTERM or SIGUSR1 raises Stopped; the previous handlers come back after."""
-    previous = {sig: signal.signal(sig, raise_stopped) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def stopped_line(signum: int, out: Path) -> str:
+def stopped_outcome(out: Path) -> str:
+    """What a stop signal leaves: nothing written, the lock released (and OUT.partial, when a signal came as it was
+    created, for the next run to remove)."""
     partial = out.with_name(out.name + ".partial")
     left = f"; {partial} is left, and the next run removes it" if partial.exists() else ""
-    return (
-        f"{signal.Signals(signum).name} received: stopped at once; nothing was written to {out}, and "
-        f"{out.name}.lock is released{left}: the same command starts over; python -m fastreg.cache_teacher exits "
-        f"with code {os.EX_TEMPFAIL} (EX_TEMPFAIL)"
-    )
+    return f"nothing was written to {out}, and {out.name}.lock is released{left}: the same command starts over"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -96,7 +64,9 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fastreg import files
     from fastreg.cache_writer import compose_config, write_cache
+    from fastreg.preflight import check_paths
     from fastreg.train import USER_ERRORS
 
     arguments = ["--teacher", str(teacher), "--dtype", dtype, *overrides]  # after OUT, for meta.json
@@ -104,6 +74,8 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
         cfg = compose_config(overrides)
         if not 0 <= teacher < len(cfg.teachers):
             raise ValueError(f"--teacher {teacher}: the config has {len(cfg.teachers)} teacher(s)")
+        check_paths(cfg)  # as the trainer does first: every path the config names, before the teacher or the index
+        files.cache_folder("index")
         write_cache(cfg, out, teacher, dtype, arguments)
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as e:  # as fastreg.train: one line, exit 1
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -116,7 +88,7 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    with stop_on_signals():
+    with AtOnce("while it writes the cache"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         args, overrides = parse_args(argv)
         out = args.out.expanduser().resolve()
@@ -125,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             write(out, args.teacher, args.dtype, overrides)
         except Stopped as stop:
             if existed or not out.exists():  # else it came after the rename: the cache is complete
-                print(stopped_line(stop.signum, out), file=sys.stderr)
-                sys.exit(os.EX_TEMPFAIL)
+                print(stop.message(stopped_outcome(out), "python -m fastreg.cache_teacher"), file=sys.stderr)
+                sys.exit(EXIT_PREEMPTED)
     print(f"teacher features written to {out}; train with teacher.cache={out}")
 
 

@@ -42,25 +42,31 @@ class Stopped(BaseException):
         super().__init__(signum, during, outcome)
         self.signum, self.during, self.outcome = signum, during, outcome
 
-    def message(self, outcome: str) -> str:
+    def message(self, outcome: str, program: str = "fastreg.train") -> str:
         return (
-            f"{signal.Signals(self.signum).name} received {self.during}: stopped at once; {outcome}; fastreg.train "
+            f"{signal.Signals(self.signum).name} received {self.during}: stopped at once; {outcome}; {program} "
             f"exits with code {EXIT_PREEMPTED} (EX_TEMPFAIL)"
         )
 
 
 class AtOnce:
-    """The handler of SIGTERM and SIGUSR1 outside the training loop: the first one raises Stopped; later ones
-    change nothing, so that the unwinding's own cleanup is not cut short. Trainer.fit's StopSignals replace it
-    for the loop, and when they give it back mark it `after training`, with the signal they received if any."""
+    """While entered, the handler of SIGTERM and SIGUSR1 outside the training loop: the first one raises Stopped;
+    later ones change nothing, so that the unwinding's own cleanup is not cut short. The previous handlers come
+    back on exit. Trainer.fit's StopSignals replace it for the loop, and when they give it back mark it `after
+    training`, with the signal they received if any. `during`: what the process does, for the message."""
 
-    def __init__(self):
+    def __init__(self, during: str = "during start-up"):
         self.received = 0
-        self.during = "during start-up"
+        self.during = during
+        self.previous: dict = {}
 
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self)
+    def __enter__(self) -> AtOnce:
+        self.previous = {sig: signal.signal(sig, self) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def __call__(self, signum: int, frame) -> None:
         if not self.received:

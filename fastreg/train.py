@@ -86,14 +86,14 @@ def close_process_group() -> None:
 
 def main() -> None:
     """python -m fastreg.train (fastreg.demo, torchrun's workers): stop signals handled from the first line on."""
-    AtOnce().install()
-    try:
-        import hydra
+    with AtOnce():
+        try:
+            import hydra
 
-        hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")(run)()
-    except Stopped as e:
-        print(e.message(e.outcome or BEFORE_CONFIG), file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+            hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")(run)()
+        except Stopped as e:
+            print(e.message(e.outcome or BEFORE_CONFIG), file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -442,8 +442,9 @@ def test_a_stop_signal_exits_75_with_one_line_and_leaves_nothing(teacher_file, t
     proc = signalled([sys.executable, "-m", "fastreg.cache_teacher", *arguments], tmp_path, signum, ready)
     assert proc.returncode == 75 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1] == (
-        f"SIG{sig} received: stopped at once; nothing was written to {out}, and cache.lock is released: the same "
-        "command starts over; python -m fastreg.cache_teacher exits with code 75 (EX_TEMPFAIL)"
+        f"SIG{sig} received while it writes the cache: stopped at once; nothing was written to {out}, and "
+        "cache.lock is released: the same command starts over; python -m fastreg.cache_teacher exits with code 75 "
+        "(EX_TEMPFAIL)"
     )
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("cache")]  # no OUT, OUT.partial, OUT.lock
     if when == "rows":
@@ -474,7 +475,10 @@ def test_the_readme_recipe_composes_without_trainer_out_dir(tmp_path, monkeypatc
             "error: Could not override 'trainer.epoch'.\nTo append to your config use +trainer.epoch=3\nKey 'epoch' not in 'TrainerConfig'",
         ),
         ("student=resnet19", "error: In 'config': Could not find 'student/resnet19'"),
-        ("data.root=/no/such/folder", "error: dataset root /no/such/folder does not exist or is not a directory"),
+        (
+            "data.root=/no/such/folder",
+            "error: data.root=/no/such/folder does not exist: point data.root at the training ImageFolder",
+        ),
         ("head.kind=mlp3", "error: head.kind='mlp3' is not one of"),
     ],
     ids=["unknown_key", "unknown_group_option", "missing_root", "invalid_value"],
