@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +265,41 @@ def run_two_processes(script: Path, args: list[str], timeout: int = 300) -> list
     ]
     outputs = [rank.communicate(timeout=timeout) for rank in ranks]
     return [subprocess.CompletedProcess(rank.args, rank.returncode, *out) for rank, out in zip(ranks, outputs)]
+
+
+@contextmanager
+def launched(
+    command: list[str], cwd: Path, env: dict | None = None, stdout: int = subprocess.PIPE
+) -> Iterator[subprocess.Popen]:
+    """The process, its stderr piped. Still running after the block (a failed test; ranks that disagree hang in
+    a collective), it gets SIGTERM: torchrun forwards that to its workers, which sit in sessions of their own,
+    and SIGKILLs them 30 s later, so that none outlives the test."""
+    proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=90)
+
+
+def signal_when(
+    command: list[str], cwd: Path, env: dict | None, sig: signal.Signals, ready
+) -> subprocess.CompletedProcess:
+    """Run `command`, send it `sig` as soon as it handles `sig` and ready() holds, and wait for it to end. A signal
+    in the interpreter's first fraction of a second, before the program's first line installs its handler, would
+    meet the default handler whatever the program does."""
+    with launched(command, cwd, env, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
+        deadline = time.monotonic() + 240
+        while not (catches(proc.pid, sig) and ready()):
+            assert proc.poll() is None and time.monotonic() < deadline, "ended or hung before the signal"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(command, proc.returncode, "", stderr)
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) >> (sig - 1) & 1)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import logged_lines, make_image_folder, run_two_ranks, tiny_overrides
+from helpers import logged_lines, make_image_folder, run_two_ranks, signal_when, tiny_overrides
 from hydra import compose, initialize_config_module
 from PIL import Image
 
@@ -412,18 +412,6 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(data, 
 # ------------------------------------------------------------------ the command line
 
 
-def signalled(command: list[str], cwd: Path, sig: signal.Signals, ready) -> subprocess.CompletedProcess:
-    """`command` run, sent `sig` as soon as ready() holds, and waited for."""
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ready():
-        assert proc.poll() is None and time.monotonic() < deadline, "ended or hung before the signal"
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=240)
-    return subprocess.CompletedProcess(command, proc.returncode, "", stderr)
-
-
 @pytest.mark.parametrize("sig, when", [("TERM", "imports"), ("USR1", "rows")])
 def test_a_stop_signal_exits_75_with_one_line_and_leaves_nothing(teacher_file, tmp_path, sig, when):
     """SIGTERM or SIGUSR1 ended cache_teacher with 143 or 138 and no word, which a Slurm script does not requeue,
@@ -439,7 +427,7 @@ def test_a_stop_signal_exits_75_with_one_line_and_leaves_nothing(teacher_file, t
         return time.monotonic() > start + 1 if when == "imports" else (partial / "features.npy").exists()
 
     signum = signal.Signals[f"SIG{sig}"]
-    proc = signalled([sys.executable, "-m", "fastreg.cache_teacher", *arguments], tmp_path, signum, ready)
+    proc = signal_when([sys.executable, "-m", "fastreg.cache_teacher", *arguments], tmp_path, None, signum, ready)
     assert proc.returncode == 75 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1] == (
         f"SIG{sig} received while it writes the cache: stopped at once; nothing was written to {out}, and "

@@ -14,14 +14,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_equal_states, logged_lines, make_image_folder, tiny_overrides, trained_state
+from helpers import (
+    assert_equal_states,
+    launched,
+    logged_lines,
+    make_image_folder,
+    signal_when,
+    tiny_overrides,
+    trained_state,
+)
 from PIL import Image
 from test_train import compose_cfg
 
@@ -53,22 +60,6 @@ def overrides(data: Path, out: Path, *extra: str) -> list[str]:
 def cli(data: Path, out: Path, *extra: str) -> list[str]:
     """The overrides of a run through fastreg.train's main (hydra's own directory is the run's)."""
     return [*overrides(data, out, *extra), f"hydra.run.dir={out}"]
-
-
-@contextmanager
-def launched(
-    command: list[str], cwd: Path, env: dict | None = None, stdout: int = subprocess.PIPE
-) -> Iterator[subprocess.Popen]:
-    """The process, its stderr piped. Still running after the block (a failed test; ranks that disagree hang in
-    a collective), it gets SIGTERM: torchrun forwards that to its workers, which sit in sessions of their own,
-    and SIGKILLs them 30 s later, so that none outlives the test."""
-    proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.communicate(timeout=90)
 
 
 def run(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -189,18 +180,6 @@ def add_large_images(folder: Path, jpeg: bytes, count: int = 200) -> None:
     """`count` large JPEGs in class0: indexing the folder (a decode check of every image) takes seconds."""
     for i in range(count):
         (folder / "class0" / f"large{i}.jpg").write_bytes(jpeg)
-
-
-def signal_when(command: list[str], cwd: Path, env: dict, sig: signal.Signals, ready) -> subprocess.CompletedProcess:
-    """Run `command`, send it `sig` as soon as ready() holds, and wait for it to end."""
-    with launched(command, cwd, env, stdout=subprocess.DEVNULL) as proc:  # rank 0's log is in train.log
-        deadline = time.monotonic() + 240
-        while not ready():
-            assert proc.poll() is None and time.monotonic() < deadline, "ended or hung before the signal"
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=240)
-    return subprocess.CompletedProcess(command, proc.returncode, "", stderr)
 
 
 def logged(out: Path, text: str) -> bool:
