@@ -206,8 +206,8 @@ def check_entries(state: Any, path: Path, entries: tuple[str, ...], fix: str) ->
     if missing:
         raise ValueError(
             f"{path} has no {listing(repr(k) for k in missing)} entr{'y' if len(missing) == 1 else 'ies'}, which "
-            f"every trainer checkpoint has (this file holds {listing(map(str, state), first=12)}): it was written by something "
-            f"else, or changed. {fix}"
+            f"every trainer checkpoint has (this file holds {listing(map(str, state), first=12)}): it was written by "
+            f"something else, or changed. {fix}"
         )
     return state
 

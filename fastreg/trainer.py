@@ -278,9 +278,9 @@ class Trainer:
     def log_startup(self) -> None:
         o = self.cfg.optim
         lines = [
-            f"device {self.device}, precision {self.cfg.trainer.precision}, world size {self.world}, loader {self.loader.name} ({len(self.loader)} "
-            f"batches/epoch), optimizer {self.optimizer_impl}, peak lr {self.schedule.peak:.4g} (global batch "
-            f"{self.global_batch}), lr schedule per {o.schedule}",
+            f"device {self.device}, precision {self.cfg.trainer.precision}, world size {self.world}, loader "
+            f"{self.loader.name} ({len(self.loader)} batches/epoch), optimizer {self.optimizer_impl}, peak lr "
+            f"{self.schedule.peak:.4g} (global batch {self.global_batch}), lr schedule per {o.schedule}",
             f"a step whose loss is NaN or inf is {self.guard.name}",
         ]
         self.log.startup(self.checkpointer.meta["config"], self.commit, lines)

@@ -460,7 +460,8 @@ def test_the_readme_recipe_composes_without_trainer_out_dir(tmp_path, monkeypatc
     [
         (
             "trainer.epoch=3",
-            "error: Could not override 'trainer.epoch'.\nTo append to your config use +trainer.epoch=3\nKey 'epoch' not in 'TrainerConfig'",
+            "error: Could not override 'trainer.epoch'.\nTo append to your config use +trainer.epoch=3\n"
+            "Key 'epoch' not in 'TrainerConfig'",
         ),
         ("student=resnet19", "error: In 'config': Could not find 'student/resnet19'"),
         (
