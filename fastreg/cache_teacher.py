@@ -34,12 +34,14 @@ import os
 import sys
 from pathlib import Path
 
-from fastreg.preemption import EXIT_PREEMPTED, AtOnce, Stopped
+from fastreg.preemption import AtOnce, when_stopped
 
 
-def stopped_outcome(out: Path) -> str:
-    """What a stop signal leaves: nothing written, the lock released (and OUT.partial, when a signal came as it was
-    created, for the next run to remove)."""
+def stopped_outcome(out: Path, existed: bool) -> str:
+    """What a stop signal leaves, once rank 0 removed OUT.partial and OUT.lock: nothing (or, after the rename, the
+    whole cache). Another rank's stop leaves them to rank 0, which stops too (torchrun forwards the signal)."""
+    if out.exists() and not existed:
+        return f"{out} was complete before it: train with teacher.cache={out}"
     partial = out.with_name(out.name + ".partial")
     left = f"; {partial} is left, and the next run removes it" if partial.exists() else ""
     return f"nothing was written to {out}, and {out.name}.lock is released{left}: the same command starts over"
@@ -88,17 +90,14 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    with AtOnce("while it writes the cache"):
+    program = "python -m fastreg.cache_teacher"
+    with AtOnce(program, lambda: "nothing was written: the same command starts over", "while it writes the cache"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         args, overrides = parse_args(argv)
         out = args.out.expanduser().resolve()
         existed = out.exists()
-        try:
-            write(out, args.teacher, args.dtype, overrides)
-        except Stopped as stop:
-            if existed or not out.exists():  # else it came after the rename: the cache is complete
-                print(stop.message(stopped_outcome(out), "python -m fastreg.cache_teacher"), file=sys.stderr)
-                sys.exit(EXIT_PREEMPTED)
+        when_stopped(lambda: stopped_outcome(out, existed))
+        write(out, args.teacher, args.dtype, overrides)
     print(f"teacher features written to {out}; train with teacher.cache={out}")
 
 

@@ -9,7 +9,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from fastreg.lock import writer_lock
 from fastreg.messages import listing
 from fastreg.pipelines import dataset_index, eval_batches, samples_digest, shard_range
 from fastreg.placement import Placement
+from fastreg.preemption import cleaned_up
 from fastreg.teachers import build_teacher
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ def write_locked(
     seed_everything(cfg.trainer.seed, -1, 0)  # a random teacher (benchmarks) as the trainer would build it
     teacher = build_teacher(t, amp_dtype=place.amp_dtype, device=device)
     partial, shape = out.with_name(out.name + ".partial"), (len(index.samples), teacher.dim)
-    try:
+    # rank 0 removes it on a failure (every rank is past its writes: agree is a collective) or a stop signal
+    # (preemption.stop_now); after the rename there is nothing to remove
+    with cleaned_up(lambda: shutil.rmtree(partial, ignore_errors=True)) if rank == 0 else nullcontext():
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # a killed run's leftovers
             partial.mkdir(parents=True)
@@ -99,10 +102,6 @@ def write_locked(
         agree(lambda: write_rows(partial, teacher, cfg, index, shard, place), world, f"write its rows into {partial}")
         meta = describe(cfg, t, index, shape, dtype, arguments)
         agree(lambda: finish(partial, out, meta, world) if rank == 0 else None, world, f"complete {out}")
-    except BaseException:  # a failure (every rank is past its writes: agree is a collective), or a stop signal
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def agree(work: Callable[[], object], world: int, what: str) -> None:

@@ -49,6 +49,7 @@ from fastreg.checkpoint import atomic_save
 from fastreg.config import TrainConfig
 from fastreg.messages import listing
 from fastreg.pipelines import IMAGENET_MEAN, IMAGENET_STD
+from fastreg.preemption import cleaned_up
 from fastreg.students import SmallCNN
 
 DATA_NAME = "digits40-v1"  # bump the version whenever the rendering changes, so old caches are not reused
@@ -222,7 +223,8 @@ def ensure_demo_data(cache_dir: Path, sources_per_class: int | None = None) -> P
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root.parent))
-    try:
+    # gone already after a successful rename; else removed on an error or a stop signal (preemption.stop_now)
+    with cleaned_up(lambda: shutil.rmtree(tmp, ignore_errors=True)):
         splits = _split_sources(load_digits().target, sources_per_class)
         with _progress() as progress:
             _write_split(tmp, "train", splits["train"], TRAIN_VIEWS, progress)
@@ -230,8 +232,6 @@ def ensure_demo_data(cache_dir: Path, sources_per_class: int | None = None) -> P
         _sync_tree(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
         _publish(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return root
 
 

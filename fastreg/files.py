@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from fastreg.preemption import cleaned_up
+
 
 def cache_dir(kind: str) -> Path:
     """Where fastreg caches `kind` (index, demo, features): $FASTREG_CACHE/<kind> when it is set, else
@@ -70,15 +72,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     temporary file, are fsynced, then renamed over `path`. A write that fails, or is interrupted, removes its
     temporary file: a failed write leaves the directory as it found it."""
     tmp = temporary_path(path)
-    try:
+    with cleaned_up(lambda: tmp.unlink(missing_ok=True)):  # an error or a stop signal; after the rename, nothing
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # an error, or an interrupt: either way the partial file must go
-        tmp.unlink(missing_ok=True)
-        raise
     sync(path.parent)  # make the rename itself durable
 
 

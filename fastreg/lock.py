@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fastreg.preemption import cleaned_up
+
 log = logging.getLogger(__name__)
 
 
@@ -25,14 +27,14 @@ def writer_lock(out: Path, writer: str) -> Iterator[None]:
     path = out.with_name(out.name + ".lock")
     fd = locked(path, out, writer)
     try:
-        left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if left:
-            log.warning("%s: taking over the lock of a writer that died (%s) before it removed it", path, left)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
+        with cleaned_up(lambda: path.unlink(missing_ok=True)):  # a stop signal too (fastreg.preemption.stop_now)
+            left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if left:
+                log.warning("%s: taking over the lock of a writer that died (%s) before it removed it", path, left)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
     finally:
-        path.unlink(missing_ok=True)
         os.close(fd)
 
 

@@ -1,22 +1,28 @@
 """Stop signals: SIGTERM or SIGUSR1 (Slurm's notice before a preemption or the time limit) end every run with
 EXIT_PREEMPTED and one line that says what was saved and what the same command does next.
 
-    from fastreg.train's first line    AtOnce        the signal raises Stopped where the process is: start-up
+    from fastreg.train's first line    AtOnce        the handler ends the process where it is (stop_now): start-up
                                                      (index, teacher, checkpoint) saves nothing, so it stops at once
     inside Trainer.fit's loop          StopSignals   the signal is recorded; every rank stops at the same step
                                                      boundary, saves, and fit raises Preempted
-    the final evaluation               StopSignals.at_once   raises Stopped: training is saved already
+    the final evaluation               StopSignals.at_once   stop_now too: training is saved already
+
+Stopping at once unwinds nothing, so the files a process leaves only when it fails (a temporary file, OUT.partial,
+a lock) are written inside `cleaned_up`, whose cleanup stop_now runs.
 
 No torch at import: fastreg.train imports this module, and installs AtOnce, before its heavy imports.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -25,39 +31,65 @@ if TYPE_CHECKING:
 # checkpoint, and a Slurm script requeues the job on it (README, "Preemption on Slurm").
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger(__name__)
+_cleanups: list[Callable[[], None]] = []  # cleaned_up's, innermost last
 
 
 class Preempted(Exception):
     """Trainer.fit stopped on a stop signal after writing its checkpoint; fastreg.train exits with EXIT_PREEMPTED."""
 
 
-class Stopped(BaseException):
-    """A stop signal where no step boundary comes (start-up, the final evaluation, after training), raised by its
-    handler in whatever the process was doing: the work unwinds at once, and atomic writes remove their temporary
-    files on the way (fastreg.files.atomic_write). A BaseException, as KeyboardInterrupt is, so that no `except
-    Exception` on the way takes it for an error. `outcome`: what was saved and what the same command does next;
-    None when the handler cannot know, and fastreg.train reads it from the run folder (fastreg.run_folder)."""
+def stop_now(
+    signum: int, during: str, outcome: Callable[[], str], program: str, log: logging.Logger | None
+) -> NoReturn:
+    """End the process here, with EXIT_PREEMPTED and one line on stderr: the cleanups of the blocks inside
+    `cleaned_up` run (temporary files, OUT.partial, a lock), then outcome() says what was saved and what the same
+    command does next. Nothing unwinds: an exception raised by a signal handler lands in whatever code runs, and
+    third-party code took it for its own (an import cut short that then failed with a RecursionError, OmegaConf's
+    `except` turning it into an AttributeError, exit 1); and no atexit hook prints after the line."""
+    for clean in reversed(_cleanups):
+        clean()
+    line = f"{signal.Signals(signum).name} received {during}: stopped at once; {outcome()}; {program} exits with code "
+    line += f"{EXIT_PREEMPTED} (EX_TEMPFAIL)"
+    if log is not None:
+        log.warning(line)  # train.log's copy
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # closed, or interrupted in its own write: the line goes below
+            pass
+    os.write(2, f"{line}\n".encode())  # not print: the signal may have come inside a write to sys.stderr
+    os._exit(EXIT_PREEMPTED)
 
-    def __init__(self, signum: int, during: str, outcome: str | None = None):
-        super().__init__(signum, during, outcome)
-        self.signum, self.during, self.outcome = signum, during, outcome
 
-    def message(self, outcome: str, program: str = "fastreg.train") -> str:
-        return (
-            f"{signal.Signals(self.signum).name} received {self.during}: stopped at once; {outcome}; {program} "
-            f"exits with code {EXIT_PREEMPTED} (EX_TEMPFAIL)"
-        )
+@contextmanager
+def cleaned_up(clean: Callable[[], None]) -> Iterator[None]:
+    """clean() when the block ends however it ends: it returns, raises, or a stop signal ends the process inside it
+    (stop_now, which unwinds nothing, calls it). For files this process leaves only when it fails: clean() must be
+    harmless when there is nothing to remove (after a rename it finds nothing), and may run twice."""
+    _cleanups.append(clean)
+    try:
+        yield
+    finally:
+        try:
+            clean()
+        finally:
+            _cleanups.remove(clean)
 
 
 class AtOnce:
-    """While entered, the handler of SIGTERM and SIGUSR1 outside the training loop: the first one raises Stopped;
-    later ones change nothing, so that the unwinding's own cleanup is not cut short. The previous handlers come
-    back on exit. Trainer.fit's StopSignals replace it for the loop, and when they give it back mark it `after
-    training`, with the signal they received if any. `during`: what the process does, for the message."""
+    """While entered, the handler of SIGTERM and SIGUSR1 outside the training loop: the first one ends the process
+    there (stop_now); later ones change nothing. The previous handlers come back on exit. Trainer.fit's StopSignals
+    replace it for the loop, and when they give it back mark it `after training`, with the signal they received if
+    any (a stop under way). `during`: what the process does, for the line; `outcome`: what was saved and what the
+    same command does, read when the signal comes (when_stopped changes it as the program learns more)."""
 
-    def __init__(self, during: str = "during start-up"):
+    def __init__(self, program: str, outcome: Callable[[], str], during: str = "during start-up"):
         self.received = 0
-        self.during = during
+        self.program, self.outcome, self.during = program, outcome, during
+        self.log: logging.Logger | None = None
         self.previous: dict = {}
 
     def __enter__(self) -> AtOnce:
@@ -71,7 +103,15 @@ class AtOnce:
     def __call__(self, signum: int, frame) -> None:
         if not self.received:
             self.received = signum
-            raise Stopped(signum, self.during)
+            stop_now(signum, self.during, self.outcome, self.program, self.log)
+
+
+def when_stopped(outcome: Callable[[], str], log: logging.Logger | None = None) -> None:
+    """From now on a stop at once says outcome(), and logs its line to `log` too (train.log, once open)."""
+    for sig in STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if isinstance(handler, AtOnce):
+            handler.outcome, handler.log = outcome, log
 
 
 class StopSignals:
@@ -83,7 +123,7 @@ class StopSignals:
     def __init__(self):
         self.received = 0  # the first stop signal's number; 0: none
         self.previous: dict = {}
-        self.now: tuple[str, str] | None = None  # inside at_once: (what runs, outcome) for Stopped
+        self.now: tuple[str, str] | None = None  # inside at_once: (what runs, outcome) for stop_now
 
     def __enter__(self) -> StopSignals:
         self.received = 0
@@ -103,15 +143,15 @@ class StopSignals:
         self.received = signum
         if self.now is not None:
             what, outcome = self.now
-            raise Stopped(signum, f"during {what}", outcome)
+            stop_now(signum, f"during {what}", lambda: outcome, "fastreg.train", log)
 
     @contextmanager
     def at_once(self, what: str, outcome: str) -> Iterator[None]:
-        """Inside, a stop signal raises Stopped(outcome) where the process is, and one received before raises it on
-        entry. For the final evaluation (`what`): it comes after the last save, no step boundary follows, and a
+        """Inside, a stop signal ends the process there (stop_now, saying `outcome`), and one received before ends it
+        on entry. For the final evaluation (`what`): it comes after the last save, no step boundary follows, and a
         k-NN over a large dataset can outlast the grace period."""
         if self.received:
-            raise Stopped(self.received, f"before {what}", outcome)
+            stop_now(self.received, f"before {what}", lambda: outcome, "fastreg.train", log)
         self.now = what, outcome
         try:
             yield

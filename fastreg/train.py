@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastreg.preemption import EXIT_PREEMPTED, AtOnce, Preempted, Stopped
+from fastreg.preemption import EXIT_PREEMPTED, AtOnce, Preempted, when_stopped
 from fastreg.run_folder import next_run
 
 if TYPE_CHECKING:
@@ -56,16 +56,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> None:
     """hydra's task: train(cfg), ending with the exit code and message of how it ended."""
+    t = cfg.trainer  # a stop from now on: what the run folder holds says what the same command does
+    when_stopped(lambda: next_run(Path(t.out_dir), t.resume, t.epochs), log)  # in train.log too, once it is open
     preempted = False
     try:
         train(cfg)
     except Preempted:  # logged by the trainer, with its checkpoint and how to resume
         preempted = True
-    except Stopped as e:  # nothing saved at the stop: what the run folder holds says what the same command does
-        t = cfg.trainer
-        e.outcome = e.outcome or next_run(Path(t.out_dir), t.resume, t.epochs)
-        log.warning(e.message(e.outcome))  # in train.log too, once it is open
-        raise
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -77,8 +74,7 @@ def run(cfg: DictConfig) -> None:
 
 
 def close_process_group() -> None:
-    """torch.distributed's process group destroyed, if there is one. Never imports torch: a stop signal may have
-    cut that import short, and importing it again fails."""
+    """torch.distributed's process group destroyed, if there is one; torch is not imported for this."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_initialized():
         dist.destroy_process_group()
@@ -86,14 +82,10 @@ def close_process_group() -> None:
 
 def main() -> None:
     """python -m fastreg.train (fastreg.demo, torchrun's workers): stop signals handled from the first line on."""
-    with AtOnce():
-        try:
-            import hydra
+    with AtOnce("fastreg.train", lambda: BEFORE_CONFIG):
+        import hydra
 
-            hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")(run)()
-        except Stopped as e:
-            print(e.message(e.outcome or BEFORE_CONFIG), file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
+        hydra.main(version_base="1.3", config_path="pkg://fastreg.configs", config_name="config")(run)()
 
 
 if __name__ == "__main__":

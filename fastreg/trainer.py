@@ -7,7 +7,7 @@
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75);
-    in the final evaluation, after the last save, at once (preemption.Stopped, exit 75 too)
+    in the final evaluation, after the last save, at once (preemption.stop_now, exit 75 too)
     resumed at the end: the final k-NN evaluation if metrics.jsonl lacks it, else one line saying it had finished
 
 No host sync inside the step except at logging steps (and, with several processes, every
@@ -248,7 +248,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """knn_eval's figures (knn<k>_majority, knn<k>_weighted, nn1) of the student's pooled feature (rank 0; the
-        others wait at the barrier). A stop signal stops the final evaluation at once (preemption.Stopped)."""
+        others wait at the barrier). A stop signal ends the final evaluation at once (preemption.stop_now)."""
         results: dict[str, float] = {}
         with self.stop_at_once_if_final():
             if self.is_main:

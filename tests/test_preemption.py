@@ -199,6 +199,43 @@ def stop_message(stderr: str) -> str:
     return lines[-1]
 
 
+UNDER_FOREIGN_CODE = """
+import atexit, sys, time
+from pathlib import Path
+from fastreg.preemption import AtOnce, cleaned_up
+
+atexit.register(print, "an atexit hook ran", file=sys.stderr)  # as torch's FakeTensor statistics do, at INFO
+with AtOnce("the program", lambda: "nothing was saved"):
+    partial = Path("partial")
+    partial.touch()
+    with cleaned_up(lambda: partial.unlink(missing_ok=True)):
+        print("ready", flush=True)
+        try:  # third-party code that takes any exception for its own, as an import or OmegaConf did
+            time.sleep(60)
+        except BaseException:
+            pass
+print("went on")
+"""
+
+
+def test_a_stop_signal_at_once_ends_the_process_whatever_code_it_interrupts(tmp_path):
+    """A stop at once raised an exception where the signal found the process: inside an import cut short, the
+    next access to numpy.linalg failed with a RecursionError; inside OmegaConf it became an AttributeError; torch's
+    atexit hooks printed after the line; exit 1 either way. Now the handler ends the process itself, after the
+    cleanups of the blocks it is in, so code that catches BaseException neither keeps it nor goes on."""
+    command = [sys.executable, "-c", UNDER_FOREIGN_CODE]
+    with launched(command, tmp_path, None, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout) == (EXIT_PREEMPTED, "")
+    assert (
+        stderr
+        == "SIGTERM received during start-up: stopped at once; nothing was saved; the program exits with code 75 (EX_TEMPFAIL)\n"
+    )
+    assert not (tmp_path / "partial").exists()
+
+
 @pytest.mark.parametrize(
     "sig, when",
     [("TERM", "imports"), ("USR1", "index"), ("TERM", "index_after_a_preemption")],

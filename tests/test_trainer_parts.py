@@ -18,7 +18,7 @@ from fastreg.config import OptimConfig
 from fastreg.nonfinite import Divergence, StepSkip, StepUndo, build_guard
 from fastreg.optim import LrSchedule, lr_at
 from fastreg.placement import Placement
-from fastreg.preemption import StopAgreement, Stopped, StopSignals
+from fastreg.preemption import StopAgreement, StopSignals, cleaned_up
 from fastreg.run_log import RunLogger
 
 CPU = torch.device("cpu")
@@ -147,21 +147,42 @@ def test_a_stop_signal_is_agreed_at_the_next_check_and_named():
     assert "exits with code 75" in message
 
 
-def test_in_the_final_evaluation_a_stop_signal_raises_at_once_even_one_received_before():
-    """After the last save nothing waits for a step boundary: a signal inside at_once raises Stopped there, and one
-    recorded in the last steps raises it as the evaluation starts; the handlers come back either way."""
+class Exited(Exception):
+    """os._exit(code), as the `exits` fixture makes it: the test goes on."""
+
+
+@pytest.fixture
+def exits(monkeypatch):
+    def exit_(code: int):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+
+
+def test_in_the_final_evaluation_a_stop_signal_ends_the_process_at_once_even_one_received_before(
+    exits, capfd, caplog, tmp_path
+):
+    """After the last save nothing waits for a step boundary: a signal inside at_once ends the process there, after
+    the cleanups of the blocks it is in, and one recorded in the last steps ends it as the evaluation starts; the
+    handlers come back either way."""
     before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
-    with pytest.raises(Stopped) as inside, StopSignals() as signals, signals.at_once("the final evaluation", "saved"):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-    assert inside.value.message("saved") == (
+    partial = tmp_path / "partial"
+    partial.touch()
+    with pytest.raises(Exited) as inside, StopSignals() as signals, signals.at_once("the final evaluation", "saved"):
+        with cleaned_up(lambda: partial.unlink(missing_ok=True)):  # stop_now's call; here the block ends too
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler ends the process before this ends
+    assert inside.value.args == (75,) and not partial.exists()
+    assert caplog.messages[-1].startswith("SIGTERM received during the final evaluation")  # train.log's copy
+    assert capfd.readouterr().err == (
         "SIGTERM received during the final evaluation: stopped at once; saved; fastreg.train exits with code 75 "
-        "(EX_TEMPFAIL)"
+        "(EX_TEMPFAIL)\n"
     )
-    with pytest.raises(Stopped, match="before the final evaluation"), StopSignals() as signals:
+    with pytest.raises(Exited), StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGUSR1)  # recorded: a step boundary would come
         with signals.at_once("the final evaluation", "saved"):
             pytest.fail("the evaluation ran")
+    assert capfd.readouterr().err.startswith("SIGUSR1 received before the final evaluation: stopped at once; saved;")
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == before
 
 
