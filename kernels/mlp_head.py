@@ -57,6 +57,8 @@ from torch import Tensor, nn
 from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
+from fastreg.kernels.paths import say_path
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # A GEMM kernel compiles once per tile config and argument layout, not per problem size (which changes per layer and
 # with the batch); strides stay specialized (their divisibility lets loads vectorize).
@@ -548,6 +550,7 @@ else:  # the interpreter runs kernels on real tensors only: tracing (fake tensor
 
 
 def _head_fwd(*args) -> None:
+    say_path("fused_mlp_head", args[0], args[0].is_cuda or INTERPRETED)
     if not (args[0].is_cuda or INTERPRETED):
         _mlp_head_fwd_torch(*args)
     elif torch.compiler.is_compiling():

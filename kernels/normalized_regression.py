@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastreg.kernels.paths import say_path
+
 EPS = 1e-12  # F.normalize's default
 MAX_BLOCK = 4096  # columns per loop step: a 4096-wide fp32 row chunk is 16 KB of registers per program
 TILE = 4096  # elements per tile of rows x columns when rows are short: many short rows per program
@@ -328,6 +330,7 @@ def _runs_triton(x: torch.Tensor) -> bool:
 
 
 def _forward(preds, targets, weights, mean, reduce, with_grad):
+    say_path("normalized_regression_loss", preds[0], _runs_triton(preds[0]))
     if not _runs_triton(preds[0]):
         return eager_terms_loss_and_grad(preds, targets, weights, mean, reduce, with_grad)
     if torch.compiler.is_compiling():
@@ -362,27 +365,26 @@ class NormalizedRegressionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, *grad_outputs):
-        grads = [
-            grad if out is not None and grad.numel() else None for grad, out in zip(ctx.saved_tensors, grad_outputs)
-        ]
+        terms = [k for k, out in enumerate(grad_outputs) if out is not None and ctx.needs_input_grad[2 + k]]
         if not torch.compiler.is_compiling():  # compiled backward graphs keep no Python state
-            _mark_scaled(ctx, grads)
+            _mark_scaled(ctx, terms)  # before saved_tensors, whose in-place check would raise torch's own error
+        grads = [grad if k in terms else None for k, grad in enumerate(ctx.saved_tensors)]
         for grad, out in zip(grads, grad_outputs):
             if grad is not None:
                 _scale(grad, out)
         return None, None, *grads, *[None] * (2 * len(grads))
 
 
-def _mark_scaled(ctx, grads: list[torch.Tensor | None]) -> None:
+def _mark_scaled(ctx, terms: list[int]) -> None:
     """Record the terms whose saved gradient this backward scales; a term scaled before is an error."""
-    twice = [k for k, grad in enumerate(grads) if grad is not None and k in ctx.scaled]
+    twice = [k for k in terms if k in ctx.scaled]
     if twice:
         raise RuntimeError(
             f"the fused normalized regression loss scales its saved gradient in place, so it supports "
             f"one backward per forward and term (term {twice[0]} again): compute the loss again "
             f"instead of backward(retain_graph=True) twice"
         )
-    ctx.scaled.update(k for k, grad in enumerate(grads) if grad is not None)
+    ctx.scaled.update(terms)
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> None:
