@@ -2,9 +2,10 @@
 # Exact pins live here only; pyproject.toml keeps ranges (the GPU machines carry other torch builds).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TORCH_PIN := torch==2.14.1
+TORCH_PINS := $(TORCH_PIN) torchvision==0.29.1
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install light-install
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,5 +23,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The kernels alone, as the README installs them: in a fresh venv of torch, `pip install .` adds fastreg-distill
+# and nothing else, pip check is clean, and the README's drop-in snippet runs (tests/check_light_install.py).
+light-install: install
+	$(PY) tests/check_light_install.py build/light-venv $(TORCH_PIN)
+
+test: lint light-install
 	$(PY) -m pytest -q

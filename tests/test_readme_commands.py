@@ -38,6 +38,8 @@ SKIPPED = {
     "make test": "this suite is what it runs",
     "torchrun --nproc_per_node=8": "eight processes of a ResNet-50 teacher at batch 256: a GPU machine's line",
     "#!/bin/bash": "the Slurm job script: srun, scontrol and #SBATCH need a Slurm cluster",
+    "pip install .": "make test runs it as written, in a fresh venv of torch alone (tests/check_light_install.py)",
+    "pip install '.[train]'": "make install runs this install: its [test] extra includes [train]",
 }
 # Lines run here, by their first words: make's by test_make_lines_run_as_written, the rest on the stand-in.
 RUN_PREFIXES = ("make demo", "make install", "python -m fastreg.", "python -c ")
