@@ -386,8 +386,12 @@ class EvalConfig:
     knn_t: float = 0.07
     batch_size: int = 256
     workers: int = 8
+    # the features' precision: fp32 as python -m fastreg.eval's default, so that a run's k-NN and the CLI's on
+    # its checkpoint agree (bf16 moved them by 1-2 points on the demo); bf16 or fp16 is faster on a GPU
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        _check_choice("eval.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.knn_k < 1:
             raise ValueError(f"eval.knn_k must be >= 1 (the neighbours that vote), got {self.knn_k}")
         _check_positive("eval.knn_t", self.knn_t)

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,6 +57,7 @@ from fastreg.placement import AMP_DTYPES, pick_device
 from fastreg.seeding import mix_seed
 from fastreg.students import STUDENTS, Student
 
+log = logging.getLogger(__name__)
 SIM_ELEMENTS = 2**26  # entries of one chunk's (queries, bank) similarity matrix: 256 MiB in fp32
 TIE_SEED = 0  # the majority vote's tie-break when no --seed is given (the trainer's k-NN)
 
@@ -257,13 +259,12 @@ def knn_eval(
     return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k=k, t=t)
 
 
-def knn_eval_run(
-    model: nn.Module, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None = None
-) -> dict[str, float]:
+def knn_eval_run(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """knn_eval with a training run's settings: data.knn_train_root (else data.root) as the bank, data.val_root as
-    the queries, the run's crop size, loader and eval.* settings."""
+    the queries, the run's crop size, loader and eval.* settings (eval.precision: python -m fastreg.eval's)."""
     d, e = cfg.data, cfg.eval
     bank = d.knn_train_root or d.root
+    log.info("k-NN: features in %s (eval.precision)", e.precision)
     return knn_eval(
         model,
         bank,
@@ -274,7 +275,7 @@ def knn_eval_run(
         device,
         e.knn_k,
         e.knn_t,
-        amp_dtype=amp_dtype,
+        amp_dtype=AMP_DTYPES[e.precision],
         loader=d.loader,
         root_keys=("data.knn_train_root" if d.knn_train_root else "data.root", "data.val_root"),
         max_bad_fraction=d.max_bad_fraction,

@@ -256,7 +256,7 @@ class Trainer:
 
                 student = self.distiller.student
                 student.eval()
-                results = knn_eval_run(student, self.cfg, self.device, self.place.amp_dtype)
+                results = knn_eval_run(student, self.cfg, self.device)
                 student.train()
                 self.log.evaluation(self.step, self.progress.epoch, results)
             if dist.is_initialized():

@@ -147,6 +147,8 @@ def test_bad_values_name_the_key():
         load(BASE + ["loss.name=simregg"])
     with pytest.raises(ValueError, match="trainer.precision"):
         load(BASE + ["trainer.precision=fp8"])
+    with pytest.raises(ValueError, match="eval.precision='fp64' is not one of fp32, bf16, fp16"):
+        load(BASE + ["eval.precision=fp64"])
     with pytest.raises(ValueError, match="data.scale"):
         load(BASE + ["data.scale=[0.5,0.2]"])
 

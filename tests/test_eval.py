@@ -463,17 +463,21 @@ def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
 
 
 def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
-    """A student distilled for one epoch by the trainer, whose own k-NN reports the same three figures."""
+    """A student distilled for one epoch by the trainer, whose own k-NN reports the CLI's three figures exactly:
+    both extract in eval.precision's fp32 (the trainer's k-NN ran under the training autocast, bf16 here, and
+    the same checkpoint gave other figures than the CLI, with nothing said)."""
     from hydra import compose, initialize_config_module
 
     from fastreg.train import train
 
     data = make_image_folder(tmp_path / "data", per_class=8)
     overrides = tiny_overrides(data, tmp_path / "run") + [f"data.val_root={data}", "trainer.epochs=1", "eval.knn_k=5"]
+    overrides.append("trainer.precision=bf16")
     with initialize_config_module("fastreg.configs", version_base="1.3"):
         results = train(compose("config", overrides=overrides))
     assert set(results) == {"knn5_majority", "knn5_weighted", "nn1"}
     assert '"eval/knn5_majority"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "k-NN: features in fp32 (eval.precision)" in (tmp_path / "run" / "train.log").read_text()
 
     run = _cli(
         tmp_path / "run" / "ckpt_epoch0001.pt",
@@ -496,6 +500,7 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
     figures = _figures(run.stdout)
     assert set(figures) == {"knn5_majority", "knn5_weighted", "nn1", "linear_simreg", "linear_moco", "linear_cached"}
     assert all(0 <= v <= 100 for v in figures.values())
+    assert {k: round(v, 2) for k, v in results.items()} == {k: figures[k] for k in results}
     for row in ("SimReg eval_linear.py", "SEED main_lincls.py", "lr 30 x 8/256", "2 epochs, batch 8"):
         assert row in run.stdout
 
