@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -462,7 +463,7 @@ def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
     assert "extracted and cached in" in capsys.readouterr().out  # another precision, other features
 
 
-def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
+def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path, caplog):
     """A student distilled for one epoch by the trainer, whose own k-NN reports the CLI's three figures exactly:
     both extract in eval.precision's fp32 (the trainer's k-NN ran under the training autocast, bf16 here, and
     the same checkpoint gave other figures than the CLI, with nothing said)."""
@@ -473,11 +474,11 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=8)
     overrides = tiny_overrides(data, tmp_path / "run") + [f"data.val_root={data}", "trainer.epochs=1", "eval.knn_k=5"]
     overrides.append("trainer.precision=bf16")
-    with initialize_config_module("fastreg.configs", version_base="1.3"):
+    with initialize_config_module("fastreg.configs", version_base="1.3"), caplog.at_level(logging.INFO, "fastreg.eval"):
         results = train(compose("config", overrides=overrides))
     assert set(results) == {"knn5_majority", "knn5_weighted", "nn1"}
     assert '"eval/knn5_majority"' in (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert "k-NN: features in fp32 (eval.precision)" in (tmp_path / "run" / "train.log").read_text()
+    assert "k-NN: features in fp32 (eval.precision)" in caplog.messages
 
     run = _cli(
         tmp_path / "run" / "ckpt_epoch0001.pt",
