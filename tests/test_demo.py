@@ -117,7 +117,9 @@ def test_teacher_training_is_seeded(small_root):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_table_shows_the_three_knn_figures(capsys):
+def _table() -> demo.ResultTable:
+    """The demo's table of a config with knn_k=5 and known figures: the teacher 80/85/78, the untrained student
+    10/12/11, the distilled one 45/48.5/58 (majority, weighted, nn1)."""
     from fastreg.config import TeacherConfig, TrainConfig
 
     cfg = TrainConfig(teachers=[TeacherConfig(arch="cnn_small")], demo=True)  # the demo fills in the paths
@@ -126,11 +128,32 @@ def test_table_shows_the_three_knn_figures(capsys):
     def figures(majority, weighted, nn1):
         return {"knn5_majority": majority, "knn5_weighted": weighted, "nn1": nn1}
 
-    demo.print_table(cfg, figures(80.0, 85.0, 78.0), figures(10.0, 12.0, 11.0), figures(45.0, 48.5, 58.0))
+    return demo.result_table(cfg, figures(80.0, 85.0, 78.0), figures(10.0, 12.0, 11.0), figures(45.0, 48.5, 58.0))
+
+
+def test_table_shows_the_three_knn_figures(capsys):
+    demo.print_table(_table())
     out = capsys.readouterr().out
     assert "knn5_majority" in out and "knn5_weighted" in out and "nn1" in out
     assert "48.5" in out and "58.0" in out
     assert "closes 50% of the knn5_weighted gap" in out  # (48.5 - 12) / (85 - 12)
+
+
+def test_the_table_file_holds_the_printed_figures(tmp_path):
+    """results.md, what run_demo writes into its run folder: a Markdown table whose cells are the figures."""
+    path = tmp_path / "results.md"
+    demo.write_table(_table(), path)
+    text = path.read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    assert rows[0] == ["model", "knn5_majority", "knn5_weighted", "nn1"] and set(rows[1][1]) <= set("-:")
+    assert rows[2:] == [
+        ["teacher cnn_small", "80.0", "85.0", "78.0"],
+        ["student resnet18, untrained", "10.0", "12.0", "11.0"],
+        ["student resnet18, distilled", "45.0", "48.5", "58.0"],
+    ]
+    assert text.startswith("# fastreg demo: SimReg cnn_small -> resnet18 (val top-1 %)\n")
+    assert "closes 50% of the knn5_weighted gap" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
 
 
 # ---------------------------------------------------------------- the demo's door
