@@ -156,6 +156,32 @@ def test_the_table_file_holds_the_printed_figures(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
 
 
+def test_the_demo_writes_its_table_and_curves_into_its_run_folder(tmp_path, monkeypatch, capsys):
+    """run_demo at a tiny size (3 source digits per class, a teacher of 1 epoch, 1 epoch of distillation at batch
+    8): results.md holds the table, whose student figures are metrics.jsonl's evaluations, before (step 0)
+    and after; curves.png draws both."""
+    from helpers import logged_lines
+
+    from fastreg import plot
+
+    build, teach = demo.ensure_demo_data, demo.ensure_demo_teacher
+    monkeypatch.setattr(demo, "ensure_demo_data", lambda cache: build(cache, sources_per_class=SPC))
+    monkeypatch.setattr(demo, "ensure_demo_teacher", lambda cache, root: teach(cache, root, epochs=1))
+    run = tmp_path / "run"
+    keys = ["trainer.epochs=1", "data.batch_size=8", "trainer.log_every=1", "trainer.progress=false"]
+    demo.run_demo(_config([*keys, f"trainer.out_dir={run}"]))
+    assert "student cnn_tiny, distilled" in capsys.readouterr().out  # the table printed, as before
+    assert (run / "curves.png").is_file()  # the trainer's, at the end of fit
+    evaluations = [line for line in logged_lines(run) if "eval/nn1" in line]
+    assert [line["step"] for line in evaluations] == [0, 7]  # 60 images / batch 8 = 7 steps
+    rows = {line.split(" | ")[0]: line for line in (run / "results.md").read_text().splitlines()}
+    for name, line in zip(["| student cnn_tiny, untrained", "| student cnn_tiny, distilled"], evaluations):
+        figures = [f"{line[f'eval/{key}']:.1f}" for key in ("knn20_majority", "knn20_weighted", "nn1")]
+        assert rows[name] == f"{name} | {' | '.join(figures)} |"
+    panels, _ = plot.write_curves(run)
+    assert panels[2].series["nn1"] == ([0, 7], [line["eval/nn1"] for line in evaluations])
+
+
 # ---------------------------------------------------------------- the demo's door
 
 
