@@ -30,6 +30,7 @@ if __name__ == "__main__":
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -351,7 +352,8 @@ def refuse_paths(cfg: TrainConfig) -> None:
 
 
 def run_demo(cfg: TrainConfig) -> dict[str, float]:
-    """Build (or reuse) the data and the teacher, distill the student, print the k-NN table."""
+    """Build (or reuse) the data and the teacher, distill the student, print the k-NN table and write it into the
+    run folder as results.md (beside the trainer's curves.png)."""
     refuse_paths(cfg)
     from fastreg.eval import knn_eval_run
     from fastreg.trainer import Trainer
@@ -366,34 +368,67 @@ def run_demo(cfg: TrainConfig) -> dict[str, float]:
     teacher = knn_eval_run(trainer.distiller.teachers[0], cfg, trainer.device)  # in fp32
     before = trainer.evaluate()
     after = trainer.fit()
-    print_table(cfg, teacher, before, after)
+    table = result_table(cfg, teacher, before, after)
+    print_table(table)
+    if trainer.is_main:
+        write_table(table, Path(cfg.trainer.out_dir) / "results.md")
     return after
 
 
-def print_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> None:
-    """The three k-NN figures (fastreg.eval.knn_accuracy's keys) of the teacher and the student before and after."""
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class ResultTable:
+    """The demo's result: a title, the column names, the rows (a model's name, then its figures) and a closing
+    sentence; printed on the console and written as Markdown."""
 
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str
+
+
+def result_table(cfg: TrainConfig, teacher: dict, before: dict, after: dict) -> ResultTable:
+    """The three k-NN figures (fastreg.eval.knn_accuracy's keys) of the teacher and the student before and after."""
     from fastreg.eval import knn_label
 
     k = cfg.eval.knn_k
     keys = (knn_label(k, "majority"), knn_label(k, "weighted"), "nn1")
     weighted = keys[1]
     closed = 100 * (after[weighted] - before[weighted]) / max(1e-9, teacher[weighted] - before[weighted])
-    table = Table(title=f"fastreg demo: SimReg {cfg.teachers[0].arch} -> {cfg.student.arch} (val top-1 %)")
-    table.add_column("model")
-    for key in keys:
-        table.add_column(key, justify="right")
-    for name, r in [
+    models = [
         (f"teacher {cfg.teachers[0].arch}", teacher),
         (f"student {cfg.student.arch}, untrained", before),
         (f"student {cfg.student.arch}, distilled", after),
-    ]:
-        table.add_row(name, *(f"{r[key]:.1f}" for key in keys))
-    console = Console()
-    console.print(table)
-    console.print(
-        f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
-        f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})"
+    ]
+    return ResultTable(
+        title=f"fastreg demo: SimReg {cfg.teachers[0].arch} -> {cfg.student.arch} (val top-1 %)",
+        columns=["model", *keys],
+        rows=[[name, *(f"{r[key]:.1f}" for key in keys)] for name, r in models],
+        note=f"the distilled student closes {closed:.0f}% of the {weighted} gap between the untrained student "
+        f"and the teacher (loss.center_teacher={cfg.loss.center_teacher}, head={cfg.head.kind})",
     )
+
+
+def print_table(table: ResultTable) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title=table.title)
+    for i, name in enumerate(table.columns):
+        shown.add_column(name, justify="right" if i else "left")
+    for row in table.rows:
+        shown.add_row(*row)
+    console = Console()
+    console.print(shown)
+    console.print(table.note)
+
+
+def table_markdown(table: ResultTable) -> str:
+    """The table as Markdown: its title as a heading, the rows, the closing sentence."""
+    lines = [f"# {table.title}", "", f"| {' | '.join(table.columns)} |", f"|---{'|---:' * (len(table.columns) - 1)}|"]
+    lines += [f"| {' | '.join(row)} |" for row in table.rows]
+    return "\n".join([*lines, "", table.note, ""])
+
+
+def write_table(table: ResultTable, path: Path) -> None:
+    """table_markdown in `path`, atomically (fastreg.files)."""
+    files.atomic_write(path, lambda f: f.write(table_markdown(table).encode()))

@@ -3,6 +3,7 @@ config its checkpoints carry.
 
     ckpt_epoch0002.pt, ckpt_epoch0003_step00001200.pt   the run's saves (fastreg.checkpoint)
     train.log, metrics.jsonl, tb/                       its record (fastreg.run_log)
+    curves.png, results.md                              its curves (fastreg.plot) and the demo's table
     previous/<UTC time>/                                files of earlier runs, moved aside, never deleted
 
 - trainer.resume=auto continues the newest readable checkpoint, under the same config: compare_configs
@@ -33,7 +34,8 @@ from fastreg.files import atomic_write, sync
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"ckpt_epoch(\d{4,})(?:_step(\d{8,}))?\.pt$")
-RECORD = ("train.log", "metrics.jsonl", "tb")  # a run's files besides its checkpoints
+# a run's files besides its checkpoints: curves.png drawn from metrics.jsonl (fastreg.plot), results.md the demo's
+RECORD = ("train.log", "metrics.jsonl", "tb", "curves.png", "results.md")
 PREVIOUS = "previous"
 
 

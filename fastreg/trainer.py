@@ -6,6 +6,7 @@
             loss = distiller(batch)                 # by default every teacher and the student see batch.images
             backward; optimizer step; lr(step)      # warmup, then cosine, per iteration or per epoch
         checkpoint (atomic); k-NN every eval_every epochs
+    curves.png: the loss, lr and k-NN curves of metrics.jsonl (fastreg.plot); a failure to draw is a warning
     SIGTERM or SIGUSR1: every rank stops at the same step boundary, saves, and fit raises Preempted (exit 75);
     in the final evaluation, after the last save, at once (preemption.stop_now, exit 75 too)
     resumed at the end: the final k-NN evaluation if metrics.jsonl lacks it, else one line saying it had finished
@@ -40,6 +41,7 @@ from fastreg.nonfinite import Divergence, build_guard
 from fastreg.optim import LrSchedule, build_optimizer, lr_scaling_warning, optimizer_state
 from fastreg.pipelines import Batch, build_loader
 from fastreg.placement import Placement
+from fastreg.plot import write_curves_or_warn
 from fastreg.preemption import Preempted, StopAgreement
 from fastreg.preflight import check_before_work
 from fastreg.run_log import RunLogger, logged_evaluation, open_run_dir
@@ -144,6 +146,8 @@ class Trainer:
             if self.is_main:
                 log.warning(message)
             raise Preempted(message)
+        if self.is_main:  # after the final evaluation, so that its k-NN points are in the picture
+            write_curves_or_warn(self.out_dir)
         return results
 
     def finish_finished_run(self) -> dict[str, float]:

@@ -117,7 +117,9 @@ def test_teacher_training_is_seeded(small_root):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_table_shows_the_three_knn_figures(capsys):
+def _table() -> demo.ResultTable:
+    """The demo's table of a config with knn_k=5 and known figures: the teacher 80/85/78, the untrained student
+    10/12/11, the distilled one 45/48.5/58 (majority, weighted, nn1)."""
     from fastreg.config import TeacherConfig, TrainConfig
 
     cfg = TrainConfig(teachers=[TeacherConfig(arch="cnn_small")], demo=True)  # the demo fills in the paths
@@ -126,11 +128,58 @@ def test_table_shows_the_three_knn_figures(capsys):
     def figures(majority, weighted, nn1):
         return {"knn5_majority": majority, "knn5_weighted": weighted, "nn1": nn1}
 
-    demo.print_table(cfg, figures(80.0, 85.0, 78.0), figures(10.0, 12.0, 11.0), figures(45.0, 48.5, 58.0))
+    return demo.result_table(cfg, figures(80.0, 85.0, 78.0), figures(10.0, 12.0, 11.0), figures(45.0, 48.5, 58.0))
+
+
+def test_table_shows_the_three_knn_figures(capsys):
+    demo.print_table(_table())
     out = capsys.readouterr().out
     assert "knn5_majority" in out and "knn5_weighted" in out and "nn1" in out
     assert "48.5" in out and "58.0" in out
     assert "closes 50% of the knn5_weighted gap" in out  # (48.5 - 12) / (85 - 12)
+
+
+def test_the_table_file_holds_the_printed_figures(tmp_path):
+    """results.md, what run_demo writes into its run folder: a Markdown table whose cells are the figures."""
+    path = tmp_path / "results.md"
+    demo.write_table(_table(), path)
+    text = path.read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    assert rows[0] == ["model", "knn5_majority", "knn5_weighted", "nn1"] and set(rows[1][1]) <= set("-:")
+    assert rows[2:] == [
+        ["teacher cnn_small", "80.0", "85.0", "78.0"],
+        ["student resnet18, untrained", "10.0", "12.0", "11.0"],
+        ["student resnet18, distilled", "45.0", "48.5", "58.0"],
+    ]
+    assert text.startswith("# fastreg demo: SimReg cnn_small -> resnet18 (val top-1 %)\n")
+    assert "closes 50% of the knn5_weighted gap" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
+
+
+def test_the_demo_writes_its_table_and_curves_into_its_run_folder(tmp_path, monkeypatch, capsys):
+    """run_demo at a tiny size (3 source digits per class, a teacher of 1 epoch, 1 epoch of distillation at batch
+    8): results.md holds the table, whose student figures are metrics.jsonl's evaluations, before (step 0)
+    and after; curves.png draws both."""
+    from helpers import logged_lines
+
+    from fastreg import plot
+
+    build, teach = demo.ensure_demo_data, demo.ensure_demo_teacher
+    monkeypatch.setattr(demo, "ensure_demo_data", lambda cache: build(cache, sources_per_class=SPC))
+    monkeypatch.setattr(demo, "ensure_demo_teacher", lambda cache, root: teach(cache, root, epochs=1))
+    run = tmp_path / "run"
+    keys = ["trainer.epochs=1", "data.batch_size=8", "trainer.log_every=1", "trainer.progress=false"]
+    demo.run_demo(_config([*keys, f"trainer.out_dir={run}"]))
+    assert "student cnn_tiny, distilled" in capsys.readouterr().out  # the table printed, as before
+    assert (run / "curves.png").is_file()  # the trainer's, at the end of fit
+    evaluations = [line for line in logged_lines(run) if "eval/nn1" in line]
+    assert [line["step"] for line in evaluations] == [0, 7]  # 60 images / batch 8 = 7 steps
+    rows = {line.split(" | ")[0]: line for line in (run / "results.md").read_text().splitlines()}
+    for name, line in zip(["| student cnn_tiny, untrained", "| student cnn_tiny, distilled"], evaluations):
+        figures = [f"{line[f'eval/{key}']:.1f}" for key in ("knn20_majority", "knn20_weighted", "nn1")]
+        assert rows[name] == f"{name} | {' | '.join(figures)} |"
+    panels, _ = plot.write_curves(run)
+    assert panels[2].series["nn1"] == ([0, 7], [line["eval/nn1"] for line in evaluations])
 
 
 # ---------------------------------------------------------------- the demo's door

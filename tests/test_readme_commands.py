@@ -192,4 +192,11 @@ def test_make_lines_run_as_written(tmp_path):
         proc = run(command, REPO)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}"
         if command == "make demo":
-            assert "student cnn_tiny, distilled" in proc.stdout
+            printed = re.search(
+                r"student cnn_tiny, distilled\s*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│\s*([\d.]+)", proc.stdout
+            )
+            assert printed, proc.stdout[-3000:]
+            # the table printed is in the run folder too, beside the run's curves
+            figures = " | ".join(printed.groups())
+            assert f"| student cnn_tiny, distilled | {figures} |" in (REPO / "runs/demo/results.md").read_text()
+            assert (REPO / "runs/demo/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

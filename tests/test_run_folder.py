@@ -29,7 +29,7 @@ def overrides(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def earlier(data, tmp_path_factory) -> Path:
-    """The folder of a finished run: ckpt_epoch0001.pt, ckpt_epoch0002.pt, train.log, metrics.jsonl, tb/."""
+    """The folder of a finished run: ckpt_epoch0001.pt, ckpt_epoch0002.pt, train.log, metrics.jsonl, tb/, curves.png."""
     out = tmp_path_factory.mktemp("earlier") / "run"
     train(compose_cfg(overrides(data, out, "trainer.epochs=2")))
     return out
@@ -63,6 +63,7 @@ def test_a_fresh_start_moves_the_earlier_runs_files_aside_and_keeps_its_own_chec
     assert files(aside) == before  # the earlier run's every file, unchanged, none deleted
     assert sorted(p.name for p in run.iterdir()) == [
         "ckpt_epoch0001.pt",
+        "curves.png",  # this run's: the earlier one's moved aside with its metrics
         "metrics.jsonl",
         "previous",
         "tb",
@@ -73,7 +74,7 @@ def test_a_fresh_start_moves_the_earlier_runs_files_aside_and_keeps_its_own_chec
     log = (run / "train.log").read_text()
     moved = (
         f"moved the files of an earlier run that this one does not continue into {aside}: ckpt_epoch0001.pt, "
-        "ckpt_epoch0002.pt, train.log, metrics.jsonl, tb"
+        "ckpt_epoch0002.pt, train.log, metrics.jsonl, tb, curves.png"
     )
     assert moved in log and moved in caplog.text
     assert "  epochs: 1\n" in log and "  epochs: 2\n" not in log  # this run's config only
