@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -309,7 +310,9 @@ class TrainerConfig:
     cpu_threads: int = 0
     seed: int = 0
     deterministic: bool = False  # bitwise-reproducible kernels (slower); needed for exact resume checks
-    log_every: int = 50  # iterations between logged metrics (the only host syncs in the loop)
+    # Iterations between logged metrics, and each epoch's last one (the only host syncs in the loop). Lower it to
+    # see the loss move within an epoch; each one costs a host sync.
+    log_every: int = 50
     # Consecutive steps with a NaN or inf loss that stop training. Each one is skipped on the device (weights
     # and optimizer state as before it; it still counts for the lr schedule and the data position) and
     # logged as skipped_steps. A few isolated ones (a bad batch, an fp16 overflow in the forward) are
@@ -533,8 +536,25 @@ def _not_a_setting(key: str, prefix: str, known: list[str]) -> str:
     )
 
 
+NO_DATA_FOLDER_NAME = "custom"  # experiment=none without data.root (data=synthetic)
+
+
+def run_name(root: str | None) -> str:
+    """experiment=none's run name (the `run_name` resolver): the data folder's name, so that runs on two folders
+    land in two run folders; a folder named train is named by its parent (/data/flowers/train: flowers), as
+    ImageFolder datasets hold train/ and val/. `name=` on the command line replaces it."""
+    if root is None:
+        return NO_DATA_FOLDER_NAME
+    path = os.path.abspath(os.path.expanduser(root))  # not resolve(): a symlink's own name is the one given
+    name = os.path.basename(path)
+    if name == "train":
+        name = os.path.basename(os.path.dirname(path))
+    return name or NO_DATA_FOLDER_NAME  # "/" has no name
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 register_configs()

@@ -31,7 +31,7 @@ class RunLogger:
     def __init__(
         self, out_dir: Path, is_main: bool, start_step: int, device: torch.device, monitor: bool, progress: bool
     ):
-        self.is_main, self.device = is_main, device
+        self.is_main, self.device, self.out_dir = is_main, device, out_dir
         self.metrics = MetricsLog(out_dir, is_main, start_step)
         self.monitor = GPUMonitor(device) if monitor and is_main else None
         self.progress = make_progress(is_main and progress)
@@ -55,12 +55,16 @@ class RunLogger:
         self.metrics.close()
 
     def startup(self, config: dict, commit: str, lines: list[str]) -> None:
-        """The commit, the resolved config and `lines` (what runs: device, loader, optimizer...) in train.log."""
-        if self.is_main:
-            log.info("fastreg commit %s", commit)
-            log.info("resolved config:\n%s", OmegaConf.to_yaml(OmegaConf.create(config)))
-            for line in lines:
-                log.info(line)
+        """The commit, the resolved config and `lines` (what runs: device, loader, optimizer...) in train.log; the
+        console gets `lines` and where the config is, not its ~100 lines of YAML."""
+        if not self.is_main:
+            return
+        path = self.out_dir / "train.log"
+        yaml = OmegaConf.to_yaml(OmegaConf.create(config))
+        log_to_file_only(path, f"fastreg commit {commit}, resolved config:\n{yaml}")
+        log.info("fastreg commit %s; the resolved config is in %s", commit[:12], path)
+        for line in lines:
+            log.info(line)
 
     def log_monitor_start(self) -> None:
         if not self.monitor:
@@ -185,6 +189,12 @@ def attach_log_file(path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     root.addHandler(handler)
     return handler
+
+
+def log_to_file_only(path: Path, message: str) -> None:
+    """`message` as an INFO line of the log file `path` (its handler, attach_log_file's) and not on the console."""
+    log_file = attach_log_file(path)
+    log_file.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 
 
 def open_run_dir(out_dir: Path, is_main: bool, find: Callable[[], Resumed | None]) -> Resumed | None:

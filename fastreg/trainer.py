@@ -169,7 +169,7 @@ class Trainer:
             found = f"its k-NN results are in {metrics}" if logged else "no k-NN evaluation: data.val_root is not set"
             log.info(
                 "%s; %s. Nothing left to do: to train longer raise trainer.epochs (with trainer.resume_force=true), "
-                "to start over pass trainer.resume=none",
+                "to start over pass trainer.resume=none, to run another beside it pass name=<another> (runs/<another>)",
                 done,
                 found,
             )
@@ -187,12 +187,13 @@ class Trainer:
             loss, metrics, lr = self.train_step(batch)
             p.batch_in_epoch += 1
             self.report_compile()
-            if self.step % self.cfg.trainer.log_every == 0:
+            at_end = p.batch_in_epoch == len(self.loader)  # fit asks and saves after the epoch
+            # and at each epoch's end: an epoch shorter than log_every steps still logs its loss
+            if self.step % self.cfg.trainer.log_every == 0 or at_end:
                 ips = self.global_batch * (self.step - tic_step) / (time.perf_counter() - tic)
                 self.log_step(loss, metrics, lr, ips, task)
                 tic, tic_step = time.perf_counter(), self.step
             self.log.advance(task)
-            at_end = p.batch_in_epoch == len(self.loader)  # fit asks and saves after the epoch
             if not at_end and self.stop.due(self.step):
                 return  # fit saves
             every = self.cfg.trainer.checkpoint_every
@@ -280,8 +281,11 @@ class Trainer:
         )
 
     def log_startup(self) -> None:
-        o = self.cfg.optim
+        o, d = self.cfg.optim, self.cfg.data
+        teachers = ", ".join(f"{t.name} ({t.checkpoint or t.cache}, head {t.head.kind})" for t in self.cfg.teachers)
         lines = [
+            f"teacher {teachers} -> student {self.cfg.student.arch}, loss {self.cfg.loss.name}; "
+            f"{self.cfg.trainer.epochs} epochs of {d.root or 'synthetic batches'} at crop {d.crop_size}",
             f"device {self.device}, precision {self.cfg.trainer.precision}, world size {self.world}, loader "
             f"{self.loader.name} ({len(self.loader)} batches/epoch), optimizer {self.optimizer_impl}, peak lr "
             f"{self.schedule.peak:.4g} (global batch {self.global_batch}), lr schedule per {o.schedule}",

@@ -867,7 +867,8 @@ def test_a_rerun_does_the_final_evaluation_that_failed(tmp_path, caplog):
     assert (
         f"the run in {run} had finished: 1 of 1 epochs, step 2, saved in {run / 'ckpt_epoch0001.pt'}; its k-NN "
         f"results are in {run / 'metrics.jsonl'}. Nothing left to do: to train longer raise trainer.epochs (with "
-        "trainer.resume_force=true), to start over pass trainer.resume=none"
+        "trainer.resume_force=true), to start over pass trainer.resume=none, to run another beside it pass "
+        "name=<another> (runs/<another>)"
     ) in caplog.text
     assert len([m for m in logged_lines(run) if "eval/nn1" in m]) == 1
     assert (run / "ckpt_epoch0001.pt").read_bytes() == saved

@@ -40,8 +40,26 @@ def test_every_experiment_composes(experiment):
     elif experiment != "demo":
         overrides += ["teacher.checkpoint=random"]
     cfg = load(overrides)
-    assert cfg.name == ("custom" if experiment == "none" else experiment)
+    assert cfg.name == ("data" if experiment == "none" else experiment)  # none: /data/train is dataset "data"
     assert all(t.head is not None and t.name for t in cfg.teachers)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        (["data.root=/data/flowers/train"], "flowers"),  # a train/ split: its dataset's name
+        (["data.root=/data/flowers/"], "flowers"),
+        (["data.root=/data/my_photos"], "my_photos"),
+        (["data.root=/data/flowers/train", "name=flowers_r18"], "flowers_r18"),
+        (["data=synthetic"], "custom"),  # no folder
+    ],
+)
+def test_experiment_none_runs_are_named_after_the_data_folder_unless_name_is_given(overrides, name):
+    with initialize_config_module("fastreg.configs", version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["experiment=none", "teacher.checkpoint=random", *overrides], return_hydra_config=True
+        )
+    assert cfg.name == name and cfg.hydra.run.dir == f"runs/{name}"  # the run folder
 
 
 def test_paper_recipes():

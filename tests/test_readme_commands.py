@@ -11,7 +11,8 @@ So the lines are read out of README.md itself and run with the same arguments, i
 
 The recipes train for 130 epochs; their runs here get SIGUSR1 once training has started, stop after their first
 step and save (exit 75: the path a preempted run takes), which is enough to show the command starts, trains and
-writes what the next lines read. Lines that cannot run on one CPU are listed in SKIPPED with the reason; a line
+writes what the next lines read. An experiment=none command ("Your own folder on a CPU") runs to its end, on a
+small folder of its own: it logs a loss at every epoch's end, in the run folder the README names. Lines that cannot run on one CPU are listed in SKIPPED with the reason; a line
 that is neither run nor skipped fails the test, so a new README command needs a stand-in here.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import make_image_folder
+from helpers import logged_lines, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -110,12 +111,15 @@ def byol_checkpoint(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory) -> Path:
-    """<stand_in>/data/imagenet/{train,val}, <stand_in>/ckpt/moco_v2_800ep_pretrain.pth.tar; the working folder
-    <stand_in>/work holds pretrain_res50x1.pth.tar (the README names it relative to the working folder)."""
+    """<stand_in>/data/{imagenet,my_photos}/{train,val}, <stand_in>/ckpt/moco_v2_800ep_pretrain.pth.tar; the working
+    folder <stand_in>/work holds pretrain_res50x1.pth.tar (the README names it relative to the working folder)."""
     root = tmp_path_factory.mktemp("stand_in")
     # one batch of 256 (the recipes' batch per process) and a few left over; 2 classes
     make_image_folder(root / "data/imagenet/train", classes=2, per_class=130, size=48)
     make_image_folder(root / "data/imagenet/val", classes=2, per_class=4, size=48, seed=1)
+    # "Your own folder on a CPU": 3 steps per epoch at its batch of 32
+    make_image_folder(root / "data/my_photos/train", classes=3, per_class=35, size=80)
+    make_image_folder(root / "data/my_photos/val", classes=3, per_class=4, size=80, seed=1)
     (root / "imagenet").symlink_to(root / "data/imagenet")  # /imagenet/train: the cached recipe's example
     moco_v2_checkpoint(root / "ckpt/moco_v2_800ep_pretrain.pth.tar")
     (root / "work").mkdir()
@@ -168,8 +172,12 @@ def test_readme_commands_run_on_a_stand_in(stand_in):
         line = reroot(command, stand_in)
         for name, path in checkpoints.items():
             line = re.sub(rf"runs/{name}/ckpt_epoch\d+\.pt", str(path.relative_to(work)), line)
-        recipe = re.search(r"python -m fastreg\.train .*experiment=(\S+)", line)
-        if recipe:
+        recipe = re.search(r"python -m fastreg\.train .*experiment=(?!none\b)(\S+)", line)
+        if "experiment=none" in line:
+            proc = run(line, work)
+            assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}"
+            check_a_loss_every_epoch(line, work)
+        elif recipe:
             run_dir = work / "runs" / recipe.group(1)
             proc = run(line, work, stop_when=run_dir / "train.log")
             assert proc.returncode == 75, f"{command}\n{proc.stdout[-3000:]}"
@@ -184,6 +192,15 @@ def test_readme_commands_run_on_a_stand_in(stand_in):
     assert "linear_simreg" in printed  # fastreg.eval --linear simreg reported its figure
     assert "['fc.weight', 'fc.bias']" in printed  # the exported student loads with only fc.* missing
     assert (work / "resnet18_simreg.pt").is_file()
+
+
+def check_a_loss_every_epoch(line: str, work: Path) -> None:
+    """The run folder the README names for this experiment=none command holds a loss at each epoch's end."""
+    name = re.search(r"data\.root=\S*/(\w+)/train\b", line).group(1)  # /data/my_photos/train: runs/my_photos
+    assert f"`runs/{name}/`" in README.read_text()
+    epochs = int(re.search(r"trainer\.epochs=(\d+)", line).group(1))
+    logged = [m["epoch"] for m in logged_lines(work / "runs" / name) if "loss" in m]
+    assert [e for e in logged if e == int(e)] == list(range(1, epochs + 1)), logged
 
 
 def test_make_lines_run_as_written(tmp_path):

@@ -28,6 +28,7 @@ from helpers import (
     trained_state,
 )
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from fastreg.config import LossConfig, to_config
 from fastreg.distiller import build_distiller
@@ -59,6 +60,28 @@ def test_cli_two_epochs_loss_decreases(tmp_path):
     assert state["config"]["student"]["arch"] == "cnn_tiny" and state["epoch"] == 2 and state["step"] == 16
     log = (out / "train.log").read_text()
     assert "fastreg commit" in log and "resolved config" in log and "torch.optim.SGD" in log
+
+
+def test_a_run_on_a_folder_is_named_after_it_logs_every_epoch_and_keeps_the_config_off_the_console(tmp_path):
+    """experiment=none with no name= or trainer.out_dir: runs/shapes for data.root=<...>/shapes/train. log_every
+    100 and 3 steps per epoch: a loss line at each epoch's end all the same. The console gets a few lines; train.log
+    the resolved config in full, the one the checkpoint holds."""
+    data = make_image_folder(tmp_path / "shapes" / "train", per_class=12)  # 24 images / batch 8 = 3 steps per epoch
+    args = [a for a in tiny_overrides(data, tmp_path) if not a.startswith(("trainer.out_dir=", "trainer.log_every="))]
+    args += ["trainer.epochs=2", "trainer.log_every=100"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastreg.train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "shapes"
+    assert [(m["step"], m["epoch"]) for m in logged_lines(run) if "loss" in m] == [(3, 1.0), (6, 2.0)]
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 15 and not any(line.startswith(("teachers:", "  arch:")) for line in console), console
+    assert f"the resolved config is in {run / 'train.log'}" in proc.stdout
+    log = (run / "train.log").read_text()
+    yaml = log.split("resolved config:\n", 1)[1].split("\n[", 1)[0]
+    saved = torch.load(run / "ckpt_epoch0002.pt", weights_only=True)["config"]
+    assert OmegaConf.to_container(OmegaConf.create(yaml)) == saved and saved["name"] == "shapes"
 
 
 def test_epoch_schedule_sets_the_lr_once_per_epoch_and_warns_about_the_batch(tmp_path, caplog):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fastreg import checkpoint as ckpt
 from fastreg.checkpointer import Checkpointer, Entry, Progress, Resumed, check_data_position, find, rank_state
@@ -19,7 +20,7 @@ from fastreg.nonfinite import Divergence, StepSkip, StepUndo, build_guard
 from fastreg.optim import LrSchedule, lr_at
 from fastreg.placement import Placement
 from fastreg.preemption import StopAgreement, StopSignals, cleaned_up
-from fastreg.run_log import RunLogger
+from fastreg.run_log import RunLogger, attach_log_file
 
 CPU = torch.device("cpu")
 
@@ -189,11 +190,21 @@ def test_in_the_final_evaluation_a_stop_signal_ends_the_process_at_once_even_one
 # ---- run logger ----
 
 
-def test_the_run_logger_writes_steps_and_evaluations_and_logs_the_config(tmp_path, caplog):
+@pytest.fixture
+def train_log(tmp_path):
+    """tmp_path/train.log attached to the root logger, as fastreg.run_log.open_run_dir leaves it; removed after."""
+    handler = attach_log_file(tmp_path / "train.log")
+    yield tmp_path / "train.log"
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def test_the_run_logger_writes_steps_and_evaluations_and_logs_the_config(tmp_path, caplog, train_log):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 3, "loss": 9}\n')  # a killed run's
     run_log = RunLogger(tmp_path, is_main=True, start_step=2, device=CPU, monitor=False, progress=False)
+    config = {"trainer": {"epochs": 3, "seed": 0}, "student": {"arch": "cnn_tiny"}}
     with caplog.at_level(logging.INFO), run_log:
-        run_log.startup({"trainer": {"epochs": 3}}, "abc123", ["device cpu"])
+        run_log.startup(config, "abc123", ["device cpu"])
         task = run_log.epoch_task(0, 3, 4, 0)
         run_log.step(3, {"loss": 0.5, "lr": 0.1, "img_per_s": 10.0}, task)
         run_log.evaluation(4, 1, {"nn1": 50.0})
@@ -203,8 +214,17 @@ def test_the_run_logger_writes_steps_and_evaluations_and_logs_the_config(tmp_pat
         {"step": 3, "loss": 0.5, "lr": 0.1, "img_per_s": 10.0},
         {"step": 4, "eval/nn1": 50.0},
     ]
-    assert "fastreg commit abc123" in caplog.text and "epochs: 3" in caplog.text and "device cpu" in caplog.text
+    # the console (the root logger's handlers, as caplog's): what runs and where the config is, not the config
+    assert (
+        f"fastreg commit abc123; the resolved config is in {train_log}" in caplog.text and "device cpu" in caplog.text
+    )
+    assert "epochs" not in caplog.text and "cnn_tiny" not in caplog.text
     assert 'epoch 1 k-NN: {"nn1": 50.0}' in caplog.text
+    # train.log: the config in full, as YAML that reads back to it
+    written = train_log.read_text()
+    assert "fastreg commit abc123, resolved config:" in written and "device cpu" in written
+    yaml = written.split("resolved config:\n", 1)[1].split("\n[", 1)[0]
+    assert OmegaConf.to_container(OmegaConf.create(yaml)) == config
 
 
 def test_other_ranks_write_nothing(tmp_path):
