@@ -53,7 +53,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not lines:
         raise ValueError(
             f"{path} holds no complete line: the run has logged no step yet (the first comes after "
-            "trainer.log_every steps); draw it once it has"
+            "trainer.log_every steps, or at the first epoch's end); draw it once it has"
         )
     return [parse_record(line, path, n) for n, line in enumerate(lines, 1)]
 

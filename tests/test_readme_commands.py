@@ -195,12 +195,14 @@ def test_readme_commands_run_on_a_stand_in(stand_in):
 
 
 def check_a_loss_every_epoch(line: str, work: Path) -> None:
-    """The run folder the README names for this experiment=none command holds a loss at each epoch's end."""
+    """The run folder the README names for this experiment=none command holds a loss at each epoch's end, and the
+    picture of its curves."""
     name = re.search(r"data\.root=\S*/(\w+)/train\b", line).group(1)  # /data/my_photos/train: runs/my_photos
     assert f"`runs/{name}/`" in README.read_text()
     epochs = int(re.search(r"trainer\.epochs=(\d+)", line).group(1))
     logged = [m["epoch"] for m in logged_lines(work / "runs" / name) if "loss" in m]
     assert [e for e in logged if e == int(e)] == list(range(1, epochs + 1)), logged
+    assert (work / "runs" / name / "curves.png").stat().st_size > 0
 
 
 def test_make_lines_run_as_written(tmp_path):
