@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import subprocess
@@ -16,6 +17,7 @@ from helpers import make_image_folder, tiny_overrides
 from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
+import fastreg.eval.linear
 from fastreg import eval as ev
 from fastreg.pipelines import Batch
 from fastreg.pipelines.pil_folder import eval_loader
@@ -219,7 +221,7 @@ def test_linear_probe_steps_the_schedule_once_per_epoch(monkeypatch):
         optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
         return probe, optimizer, schedule
 
-    monkeypatch.setattr(ev, "make_probe", recording_probe)
+    monkeypatch.setattr(fastreg.eval.linear, "make_probe", recording_probe)  # where linear_probe looks it up
     train, train_y, val, val_y = _clusters(40, 10, num_classes=2, dim=4, spread=0.5)
     ev.linear_probe(train, train_y, val, val_y, 2, batch_size=16)  # 3 steps per epoch, 40 epochs
     assert len(seen) == 120
@@ -241,7 +243,7 @@ def test_linear_probe_steps_the_schedule_once_per_epoch(monkeypatch):
     ],
 )
 def test_moco_lr_schedule_in_closed_form(batch, expected):
-    recipe = ev.dataclasses.replace(ev.RECIPES["moco"], batch_size=batch)
+    recipe = dataclasses.replace(ev.RECIPES["moco"], batch_size=batch)
     assert {e: recipe.lr_at(e) for e in expected} == pytest.approx(expected)
     assert (recipe.epochs, recipe.momentum, recipe.weight_decay) == (100, 0.9, 0.0)
 
@@ -253,7 +255,7 @@ def test_simreg_recipe_and_schedule_steps_at_15_and_30():
     assert (
         lrs[:15] == [0.01] * 15 and lrs[15:30] == pytest.approx([1e-3] * 15) and lrs[30:] == pytest.approx([1e-4] * 10)
     )
-    assert ev.dataclasses.replace(recipe, batch_size=512).lr_at(0) == 0.01  # SimReg does not scale lr by batch
+    assert dataclasses.replace(recipe, batch_size=512).lr_at(0) == 0.01  # SimReg does not scale lr by batch
 
 
 def test_simreg_head_standardizes_by_the_fixed_train_statistics():
@@ -302,7 +304,7 @@ def test_train_on_views_sets_the_lr_per_epoch_and_keeps_the_backbone_frozen(name
     stats = {k: v.clone() for k, v in head.state_dict().items() if k.startswith("1.")}  # simreg: FullBatchNorm
     modes, lrs = [], []
     backbone.register_forward_hook(lambda m, *_: modes.append(m.training))
-    recipe = ev.dataclasses.replace(ev.RECIPES[name], epochs=8, milestones=(2, 6), batch_size=512)
+    recipe = dataclasses.replace(ev.RECIPES[name], epochs=8, milestones=(2, 6), batch_size=512)
     optimizer_step = torch.optim.SGD.step
 
     def recording_step(self, *args, **kwargs):

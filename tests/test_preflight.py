@@ -12,6 +12,7 @@ from helpers import make_image_folder, tiny_overrides
 from hydra import compose, initialize_config_module
 
 import fastreg.eval
+import fastreg.eval.feature_cache
 import fastreg.index
 import fastreg.trainer
 from fastreg import preflight
@@ -153,7 +154,9 @@ def test_eval_names_its_cache_folder_before_extracting(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=2)
     torch.save(Student("cnn_tiny").backbone.state_dict(), tmp_path / "tiny.pt")
     cache = blocked_cache(tmp_path, monkeypatch)
-    monkeypatch.setattr(fastreg.eval, "extract_features", lambda *a, **k: pytest.fail("extracted before the check"))
+    monkeypatch.setattr(
+        fastreg.eval.feature_cache, "extract_features", lambda *a, **k: pytest.fail("extracted before the check")
+    )
     args = [tmp_path / "tiny.pt", "--arch", "cnn_tiny", "--train-root", data, "--val-root", data, "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_:
         fastreg.eval.main([str(a) for a in args])
