@@ -466,7 +466,8 @@ def test_cli_on_a_trainer_checkpoint(folders, tmp_path, capsys):
 
 
 def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path, caplog):
-    """A student distilled for one epoch by the trainer, whose own k-NN reports the CLI's three figures exactly:
+    """A student distilled for one epoch by the trainer, whose own k-NN and fastreg.eval.knn's (the library's, on
+    the checkpoint's backbone) report the CLI's three figures exactly:
     both extract in eval.precision's fp32 (the trainer's k-NN ran under the training autocast, bf16 here, and
     the same checkpoint gave other figures than the CLI, with nothing said)."""
     from hydra import compose, initialize_config_module
@@ -506,6 +507,13 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path, caplog):
     assert {k: round(v, 2) for k, v in results.items()} == {k: figures[k] for k in results}
     for row in ("SimReg eval_linear.py", "SEED main_lincls.py", "lr 30 x 8/256", "2 epochs, batch 8"):
         assert row in run.stdout
+
+    # the library's k-NN of the same student, as a plain nn.Module, with the CLI's settings and default precision
+    ckpt = tmp_path / "run" / "ckpt_epoch0001.pt"
+    student, _, _ = ev.load_student(torch.load(ckpt, weights_only=True), ckpt)
+    library = ev.knn(student, data, data, crop_size=32, k=5, device="cpu", batch_size=4, workers=1)
+    assert {k: round(v, 2) for k, v in library.items()} == {k: figures[k] for k in results}
+    assert library == results  # the trainer's k-NN, unrounded
 
 
 def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
