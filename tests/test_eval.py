@@ -516,6 +516,59 @@ def test_cli_runs_every_protocol_on_a_trained_checkpoint(tmp_path, caplog):
     assert library == results  # the trainer's k-NN, unrounded
 
 
+def _faint_folder(root, per_class: int, seed: int, classes: int = 4, size: int = 36, signal: int = 2):
+    """JPEGs of noise, one channel `signal` brighter per class: a random CNN's figures on them are far from 0 and
+    100 % and move with any change of its features (another crop, precision or tie seed)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 160, (size, size, 3)).astype(np.uint8)
+            img[..., c % 3] += signal * (1 + c // 3)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_the_library_gives_the_cli_figures_of_any_backbone(tmp_path, capsys):
+    """fastreg.eval.knn and linear_eval on a plain nn.Module give the figures of the CLI on the same weights, and
+    those figures would not match with another crop, precision or tie seed: the equality can fail."""
+    train, val = _faint_folder(tmp_path / "train", 8, seed=0), _faint_folder(tmp_path / "val", 6, seed=1)
+    torch.manual_seed(0)
+    model = Student("cnn_tiny").backbone
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    roots = ["--arch", "cnn_tiny", "--train-root", train, "--val-root", val, "--crop-size", 32, "--batch-size", 4]
+    linear = ["--linear", "simreg", "moco", "cached", "--linear-epochs", 2, "--linear-batch-size", 8]
+    ev.main([str(a) for a in [tmp_path / "tiny.pt", *roots, *linear, "--k", 5, "--workers", 0, "--device", "cpu"]])
+    figures = _figures(capsys.readouterr().out)
+
+    settings = {"crop_size": 32, "batch_size": 4, "workers": 0, "device": "cpu"}
+    library = ev.knn(model, train, val, k=5, **settings)
+    for protocol in ("simreg", "moco", "cached"):
+        library[f"linear_{protocol}"] = ev.linear_eval(
+            model, train, val, protocol, epochs=2, linear_batch_size=8, **settings
+        )
+    assert {k: round(v, 2) for k, v in library.items()} == figures
+    assert all(0 < figures[k] < 100 for k in ("knn5_majority", "knn5_weighted", "nn1", "linear_simreg"))
+    knn_figures = {k: figures[k] for k in ("knn5_majority", "knn5_weighted", "nn1")}
+    for change in ({"crop_size": 28}, {"precision": "bf16"}, {"seed": 1}):
+        other = ev.knn(model, train, val, k=5, **{**settings, **change})
+        assert {k: round(v, 2) for k, v in other.items()} != knn_figures, change
+
+
+def test_the_library_names_its_arguments_in_its_errors(folders, tmp_path):
+    model, settings = Student("cnn_tiny").backbone, {"crop_size": 32, "workers": 0, "device": "cpu"}
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist .*train_root"):
+        ev.knn(model, tmp_path / "nope", folders[1], **settings)
+    with pytest.raises(ValueError, match="^precision='fp8' is not one of bf16, fp16, fp32$"):
+        ev.knn(model, *folders, precision="fp8", **settings)
+    with pytest.raises(ValueError, match="^protocol='dino' is not one of simreg, moco, cached$"):
+        ev.linear_eval(model, *folders, "dino", **settings)
+    with pytest.raises(ValueError, match="^epochs must be positive, got 0$"):
+        ev.linear_eval(model, *folders, epochs=0, **settings)
+    with pytest.raises(ValueError, match="linear_batch_size must be 12 or less$"):
+        ev.linear_eval(model, *folders, linear_batch_size=64, **settings)
+
+
 def test_cli_on_an_exported_resnet18(folders, tmp_path, capsys):
     torch.save(Student("resnet18").backbone.state_dict(), tmp_path / "r18.pt")
     _cli_on_folders(tmp_path / "r18.pt", "resnet18", folders, "--cache-dir", tmp_path / "cache")
@@ -587,7 +640,7 @@ def test_cli_errors(folders, tmp_path):
         "--linear",
         "simreg",
     ]
-    assert "pass --linear-batch-size 12 or less" in _cli_error(tmp_path / "r18.pt", *linear)
+    assert "--linear-batch-size must be 12 or less" in _cli_error(tmp_path / "r18.pt", *linear)
     assert "--linear-epochs must be positive, got 0" in _cli_error(tmp_path / "r18.pt", *linear, "--linear-epochs", "0")
 
     del sd["layer4.1.bn2.running_mean"]

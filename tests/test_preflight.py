@@ -155,7 +155,7 @@ def test_eval_names_its_cache_folder_before_extracting(tmp_path, monkeypatch):
     torch.save(Student("cnn_tiny").backbone.state_dict(), tmp_path / "tiny.pt")
     cache = blocked_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(
-        fastreg.eval.feature_cache, "extract_features", lambda *a, **k: pytest.fail("extracted before the check")
+        fastreg.eval.feature_cache, "folder_features", lambda *a, **k: pytest.fail("extracted before the check")
     )
     args = [tmp_path / "tiny.pt", "--arch", "cnn_tiny", "--train-root", data, "--val-root", data, "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_:

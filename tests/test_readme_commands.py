@@ -219,3 +219,37 @@ def test_make_lines_run_as_written(tmp_path):
             figures = " | ".join(printed.groups())
             assert f"| student cnn_tiny, distilled | {figures} |" in (REPO / "runs/demo/results.md").read_text()
             assert (REPO / "runs/demo/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def python_blocks(text: str) -> dict[str, list[str]]:
+    """The ```python blocks of `text` by the title of the ## section that holds them."""
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    found = {s.splitlines()[0]: re.findall(r"^```python\n(.*?)^```", s, flags=re.S | re.M) for s in sections}
+    return {title: blocks for title, blocks in found.items() if blocks}
+
+
+def test_every_python_block_is_run_or_skipped_with_a_reason():
+    """The drop-in loop runs in tests/check_light_install.py (make light-install), the evaluation block below; the
+    fused head's lines are a fragment that moves the head to a GPU (tests/test_mlp_head.py tests the head on CPU)."""
+    assert {title: len(blocks) for title, blocks in python_blocks(README.read_text()).items()} == {
+        "Evaluation protocols": 1,
+        "The fused kernels in your own trainer": 2,
+    }
+    assert ".cuda()" in python_blocks(README.read_text())["The fused kernels in your own trainer"][1]
+
+
+def test_the_evaluation_block_runs_as_written(tmp_path):
+    """The README's python evaluation of a backbone, on a small stand-in of the demo's folders under $FASTREG_CACHE:
+    it prints the three k-NN figures and a linear top-1."""
+    [block] = python_blocks(README.read_text())["Evaluation protocols"]
+    data = tmp_path / "cache" / "demo" / "digits40-v1"
+    for split, per_class in (("train", 6), ("val", 3)):
+        make_image_folder(data / split, classes=3, per_class=per_class, size=40, seed=per_class)
+    env = {**os.environ, "FASTREG_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    knn_line, linear_line = proc.stdout.splitlines()[-2:]
+    assert set(eval(knn_line)) == {"knn20_majority", "knn20_weighted", "nn1"}
+    assert 0 <= float(linear_line) <= 100

@@ -4,8 +4,9 @@ library for any nn.Module.
     python -m fastreg.eval runs/r18/ckpt_epoch0130.pt --linear simreg
     python -m fastreg.eval resnet18_simreg.pt --arch resnet18 --train-root train/ --val-root val/
 
-    from fastreg.eval import knn
+    from fastreg.eval import knn, linear_eval
     knn(model, "train/", "val/")  # {"knn20_majority": ..., "knn20_weighted": ..., "nn1": ...}, the CLI's figures
+    linear_eval(model, "train/", "val/", "simreg")  # top-1 %, the CLI's --linear simreg
 
 k-NN (train images as the bank, val images as the queries, center crops), three figures:
   knn<k>_majority  SimReg's (eval_knn.py faiss_knn): the k nearest bank features by L2 distance between
@@ -31,17 +32,19 @@ protocols reuse what k-NN extracted. `knn_eval`, which the trainer calls, never 
 between calls.
 
 The modules, by job:
-  features       extract_features: a frozen model's features of every batch of a loader
+  features       extract_features, folder_features: a frozen model's features of a loader's, or a folder's, images
   neighbours     the k-NN votes (knn_predict, knn_accuracy) and their evaluation of a model on folders (knn_eval,
-                 knn_eval_run: the trainer's, knn: the library's)
+                 knn_eval_run: the trainer's)
   feature_cache  cached_features: the CLI's features on disk
-  linear         the linear protocols (linear_probe, RECIPES, simreg_head, moco_head, train_on_views)
+  linear         the linear protocols (linear_probe, RECIPES, simreg_head, moco_head, train_on_views, run_protocol)
+  library        knn and linear_eval: any nn.Module backbone on an ImageFolder pair
   cli            python -m fastreg.eval: loading students and heads, the protocols the flags name, the table
 """
 
-from fastreg.eval.cli import evaluate, linear_eval, load_head, load_student, main
+from fastreg.eval.cli import evaluate, load_head, load_student, main
 from fastreg.eval.feature_cache import cached_features, weights_digest
-from fastreg.eval.features import extract_features
+from fastreg.eval.features import count_classes, extract_features, folder_features
+from fastreg.eval.library import knn, linear_eval
 from fastreg.eval.linear import (
     RECIPES,
     FullBatchNorm,
@@ -50,13 +53,14 @@ from fastreg.eval.linear import (
     linear_probe,
     make_probe,
     moco_head,
+    run_protocol,
     simreg_head,
     train_on_views,
+    tuned_recipe,
 )
 from fastreg.eval.neighbours import (
     SIM_ELEMENTS,
     TIE_SEED,
-    knn,
     knn_accuracy,
     knn_eval,
     knn_eval_run,
@@ -73,8 +77,10 @@ __all__ = [
     "LinearRecipe",
     "augmented_views",
     "cached_features",
+    "count_classes",
     "evaluate",
     "extract_features",
+    "folder_features",
     "knn",
     "knn_accuracy",
     "knn_eval",
@@ -88,8 +94,10 @@ __all__ = [
     "main",
     "make_probe",
     "moco_head",
+    "run_protocol",
     "simreg_head",
     "tie_order",
     "train_on_views",
+    "tuned_recipe",
     "weights_digest",
 ]

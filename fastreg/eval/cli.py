@@ -4,11 +4,9 @@ cached, the result as a table. See fastreg.eval for the protocols."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
@@ -17,17 +15,8 @@ from torch import nn
 from fastreg import checkpoint, files
 from fastreg.config import HeadConfig
 from fastreg.eval.feature_cache import cached_features
-from fastreg.eval.features import _has_conv
-from fastreg.eval.linear import (
-    RECIPES,
-    LinearRecipe,
-    _top1,
-    augmented_views,
-    linear_probe,
-    moco_head,
-    simreg_head,
-    train_on_views,
-)
+from fastreg.eval.features import count_classes
+from fastreg.eval.linear import RECIPES, LinearRecipe, run_protocol, tuned_recipe
 from fastreg.eval.neighbours import TIE_SEED, knn_accuracy, knn_label
 from fastreg.export import WRONG_ARCH, check_keys, checkpoint_arch, read_checkpoint
 from fastreg.heads import build_head
@@ -115,69 +104,7 @@ def _settings(args: argparse.Namespace, config: dict) -> argparse.Namespace:
 def _recipe(name: str, args: argparse.Namespace) -> LinearRecipe:
     """RECIPES[name] with the --linear-epochs, --linear-batch-size and --linear-lr that were given."""
     given = {"epochs": args.linear_epochs, "batch_size": args.linear_batch_size, "lr": args.linear_lr}
-    for key, value in given.items():
-        if value is not None and value <= 0:
-            raise ValueError(f"--linear-{key.replace('_', '-')} must be positive, got {value}")
-    return dataclasses.replace(RECIPES[name], **{k: v for k, v in given.items() if v is not None})
-
-
-def linear_eval(
-    name: str,
-    recipe: LinearRecipe,
-    backbone: nn.Module,
-    train: dict,
-    val: dict,
-    num_classes: int,
-    s: argparse.Namespace,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    seed: int,
-) -> float:
-    """Top-1 % on val's center crops of the linear protocol `name` (simreg, moco, cached) trained on train.
-
-    train and val are cached_features entries (raw center-crop features); the heads normalize what they need.
-    """
-    if name == "cached":
-        return linear_probe(
-            train["feats"],
-            train["labels"],
-            val["feats"],
-            val["labels"],
-            num_classes,
-            epochs=recipe.epochs,
-            batch_size=recipe.batch_size,
-            lr=recipe.lr,
-            momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay,
-            milestones=recipe.milestones,
-            device=device,
-            seed=seed,
-        )
-    n_train = len(train["labels"])
-    if recipe.batch_size > n_train:
-        raise ValueError(
-            f"--linear {name}: a batch of {recipe.batch_size} is more than the {n_train} images of "
-            f"{s.train_root}, and the augmented protocols train on full batches only; pass "
-            f"--linear-batch-size {n_train} or less"
-        )
-    if name == "simreg":
-        head = simreg_head(train["feats"], num_classes, seed)
-    else:
-        head = moco_head(train["feats"].shape[1], num_classes, seed)
-    head.to(device)
-    views = augmented_views(
-        s.train_root,
-        s.crop_size,
-        recipe.batch_size,
-        s.workers,
-        s.loader,
-        device,
-        seed,
-        channels_last=_has_conv(backbone),
-        half=amp_dtype is not None,
-    )
-    train_on_views(backbone, head, recipe, views, device, amp_dtype)
-    return _top1(head, val["feats"].to(device), val["labels"].to(device), recipe.batch_size)
+    return tuned_recipe(name, given, lambda key: f"--linear-{key.replace('_', '-')}")
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
@@ -201,19 +128,27 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
         )
         for root, key in ((s.train_root, "--train-root"), (s.val_root, "--val-root"))
     )
-    if train["classes"] and val["classes"] and train["classes"] != val["classes"]:
-        raise ValueError(f"{s.train_root} and {s.val_root} have different class folders: labels would not match")
-    num_classes = (
-        len(train["classes"]) if train["classes"] else int(max(train["labels"].max(), val["labels"].max())) + 1
-    )
+    num_classes = count_classes(train, val, s.train_root, s.val_root)
     bank, queries = (F.normalize(x["feats"], dim=1) for x in (train, val))
     results = knn_accuracy(
         bank.to(device), train["labels"], queries, val["labels"], num_classes, k=s.k, t=s.t, seed=args.seed
     )
     recipes = {name: _recipe(name, args) for name in args.linear}
     for name, recipe in recipes.items():
-        results[f"linear_{name}"] = linear_eval(
-            name, recipe, backbone, train, val, num_classes, s, device, amp_dtype, args.seed
+        results[f"linear_{name}"] = run_protocol(
+            name,
+            recipe,
+            backbone,
+            train,
+            val,
+            num_classes,
+            s.train_root,
+            s.crop_size,
+            s.workers,
+            s.loader,
+            device,
+            amp_dtype,
+            args.seed,
         )
     facts = {
         "arch": arch + head,

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from fastreg import checkpoint
-from fastreg.eval.features import extract_features
+from fastreg.eval.features import folder_features
 from fastreg.index import load_index
-from fastreg.pipelines import eval_batches, resolve_loader
+from fastreg.pipelines import resolve_loader
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -67,9 +67,7 @@ def cached_features(
     if path.is_file():
         cached = checkpoint.read(path, "cached features", fix="delete it: the next run extracts them again")
         return {**cached, "cached": True}
-    batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), key=key)
-    feats, labels = extract_features(model, batches, device, amp_dtype, normalize=False)
-    entry = {"feats": feats, "labels": labels, "classes": batches.classes}
+    entry = folder_features(model, root, crop_size, batch_size, workers, device, amp_dtype, loader, key)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"{slot}-*.pt"):
         stale.unlink(missing_ok=True)

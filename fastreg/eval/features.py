@@ -1,4 +1,5 @@
-"""A frozen backbone's features of every image a loader gives: eval mode, inference mode, optional autocast."""
+"""A frozen backbone's features of every image a loader gives (eval mode, inference mode, optional autocast), and
+of every image of an ImageFolder."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastreg.pipelines import eval_batches
 
 
 def _has_conv(model: nn.Module) -> bool:
@@ -62,3 +65,34 @@ def extract_features(
             feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
             labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
+
+
+def folder_features(
+    model: nn.Module,
+    root: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    device: str | torch.device,
+    amp_dtype: torch.dtype | None = None,
+    loader: str = "auto",
+    key: str = "data.root",
+    **index_options,
+) -> dict:
+    """Raw (not normalized) center-crop features of the ImageFolder `root`, which the setting `key` gave (messages
+    name it): {"feats": (N, D) float32, "labels": (N,), "classes": class names, or None from a decoder that has
+    none}. `loader` decodes (auto: DALI when it can be imported); index_options (max_bad_fraction, progress) go to
+    the dataset index."""
+    batches = eval_batches(loader, root, crop_size, batch_size, workers, torch.device(device), key=key, **index_options)
+    feats, labels = extract_features(model, batches, device, amp_dtype, normalize=False)
+    return {"feats": feats, "labels": labels, "classes": batches.classes}
+
+
+def count_classes(train: dict, val: dict, train_root: str, val_root: str) -> int:
+    """C of two folder_features entries: the class folders' count, which must be the same folders in both roots
+    (else a label would name another class in each), or the largest label + 1 where the decoder gave no names."""
+    if train["classes"] and val["classes"]:
+        if train["classes"] != val["classes"]:
+            raise ValueError(f"{train_root} and {val_root} have different class folders: labels would not match")
+        return len(train["classes"])
+    return int(max(train["labels"].max(), val["labels"].max())) + 1

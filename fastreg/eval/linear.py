@@ -1,18 +1,18 @@
 """The linear protocols on a frozen backbone: CompRess's probe on cached features (linear_probe), and SimReg's and
 SEED's classifiers trained on fresh augmented crops (LinearRecipe, RECIPES, simreg_head, moco_head,
-augmented_views, train_on_views). See fastreg.eval for what each protocol is."""
+augmented_views, train_on_views), and run_protocol, which runs one by name. See fastreg.eval for what each protocol is."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import DataConfig
-from fastreg.eval.features import _forward, _frozen
+from fastreg.eval.features import _forward, _frozen, _has_conv
 from fastreg.heads import L2Norm
 from fastreg.pipelines import Loader, build_loader
 
@@ -232,3 +232,68 @@ def train_on_views(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
+
+def tuned_recipe(name: str, given: dict[str, float | None], key_of: Callable[[str], str]) -> LinearRecipe:
+    """RECIPES[name] with the epochs, batch_size and lr of `given` that are not None; key_of(key) is the setting that
+    gave each, for the messages."""
+    for key, value in given.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{key_of(key)} must be positive, got {value}")
+    return dataclasses.replace(RECIPES[name], **{k: v for k, v in given.items() if v is not None})
+
+
+def run_protocol(
+    name: str,
+    recipe: LinearRecipe,
+    backbone: nn.Module,
+    train: dict,
+    val: dict,
+    num_classes: int,
+    train_root: str,
+    crop_size: int,
+    workers: int,
+    loader: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    seed: int,
+    batch_key: str = "--linear-batch-size",
+) -> float:
+    """Top-1 % on val's center crops of the linear protocol `name` (simreg, moco, cached) trained on train_root.
+
+    train and val are folder_features entries (raw center-crop features); the heads normalize what they need. The
+    augmented protocols draw fresh crops of train_root (crop_size, `workers` decoding with `loader`) each epoch;
+    batch_key is the setting that gave recipe.batch_size, for the messages.
+    """
+    if name == "cached":
+        r = recipe
+        return linear_probe(
+            train["feats"],
+            train["labels"],
+            val["feats"],
+            val["labels"],
+            num_classes,
+            r.epochs,
+            r.batch_size,
+            r.lr,
+            r.momentum,
+            r.weight_decay,
+            r.milestones,
+            device,
+            seed,
+        )
+    n_train = len(train["labels"])
+    if recipe.batch_size > n_train:
+        raise ValueError(
+            f"linear protocol {name}: a batch of {recipe.batch_size} is more than the {n_train} images of "
+            f"{train_root}, and the augmented protocols train on full batches only: {batch_key} must be {n_train} "
+            "or less"
+        )
+    dim = train["feats"].shape[1]
+    head = simreg_head(train["feats"], num_classes, seed) if name == "simreg" else moco_head(dim, num_classes, seed)
+    half = amp_dtype is not None
+    views = augmented_views(
+        train_root, crop_size, recipe.batch_size, workers, loader, device, seed, _has_conv(backbone), half
+    )
+    train_on_views(backbone, head.to(device), recipe, views, device, amp_dtype)
+    return _top1(head, val["feats"].to(device), val["labels"].to(device), recipe.batch_size)

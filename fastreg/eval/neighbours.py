@@ -4,17 +4,15 @@ model and an ImageFolder pair (the bank's and the queries' folders). See fastreg
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastreg.config import TrainConfig
-from fastreg.eval.features import extract_features
-from fastreg.pipelines import eval_batches
-from fastreg.placement import AMP_DTYPES, pick_device
+from fastreg.eval.features import count_classes, folder_features
+from fastreg.placement import AMP_DTYPES
 from fastreg.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -146,17 +144,13 @@ def knn_eval(
 
     Nothing is cached: during training the model changes between calls.
     """
-
-    def features(root: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = eval_batches(
-            loader, root, crop_size, batch_size, workers, torch.device(device), key=key, **index_options
-        )
-        return extract_features(model, batches, device, amp_dtype)
-
-    bank, bank_labels = features(train_root, root_keys[0])
-    queries, query_labels = features(val_root, root_keys[1])
-    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    return knn_accuracy(bank.to(device), bank_labels, queries, query_labels, num_classes, k=k, t=t)
+    train, val = (
+        folder_features(model, root, crop_size, batch_size, workers, device, amp_dtype, loader, key, **index_options)
+        for root, key in zip((train_root, val_root), root_keys)
+    )
+    num_classes = count_classes(train, val, train_root, val_root)
+    bank, queries = (F.normalize(x["feats"], dim=1) for x in (train, val))  # (N, D), (Q, D)
+    return knn_accuracy(bank.to(device), train["labels"], queries, val["labels"], num_classes, k=k, t=t)
 
 
 def knn_eval_run(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -180,53 +174,4 @@ def knn_eval_run(model: nn.Module, cfg: TrainConfig, device: torch.device) -> di
         root_keys=("data.knn_train_root" if d.knn_train_root else "data.root", "data.val_root"),
         max_bad_fraction=d.max_bad_fraction,
         progress=False,
-    )
-
-
-def knn(
-    model: nn.Module,
-    train_root: str | Path,
-    val_root: str | Path,
-    *,
-    crop_size: int = 224,
-    k: int = 20,
-    t: float = 0.07,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    batch_size: int = 256,
-    workers: int | None = None,
-    loader: str = "auto",
-) -> dict[str, float]:
-    """SimReg's k-NN evaluation of any backbone: top-1 % as {knn<k>_majority, knn<k>_weighted, nn1}, the figures
-    (and names) of python -m fastreg.eval with the same settings and its default --seed.
-
-    `model` maps (B, 3, crop, crop) images normalized by ImageNet's mean and std to (B, D) features; it runs in
-    eval mode (its mode is restored afterwards), moved to `device`. train_root is the bank's ImageFolder (one
-    subfolder per class), val_root the queries'; both are read once, center-cropped to `crop_size`, by `loader`
-    (auto: DALI where it can be imported, else torchvision). device: None picks CUDA where one is visible, else the
-    CPU; precision: the forward's autocast (fp32, bf16 or fp16); workers: None is min(8, CPUs). Nothing is cached.
-
-        from fastreg.eval import knn
-        figures = knn(timm.create_model("resnet18", num_classes=0), "data/train", "data/val")
-        figures["knn20_majority"]
-    """
-    if precision not in AMP_DTYPES:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(AMP_DTYPES)}")
-    device = pick_device("auto", key="device") if device is None else torch.device(device)
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    model.to(device)
-    roots = ("train_root", "val_root")  # the arguments that gave the folders, for the messages
-    return knn_eval(
-        model,
-        str(train_root),
-        str(val_root),
-        crop_size,
-        batch_size,
-        workers,
-        device,
-        k,
-        t,
-        amp_dtype=AMP_DTYPES[precision],
-        loader=loader,
-        root_keys=roots,
     )
