@@ -270,15 +270,16 @@ def recheck_command(index: DatasetIndex) -> str:
     return shlex.join(args)
 
 
-def _subfolders(root: Path) -> list[str]:
-    # The same expression as torchvision.datasets.folder.find_classes, which fixes ImageFolder's labels.
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The class names of the ImageFolder `root`, label order: torchvision.datasets.folder.find_classes's
+    expression, which fixes ImageFolder's labels."""
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
 
 
 def _scan_image_folder(root: Path, key: str) -> tuple[list[str], list[tuple[str, int]]]:
     """ImageFolder's classes and (relpath, label) samples, in torchvision's make_dataset order: classes sorted,
     then per class its directories in sorted(os.walk(...)) order and their files sorted by name."""
-    classes = _subfolders(root)
+    classes = class_folders(root)
     if not classes:
         what = "has no class subfolders" if any(root.iterdir()) else "is empty"
         listed = {"data.root": ", or pass data.file_list", "ROOT": ", or pass --file-list"}.get(key, "")
@@ -384,7 +385,7 @@ def _read_file_list(path: Path, root: Path) -> list[tuple[str, int]]:
 
 def _classes_for_list(root: Path, entries: list[tuple[str, int]]) -> list[str]:
     """root's subfolder names when the list follows ImageFolder's labelling, else "0" .. "max_label"."""
-    folders = _subfolders(root)
+    folders = class_folders(root)
     if all(label < len(folders) and rel.split("/", 1)[0] == folders[label] for rel, label in entries):
         return folders
     return [str(i) for i in range(max((label for _, label in entries), default=-1) + 1)]

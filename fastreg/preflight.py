@@ -19,7 +19,8 @@ from fastreg import files
 from fastreg.checkpoint import RESUME_FIX
 from fastreg.config import TrainConfig
 from fastreg.distributed import launch
-from fastreg.index import find_samples
+from fastreg.index import class_folders, find_samples
+from fastreg.messages import listing
 from fastreg.placement import pick_device
 from fastreg.run_log import make_out_dir
 from fastreg.step_graph import check_device
@@ -73,7 +74,7 @@ PATHS = {
 def check_paths(cfg: TrainConfig) -> None:
     """Every path the config names exists and is a directory or a file as its key says; one message for all."""
     problems = [path_problem(key, value) or folder_problem(key, value) for key, value in used_paths(cfg).items()]
-    problems = [p for p in problems if p]
+    problems = [p for p in problems if p] or [p for p in [class_problem(cfg)] if p]
     if len(problems) == 1:
         raise FileNotFoundError(problems[0])
     if problems:
@@ -118,6 +119,28 @@ def folder_problem(key: str, value: str) -> str | None:
     except (FileNotFoundError, ValueError) as e:
         return str(e)
     return None
+
+
+def class_problem(cfg: TrainConfig) -> str | None:
+    """The k-NN's bank and queries must have the same class folders, since a label is an index into them: else
+    every figure would be wrong, or the final evaluation would stop on it after the training."""
+    d = cfg.data
+    bank_key = "data.knn_train_root" if d.knn_train_root else "data.root"
+    bank = d.knn_train_root or d.root
+    if d.val_root is None or not Path(bank).expanduser().is_dir() or d.file_list and not d.knn_train_root:
+        return None  # no k-NN, a synthetic bank, or a bank whose classes a file list gives
+    bank_classes, val_classes = (set(class_folders(Path(r).expanduser())) for r in (bank, d.val_root))
+    if bank_classes == val_classes:
+        return None
+    only = [
+        f"only in {key}: {listing(sorted(names))}"
+        for key, names in ((bank_key, bank_classes - val_classes), ("data.val_root", val_classes - bank_classes))
+        if names
+    ]
+    return (
+        f"{bank_key}={bank} and data.val_root={d.val_root} have different class folders ({'; '.join(only)}): the "
+        "k-NN's labels index them, so point both at ImageFolders of the same classes"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- memory

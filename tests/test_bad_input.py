@@ -585,6 +585,21 @@ for _missing in [
 
 
 @case
+def val_root_of_other_classes(b: Bench) -> Expect:
+    """A val folder of other classes than the bank's gave k-NN figures of labels that name other classes."""
+    val = make_image_folder(b.tmp / "val", classes=3, per_class=1)
+    return Expect(
+        b.fresh(f"data.val_root={val}"),
+        FileNotFoundError,
+        [
+            f"data.root={b.data} and data.val_root={val} have different class folders (only in data.val_root: "
+            "class2): the k-NN's labels index them, so point both at ImageFolders of the same classes"
+        ],
+        b.nothing_started,
+    )
+
+
+@case
 def val_root_without_images(b: Bench) -> Expect:
     """A val folder whose class folders are still empty passed the path check and failed after the training."""
     val = b.tmp / "val"

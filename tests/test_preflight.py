@@ -107,6 +107,20 @@ def test_a_good_config_creates_the_output_and_cache_folders_and_nothing_in_them(
     assert list((tmp_path / "cache" / "index").iterdir()) == []
 
 
+def test_the_knn_folders_must_have_the_same_classes(tmp_path):
+    """A label is an index into the class folders: a bank of other classes than the queries' would give wrong
+    figures, or stop the final evaluation after the training."""
+    val = make_image_folder(tmp_path / "val", classes=3, per_class=1)
+    with pytest.raises(FileNotFoundError) as error:
+        preflight.check_paths(tiny(tmp_path, f"data.val_root={val}"))
+    assert str(error.value) == (
+        f"data.root={tmp_path / 'data'} and data.val_root={val} have different class folders (only in data.val_root: "
+        "class2): the k-NN's labels index them, so point both at ImageFolders of the same classes"
+    )
+    bank = make_image_folder(tmp_path / "bank", classes=3, per_class=1)
+    preflight.check_paths(tiny(tmp_path, f"data.val_root={val}", f"data.knn_train_root={bank}"))  # the bank's classes
+
+
 def test_a_synthetic_run_reads_no_folder_and_writes_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTREG_CACHE", str(tmp_path / "cache"))
     cfg = load(*tiny_overrides(tmp_path / "no_data", tmp_path / "run"), "data.loader=synthetic")
