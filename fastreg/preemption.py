@@ -33,6 +33,19 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 log = logging.getLogger(__name__)
 _cleanups: list[Callable[[], None]] = []  # cleaned_up's, innermost last
+_forked = False  # True in a child forked from the process that installed the handlers (a DataLoader worker)
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) inherits the handlers and the cleanups, but owns none of the parent's
+    files and speaks for none of its run: a stop at once in it was removing the parent's partial file or lock,
+    and printing the parent's line once per worker."""
+    global _forked
+    _forked = True
+    _cleanups.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Preempted(Exception):
@@ -46,7 +59,12 @@ def stop_now(
     `cleaned_up` run (temporary files, OUT.partial, a lock), then outcome() says what was saved and what the same
     command does next. Nothing unwinds: an exception raised by a signal handler lands in whatever code runs, and
     third-party code took it for its own (an import cut short that then failed with a RecursionError, OmegaConf's
-    `except` turning it into an AttributeError, exit 1); and no atexit hook prints after the line."""
+    `except` turning it into an AttributeError, exit 1); and no atexit hook prints after the line.
+
+    In a forked child the exit is quiet and leaves every file as it is: the parent, which the same signal reaches
+    (Slurm and a terminal signal the whole group), says what its run saved."""
+    if _forked:
+        os._exit(EXIT_PREEMPTED)
     for clean in reversed(_cleanups):
         clean()
     line = f"{signal.Signals(signum).name} received {during}: stopped at once; {outcome()}; {program} exits with code "

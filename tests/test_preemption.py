@@ -236,6 +236,32 @@ def test_a_stop_signal_at_once_ends_the_process_whatever_code_it_interrupts(tmp_
     assert not (tmp_path / "partial").exists()
 
 
+IN_A_FORKED_WORKER = """
+import multiprocessing, os, signal, time
+from pathlib import Path
+from fastreg.preemption import AtOnce, cleaned_up
+
+with AtOnce("the program", lambda: "nothing was saved"):
+    partial = Path("partial")
+    partial.touch()
+    with cleaned_up(lambda: partial.unlink(missing_ok=True)):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader's
+        worker.start()
+        time.sleep(0.5)
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(30)
+        print(worker.exitcode, partial.exists())
+"""
+
+
+def test_a_forked_worker_stopped_at_once_leaves_the_parents_files_and_says_nothing(tmp_path):
+    """A DataLoader worker forked during start-up or the final evaluation inherited the handler and the cleanups: a
+    stop signal to it removed the parent's partial file (or lock) and printed the parent's line once per worker."""
+    command = [sys.executable, "-c", IN_A_FORKED_WORKER]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{EXIT_PREEMPTED} True\n", "")
+
+
 @pytest.mark.parametrize(
     "sig, when",
     [("TERM", "imports"), ("USR1", "index"), ("TERM", "index_after_a_preemption")],
