@@ -227,6 +227,8 @@ _MARKERS = (
     ("dinov2", ("mask_token", "backbone.mask_token")),
     ("dino", ("backbone.",)),
 )
+# SEED's main.py saves the whole SEED module: student.*, teacher.* (the frozen copy it distilled) and the queue
+_DISTILLED = ("student.", "teacher.")
 _FORMAT_HINT = f"set the layout with teacher.format=<{'|'.join(f for f in TEACHER_FORMATS if f != 'auto')}>"
 
 
@@ -266,6 +268,12 @@ def detect_format(keys: list[str], model_keys: dict[str, torch.Tensor], path: st
 
     BYOL's converted weights have plain torchvision keys, like torchvision's and Barlow Twins' own: they are
     detected as torchvision, and only teacher.arch=byol_resnet50 or teacher.format=byol says what they are."""
+    if all(any(k.startswith(p) for k in keys) for p in _DISTILLED):
+        raise ValueError(
+            f"teacher checkpoint {path} is a distillation run's (student.* next to teacher.* keys, as SEED saves "
+            "them), not a teacher's own weights: point teacher.checkpoint at the teacher's file (SEED's MoCo-v2 R50: "
+            "jianfw_mocov2_ResNet50_epoch200.pth)"
+        )
     for fmt, prefixes in _MARKERS:
         if any(k.startswith(prefixes) for k in keys):
             return fmt

@@ -154,6 +154,10 @@ def _moco(b: dict, h: dict) -> dict:
     return {"epoch": 200, "arch": "resnet50", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
 
 
+def _seed_moco(b: dict, h: dict) -> dict:
+    return {"state_dict": _with("module.encoder_q.", {**b, **_with("fc.", h)})}
+
+
 def _mocov3(b: dict, h: dict, head: str) -> dict:
     sd = {**_with("base_encoder.", b), **_with(f"base_encoder.{head}.", h)}
     sd.update({**_with("momentum_encoder.", b), **_with(f"momentum_encoder.{head}.", h)})
@@ -190,6 +194,9 @@ CASES = [
     ),
     Case("moco_v2", "resnet50", "resnet50", "moco", "moco", _moco, _moco_v2_head),
     Case("moco_v1", "resnet50", "resnet50", "moco", "moco", _moco, lambda d: nn.Linear(d, 128)),
+    # SEED's own MoCo-v2 teacher, jianfw_mocov2_ResNet50_epoch200.pth: only what SEED's tools/utils.py
+    # load_moco_teacher_encoder reads, checkpoint["state_dict"]'s module.encoder_q.* with the fc.0-ReLU-fc.2 projection
+    Case("seed_mocov2", "resnet50", "resnet50", "moco", "moco", _seed_moco, _moco_v2_head),
     Case(
         "mocov3_resnet",
         "resnet50",
@@ -633,6 +640,20 @@ def test_unknown_layout_is_an_error(tmp_path):
     torch.save({"encoder.layers.0.weight": torch.ones(2)}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match=r"no known layout.*encoder\.layers\.0\.weight.*format=<torchvision\|moco"):
         build_teacher(TeacherConfig(arch="cnn_small", checkpoint=str(tmp_path / "odd.pth")))
+
+
+def test_a_seed_distillation_checkpoint_is_not_a_teacher(tmp_path):
+    """SEED's README lists its distilled students (resnet18_distill_resnet50-moco-v2-checkpoint_0199.pth.tar, ...)
+    beside its teachers; main.py saves the whole SEED module, the frozen teacher's copy included, under DDP's module."""
+    student, teacher = SmallCNN((16, 32, 64)), SmallCNN((32, 64, 128))
+    sd = {**_with("student.", student.state_dict()), **_with("teacher.", teacher.state_dict())}
+    sd = {**_with("module.", sd), "module.queue": torch.randn(128, 16), "module.queue_ptr": torch.zeros(1).long()}
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, tmp_path / "distilled.pth.tar")
+    with pytest.raises(ValueError) as err:
+        build_teacher(TeacherConfig(arch="cnn_small", checkpoint=str(tmp_path / "distilled.pth.tar")))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "distilled.pth.tar") in message
+    assert "distillation run's (student.* next to teacher.* keys" in message and "point teacher.checkpoint" in message
 
 
 def test_unreadable_checkpoints_name_the_path(tmp_path):
