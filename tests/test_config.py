@@ -93,6 +93,8 @@ def test_paper_recipes():
         (["data.small_patches=6"], "feeds SEED's second queue, and loss=simreg"),
         (["data.teacher_view=weak"], "data.augment's, which is weak too"),
         (["data.teacher_view=wek"], "data.teacher_view='wek' is not one of same, weak"),
+        (["data.teacher_crop=own"], "data.teacher_crop='own' is not one of shared, independent"),
+        (["data.teacher_crop=independent"], "teachers' own crop, and data.teacher_view=same shows them the student's"),
         (["data.loader=torchvision", "loss=seed", "data.small_patches=2"], "built with DALI ops"),
         (["data.small_patch_scale=[0.2,0.1]"], "data.small_patch_scale must be"),
         (["teacher.cache=/c", "data.augment=strong", "data.teacher_view=weak"], "teacher.cache holds one feature"),
@@ -102,6 +104,15 @@ def test_paper_recipes():
 def test_views_that_cannot_work_together_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         load(BASE + ["experiment=none", *overrides])
+
+
+def test_two_weak_views_need_independent_crops():
+    """SimReg Table 7's "different crops, weak/weak" (--weak_weak without --single_aug): two weak views are two
+    views only when their crops are drawn apart; with a shared box the teachers' view is the student's."""
+    cfg = load(BASE + ["experiment=none", "data.teacher_view=weak", "data.teacher_crop=independent"])
+    assert (cfg.data.augment, cfg.data.teacher_view, cfg.data.teacher_crop) == ("weak", "weak", "independent")
+    with pytest.raises(ValueError, match="set data.augment=strong .*, data.teacher_crop=independent"):
+        load(BASE + ["experiment=none", "data.teacher_view=weak", "data.teacher_crop=shared"])
 
 
 RECIPES = [e for e in options("experiment") if e not in ("demo", "none")]
