@@ -182,13 +182,15 @@ class DataConfig:
     # What the teachers see. same: the student's view. weak: a weak view (crop + flip, no colours), the student
     # getting data.augment's colours on top; its crop box and flip are data.teacher_crop's. DALI only.
     teacher_view: str = "same"
-    # With teacher_view=weak, where the teachers' crop comes from (SimReg Table 7, "same image" vs "different crops"):
+    # With teacher_view=weak, where the teachers' crop comes from:
     #   shared       the student's very crop box and flip, so the teacher's target describes the pixels the student
-    #                sees; Table 7's best rows are the shared ones (same image, weak/weak: 54.8 1-NN).
+    #                sees (a setting of fastreg's, not in SimReg's Table 7).
     #   independent  a random-resized crop and a flip of their own, drawn apart from the student's: SimReg's
-    #                --weak_strong (dataloader.py TwoCropsTransform) with augment=strong (Table 7: 51.1 1-NN, 3.7
-    #                below the shared weak/weak row), or its --weak_weak without --single_aug with augment=weak
-    #                (54.7). The image is then decoded whole, without DALI's region-of-interest decode.
+    #                --weak_strong (dataloader.py TwoCropsTransform) with augment=strong, or --weak_weak without
+    #                --single_aug with augment=weak. SimReg's Table 7 (MoCo-v2 R50 -> ResNet-18) finds different
+    #                crops no better: weak/weak 54.7 1-NN against 54.8 for one shared view, and the weak teacher /
+    #                strong student pair 51.1. Keep shared unless reproducing those rows. The image is then decoded
+    #                whole, without DALI's region-of-interest decode (slower on large JPEGs).
     # Only teacher_view=weak has a crop of its own: independent with teacher_view=same is an error.
     teacher_crop: str = "shared"
     # SEED's small patches (main_small-patch.py, swav_small_aug): per image this many extra crops of

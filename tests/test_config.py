@@ -1,5 +1,6 @@
 """Every config composes and validates; typos and bad values fail with messages naming the key."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,49 @@ def test_two_weak_views_need_independent_crops():
     assert (cfg.data.augment, cfg.data.teacher_view, cfg.data.teacher_crop) == ("weak", "weak", "independent")
     with pytest.raises(ValueError, match="set data.augment=strong .*, data.teacher_crop=independent"):
         load(BASE + ["experiment=none", "data.teacher_view=weak", "data.teacher_crop=shared"])
+
+
+# SimReg's view flags (main.py) as dataloader.py get_train_loader builds them: TwoCropsTransform gives the student
+# (im_q) the second transform's view and the teacher (im_t) the first's, both the student's with --single_aug;
+# without a flag both are augmentation_strong. As (data.augment, data.teacher_view, data.teacher_crop).
+SIMREG_VIEWS = {
+    "--single_aug --weak_weak": ("weak", "same", "shared"),
+    "--single_aug": ("strong", "same", "shared"),
+    "--weak_weak": ("weak", "weak", "independent"),
+    "--weak_strong": ("strong", "weak", "independent"),
+}
+# SimReg Table 7 (arXiv 2201.05131), MoCo-v2 R50 -> ResNet-18, 1-NN / 20-NN / linear, by those flags.
+TABLE_7 = {
+    "--single_aug --weak_weak": "54.8 / 59.9 / 65.1",
+    "--single_aug": "53.4 / 59.0 / 64.3",
+    "--weak_weak": "54.7 / 59.8 / 64.6",
+    "--weak_strong": "51.1 / 56.5 / 62.0",
+    "no view flag": "50.3 / 56.0 / 61.4",
+}
+
+
+def table_7_rows() -> list[list[str]]:
+    """The cells of the README's table of Table 7 overrides, one list per row."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("| SimReg Table 7 row"))
+    rows = [line.strip() for line in itertools.takewhile(lambda line: line.strip().startswith("|"), lines[start + 2 :])]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_readme_table_7_overrides_compose_into_simregs_views():
+    """Each row of the README's Table 7 table: its overrides on experiment=simreg_r50_r18 give the views that its
+    SimReg flags build, and its figures are the paper's; the row without overrides says why."""
+    rows = table_7_rows()
+    flags = [next(f for f in TABLE_7 if f"({f}" in setting or f"(`{f}`" in setting) for setting, _, _ in rows]
+    assert flags == list(TABLE_7)  # every row once, in the paper's order
+    for flag, (_, overrides, figures) in zip(flags, rows):
+        assert figures == f"{TABLE_7[flag]} (Table 7)", flag
+        if flag not in SIMREG_VIEWS:
+            assert overrides.startswith("not available"), flag
+            continue
+        args = [] if overrides == "none" else overrides.strip("`").split()
+        cfg = load(BASE + ["experiment=simreg_r50_r18", *args]).data
+        assert (cfg.augment, cfg.teacher_view, cfg.teacher_crop) == SIMREG_VIEWS[flag], flag
 
 
 RECIPES = [e for e in options("experiment") if e not in ("demo", "none")]
