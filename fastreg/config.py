@@ -190,7 +190,7 @@ class DataConfig:
     #                --single_aug with augment=weak. SimReg's Table 7 (MoCo-v2 R50 -> ResNet-18) finds different
     #                crops no better: weak/weak 54.7 1-NN against 54.8 for one shared view, and the weak teacher /
     #                strong student pair 51.1. Keep shared unless reproducing those rows. The image is then decoded
-    #                whole, without DALI's region-of-interest decode (slower on large JPEGs).
+    #                whole, without DALI's region-of-interest decode, as with small patches.
     # Only teacher_view=weak has a crop of its own: independent with teacher_view=same is an error.
     teacher_crop: str = "shared"
     # SEED's small patches (main_small-patch.py, swav_small_aug): per image this many extra crops of

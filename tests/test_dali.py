@@ -412,8 +412,8 @@ def test_state_of_another_loader_or_dataset_restarts_the_order_with_a_warning(tm
 
 
 def test_state_of_a_pipeline_with_other_views_restarts_the_order_with_a_warning(tmp_path, caplog):
-    """A state saved with small patches or a teacher view fits only a pipeline with the same operators; another
-    one starts over with a warning (trainer.resume_force), where DALI would stop on it."""
+    """A state saved with small patches, a teacher view or its shared crop fits only a pipeline with the same
+    operators; another one starts over with a warning (trainer.resume_force), where DALI would stop on it."""
     root = make_image_folder(tmp_path, per_class=4)
     patched = dali_loader(root, small_patches=2, small_patch_size=8)
     next(iter(patched.epoch(0)))
@@ -423,7 +423,11 @@ def test_state_of_a_pipeline_with_other_views_restarts_the_order_with_a_warning(
             root, checkpoint=dali_loader(root).state_dict(), small_patches=2, small_patch_size=8
         )
         assert patched_again.position == (0, 0)
-    assert sum("another views" in r.getMessage() for r in caplog.records) == 2
+        shared = dali_loader(root, **TEACHER_VIEW)
+        next(iter(shared.epoch(0)))
+        independent = dali_loader(root, checkpoint=shared.state_dict(), teacher_crop="independent", **TEACHER_VIEW)
+        assert independent.position == (0, 0)
+    assert sum("another views" in r.getMessage() for r in caplog.records) == 3
 
 
 # ------------------------------------------------------------------------- parity with torchvision
