@@ -299,6 +299,7 @@ LATER_KEYS = {
     "teacher.cache": None,
     "teachers.*.cache": None,
     "data.teacher_view": "same",
+    "data.teacher_crop": "shared",
     "data.small_patches": 0,
     "data.small_patch_size": 96,
     "data.small_patch_scale": [0.05, 0.14],

@@ -156,6 +156,7 @@ class LossConfig:
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 AUGMENTS = ("weak", "strong", "simclr")
 TEACHER_VIEWS = ("same", "weak")
+TEACHER_CROPS = ("shared", "independent")
 
 
 @dataclass
@@ -178,11 +179,20 @@ class DataConfig:
     #   simclr  + grayscale p=0.2, then ColorJitter(0.4,0.4,0.4,0.4) on every image in a random order, no blur:
     #           SEED with a SimCLR teacher (simclr_aug, the same as its mocov1_aug)
     augment: str = "weak"
-    # What the teachers see. same: the student's view. weak: the weak view (crop + flip) of the student's very crop
-    # box and flip, the student getting data.augment's colours on top: SimReg's --weak_strong with augment=strong.
-    # The official code (dataloader.py TwoCropsTransform) draws the two views' crops independently; here they share
-    # one box, so the teacher's target describes the pixels the student sees. DALI only.
+    # What the teachers see. same: the student's view. weak: a weak view (crop + flip, no colours), the student
+    # getting data.augment's colours on top; its crop box and flip are data.teacher_crop's. DALI only.
     teacher_view: str = "same"
+    # With teacher_view=weak, where the teachers' crop comes from:
+    #   shared       the student's very crop box and flip, so the teacher's target describes the pixels the student
+    #                sees (a setting of fastreg's, not in SimReg's Table 7).
+    #   independent  a random-resized crop and a flip of their own, drawn apart from the student's: SimReg's
+    #                --weak_strong (dataloader.py TwoCropsTransform) with augment=strong, or --weak_weak without
+    #                --single_aug with augment=weak. SimReg's Table 7 (MoCo-v2 R50 -> ResNet-18) finds different
+    #                crops no better: weak/weak 54.7 1-NN against 54.8 for one shared view, and the weak teacher /
+    #                strong student pair 51.1. Keep shared unless reproducing those rows. The image is then decoded
+    #                whole, without DALI's region-of-interest decode, as with small patches.
+    # Only teacher_view=weak has a crop of its own: independent with teacher_view=same is an error.
+    teacher_crop: str = "shared"
     # SEED's small patches (main_small-patch.py, swav_small_aug): per image this many extra crops of
     # small_patch_size px at small_patch_scale, each with its own crop, flip and data.augment colours, through
     # student and teachers; loss=seed adds their term over a second queue. 0: none; SEED's recipe: 6 at 96 px,
@@ -224,10 +234,17 @@ class DataConfig:
         if self.augment != "weak" and self.loader == "torchvision":
             raise ValueError(f"data.augment={self.augment} is built with DALI ops: use data.loader=dali or auto")
         _check_choice("data.teacher_view", self.teacher_view, TEACHER_VIEWS)
-        if self.teacher_view == "weak" and self.augment == "weak":
+        _check_choice("data.teacher_crop", self.teacher_crop, TEACHER_CROPS)
+        if self.teacher_crop == "independent" and self.teacher_view != "weak":
             raise ValueError(
-                "data.teacher_view=weak gives the teachers the weak view and the student data.augment's, which is "
-                "weak too: set data.augment=strong (SimReg's --weak_strong) or data.teacher_view=same"
+                f"data.teacher_crop=independent draws the teachers' own crop, and data.teacher_view={self.teacher_view} "
+                "shows them the student's view: set data.teacher_view=weak or data.teacher_crop=shared"
+            )
+        if self.teacher_view == "weak" and self.augment == "weak" and self.teacher_crop == "shared":
+            raise ValueError(
+                "data.teacher_view=weak gives the teachers the weak view of the student's crop and the student "
+                "data.augment's, which is weak too: set data.augment=strong (SimReg's --weak_strong), "
+                "data.teacher_crop=independent (two weak crops) or data.teacher_view=same"
             )
         if self.small_patches < 0:
             raise ValueError(f"data.small_patches must be >= 0 (0: none), got {self.small_patches}")

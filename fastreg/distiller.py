@@ -1,8 +1,9 @@
 """The Distiller: teachers, student, heads and losses in one module, a batch -> loss.
 
     s = student(x)                                   # (B, d) pooled feature of the student's view x
-    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x; or the weak view of x's crop
-                                                     #   (data.teacher_view=weak); or the image's cached feature
+    for each teacher i:  t_i = teacher_i(x)          # (B, D_i), frozen, the SAME x; or a weak view of x's crop,
+                                                     #   or of a crop of its own (data.teacher_view=weak,
+                                                     #   data.teacher_crop); or the image's cached feature
                                                      #   (teacher.cache)
                          L_i = loss_i(head_i(s), t_i)    # fused simreg: all i in one kernel launch
                          # SEED's small patches p (data.small_patches): + CE(head_i(student(p)), teacher_i(p))

@@ -3,9 +3,10 @@
 Training yields one augmented view per image, which feeds the student and, by default, every teacher. It is
 SimReg's weak view (crop + flip), or with data.augment=strong|simclr SEED's MoCo-v2 or SimCLR colour
 augmentation on top (ColorJitter in a random order per image, grayscale, blur). data.teacher_view=weak adds
-the teachers' own view: the same crop box and flip without the colours. data.small_patches=P adds SEED's P small
-patches per image, each cut, coloured and flipped on its own. On a GPU, `decoders.image_random_crop(device="mixed")`
-decodes only the crop's region (the whole image when patches are on); `crop_mirror_normalize(output_layout="HWC")`
+the teachers' own view without the colours: the same crop box and flip, or with data.teacher_crop=independent a
+crop and flip of its own. data.small_patches=P adds SEED's P small patches per image, each cut, coloured and
+flipped on its own. On a GPU, `decoders.image_random_crop(device="mixed")` decodes only the crop's region (the
+whole image when patches or independent crops are on); `crop_mirror_normalize(output_layout="HWC")`
 writes an NHWC buffer, and the NCHW view of it that the trainer receives is already channels_last, without a copy.
 
 The file list comes from `fastreg.index`, which decode-checks every image first: one corrupt JPEG
@@ -235,29 +236,45 @@ def train_outputs(cfg: DataConfig) -> list[str]:
     return ["images", "positions", *teacher, *(["patches"] if cfg.small_patches else [])]
 
 
+def independent_teacher_crop(cfg: DataConfig) -> bool:
+    return cfg.teacher_view == "weak" and cfg.teacher_crop == "independent"
+
+
+def teacher_weak_view(cfg: DataConfig, whole, crops, mirror, dtype):
+    """The teachers' weak view, normalized: data.teacher_crop=shared the student's `crops` and `mirror` without
+    the colours; independent a random-resized crop of the `whole` image and a flip of their own (SimReg's
+    TwoCropsTransform). Each DALI random op draws from its own seed, which the pipeline's seed gives it, so the
+    teachers' box and flip are drawn apart from the student's, and replay with the pipeline's seed and state."""
+    if independent_teacher_crop(cfg):
+        crops = random_resized_crop(whole, cfg.crop_size, cfg.scale, cfg.ratio, cfg.antialias)
+        mirror = fn.random.coin_flip(probability=0.5)
+    return normalize(crops, mirror, dtype)
+
+
 @pipeline_def
 def train_view(index: DatasetIndex, shard: Shard, cfg: DataConfig, gpu: bool, shuffle_seed: int, half: bool):
     """The training views, in the order of train_outputs(cfg), normalized and FLOAT16 if `half` else FLOAT
     (FLOAT16 halves the GPU's traffic; on the CPU it is slower than FLOAT):
     images (B, H, W, 3), the student's view: a random-resized crop, flipped, with data.augment's colours;
     positions (B, 1) in index.samples;
-    teacher_images (B, H, W, 3), data.teacher_view=weak: the same crop and flip without the colours;
+    teacher_images (B, H, W, 3), data.teacher_view=weak: teacher_weak_view's crop and flip, without the colours;
     patches (B, P, p, p, 3), data.small_patches=P.
 
-    Without patches, the decoder decodes only the crop's region. With them, the image is decoded whole once and
-    every crop cut from it: a patch may lie anywhere in the image."""
+    Without patches or an independent teachers' crop, the decoder decodes only the crop's region. With them, the
+    image is decoded whole once and every crop cut from it: a patch or the teachers' crop may lie anywhere in it."""
     jpegs, positions = read_files(index, shard, shuffle=True, seed=shuffle_seed, positions=True)
     dtype = types.FLOAT16 if half else types.FLOAT
-    if cfg.small_patches:
+    whole = None
+    if cfg.small_patches or independent_teacher_crop(cfg):
         whole = fn.decoders.image(jpegs, **training_decoder(cfg, gpu))
         crops = random_resized_crop(whole, cfg.crop_size, cfg.scale, cfg.ratio, cfg.antialias)
     else:
         crops = decode_crop(jpegs, cfg, gpu)
     images = colour_view(crops, cfg.augment)
-    mirror = fn.random.coin_flip(probability=0.5)  # shared by the student's and the teachers' views
+    mirror = fn.random.coin_flip(probability=0.5)
     views = {"images": normalize(images, mirror, dtype), "positions": positions.gpu() if gpu else positions}
     if cfg.teacher_view == "weak":
-        views["teacher_images"] = normalize(crops, mirror, dtype)
+        views["teacher_images"] = teacher_weak_view(cfg, whole, crops, mirror, dtype)
     if cfg.small_patches:
         views["patches"] = small_patches(whole, cfg, dtype)
     return tuple(views[name] for name in train_outputs(cfg))
@@ -418,6 +435,7 @@ class DaliLoader:
         self.identity = dataset_identity(self.name, index, shard.num_shards, cfg.batch_size, self.batches)
         # DALI restores a state only into the same operators; None for one view (as states saved before it)
         views = f"{cfg.augment}, teacher_view={cfg.teacher_view}, small_patches={cfg.small_patches}"
+        views += ", teacher_crop=independent" if independent_teacher_crop(cfg) else ""  # shared: as states before it
         self.identity["views"] = views if cfg.teacher_view != "same" or cfg.small_patches else None
         checkpoint = usable_state(checkpoint, self.identity, order_has_state=True)
         # (epoch, batches of it done): DALI's reader advances its shuffle once per pass and cannot skip.

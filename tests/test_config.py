@@ -1,5 +1,6 @@
 """Every config composes and validates; typos and bad values fail with messages naming the key."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,8 @@ def test_paper_recipes():
         (["data.small_patches=6"], "feeds SEED's second queue, and loss=simreg"),
         (["data.teacher_view=weak"], "data.augment's, which is weak too"),
         (["data.teacher_view=wek"], "data.teacher_view='wek' is not one of same, weak"),
+        (["data.teacher_crop=own"], "data.teacher_crop='own' is not one of shared, independent"),
+        (["data.teacher_crop=independent"], "teachers' own crop, and data.teacher_view=same shows them the student's"),
         (["data.loader=torchvision", "loss=seed", "data.small_patches=2"], "built with DALI ops"),
         (["data.small_patch_scale=[0.2,0.1]"], "data.small_patch_scale must be"),
         (["teacher.cache=/c", "data.augment=strong", "data.teacher_view=weak"], "teacher.cache holds one feature"),
@@ -102,6 +105,58 @@ def test_paper_recipes():
 def test_views_that_cannot_work_together_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         load(BASE + ["experiment=none", *overrides])
+
+
+def test_two_weak_views_need_independent_crops():
+    """SimReg Table 7's "different crops, weak/weak" (--weak_weak without --single_aug): two weak views are two
+    views only when their crops are drawn apart; with a shared box the teachers' view is the student's."""
+    cfg = load(BASE + ["experiment=none", "data.teacher_view=weak", "data.teacher_crop=independent"])
+    assert (cfg.data.augment, cfg.data.teacher_view, cfg.data.teacher_crop) == ("weak", "weak", "independent")
+    with pytest.raises(ValueError, match="set data.augment=strong .*, data.teacher_crop=independent"):
+        load(BASE + ["experiment=none", "data.teacher_view=weak", "data.teacher_crop=shared"])
+
+
+# SimReg's view flags (main.py) as dataloader.py get_train_loader builds them: TwoCropsTransform gives the student
+# (im_q) the second transform's view and the teacher (im_t) the first's, both the student's with --single_aug;
+# without a flag both are augmentation_strong. As (data.augment, data.teacher_view, data.teacher_crop).
+SIMREG_VIEWS = {
+    "--single_aug --weak_weak": ("weak", "same", "shared"),
+    "--single_aug": ("strong", "same", "shared"),
+    "--weak_weak": ("weak", "weak", "independent"),
+    "--weak_strong": ("strong", "weak", "independent"),
+}
+# SimReg Table 7 (arXiv 2201.05131), MoCo-v2 R50 -> ResNet-18, 1-NN / 20-NN / linear, by those flags.
+TABLE_7 = {  # linear / 20-NN / 1-NN
+    "--single_aug --weak_weak": "65.1 / 59.9 / 54.8",
+    "--single_aug": "64.3 / 59.0 / 53.4",
+    "--weak_weak": "64.6 / 59.8 / 54.7",
+    "--weak_strong": "62.0 / 56.5 / 51.1",
+    "no view flag": "61.4 / 56.0 / 50.3",
+}
+
+
+def table_7_rows() -> list[list[str]]:
+    """The cells of the README's table of Table 7 overrides, one list per row."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("| SimReg Table 7 row"))
+    rows = [line.strip() for line in itertools.takewhile(lambda line: line.strip().startswith("|"), lines[start + 2 :])]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_readme_table_7_overrides_compose_into_simregs_views():
+    """Each row of the README's Table 7 table: its overrides on experiment=simreg_r50_r18 give the views that its
+    SimReg flags build, and its figures are the paper's; the row without overrides says why."""
+    rows = table_7_rows()
+    flags = [next(f for f in TABLE_7 if f"({f}" in setting or f"(`{f}`" in setting) for setting, _, _ in rows]
+    assert flags == list(TABLE_7)  # every row once, in the paper's order
+    for flag, (_, overrides, figures) in zip(flags, rows):
+        assert figures == f"{TABLE_7[flag]} (Table 7)", flag
+        if flag not in SIMREG_VIEWS:
+            assert overrides.startswith("not available"), flag
+            continue
+        args = [] if overrides == "none" else overrides.strip("`").split()
+        cfg = load(BASE + ["experiment=simreg_r50_r18", *args]).data
+        assert (cfg.augment, cfg.teacher_view, cfg.teacher_crop) == SIMREG_VIEWS[flag], flag
 
 
 RECIPES = [e for e in options("experiment") if e not in ("demo", "none")]

@@ -364,6 +364,8 @@ TEACHER_VIEW = dict(augment="strong", teacher_view="weak")
         (4, dict(PATCHES, augment="strong")),
         (3, TEACHER_VIEW),
         (9, dict(TEACHER_VIEW, **PATCHES)),
+        (3, dict(TEACHER_VIEW, teacher_crop="independent")),
+        (9, dict(teacher_view="weak", teacher_crop="independent", **PATCHES)),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v),
 )
@@ -410,8 +412,8 @@ def test_state_of_another_loader_or_dataset_restarts_the_order_with_a_warning(tm
 
 
 def test_state_of_a_pipeline_with_other_views_restarts_the_order_with_a_warning(tmp_path, caplog):
-    """A state saved with small patches or a teacher view fits only a pipeline with the same operators; another
-    one starts over with a warning (trainer.resume_force), where DALI would stop on it."""
+    """A state saved with small patches, a teacher view or its shared crop fits only a pipeline with the same
+    operators; another one starts over with a warning (trainer.resume_force), where DALI would stop on it."""
     root = make_image_folder(tmp_path, per_class=4)
     patched = dali_loader(root, small_patches=2, small_patch_size=8)
     next(iter(patched.epoch(0)))
@@ -421,7 +423,11 @@ def test_state_of_a_pipeline_with_other_views_restarts_the_order_with_a_warning(
             root, checkpoint=dali_loader(root).state_dict(), small_patches=2, small_patch_size=8
         )
         assert patched_again.position == (0, 0)
-    assert sum("another views" in r.getMessage() for r in caplog.records) == 2
+        shared = dali_loader(root, **TEACHER_VIEW)
+        next(iter(shared.epoch(0)))
+        independent = dali_loader(root, checkpoint=shared.state_dict(), teacher_crop="independent", **TEACHER_VIEW)
+        assert independent.position == (0, 0)
+    assert sum("another views" in r.getMessage() for r in caplog.records) == 3
 
 
 # ------------------------------------------------------------------------- parity with torchvision
@@ -733,6 +739,60 @@ def test_small_patches_are_random_resized_crops_of_the_whole_image(tmp_path):
     # The global view: data.scale [0.2, 1] and data.ratio, cut from the same whole decode.
     assert 0.2 * 0.95 < images["area"].min() < 0.3 and 0.7 < images["area"].max() < 1.02
     assert 0.75 / 1.03 < images["ratio"].min() and images["ratio"].max() < 4 / 3 * 1.03
+
+
+def test_independent_teacher_crop_is_a_box_and_flip_of_its_own(tmp_path):
+    """data.teacher_crop=independent with augment=weak (SimReg's --weak_weak without --single_aug), 120 views of
+    10 coordinate PNGs: both views are colour-free, so both boxes are read off the pixels. The teachers' view is
+    cut from the same file as the student's, is a random-resized crop of data.scale and data.ratio, and its box
+    and flip are drawn apart from the student's: a shared box would put both corners on the same pixel and give
+    the same flip every time. Measured: corners apart by more than 2 px in all 120 views, area correlation
+    -0.09, the teachers' flips 0.47, agreeing with the student's in 0.50 of the views."""
+    ld = dali_loader(
+        coordinate_pngs(tmp_path, copies=10),
+        batch_size=4,
+        crop_size=32,
+        teacher_view="weak",
+        teacher_crop="independent",
+    )
+    boxes = [(crop_boxes(b.images), crop_boxes(b.teacher_images)) for epoch in range(15) for b in ld.epoch(epoch)]
+    student, teacher = ({k: torch.cat([b[i][k] for b in boxes]) for k in boxes[0][0]} for i in (0, 1))
+    assert len(student["area"]) == 120 and (student["file"] - teacher["file"]).abs().max() < 1
+    assert 0.2 * 0.95 < teacher["area"].min() < 0.3 and 0.7 < teacher["area"].max() < 1.02
+    assert 0.75 / 1.03 < teacher["ratio"].min() and teacher["ratio"].max() < 4 / 3 * 1.03
+    corner = torch.stack([student["left"] - teacher["left"], student["top"] - teacher["top"]], -1)
+    assert (corner.abs().amax(-1) > 2).float().mean() > 0.9, corner
+    areas = torch.corrcoef(torch.stack([student["area"], teacher["area"]]))[0, 1]
+    assert areas.abs() < 0.3, areas  # independent draws, not a box tied to the student's
+    assert 0.3 < teacher["flipped"].float().mean() < 0.7
+    assert 0.3 < (teacher["flipped"] == student["flipped"]).float().mean() < 0.7
+
+
+def test_independent_teacher_crop_under_the_strong_view(tmp_path):
+    """data.teacher_crop=independent with augment=strong (SimReg's --weak_strong), 80 views of edge_folder, read
+    as in test_teachers_weak_view_shares_the_students_crop_box_and_flip: the teachers' view stays colour-free, and
+    among the views where both show both steps, few have them on the same pixels (within 1) with the vertical one
+    turned the same way, as a shared box and flip would in every view; the flips agree in about half. Measured:
+    both steps seen in 67 of 80 views, 2 of them alike; flips agreeing in 0.46."""
+    ld = dali_loader(
+        edge_folder(tmp_path, copies=8),
+        batch_size=8,
+        crop_size=32,
+        augment="strong",
+        teacher_view="weak",
+        teacher_crop="independent",
+    )
+    views = [(pixels(b.images), pixels(b.teacher_images)) for epoch in range(10) for b in ld.epoch(epoch)]
+    student, teacher = torch.cat([s for s, _ in views]), torch.cat([t for _, t in views])
+    assert (teacher[:, 0] - teacher[:, 1]).abs().max() < 0.5 and teacher.min() > 39 and teacher.max() < 211
+    seen, alike = torch.ones(len(teacher), dtype=torch.bool), torch.ones(len(teacher), dtype=torch.bool)
+    for axis in (-1, -2):
+        (at, sign, strength), (student_at, student_sign, student_strength) = steps(teacher, axis), steps(student, axis)
+        seen &= (strength > 10) & (student_strength > 10)
+        alike &= ((student_at - at).abs() <= 1) & (student_sign == sign)
+    flips = steps(teacher, -1)[1] == steps(student, -1)[1]
+    assert seen.float().mean() > 0.5 and alike[seen].float().mean() < 0.2, (seen.float().mean(), alike[seen])
+    assert 0.3 < flips[seen].float().mean() < 0.7
 
 
 def test_each_patch_draws_its_own_colours(tmp_path):

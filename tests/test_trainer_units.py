@@ -200,13 +200,21 @@ def test_a_checkpoint_from_before_teacher_folding_resumes_only_with_eager_teache
 
 def test_a_checkpoint_from_before_the_views_and_the_cache_resumes_with_one_view_and_an_online_teacher(tmp_path):
     saved = {"data": {"augment": "weak"}, "teachers": [{"arch": "resnet50"}], "trainer": {"resume_force": False}}
-    views = {"teacher_view": "same", "small_patches": 0, "small_patch_size": 96, "small_patch_scale": [0.05, 0.14]}
+    views = {
+        "teacher_view": "same",
+        "teacher_crop": "shared",
+        "small_patches": 0,
+        "small_patch_size": 96,
+        "small_patch_scale": [0.05, 0.14],
+    }
     current = {
         "data": {"augment": "weak", **views},
         "teachers": [{"arch": "resnet50", "cache": None}],
         "trainer": {"resume_force": False},
     }
     ckpt.compare_configs(saved, current, tmp_path)
+    with pytest.raises(ValueError, match="data.teacher_crop 'shared' -> 'independent'"):
+        ckpt.compare_configs(saved, {**current, "data": {**current["data"], "teacher_crop": "independent"}}, tmp_path)
     with pytest.raises(ValueError, match="data.small_patches 0 -> 6"):
         ckpt.compare_configs(saved, {**current, "data": {**current["data"], "small_patches": 6}}, tmp_path)
     with pytest.raises(ValueError, match="teachers.0.cache None -> '/c'"):
