@@ -126,16 +126,17 @@ def test_seed_mobilenet_v3_block_applies_its_se_before_the_activation():
     with torch.no_grad():
         for m in block.modules():
             if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so a wrong order shows
-                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2), m.weight.normal_(1, 0.3)
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.3)
         c = block.conv
 
         def bn(i, x):
             return F.batch_norm(x, c[i].running_mean, c[i].running_var, c[i].weight, c[i].bias, eps=1e-5)
 
         def squeeze(x):  # x * h-sigmoid(Linear(ReLU(Linear(mean))))
-            y = F.linear(
-                F.relu(F.linear(x.mean(dim=(2, 3)), c[5].fc[0].weight, c[5].fc[0].bias)), *c[5].fc[2].parameters()
-            )
+            reduce, expand = c[5].fc[0], c[5].fc[2]
+            y = F.linear(F.relu(F.linear(x.mean(dim=(2, 3)), reduce.weight, reduce.bias)), expand.weight, expand.bias)
             return x * (F.relu6(y + 3) / 6)[:, :, None, None]
 
         def hswish(x):
