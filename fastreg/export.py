@@ -4,10 +4,12 @@
 
 An existing file is replaced only with --force, and never the checkpoint being exported (nor another name of it: a
 hard link, a symlink) or a read-only file. The heads, loss state (SEED's queue), optimizer, scaler and RNG state of the trainer checkpoint are
-dropped. For torchvision archs the weights are checked before anything is written: they must load
-into `torchvision.models.<arch>()` with the final classifier Linear's keys (fc.* for ResNets,
-classifier.3.* for MobileNet-v3-L, classifier.1.* for MobileNet-v2 and EfficientNet-B0) as the only
-missing ones, so `model.load_state_dict(sd, strict=False)` is all a user needs.
+dropped. The weights are checked before anything is written: they must load into the whole network of the
+library the student came from (`torchvision.models.<arch>()`, timm's `tf_efficientnet_b0`, SEED's MobileNet-v3-L as
+`fastreg.students.SeedMobileNetV3Large()`) with the final classifier Linear's keys (fc.* for ResNets and SEED's
+MobileNet-v3-L, classifier.3.* for torchvision's MobileNet-v3-L, classifier.1.* for MobileNet-v2 and torchvision's
+EfficientNet-B0, classifier.* for timm's) as the only missing ones, so `model.load_state_dict(sd, strict=False)` is
+all a user needs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torchvision
 
 from fastreg import checkpoint
 from fastreg.messages import listing
@@ -51,14 +52,15 @@ def check_keys(state_dict: dict, arch: str, path: str | Path, fix: str) -> None:
     """Raise ValueError unless `state_dict` is a whole `arch` backbone; the message names the file `path` it came
     from and ends with `fix`, what to do.
 
-    torchvision archs: it must load into torchvision.models.<arch>() with nothing unexpected and nothing
-    missing but the final classifier Linear the student drops (STUDENTS[arch].final_linear: fc, classifier.3
-    or classifier.1); MobileNet-v3-L's classifier.0 (Linear 960->1280) is part of the student and must be there.
+    The papers' archs: it must load into the whole network of the student's library (STUDENTS[arch].network:
+    torchvision's, timm's or SEED's MobileNet-v3-L) with nothing unexpected and nothing missing but the final
+    classifier Linear the student drops (STUDENTS[arch].final_linear: fc, classifier.3, classifier.1 or classifier);
+    MobileNet-v3-L's Linear 960->1280 is part of the student and must be there.
     Other archs (the demo CNNs): it must load strictly into Student(arch).backbone.
     """
     final = STUDENTS[arch].final_linear
     if final is not None:
-        reference = torchvision.models.get_model(arch)
+        reference = STUDENTS[arch].network()
         droppable = {f"{final}.{k}" for k in reference.get_submodule(final).state_dict()}  # {final}.weight, .bias
     else:
         reference, droppable = Student(arch).backbone, set()
@@ -158,12 +160,13 @@ def _write(state_dict: dict, out: Path) -> None:
 def load_hint(arch: str, path: Path) -> str:
     """Python lines that load an exported `arch` student from `path`."""
     load = f"sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True)"
-    _, dim, final = STUDENTS[arch]
+    dim, final, code = STUDENTS[arch].dim, STUDENTS[arch].final_linear, STUDENTS[arch].network_code
     if final is None:
         return f"import torch\nfrom fastreg.students import Student\n{load}\nmodel = Student({arch!r}).backbone\nmodel.load_state_dict(sd)"
     attr = re.sub(r"\.(\d+)", r"[\1]", final)  # classifier.3 -> classifier[3]
+    library = code.split("(")[0].rsplit(".", 1)[0]  # torchvision.models, timm, fastreg.students
     return (
-        f"import torch, torchvision\n{load}\nmodel = torchvision.models.{arch}()\n"
+        f"import torch, {library}\n{load}\nmodel = {code}\n"
         f"model.load_state_dict(sd, strict=False)  # only {final}.* is missing\n"
         f"model.{attr} = torch.nn.Identity()  # {dim}-d features (eval() turns any dropout before it off)"
     )

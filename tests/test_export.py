@@ -1,4 +1,5 @@
-"""fastreg.export: the student backbone alone, loadable into torchvision with only the classifier missing."""
+"""fastreg.export: the student backbone alone, loadable into its library (torchvision, timm, SEED's MobileNet-v3-L) with only
+the classifier missing."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
 
 from fastreg.export import export_student, load_hint, main
-from fastreg.students import Student
+from fastreg.students import SeedMobileNetV3Large, Student
 
 
 def _trained_student(arch: str, seed: int = 0) -> Student:
@@ -47,17 +49,25 @@ def _trainer_checkpoint(student: Student, path) -> None:
     )
 
 
-# the final classifier Linear each paper's network lacks: only its weight and bias may be missing in torchvision
+# the final classifier Linear each paper's network lacks: only its weight and bias may be missing in the library the
+# student came from
 FINAL_LINEAR = {
     "resnet18": "fc",
     "mobilenet_v2": "classifier.1",
     "mobilenet_v3_large": "classifier.3",
     "efficientnet_b0": "classifier.1",
+    "efficientnet_b0_tf": "classifier",
+    "mobilenet_v3_large_seed": "fc",
+}
+# that library's whole network, built as its users build it
+SOURCE = {
+    "efficientnet_b0_tf": lambda: timm.create_model("tf_efficientnet_b0"),
+    "mobilenet_v3_large_seed": SeedMobileNetV3Large,  # SEED's network, registered by fastreg (no library has it)
 }
 
 
 @pytest.mark.parametrize("arch", sorted(FINAL_LINEAR))
-def test_export_round_trip_into_torchvision(tmp_path, arch):
+def test_export_round_trip_into_its_library(tmp_path, arch):
     student = _trained_student(arch)
     _trainer_checkpoint(student, tmp_path / "ckpt.pt")
 
@@ -65,7 +75,7 @@ def test_export_round_trip_into_torchvision(tmp_path, arch):
 
     sd = torch.load(out, map_location="cpu", weights_only=True)
     assert set(sd) == set(student.backbone.state_dict())  # backbone only: heads, queue, optimizer dropped
-    model = getattr(torchvision.models, arch)()
+    model = SOURCE[arch]() if arch in SOURCE else getattr(torchvision.models, arch)()
     missing, unexpected = model.load_state_dict(sd, strict=False)
     final = FINAL_LINEAR[arch]
     assert sorted(missing) == [f"{final}.bias", f"{final}.weight"] and unexpected == []
@@ -86,7 +96,7 @@ def test_mobilenet_v3_without_its_1280_d_linear_is_refused(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "cnn_tiny"])
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0_tf", "mobilenet_v3_large_seed", "cnn_tiny"])
 def test_load_hint_gives_the_students_features(tmp_path, arch):
     """The lines the CLI prints, run as printed: the model gives the student's features."""
     student = _trained_student(arch)

@@ -13,7 +13,9 @@ DIMS = {
     "resnet50": 2048,
     "mobilenet_v2": 1280,
     "mobilenet_v3_large": 1280,
+    "mobilenet_v3_large_seed": 1280,
     "efficientnet_b0": 1280,
+    "efficientnet_b0_tf": 1280,
     "cnn_tiny": 64,
     "cnn_small": 128,
 }
@@ -63,7 +65,12 @@ def test_pooled_students_match_torchvision_without_its_final_linear(arch):
 
 
 # The module whose output SEED's Dropout(0.2) takes: h-swish after Linear(960, 1280); EfficientNet's pooling
-DROPPED_FROM = {"mobilenet_v3_large": "classifier.1", "efficientnet_b0": "avgpool"}
+DROPPED_FROM = {
+    "mobilenet_v3_large": "classifier.1",
+    "mobilenet_v3_large_seed": "classifier.1",
+    "efficientnet_b0": "avgpool",
+    "efficientnet_b0_tf": "global_pool",
+}
 
 
 def _feature_and_dropout_input(student: Student, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
