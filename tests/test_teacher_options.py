@@ -92,3 +92,14 @@ def test_dtype_auto_stores_big_transformers_in_bf16(arch, dtype, amp, stored, mo
         reference = build_teacher(TeacherConfig(arch=arch, checkpoint="random", dtype="fp32", inference="eager"))(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference, rtol=0.1, atol=0.1)  # bf16 keeps 8 bits
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch16_dinov3"])
+def test_dino_teachers_attend_with_sdpa(arch, monkeypatch):
+    """One fused scaled_dot_product_attention per block (flash / memory-efficient kernels on a GPU), the same
+    attention class as their ViT-g and 7B."""
+    teacher, calls = _random(arch), []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    teacher(torch.randn(1, 3, 112, 112))
+    assert len(calls) == len(teacher.backbone.blocks)
