@@ -81,7 +81,9 @@ OFFICIAL: dict[str, Official] = {
     "vit_base_patch16_dinov3": _v3(768, 12, 12),
     "vit_large_patch16_dinov3": _v3(1024, 24, 16),
     "vit_huge_plus_patch16_dinov3": _v3(1280, 32, 20, ffn="swiglu", ratio=6.0),
-    "vit_7b_patch16_dinov3": _v3(4096, 40, 32, ffn="swiglu", ratio=3.0, align_to=64, qkv_bias=False, local_cls_norm=True),
+    "vit_7b_patch16_dinov3": _v3(
+        4096, 40, 32, ffn="swiglu", ratio=3.0, align_to=64, qkv_bias=False, local_cls_norm=True
+    ),
 }
 
 

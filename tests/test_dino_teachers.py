@@ -10,6 +10,7 @@ names and shapes on the meta device only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -17,9 +18,6 @@ import re
 import pytest
 import timm
 import torch
-from timm.models import eva
-from timm.models import vision_transformer as vit
-
 from dino_checkpoints import (
     OFFICIAL,
     dinov2_training,
@@ -28,10 +26,15 @@ from dino_checkpoints import (
     rope_periods,
     with_spec,
 )
-from fastreg.config import TeacherConfig
-from fastreg.teachers import TEACHERS, build_teacher
+from timm.models import eva
+from timm.models import vision_transformer as vit
 
-DIMS = {  # issue 25's registry dims
+from fastreg.config import TeacherConfig
+from fastreg.teachers import TEACHERS, build_teacher, vit_feature
+
+DIMS = {  # the registry dims (issue 25's, and the two DINOv2 ViTs registered before it)
+    "vit_small_patch14_dinov2": 384,
+    "vit_base_patch14_dinov2": 768,
     "vit_large_patch14_dinov2": 1024,
     "vit_giant_patch14_dinov2": 1536,
     "vit_small_patch14_reg4_dinov2": 384,
@@ -78,9 +81,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # Each official layout loads, and the teacher is timm's model holding the same weights
 
 
-def _hub(arch: str):
+def _hub(arch: str, **changes):
     def make(seed: int):
-        hub = official_state_dict(OFFICIAL[arch], seed)
+        hub = official_state_dict(with_spec(arch, **changes), seed)
         return hub, hub  # the hub .pth is the plain state_dict
 
     return make
@@ -102,6 +105,12 @@ LAYOUTS = {
     ),
     "dinov3_hub": ("vit_small_patch16_dinov3", "dinov3", _hub("vit_small_patch16_dinov3")),
     "dinov3_hub_swiglu": ("vit_small_plus_patch16_dinov3", "dinov3", _hub("vit_small_plus_patch16_dinov3")),
+    # the 7B's quirks on a small SwiGLU network: no qkv bias at all, local_cls_norm (for local crops, unused in eval)
+    "dinov3_hub_7b_quirks": (
+        "vit_small_plus_patch16_dinov3",
+        "dinov3",
+        _hub("vit_small_plus_patch16_dinov3", qkv_bias=False, local_cls_norm=True, align_to=64),
+    ),
     "dinov3_training": (
         "vit_small_patch16_dinov3",
         "dinov3",
@@ -132,7 +141,7 @@ def test_official_layout_equals_timm(name, explicit, layout_files, caplog):
     x = _images(arch)
     with torch.no_grad():
         expected = ref.forward_features(x)[:, 0]
-    assert teacher.dim == DIMS.get(arch, 384)
+    assert teacher.dim == DIMS[arch]
     out = teacher(x)
     assert out.shape == (2, teacher.dim) and out.dtype == torch.float32
     _close(out, expected)
@@ -154,6 +163,13 @@ def test_the_reference_tells_the_weights_apart(layout_files):
 # Wrong layouts are refused, by file and by problem
 
 
+@functools.cache
+def _official(arch: str) -> dict:
+    """The official hub state_dict of `arch` (seed 0), made once: tests change copies of it (new tensors, never in
+    place)."""
+    return official_state_dict(OFFICIAL[arch])
+
+
 def _save(tmp_path, sd, name="ckpt.pth"):
     path = tmp_path / name
     torch.save(sd, path)
@@ -169,7 +185,7 @@ def _refused(arch: str, path: str, fmt: str = "auto", **kw) -> str:
 @pytest.mark.parametrize("fmt", ["dinov3", "auto"])
 def test_dinov3_renamed_layer_scale_is_refused(tmp_path, fmt):
     arch = "vit_small_patch16_dinov3"
-    sd = official_state_dict(OFFICIAL[arch])
+    sd = dict(_official(arch))
     sd["blocks.3.ls1.scale"] = sd.pop("blocks.3.ls1.gamma")
     msg = _refused(arch, _save(tmp_path, sd), fmt)
     assert re.search(r"blocks\.3\.(ls1|gamma_1)", msg), msg
@@ -178,14 +194,14 @@ def test_dinov3_renamed_layer_scale_is_refused(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["dinov2", "auto"])
 def test_dinov2_registers_file_without_register_tokens_is_refused(tmp_path, fmt):
     arch = "vit_small_patch14_reg4_dinov2"
-    sd = official_state_dict(OFFICIAL[arch])
+    sd = dict(_official(arch))
     del sd["register_tokens"]
     msg = _refused(arch, _save(tmp_path, sd), fmt)
     assert re.search(r"register_tokens|reg_token", msg), msg
 
 
 def test_dinov2_file_with_registers_is_refused_by_the_arch_without(tmp_path):
-    sd = official_state_dict(OFFICIAL["vit_small_patch14_reg4_dinov2"])
+    sd = dict(_official("vit_small_patch14_reg4_dinov2"))
     msg = _refused("vit_small_patch14_dinov2", _save(tmp_path, sd))
     assert re.search(r"register_tokens|reg_token|pos_embed", msg), msg
 
@@ -201,12 +217,12 @@ def test_file_of_another_size_is_refused(tmp_path, arch):
 
 
 def test_dinov2_file_is_refused_by_a_dinov3_arch(tmp_path):
-    sd = official_state_dict(OFFICIAL["vit_small_patch14_dinov2"])
+    sd = dict(_official("vit_small_patch14_dinov2"))
     _refused("vit_small_patch16_dinov3", _save(tmp_path, sd))
 
 
 def test_dinov3_file_read_as_dinov2_is_refused(tmp_path):
-    sd = official_state_dict(OFFICIAL["vit_small_patch16_dinov3"])
+    sd = dict(_official("vit_small_patch16_dinov3"))
     _refused("vit_small_patch16_dinov3", _save(tmp_path, sd), "dinov2")
 
 
@@ -214,16 +230,32 @@ def test_dinov3_file_read_as_dinov2_is_refused(tmp_path):
 def test_nonzero_qkv_bias_is_refused_where_timm_has_none(tmp_path, part):
     """timm's DINOv3 models (no _qkvb) have no q/v bias: a file with one would silently lose it."""
     arch = "vit_small_patch16_dinov3"
-    sd = official_state_dict(OFFICIAL[arch])
+    sd = dict(_official(arch))
     d = OFFICIAL[arch].dim
+    sd["blocks.5.attn.qkv.bias"] = sd["blocks.5.attn.qkv.bias"].clone()
     sd["blocks.5.attn.qkv.bias"][part * d + 7] = 0.5
     msg = _refused(arch, _save(tmp_path, sd))
-    assert "bias" in msg, msg
+    assert "blocks.5.attn.qkv.bias" in msg, msg
+
+
+def test_masked_k_bias_is_not_a_bias(tmp_path):
+    """DINOv3 multiplies qkv.bias by bias_mask, zero on the K third: a non-zero value there never enters the network
+    (nor timm's, which drops K's bias), so the file is DINOv3's and loads."""
+    arch = "vit_small_patch16_dinov3"
+    sd = dict(_official(arch))
+    d = OFFICIAL[arch].dim
+    sd["blocks.5.attn.qkv.bias"] = sd["blocks.5.attn.qkv.bias"].clone()
+    sd["blocks.5.attn.qkv.bias"][d : 2 * d] = 0.5
+    assert sd["blocks.5.attn.qkv.bias_mask"][d : 2 * d].eq(0).all()
+    teacher = _teacher(arch, _save(tmp_path, sd))
+    x = _images(arch)
+    with torch.no_grad():
+        _close(teacher(x), timm_reference(arch, _official(arch)).forward_features(x)[:, 0])
 
 
 def test_rope_periods_other_than_timms_are_refused(tmp_path):
     arch = "vit_small_patch16_dinov3"
-    sd = official_state_dict(OFFICIAL[arch])
+    sd = dict(_official(arch))
     sd["rope_embed.periods"] = rope_periods(with_spec(arch, rope_base=1000.0))
     msg = _refused(arch, _save(tmp_path, sd))
     assert "periods" in msg, msg
@@ -276,14 +308,24 @@ def test_feature_on_a_conv_teacher():
 # The registry: every new arch builds, at its dim, from the official shapes
 
 
-@pytest.mark.parametrize("arch", list(DIMS))
-def test_registry_dim_and_random_build_on_meta(arch):
+@pytest.mark.parametrize("arch", list(OFFICIAL))
+def test_registry_network_on_meta(arch):
+    """Each DINOv2/v3 arch builds (checkpoint=random) at its registry dim, and the official hub layout of its size,
+    L/g/H+/7B included, maps onto its network through timm's filter, key for key and shape for shape. On the meta
+    device: no weights are made, the forward gives shapes only."""
     assert TEACHERS[arch].dim == DIMS[arch]
-    teacher = build_teacher(TeacherConfig(arch=arch, checkpoint="random"), device="meta")
-    assert teacher.dim == DIMS[arch]
-    out = teacher(torch.empty(2, 3, 224, 224, device="meta"))
-    assert out.shape == (2, DIMS[arch])
+    teacher = build_teacher(TeacherConfig(arch=arch, checkpoint="random", feature="cls_avgpool"), device="meta")
+    assert teacher.dim == 2 * DIMS[arch]
     assert not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.backbone.num_prefix_tokens == 1 + OFFICIAL[arch].n_tokens
+    sd = official_state_dict(OFFICIAL[arch], device="meta")
+    with contextlib.redirect_stdout(io.StringIO()):
+        weights = _timm_filter(arch)(dict(sd), teacher.backbone)
+    teacher.backbone.load_state_dict(weights, strict=True, assign=True)
+    # the backbone's tokens (Teacher.forward's autocast has no meta device)
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    assert vit_feature(teacher.backbone, x, "cls").shape == (2, DIMS[arch])
+    assert vit_feature(teacher.backbone, x, "cls_avgpool").shape == (2, 2 * DIMS[arch])
 
 
 @pytest.mark.parametrize("arch", SMALL)
@@ -291,17 +333,3 @@ def test_random_build_on_cpu(arch):
     teacher = build_teacher(TeacherConfig(arch=arch, checkpoint="random"))
     out = teacher(_images(arch))
     assert out.shape == (2, DIMS[arch]) and torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("arch", list(OFFICIAL))
-def test_official_shapes_fit_the_registry_network(arch):
-    """The official hub layout of every size, L/g/H+/7B included, maps onto the registry's network through timm's
-    filter, key for key and shape for shape (meta tensors: no weights are made)."""
-    with torch.device("meta"):
-        model = TEACHERS[arch].build()
-    sd = official_state_dict(OFFICIAL[arch], device="meta")
-    with contextlib.redirect_stdout(io.StringIO()):
-        weights = _timm_filter(arch)(dict(sd), model)
-    model.load_state_dict(weights, strict=True, assign=True)
-    n = OFFICIAL[arch].n_tokens
-    assert getattr(model, "num_prefix_tokens", 1) == 1 + n
