@@ -228,6 +228,15 @@ def _dinov2_keys(weights: StateDict, model: nn.Module, where: str) -> StateDict:
     the class token's position folded in, SwiGLU w12/w3 -> fc1/fc2). Training checkpoints built with block_chunks
     (FSDP) name block i blocks.<chunk>.<i>.*: flattened to blocks.<i>.* first."""
     flat = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in weights.items()}
+    registers = getattr(model, "reg_token", None) is not None
+    if ("register_tokens" in flat) != registers:  # timm's filter would fail on the position embedding's shape
+        has, lacks, arch = ("teacher.arch", "the checkpoint", "vit_<size>_patch14_dinov2, without")
+        if not registers:
+            has, lacks, arch = ("the checkpoint", "teacher.arch", "vit_<size>_patch14_reg4_dinov2, with")
+        raise ValueError(
+            f"{where}: {has} has register tokens (register_tokens), {lacks} none: set teacher.arch to the DINOv2 "
+            f"ViT {arch} registers"
+        )
     return vision_transformer.checkpoint_filter_fn(flat, model)
 
 
@@ -256,12 +265,13 @@ def _check_rope_periods(weights: StateDict, model: nn.Module, where: str) -> Non
 
 
 def _without_zero_qkv_biases(weights: StateDict, model: nn.Module, where: str) -> StateDict:
-    """DINOv3 saves qkv.bias with a bias_mask that zeroes its k part; timm builds the released models without q/v
-    biases, as theirs are zero. On such a model, every qkv.bias (masked) must be zero: then it is dropped."""
+    """DINOv3 saves qkv.bias with a bias_mask (the forward adds bias * bias_mask); timm builds the released models
+    without biases, as theirs are zero, the masks too (facebookresearch/dinov3#195). On such a model, every masked
+    qkv.bias must be zero: then it is dropped."""
     if any(name.endswith("q_bias") for name, _ in model.named_parameters()):
         return weights
     biases = [k for k in weights if k.endswith("attn.qkv.bias")]
-    masked = {k: torch.where(weights.get(k + "_mask", torch.ones(1)) == 0, 0, weights[k]) for k in biases}
+    masked = {k: weights[k] * weights.get(k + "_mask", torch.ones(1)).nan_to_num(1.0) for k in biases}
     if nonzero := [k for k, bias in masked.items() if bias.any()]:
         raise ValueError(
             f"{where}: {len(nonzero)} attention biases are non-zero ({listing(nonzero)}); the network of teacher.arch "
