@@ -72,7 +72,7 @@ class HeadConfig:
 
 
 CACHE_REQUIRED = "required"  # teacher.cache in a recipe that needs one (python -m fastreg.cache_teacher unsets it)
-TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "simsiam", "dino", "dinov2")
+TEACHER_FORMATS = ("auto", "torchvision", "moco", "mocov3", "swav", "byol", "simsiam", "dino", "dinov2", "dinov3")
 
 
 @dataclass
@@ -103,9 +103,25 @@ class TeacherConfig:
     # table is loaded onto the device (ImageNet at 2048-d fp16: 5.2 GB). Its dataset and teacher are checked against
     # this run's at start-up. A cached recipe sets it to "required": the run stops until it is given.
     cache: str | None = None
+    # Vision transformers: which tokens make the feature (after the final norm). cls: the class token (dim), as
+    # DINO, DINOv2 and DINOv3 use it. cls_avgpool: [class token, mean of the patch tokens] (2 x dim), DINOv2's linear
+    # evaluation's input. Register (storage) tokens never enter it.
+    feature: str = "cls"
+    # The side of the square image the teacher sees: the student's crop is resized to it once on the device
+    # (bilinear, antialiased), not decoded twice. None: the crop as the pipeline gives it. DINOv2 and DINOv3 were
+    # trained at 224 (16 x 16 patches of 14 px, 14 x 14 of 16 px): their configs set 224.
+    input_size: int | None = None
+    # The teacher's weights and compute dtype. auto: bf16 for a transformer of 1B+ parameters (ViT-g, 7B) when
+    # trainer.precision is bf16, stored so with no autocast around it (half the memory of fp32 weights); every
+    # other teacher runs under the run's autocast. fp32: the weights as loaded, under autocast. bf16: always bf16.
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("teacher.format", self.format, TEACHER_FORMATS)
+        _check_choice("teacher.feature", self.feature, ("cls", "cls_avgpool"))
+        _check_choice("teacher.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        if self.input_size is not None:
+            _check_positive("teacher.input_size", self.input_size)
         _check_choice("teacher.inference", self.inference, ("auto", "folded", "eager"))
         if self.compile and self.inference == "eager":
             raise ValueError("teacher.compile=true compiles the folded teacher: set teacher.inference=folded or auto")

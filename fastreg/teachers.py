@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +30,8 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+from timm.models import eva, vision_transformer
 from torch import nn
 from torchvision import models as tvm
 
@@ -174,8 +178,26 @@ TEACHERS: dict[str, TeacherArch] = {
     "vit_small_mocov3": TeacherArch(_vit_small_mocov3, 384, False),  # MoCo-v3 ViT-S/16
     # DINO ViT-B/16; MoCo-v3's ViT-B is this network too (12 heads), its sin-cos pos_embed comes with its weights
     "vit_base_patch16": TeacherArch(lambda: _vit("vit_base_patch16_224"), 768, False),
-    "vit_small_patch14_dinov2": TeacherArch(lambda: _vit("vit_small_patch14_dinov2"), 384, False),
-    "vit_base_patch14_dinov2": TeacherArch(lambda: _vit("vit_base_patch14_dinov2"), 768, False),
+    # DINOv2 (facebookresearch/dinov2 hub, 518 px position embedding resampled to the input), with 4 registers or
+    # none; ViT-g's MLP is SwiGLU. The name is timm's model's.
+    **{
+        f"vit_{size}_patch14{reg}_dinov2": TeacherArch(partial(_vit, f"vit_{size}_patch14{reg}_dinov2"), dim, False)
+        for size, dim in (("small", 384), ("base", 768), ("large", 1024), ("giant", 1536))
+        for reg in ("", "_reg4")
+    },
+    # DINOv3 (facebookresearch/dinov3 hub): RoPE, 4 storage tokens, patch 16; S+, H+ and 7B have SwiGLU MLPs. S to
+    # H+ are distilled from the 7B. timm builds them without q/v biases: the released ones are zero (_dinov3_keys)
+    **{
+        f"vit_{size}_patch16_dinov3": TeacherArch(partial(_vit, f"vit_{size}_patch16_dinov3"), dim, False)
+        for size, dim in (
+            ("small", 384),
+            ("small_plus", 384),
+            ("base", 768),
+            ("large", 1024),
+            ("huge_plus", 1280),
+            ("7b", 4096),
+        )
+    },
     "cnn_small": TeacherArch(lambda: SmallCNN((32, 64, 128)), 128, True),  # the embedded demo's teacher
 }
 
@@ -192,9 +214,62 @@ class Layout:
     projection: tuple[str, ...] = ()  # sub-prefixes under the backbone prefix that hold the projection head
     ignored: tuple[str, ...] = ()  # sub-prefixes under it that are heads or classifiers, not backbone
     l2_normalized: bool = False  # the network itself L2-normalizes its projection's output
+    # (backbone keys without the prefix, meta model, where) -> the same in timm's names, for layouts whose key names
+    # are not timm's
+    convert: Callable[[StateDict, nn.Module, str], StateDict] | None = None
 
 
 _CLASSIFIERS = ("fc.", "head.")  # torchvision's and timm's classifier
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # blocks.<chunk>.<i>. -> blocks.<i>.
+
+
+def _dinov2_keys(weights: StateDict, model: nn.Module, where: str) -> StateDict:
+    """DINOv2's names -> timm's, by timm's vision_transformer.checkpoint_filter_fn (register_tokens -> reg_token with
+    the class token's position folded in, SwiGLU w12/w3 -> fc1/fc2). Training checkpoints built with block_chunks
+    (FSDP) name block i blocks.<chunk>.<i>.*: flattened to blocks.<i>.* first."""
+    flat = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in weights.items()}
+    return vision_transformer.checkpoint_filter_fn(flat, model)
+
+
+def _dinov3_keys(weights: StateDict, model: nn.Module, where: str) -> StateDict:
+    """DINOv3's names -> timm's, by timm's eva.checkpoint_filter_fn (storage_tokens -> reg_token, ls{1,2}.gamma ->
+    gamma_{1,2}, SwiGLU w1/w2/w3 -> fc1_g/fc1_x/fc2). Two things timm drops unchecked are checked first: the RoPE
+    periods, and the attention biases of a model without them."""
+    _check_rope_periods(weights, model, where)
+    return eva.checkpoint_filter_fn(_without_zero_qkv_biases(weights, model, where), model)
+
+
+def _check_rope_periods(weights: StateDict, model: nn.Module, where: str) -> None:
+    """The checkpoint's RoPE periods (rope_embed.periods, saved in bf16) must be those timm's model computes: other
+    periods (another base or min/max period) would rotate every query and key differently."""
+    rope = next((m for m in model.modules() if isinstance(m, RotaryEmbeddingDinoV3)), None)
+    saved = weights.get("rope_embed.periods")
+    if rope is None or saved is None:
+        return
+    ours = rope._compute_periods()  # (head_dim / 4,) float32
+    if saved.shape != ours.shape or not torch.allclose(saved.float(), ours, rtol=1e-2):  # bf16 keeps 8 bits
+        raise ValueError(
+            f"{where}: its RoPE periods (rope_embed.periods {listing(f'{p:.4g}' for p in saved.float().tolist())}) "
+            f"are not those of the teacher.arch's network ({listing(f'{p:.4g}' for p in ours.tolist())}): these "
+            "weights were trained with another position encoding; check teacher.arch"
+        )
+
+
+def _without_zero_qkv_biases(weights: StateDict, model: nn.Module, where: str) -> StateDict:
+    """DINOv3 saves qkv.bias with a bias_mask that zeroes its k part; timm builds the released models without q/v
+    biases, as theirs are zero. On such a model, every qkv.bias (masked) must be zero: then it is dropped."""
+    if any(name.endswith("q_bias") for name, _ in model.named_parameters()):
+        return weights
+    biases = [k for k in weights if k.endswith("attn.qkv.bias")]
+    masked = {k: torch.where(weights.get(k + "_mask", torch.ones(1)) == 0, 0, weights[k]) for k in biases}
+    if nonzero := [k for k, bias in masked.items() if bias.any()]:
+        raise ValueError(
+            f"{where}: {len(nonzero)} attention biases are non-zero ({listing(nonzero)}); the network of teacher.arch "
+            "has none, as the released DINOv3 weights' are zero. These are other weights: check teacher.checkpoint"
+        )
+    dropped = {*biases, *(k + "_mask" for k in biases)}
+    return {k: v for k, v in weights.items() if k not in dropped}
+
 
 LAYOUTS: dict[str, Layout] = {
     "torchvision": Layout(("",), ignored=_CLASSIFIERS),
@@ -214,16 +289,26 @@ LAYOUTS: dict[str, Layout] = {
     "simsiam": Layout(("encoder.",), projection=("fc.",)),
     # DINO full checkpoints: the teacher entry, backbone.* next to head.* (the DINO head); released weights: plain
     "dino": Layout(("backbone.", ""), ignored=_CLASSIFIERS),
-    # DINOv2's hub weights use timm's names; mask_token is used only by its iBOT loss
-    "dinov2": Layout(("backbone.", ""), ignored=("mask_token",) + _CLASSIFIERS),
+    # DINOv2 and DINOv3: their hub .pth (plain keys) or a training checkpoint's teacher (backbone.* next to
+    # dino_head.* and ibot_head.*). mask_token is used only by the iBOT loss; DINOv3's rope_embed.periods is a
+    # buffer timm computes (checked against it), local_cls_norm the 7B's norm for local crops, projectors.*
+    # EUPE's distillation heads.
+    "dinov2": Layout(("backbone.", ""), ignored=("mask_token",) + _CLASSIFIERS, convert=_dinov2_keys),
+    "dinov3": Layout(
+        ("backbone.", ""),
+        ignored=("mask_token", "rope_embed.", "local_cls_norm.", "projectors.") + _CLASSIFIERS,
+        convert=_dinov3_keys,
+    ),
 }
 _MOMENTUM_PREFIX = {"moco": "encoder_k.", "mocov3": "momentum_encoder."}  # teacher.momentum_encoder=true
 
-# Auto-detection, first hit wins: prefixed layouts are unambiguous; DINOv2 differs from a plain ViT by its mask_token
+# Auto-detection, first hit wins: prefixed layouts are unambiguous; DINOv2 differs from a plain ViT by its
+# mask_token, DINOv3 (which has one too) from DINOv2 by its storage (register) tokens
 _MARKERS = (
     ("moco", ("encoder_q.", "encoder_k.")),
     ("mocov3", ("base_encoder.", "momentum_encoder.")),
     ("swav", ("prototypes", "projection_head.")),
+    ("dinov3", ("storage_tokens", "backbone.storage_tokens")),
     ("dinov2", ("mask_token", "backbone.mask_token")),
     ("dino", ("backbone.",)),
 )
@@ -297,8 +382,22 @@ class _Split:
     unexpected: list[str] = field(default_factory=list)  # under the backbone prefix, yet not the backbone's
 
 
+def _prefix(weights: StateDict, layout: Layout) -> str:
+    return next((p for p in layout.prefixes if any(k.startswith(p) for k in weights)), layout.prefixes[0])
+
+
+def _timm_keys(weights: StateDict, layout: Layout, model: nn.Module, where: str) -> StateDict:
+    """The checkpoint with its backbone's keys (under the layout's prefix) converted to timm's names; the keys the
+    layout ignores are kept as they are, for _split to log."""
+    prefix = _prefix(weights, layout)
+    inner = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    kept = {k: v for k, v in weights.items() if not k.startswith(prefix) or k[len(prefix) :].startswith(layout.ignored)}
+    converted = layout.convert(dict(inner), model, where)
+    return {**kept, **{prefix + k: v for k, v in converted.items()}}
+
+
 def _split(weights: StateDict, layout: Layout, model_keys: dict[str, torch.Tensor], keep_projection: bool) -> _Split:
-    prefix = next((p for p in layout.prefixes if any(k.startswith(p) for k in weights)), layout.prefixes[0])
+    prefix = _prefix(weights, layout)
     proj = next((p for p in layout.projection if any(k.startswith(prefix + p) for k in weights)), None)
     out = _Split()
     for key, value in weights.items():
@@ -431,12 +530,17 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, nn.Sequential | None]
     fmt = detect_format(list(weights), model_keys, path) if cfg.format == "auto" else cfg.format
     where = f"teacher checkpoint {path} (format {fmt}{', detected' if cfg.format == 'auto' else ''})"
     layout = _layout(fmt, cfg.momentum_encoder)
+    if layout.convert is not None:
+        weights = _timm_keys(weights, layout, backbone, where)
     split = _split(weights, layout, model_keys, cfg.projection)
     _check_backbone(split, model_keys, cfg.arch, where)
     _check_network(cfg.arch, fmt, split.backbone, where)
     if cfg.projection and not split.projection:
         raise ValueError(f"teacher.projection=true, but {where} has no projection head (other layouts: {_FORMAT_HINT})")
     backbone.load_state_dict(split.backbone, assign=True)  # strict: the keys were checked above
+    for rope in (m for m in backbone.modules() if isinstance(m, RotaryEmbeddingDinoV3)):
+        rope.to_empty(device="cpu", recurse=False)  # its periods: a non-persistent buffer, computed, not loaded
+        rope._init_buffers()
     leftover = [n for n, t in chain(backbone.named_parameters(), backbone.named_buffers()) if t.is_meta]
     if leftover:  # a non-persistent buffer is never in a state_dict
         raise ValueError(f"teacher.arch={cfg.arch}: tensors outside its state_dict cannot load: {listing(leftover)}")
@@ -456,6 +560,17 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, nn.Sequential | None]
 # The teacher
 
 
+def vit_feature(vit: nn.Module, images: torch.Tensor, feature: str) -> torch.Tensor:
+    """A timm ViT's feature from its tokens after the final norm: cls (B, D), or cls_avgpool (B, 2D), the class
+    token next to the mean of the patch tokens (DINOv2's linear evaluation). Registers are prefix tokens: never in."""
+    tokens = vit.forward_features(images)  # (B, 1 + registers + patches, D)
+    cls = tokens[:, 0]
+    if feature == "cls":
+        return cls
+    patches = tokens[:, vit.num_prefix_tokens :]  # (B, patches, D)
+    return torch.cat([cls, patches.mean(dim=1)], dim=1)
+
+
 class Teacher(nn.Module):
     """A frozen backbone (and optional projection head): always in eval mode, no trainable parameters.
 
@@ -471,20 +586,28 @@ class Teacher(nn.Module):
         dim: int,
         projection: nn.Module | None = None,
         amp_dtype: torch.dtype | None = None,
+        feature: str | None = None,
+        input_size: int | None = None,
     ):
         super().__init__()
         self.name, self.arch, self.dim = name, arch, dim
         self.backbone, self.projection = backbone, projection
         self.amp_dtype = amp_dtype  # autocast dtype, e.g. torch.bfloat16; None runs fp32
-        self.backbone_dtype: torch.dtype | None = None  # set by fold(): the backbone runs in it, no autocast
+        self.backbone_dtype: torch.dtype | None = None  # set by store_in(): the backbone runs in it, no autocast
+        self.feature = feature  # a ViT's tokens to pool (vit_feature); None: the backbone's output is the feature
+        self.input_size = input_size  # images are resized to input_size^2 first; None: as they come
         self.float().requires_grad_(False).eval()  # float: a checkpoint may hold fp16 tensors
+
+    def store_in(self, dtype: torch.dtype) -> None:
+        """Keep the backbone's weights in `dtype` and run it in it, with no autocast (no per-step weight casts)."""
+        self.backbone_dtype = dtype
+        self.backbone.to(dtype)
 
     def fold(self) -> int:
         """The backbone as inference code (fastreg.teacher_inference): BatchNorms folded into the convolutions,
         weights stored in the autocast dtype. Returns how many BatchNorms were folded."""
         folded = fold_batch_norms(self.backbone)
-        self.backbone_dtype = self.amp_dtype or torch.float32
-        self.backbone.to(self.backbone_dtype)
+        self.store_in(self.amp_dtype or torch.float32)
         return folded
 
     def train(self, mode: bool = True) -> Teacher:
@@ -494,15 +617,38 @@ class Teacher(nn.Module):
         """images (B, 3, H, W) -> (B, dim) float32, a plain tensor (no grad) usable in a loss with the student."""
         amp = dict(device_type=images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with torch.inference_mode(), torch.autocast(**amp):
-            if self.backbone_dtype is not None:  # folded: stored in the compute dtype already
+            if self.input_size is not None and images.shape[-2:] != (self.input_size, self.input_size):
+                images = F.interpolate(  # (B, 3, H, W) -> (B, 3, S, S): one resize of the decoded crop
+                    images.float(), size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+                )
+            if self.backbone_dtype is not None:  # stored in its compute dtype already
                 with torch.autocast(images.device.type, enabled=False):
-                    feat = self.backbone(images.to(self.backbone_dtype)).float()  # (B, D) pooled
+                    feat = self._backbone(images.to(self.backbone_dtype)).float()  # (B, D) pooled
             else:
-                feat = self.backbone(images)  # (B, D) pooled
+                feat = self._backbone(images)  # (B, D) pooled
             if self.projection is not None:
                 feat = self.projection(feat)  # (B, D) -> (B, dim)
         # Inference tensors cannot be saved for backward: copy out of inference mode, into a normal fp32 tensor
         return feat.to(torch.float32, copy=True)
+
+    def _backbone(self, images: torch.Tensor) -> torch.Tensor:
+        if self.feature is None:
+            return self.backbone(images)
+        return vit_feature(self.backbone, images, self.feature)
+
+
+BIG_TEACHER_PARAMS = 10**9  # teacher.dtype=auto stores a transformer this big in bf16 in a bf16 run
+
+
+def _stored_dtype(cfg: TeacherConfig, teacher: Teacher, conv: bool) -> torch.dtype | None:
+    """bf16 where teacher.dtype asks for it, or (auto) for a transformer of 1B+ parameters under bf16 autocast:
+    ViT-g's fp32 weights take 4.5 GB, the 7B's 27 GB; in bf16, half. None: the run's autocast decides."""
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    big = sum(p.numel() for p in teacher.backbone.parameters()) >= BIG_TEACHER_PARAMS
+    if cfg.dtype == "auto" and not conv and big and teacher.amp_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 def build_teacher(
@@ -514,6 +660,12 @@ def build_teacher(
     if cfg.checkpoint is None:
         raise ValueError(f"teacher.checkpoint is not set for teacher {cfg.name or cfg.arch!r} (a path, or random)")
     arch, name = TEACHERS[cfg.arch], cfg.name or cfg.arch
+    if cfg.feature == "cls_avgpool" and (arch.conv or cfg.projection):
+        raise ValueError(
+            f"teacher {name!r}: teacher.feature=cls_avgpool pools a vision transformer's tokens; "
+            + ("a conv net has none" if arch.conv else "teacher.projection=true projects the class token alone")
+            + ": set teacher.feature=cls"
+        )
     if cfg.checkpoint == "random":
         if cfg.projection:
             raise ValueError(f"teacher {name!r}: teacher.projection=true needs a checkpoint with a projection head")
@@ -522,8 +674,12 @@ def build_teacher(
             backbone, projection = arch.build(), None
     else:
         backbone, projection = _load_backbone(cfg)
-    dim = _projection_dim(projection) if projection is not None else arch.dim
-    teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype)
+    dim = _projection_dim(projection) if projection is not None else arch.dim * (1 + (cfg.feature == "cls_avgpool"))
+    feature = None if arch.conv else cfg.feature
+    teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype, feature, cfg.input_size)
+    if stored := _stored_dtype(cfg, teacher, arch.conv):
+        teacher.store_in(stored)
+        log.info("teacher %s: weights stored and run in %s (teacher.dtype=%s), no autocast", name, stored, cfg.dtype)
     if arch.conv and (
         cfg.inference == "folded" or (cfg.inference == "auto" and torch.device(device).type == "cuda") or cfg.compile
     ):
