@@ -12,6 +12,9 @@
 #   profile     python -m benchmarks.profile: a chrome trace of a few e2e steps and the kernels by phase
 #   modes       python -m benchmarks.throughput --modes e2e --distill-modes: the same configuration as configured,
 #               with a cached teacher, weak/strong views, SEED and SEED + 6 small patches, e2e each
+#   dino        python -m benchmarks.throughput --modes e2e --distill-modes --distill-rows 2: DINOv3 ViT-L/16 -> R50
+#               (experiment=dinov3_vitl16_r50, random teacher weights), batch 256, bf16, e2e with the teacher online
+#               and cached; the cache write's time (4000 images, start-up included) is recorded too
 #   all         every part in order (more than one call's 10 minutes on an H100)
 #
 # BUDGET (seconds, default 540) bounds one invocation: every command runs under what is left of it, so the
@@ -21,8 +24,8 @@
 # Then commit them under benchmarks/results/ (the names carry the GPU, the date and the commit).
 set -uo pipefail
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|step|profile|modes|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(tests data kernels throughput step profile modes)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 tests|data|kernels|throughput|step|profile|modes|dino|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(tests data kernels throughput step profile modes dino)
 out=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$out"
 # The device tool's copy of the tree has no .git: pass the commit in, FASTREG_COMMIT=$(git rev-parse HEAD)
@@ -51,6 +54,9 @@ jpegs() { [ -d "$data" ] || limited python3 -m benchmarks.make_jpegs "$data" --i
 # speed does not depend on them)
 r50_r18=(experiment=simreg_r50_r18 teacher.checkpoint=random "data.root=$data" data.batch_size=256
          trainer.precision=bf16 data.workers=8)
+# DINOv3 ViT-L/16 -> R50, the same batch, crop and precision (the teacher at its 224 px)
+vitl16_r50=(experiment=dinov3_vitl16_r50 teacher.checkpoint=random "data.root=$data" data.batch_size=256
+            trainer.precision=bf16 data.workers=8)
 
 # Every part runs under a deadline, so that a device call returns (and $OUT comes back) before its 600 s limit:
 # the parts' time in one call shares BUDGET seconds (default 540), each command getting what is left.
@@ -90,6 +96,10 @@ for part in "${parts[@]}"; do
       jpegs || status=1
       limited python3 -m benchmarks.throughput --modes e2e --distill-modes --steps 30 --warmup 10 --out "$out" \
         "${r50_r18[@]}" || status=1 ;;
+    dino)
+      jpegs || status=1
+      limited python3 -m benchmarks.throughput --modes e2e --distill-modes --distill-rows 2 --steps 30 --warmup 10 \
+        --out "$out" "${vitl16_r50[@]}" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
 done

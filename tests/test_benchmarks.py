@@ -310,3 +310,43 @@ def test_distill_modes_on_cpu(tmp_path):
         ("seed", "same", 6),
     ]
     assert "| distillation mode (e2e) |" in next((tmp_path / "out" / "cpu").glob("*.md")).read_text()
+
+
+def test_distill_rows_runs_a_dinov3_teacher_online_and_cached(tmp_path):
+    """gpu_check.sh's dino part on a small stand-in: a DINOv3 teacher (by its registry name, random weights) online
+    and cached, only DISTILL_MODES' first two rows, and the cache write's own time and size recorded."""
+    from helpers import make_image_folder, tiny_overrides
+
+    from benchmarks.throughput import DISTILL_MODES, main, parse_args
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    images = sum(1 for p in data.rglob("*") if p.is_file())
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("trainer.out_dir")]
+    overrides = [o for o in overrides if o != "teacher=cnn_small"] + [
+        "teacher=vit_small_patch16_dinov3",
+        "teacher.input_size=32",  # 2 x 2 patches of 16: the path of 224, at a CPU test's cost
+    ]
+    args = [
+        "--modes",
+        "e2e",
+        "--distill-modes",
+        "--distill-rows",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--window",
+        "1",
+    ]
+    main([*args, "--out", str(tmp_path / "out"), *overrides])
+    saved = json.loads(next((tmp_path / "out" / "cpu").glob("*distill-modes.json")).read_text())
+    assert [t["arch"] for t in saved["config"]["teachers"]] == ["vit_small_patch16_dinov3"]
+    rows = saved["distill_modes"]
+    assert [r["row"] for r in rows] == [name for name, _ in DISTILL_MODES[:2]]
+    assert [r["teachers"] for r in rows] == [["eager"], ["cached"]] and all(r["img_per_s"] > 0 for r in rows)
+    cache = saved["cache_write"]
+    assert (cache["images"], cache["dim"]) == (images, 384) and cache["seconds"] > 0
+    assert "Cache written first" in next((tmp_path / "out" / "cpu").glob("*.md")).read_text()
+    with pytest.raises(SystemExit):
+        parse_args(["--distill-modes", "--distill-rows", "0"])

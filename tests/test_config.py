@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 import fastreg.configs
 from fastreg.config import to_config
+from fastreg.teachers import TEACHERS
 
 CONFIGS = Path(fastreg.configs.__file__).parent
 BASE = ["teacher.checkpoint=random", "data.root=/data/train", "trainer.out_dir=/tmp/x"]
@@ -86,6 +87,38 @@ def test_paper_recipes():
         assert cfg.teachers[0].format == fmt and cfg.teachers[0].cache == "/c" and cfg.head.kind == "simreg4"
         with pytest.raises(ValueError, match="teacher.cache must be set: this recipe trains against cached"):
             load(BASE + [f"experiment=simreg_{teacher}_r50_r18_cached"])  # never an online teacher by mistake
+
+
+# Issue 25's recipes: (recipe, teacher arch, its format, its feature's dim, student, cached). The arch names are
+# timm's, registered in fastreg.teachers.TEACHERS.
+DINO_RECIPES = [
+    ("dinov3_vitl16_r50", "vit_large_patch16_dinov3", "dinov3", 1024, "resnet50", False),
+    ("dinov3_vitl16_mbv3", "vit_large_patch16_dinov3", "dinov3", 1024, "mobilenet_v3_large", False),
+    ("dinov2_vitg14_r18_cached", "vit_giant_patch14_dinov2", "dinov2", 1536, "resnet18", True),
+]
+
+
+@pytest.mark.parametrize("recipe, arch, fmt, dim, student, cached", DINO_RECIPES)
+def test_dino_recipes_compose_with_their_teacher_student_and_simreg(recipe, arch, fmt, dim, student, cached):
+    assert (CONFIGS / "experiment" / f"{recipe}.yaml").exists()  # the glob-parametrized tests skip a missing one
+    extra = ["teacher.cache=/c"] if cached else ["teacher.checkpoint=random"]
+    cfg = load(["trainer.out_dir=/tmp/x", "data.root=/d", f"experiment={recipe}", *extra])
+    (t,) = cfg.teachers
+    assert (cfg.name, t.arch, t.format, cfg.student.arch) == (recipe, arch, fmt, student)
+    assert (t.feature, t.input_size, t.dtype, t.cache) == ("cls", 224, "auto", "/c" if cached else None)
+    # SimReg's recipe otherwise: its loss, 4-layer head, SGD at 0.05 for 130 epochs (simreg_r50_r18)
+    assert (cfg.loss.name, cfg.head.kind, cfg.optim.base_lr, cfg.trainer.epochs) == ("simreg", "simreg4", 0.05, 130)
+    assert TEACHERS[arch].dim == dim  # the head regresses this many numbers
+    if cached:
+        with pytest.raises(ValueError, match="teacher.cache must be set"):
+            load(["trainer.out_dir=/tmp/x", "data.root=/d", f"experiment={recipe}"])  # never the 1B teacher online
+
+
+@pytest.mark.parametrize("option", [o for o in options("teacher") if o.endswith(("_dinov2", "_dinov3"))])
+def test_dinov2_and_dinov3_teachers_run_at_224(option):
+    """The resolution follows the patch size: 224 for /14 and /16, whatever the student's crop."""
+    cfg = load(BASE + ["experiment=none", f"teacher={option}", "data.crop_size=160"])
+    assert cfg.teachers[0].arch == option and cfg.teachers[0].input_size == 224
 
 
 @pytest.mark.parametrize(

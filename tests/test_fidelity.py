@@ -70,3 +70,30 @@ def test_recipe_yaml_figures_equal_the_readme_table(recipe):
     readme_numbers, readme_source = readme_figures(README.read_text())[recipe]
     assert figures == readme_numbers, f"{recipe}: YAML {figures} vs README {readme_numbers}"
     assert readme_source == source or readme_source.startswith(source + ";"), (source, readme_source)
+
+
+# Recipes on today's teachers (issue 25): no paper ran SimReg or SEED on them, so each states "not reported" with "-"
+# for every figure, and names the published figures of other setups with their source or says they are not checked.
+DINO_RECIPES = ("dinov3_vitl16_r50", "dinov3_vitl16_mbv3", "dinov2_vitg14_r18_cached")
+
+
+@pytest.mark.parametrize("recipe", DINO_RECIPES)
+def test_dino_recipes_say_not_reported_and_name_the_published_figures(recipe):
+    path = EXPERIMENTS / f"{recipe}.yaml"
+    assert recipe in recipes(), f"{path} is missing"  # the parametrized tests above only see the files that exist
+    text = path.read_text()
+    figures, source = yaml_figures(text, path.name)
+    assert figures == ("-", "-", "-") and source.startswith("not reported"), (figures, source)
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "facebookresearch/dinov2's README" in comments or "facebookresearch/dinov2 README" in comments
+    assert "arXiv 2508.10104" in comments and "figures not checked here" in comments  # DINOv3's ConvNeXt table
+
+
+def test_a_recipe_without_its_line_or_with_two_is_refused():
+    with pytest.raises(AssertionError, match="0 '# paper-figures' lines"):
+        yaml_figures("# @package _global_\nname: x\n", "x.yaml")
+    line = "# paper-figures (linear / 20-NN / 1-NN): - / - / - | not reported"
+    with pytest.raises(AssertionError, match="2 '# paper-figures' lines"):
+        yaml_figures(f"{line}\n{line}\n", "x.yaml")
+    with pytest.raises(AssertionError, match="is not '# paper-figures"):
+        yaml_figures("# paper-figures (linear / 20-NN / 1-NN): 65 / - / - | x\n", "x.yaml")  # 65 is not 65.0
