@@ -160,7 +160,9 @@ def test_a_cache_of_other_data_or_another_teacher_is_refused(data, teacher_file,
     cfg = compose_cfg(
         *overrides(data, teacher_file, tmp_path / "b", f"teacher.cache={cache}", "teacher.projection=true")
     )
-    with pytest.raises(ValueError, match="projection=False, and this run's teacher 'cnn_small' has projection=True"):
+    with pytest.raises(
+        ValueError, match="projection=False, and this run's teacher 'cnn_small' has teacher.projection=True"
+    ):
         build_distiller(cfg, Placement.of("fp32", True, CPU))
     other = overrides(data, teacher_file.with_name("other.pt"), tmp_path / "d", f"teacher.cache={cache}")
     with pytest.raises(
@@ -174,6 +176,34 @@ def test_a_cache_of_other_data_or_another_teacher_is_refused(data, teacher_file,
             compose_cfg(*overrides(data, teacher_file, tmp_path / "c", f"teacher.cache={tmp_path}")),
             Placement.of("fp32", True, CPU),
         )
+
+
+def test_the_cache_records_the_teachers_feature_and_input_size(data, teacher_file, cache, tmp_path):
+    """Both change the features: a cache of the class token at the crop's size is refused for a run that pools
+    the patch tokens too, or resizes first, naming the key. A cache written before the keys existed lacks them, and
+    holds what they could only be then (cls, no resize): it is read so, not refused as damaged."""
+    written = json.loads((cache / "meta.json").read_text())["teacher"]
+    assert written["feature"] == "cls" and written["input_size"] is None
+    for key, value, cached, given in [
+        ("feature", "cls_avgpool", "'cls'", "'cls_avgpool'"),
+        ("input_size", "64", "None", "64"),
+    ]:
+        cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={cache}", f"teacher.{key}={value}"))
+        with pytest.raises(
+            ValueError,
+            match=f"a teacher with {key}={cached}, and this run's teacher 'cnn_small' has teacher.{key}={given}",
+        ):
+            build_distiller(cfg, Placement.of("fp32", True, CPU))
+
+    older = tmp_path / "older"
+    shutil.copytree(cache, older)
+    rewrite_meta(older, lambda m: [m["teacher"].pop(key) for key in ("feature", "input_size")])
+    assert "feature" not in json.loads((older / "meta.json").read_text())["teacher"]
+    distiller = bind(older, data, teacher_file, tmp_path)
+    torch.testing.assert_close(distiller.teachers[0].features, torch.from_numpy(np.load(cache / "features.npy")))
+    cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={older}", "teacher.input_size=64"))
+    with pytest.raises(ValueError, match="a teacher with input_size=None, and .* has teacher.input_size=64"):
+        build_distiller(cfg, Placement.of("fp32", True, CPU))
 
 
 def test_training_against_the_cache_runs_through_the_cli(data, cache, tmp_path):
