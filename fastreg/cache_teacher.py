@@ -68,7 +68,7 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
 
     from fastreg import files
     from fastreg.cache_writer import compose_config, write_cache
-    from fastreg.preflight import check_paths
+    from fastreg.preflight import check_paths, check_teacher_inputs
     from fastreg.train import USER_ERRORS
 
     arguments = ["--teacher", str(teacher), "--dtype", dtype, *overrides]  # after OUT, for meta.json
@@ -77,6 +77,7 @@ def write(out: Path, teacher: int, dtype: str, overrides: list[str]) -> None:
         if not 0 <= teacher < len(cfg.teachers):
             raise ValueError(f"--teacher {teacher}: the config has {len(cfg.teachers)} teacher(s)")
         check_paths(cfg)  # as the trainer does first: every path the config names, before the teacher or the index
+        check_teacher_inputs(cfg)  # a ViT's patches tile the crop (or teacher.input_size)
         files.cache_folder("index")
         write_cache(cfg, out, teacher, dtype, arguments)
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as e:  # as fastreg.train: one line, exit 1

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 FEATURES, META = "features.npy", "meta.json"
 # What must equal the run's teacher for its cache to stand in for it (the checkpoint is compared by file name:
 # paths move between machines).
-TEACHER_KEYS = ("arch", "format", "projection", "momentum_encoder")
+TEACHER_KEYS = ("arch", "format", "projection", "momentum_encoder", "feature", "input_size")
+# Teacher keys that caches written before them lack, read as the one value they could have had then: a ViT's
+# class token, at the crop's size.
+TEACHER_KEYS_ADDED = {"feature": "cls", "input_size": None}
 DTYPES = ("float16", "float32")
 # meta.json's keys that a reader relies on, with their types.
 META_KEYS = {
@@ -72,8 +75,8 @@ class CachedTeacher(nn.Module):
             if cached[name] != getattr(cfg, name):
                 raise ValueError(
                     f"{self.key}.cache={self.path} holds the features of a teacher with {name}={cached[name]!r}, and "
-                    f"this run's teacher {self.name!r} has {name}={getattr(cfg, name)!r}: cache this teacher "
-                    "(python -m fastreg.cache_teacher) or set the teacher's keys to the cache's"
+                    f"this run's teacher {self.name!r} has {self.key}.{name}={getattr(cfg, name)!r}: cache this "
+                    "teacher (python -m fastreg.cache_teacher) or set the teacher's keys to the cache's"
                 )
         if cfg.checkpoint not in (None, "random") and Path(cfg.checkpoint).name != Path(cached["checkpoint"]).name:
             raise ValueError(
@@ -181,6 +184,7 @@ def read_meta(path: Path, key: str = "teacher") -> dict:
             raise ValueError(f"{path / META}: {name} is {meta[name]!r}, not {JSON_TYPES[kind]}; {fix}")
     if meta["dtype"] not in DTYPES:
         raise ValueError(f"{path / META} gives dtype {meta['dtype']!r}, not one of {', '.join(DTYPES)}; {fix}")
+    meta["teacher"] = {**TEACHER_KEYS_ADDED, **meta["teacher"]}
     if missing := [name for name in (*TEACHER_KEYS, "checkpoint") if name not in meta["teacher"]]:
         raise ValueError(f"{path / META}: its teacher lacks {', '.join(missing)}; {fix}")
     checksums, blocks = meta["checksums"], None

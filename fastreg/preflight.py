@@ -11,20 +11,23 @@ the meta device (no memory, no compute), and creates only trainer.out_dir and th
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 
 from fastreg import files
 from fastreg.checkpoint import RESUME_FIX
-from fastreg.config import TrainConfig
+from fastreg.config import TeacherConfig, TrainConfig
 from fastreg.distributed import launch
 from fastreg.index import class_folders, find_samples
 from fastreg.messages import listing
-from fastreg.placement import pick_device
+from fastreg.placement import AMP_DTYPES, pick_device
 from fastreg.run_log import make_out_dir
 from fastreg.step_graph import check_device
 from fastreg.students import Student
+from fastreg.teachers import TEACHERS, Teacher, _stored_dtype
 
 
 def check_before_work(cfg: TrainConfig) -> None:
@@ -36,6 +39,7 @@ def check_before_work(cfg: TrainConfig) -> None:
     device = pick_device(cfg.trainer.device, "trainer.device", local_rank)
     if cfg.trainer.cuda_graph:
         check_device(device, world)
+    check_teacher_inputs(cfg)
     check_memory(cfg, device)
     make_out_dir(Path(cfg.trainer.out_dir))
     if cfg.data.loader != "synthetic" or cfg.data.val_root is not None:
@@ -146,21 +150,38 @@ def class_problem(cfg: TrainConfig) -> str | None:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def check_memory(cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse a step that cannot fit: a lower bound of its memory (step_bytes) above what the device has."""
+def check_memory(cfg: TrainConfig, device: torch.device, memory: tuple[int, str] | None = None) -> None:
+    """Refuse a step that cannot fit: a lower bound of its memory (step_bytes, then the teachers' teacher_bytes)
+    above what the device has. memory: (bytes, what they are) instead of device_memory(device), for tests."""
     images, activations = step_bytes(cfg, device)
-    have, where = device_memory(device)
-    if images + activations <= have:
-        return
+    have, where = memory or device_memory(device)
     d = cfg.data
-    patches = f" + data.small_patches={d.small_patches} x {d.small_patch_size}^2" if d.small_patches else ""
-    views = "2 x " if d.teacher_view == "weak" else ""
-    kept = f" + the student's activations kept for its backward, {gb(activations)}" if activations else ""
+    if images + activations > have:
+        patches = f" + data.small_patches={d.small_patches} x {d.small_patch_size}^2" if d.small_patches else ""
+        views = "2 x " if d.teacher_view == "weak" else ""
+        kept = f" + the student's activations kept for its backward, {gb(activations)}" if activations else ""
+        raise ValueError(
+            f"one training step needs at least {gb(images + activations)} (the images, {gb(images)}: data.batch_size="
+            f"{d.batch_size} x ({views}data.crop_size={d.crop_size}^2{patches}) pixels x 3 channels{kept}), more "
+            f"than the {gb(have)} of {where}: lower data.batch_size, data.small_patches, data.small_patch_size or "
+            "data.crop_size"
+        )
+    teachers = teacher_bytes(cfg)
+    weights = sum(t.weights for t in teachers)
+    forward = max((t.forward for t in teachers), default=0)  # one teacher's forward at a time
+    if images + activations + weights + forward <= have:
+        return
+    big = max(teachers, key=lambda t: t.weights + t.forward)
+    parts = "; ".join(t.describe() for t in teachers)
+    i = cfg.teacher_keys.index(big.key)
+    which = f" --teacher {i}" if i else ""
+    smaller = f", store it in bf16 ({big.key}.dtype=bf16: half its weights)" if big.bytes_per_weight == 4 else ""
     raise ValueError(
-        f"one training step needs at least {gb(images + activations)} (the images, {gb(images)}: data.batch_size="
-        f"{d.batch_size} x ({views}data.crop_size={d.crop_size}^2{patches}) pixels x 3 channels{kept}), more "
-        f"than the {gb(have)} of {where}: lower data.batch_size, data.small_patches, data.small_patch_size or "
-        "data.crop_size"
+        f"one training step needs at least {gb(images + activations + weights + forward)}: the student's step, "
+        f"{gb(images + activations)} (its images and activations), and the teachers', {gb(weights + forward)} "
+        f"({parts}), more than the {gb(have)} of {where}. Lower data.batch_size{smaller}, or train without "
+        f"teacher {big.name!r}'s forward: cache its features: python -m fastreg.cache_teacher OUT{which} <same "
+        f"overrides>, then train with {big.key}.cache=OUT"
     )
 
 
@@ -225,3 +246,136 @@ def device_memory(device: torch.device) -> tuple[int, str]:
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return ram // here, "host RAM" if here == 1 else f"host RAM per process ({here} processes on this host)"
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+@cache
+def teacher_network(arch: str) -> torch.nn.Module:
+    """teacher.arch's network on the meta device: its shapes, no memory (the 7B's in half a second)."""
+    with torch.device("meta"):
+        return TEACHERS[arch].build()
+
+
+def patch_size(arch: str) -> int | None:
+    """A vision transformer's patch side (timm's patch_embed.patch_size), None for a conv net."""
+    embed = getattr(teacher_network(arch), "patch_embed", None)
+    return None if TEACHERS[arch].conv or embed is None else embed.patch_size[0]
+
+
+def teacher_sides(cfg: TrainConfig, t: TeacherConfig) -> list[tuple[str, int]]:
+    """(the key that sets it, the side in px) of each square image a teacher's forward takes: its view (its
+    input_size, else the crop), and SEED's small patches, which the Distiller gives the teachers too (resized to
+    teacher.input_size as well, when it is set)."""
+    d = cfg.data
+    if t.input_size is not None:
+        return [(f"{key_of(cfg, t)}.input_size", t.input_size)]
+    sides = [("data.crop_size", d.crop_size)]
+    if d.small_patches:
+        sides.append(("data.small_patch_size", d.small_patch_size))
+    return sides
+
+
+def key_of(cfg: TrainConfig, t: TeacherConfig) -> str:
+    return next(key for key, other in zip(cfg.teacher_keys, cfg.teachers) if other is t)
+
+
+def check_teacher_inputs(cfg: TrainConfig) -> None:
+    """A vision transformer teacher cuts its input into patches: every side it sees must be a multiple of its
+    patch size, or timm's patch embedding stops the first step on an assertion. A cached teacher runs no forward."""
+    problems = []
+    for key, t in zip(cfg.teacher_keys, cfg.teachers):
+        patch = None if t.cache else patch_size(t.arch)
+        bad = [(k, side) for k, side in teacher_sides(cfg, t) if patch and side % patch]
+        if not bad:
+            continue
+        seen = " and ".join(f"{k}={side}" for k, side in bad)
+        nearest = " and ".join(str(max(patch, round(side / patch) * patch)) for _, side in bad)
+        trained = 224 if 224 % patch == 0 else 16 * patch  # DINO, DINOv2 and DINOv3 were trained at 224
+        if t.input_size is not None:
+            fix = f"set {key}.input_size={trained} or another multiple of {patch} ({nearest} is the nearest)"
+        else:
+            fix = (
+                f"set {key}.input_size={trained} (a multiple of {patch}: the teacher resizes every image to it), or "
+                f"{' and '.join(k for k, _ in bad)} to {'multiples' if len(bad) > 1 else 'a multiple'} of {patch} "
+                f"({nearest} {'are' if len(bad) > 1 else 'is'} the nearest)"
+            )
+        problems.append(
+            f"{key}.arch={t.arch} cuts its input into {patch} x {patch} px patches, and {seen} is not a multiple of "
+            f"{patch}: {fix}"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+@dataclass
+class TeacherBytes:
+    """A teacher's memory on the device: its weights, and the most its forward holds at once (teacher_bytes)."""
+
+    key: str
+    name: str
+    params: int
+    bytes_per_weight: int
+    forward: int
+    forward_is: str  # how `forward` was counted, for the message
+
+    @property
+    def weights(self) -> int:
+        return self.params * self.bytes_per_weight
+
+    def describe(self) -> str:
+        dtype = {2: "bf16/fp16", 4: "float32"}[self.bytes_per_weight]
+        text = f"{self.name!r}: weights {gb(self.weights)} ({self.params / 1e9:.2f}B parameters in {dtype})"
+        return text + (f", forward {gb(self.forward)} ({self.forward_is})" if self.forward else "")
+
+
+def teacher_bytes(cfg: TrainConfig) -> list[TeacherBytes]:
+    """A lower bound of each teacher's memory on the device; a cached teacher (teacher.cache) has none: its table is
+    small next to a network, and no forward runs.
+
+    weights   parameters x the bytes of the dtype they are kept in: bf16 where fastreg.teachers stores them so
+              (teacher.dtype=bf16, or auto for a 1B+ transformer in a bf16 run), else float32 (autocast casts
+              each layer's weights as it runs, and keeps the float32 ones); a conv teacher under autocast counts
+              2 bytes, as it is folded into the autocast dtype on a GPU. A projection head is left out.
+    forward   a vision transformer's forward holds, at its MLP, the block's input (the residual stream, needed for
+              the residual add) and the MLP's first layer outputs together (fc1; both fc1_g and fc1_x of a SwiGLU,
+              the doubled fc1 of a GLU MLP): per image, tokens x (dim x r + hidden x h) bytes, with tokens =
+              (side / patch)^2 + the class and register tokens, hidden = the summed widths of the MLP's linear
+              layers but its last, r the residual's bytes (4 under autocast, which keeps the stream in float32; 2
+              when stored in bf16) and h the linear layers' output bytes (2 under autocast or in bf16, else 4).
+              So dim x (r + h x mlp ratio) bytes per token: at least 5 x dim x 2 for DINOv2/v3 in bf16. The view's
+              forward (data.batch_size images) and the small patches' (batch x data.small_patches) run one after
+              the other: the larger counts. Left out: attention (fused, SDPA), the norms' outputs, the resized
+              images. A conv teacher's forward is left out.
+    """
+    amp = AMP_DTYPES[cfg.trainer.precision]
+    d, out = cfg.data, []
+    for key, t in zip(cfg.teacher_keys, cfg.teachers):
+        if t.cache:
+            continue
+        arch, network = TEACHERS[t.arch], teacher_network(t.arch)
+        params = sum(p.numel() for p in network.parameters())
+        if arch.conv:
+            stored = torch.bfloat16 if t.dtype == "bf16" else amp
+            out.append(TeacherBytes(key, t.name or t.arch, params, 2 if stored else 4, 0, ""))
+            continue
+        stored = _stored_dtype(t, Teacher(t.arch, t.arch, network, arch.dim, amp_dtype=amp), False)
+        per_weight = 2 if stored else 4
+        residual, hidden_bytes = (2, 2) if stored else (4, 2) if amp else (4, 4)
+        patch, dim = patch_size(t.arch), network.embed_dim
+        mlp = network.blocks[0].mlp
+        hidden = sum(m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)) - dim
+        views = [(d.batch_size, side) for _, side in teacher_sides(cfg, t)[:1]]
+        if d.small_patches:  # the patches' side: teacher.input_size, else data.small_patch_size
+            views.append((d.batch_size * d.small_patches, t.input_size or d.small_patch_size))
+        forwards = []
+        for images, side in views:
+            tokens = (side // patch) ** 2 + network.num_prefix_tokens
+            size = images * tokens * (dim * residual + hidden * hidden_bytes)
+            forwards.append(
+                (size, f"{images} images x {tokens} tokens x ({dim} x {residual} + {hidden} x {hidden_bytes}) bytes")
+            )
+        forward, forward_is = max(forwards)
+        out.append(TeacherBytes(key, t.name or t.arch, params, per_weight, forward, forward_is))
+    return out

@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import CompactHydraException, ConfigCompositionException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from fastreg import preflight
 from fastreg.checkpointer import ENTRIES
 from fastreg.export import export_student
 from fastreg.students import SmallCNN
@@ -665,6 +666,41 @@ def step_larger_than_the_memory(b: Bench) -> Expect:
             "(the images, 12.3 GB: data.batch_size=1000000 x (data.crop_size=32^2) pixels x 3 channels + the "
             "student's activations kept for its backward, ",
             "of host RAM: lower data.batch_size, data.small_patches, data.small_patch_size or data.crop_size",
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def teacher_patches_do_not_tile_the_crop(b: Bench) -> Expect:
+    """A 32-px crop into a ViT of 14-px patches stopped the first step on timm's assertion, after the teacher
+    loaded and the data was indexed."""
+    return Expect(
+        b.fresh("teacher.arch=vit_small_patch14_dinov2"),
+        ValueError,
+        [
+            "teacher.arch=vit_small_patch14_dinov2 cuts its input into 14 x 14 px patches, and data.crop_size=32 is "
+            "not a multiple of 14: set teacher.input_size=224 (a multiple of 14: the teacher resizes every image to "
+            "it), or data.crop_size to a multiple of 14 (28 is the nearest)"
+        ],
+        b.nothing_started,
+    )
+
+
+@case
+def teacher_larger_than_the_memory(b: Bench) -> Expect:
+    """A teacher whose weights alone do not fit (here DINOv3 ViT-L's 1.2 GB in float32 in a 1 GB memory, given
+    in place of the host's RAM) was only found out by loading it: refused first, naming its cache."""
+    b.monkeypatch.setattr(preflight, "device_memory", lambda device: (10**9, "host RAM"))
+    return Expect(
+        b.fresh("teacher.arch=vit_large_patch16_dinov3"),
+        ValueError,
+        [
+            "one training step needs at least ",
+            "'vit_large_patch16_dinov3': weights 1.2 GB (0.30B parameters in float32), forward ",
+            "more than the 1.0 GB of host RAM. Lower data.batch_size, store it in bf16 (teacher.dtype=bf16: half its "
+            "weights), or train without teacher 'vit_large_patch16_dinov3''s forward: cache its features: python -m "
+            "fastreg.cache_teacher OUT <same overrides>, then train with teacher.cache=OUT",
         ],
         b.nothing_started,
     )

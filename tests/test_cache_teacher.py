@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from helpers import logged_lines, make_image_folder, run_two_ranks, signal_when, tiny_overrides
@@ -160,7 +161,9 @@ def test_a_cache_of_other_data_or_another_teacher_is_refused(data, teacher_file,
     cfg = compose_cfg(
         *overrides(data, teacher_file, tmp_path / "b", f"teacher.cache={cache}", "teacher.projection=true")
     )
-    with pytest.raises(ValueError, match="projection=False, and this run's teacher 'cnn_small' has projection=True"):
+    with pytest.raises(
+        ValueError, match="projection=False, and this run's teacher 'cnn_small' has teacher.projection=True"
+    ):
         build_distiller(cfg, Placement.of("fp32", True, CPU))
     other = overrides(data, teacher_file.with_name("other.pt"), tmp_path / "d", f"teacher.cache={cache}")
     with pytest.raises(
@@ -176,6 +179,34 @@ def test_a_cache_of_other_data_or_another_teacher_is_refused(data, teacher_file,
         )
 
 
+def test_the_cache_records_the_teachers_feature_and_input_size(data, teacher_file, cache, tmp_path):
+    """Both change the features: a cache of the class token at the crop's size is refused for a run that pools
+    the patch tokens too, or resizes first, naming the key. A cache written before the keys existed lacks them, and
+    holds what they could only be then (cls, no resize): it is read so, not refused as damaged."""
+    written = json.loads((cache / "meta.json").read_text())["teacher"]
+    assert written["feature"] == "cls" and written["input_size"] is None
+    for key, value, cached, given in [
+        ("feature", "cls_avgpool", "'cls'", "'cls_avgpool'"),
+        ("input_size", "64", "None", "64"),
+    ]:
+        cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={cache}", f"teacher.{key}={value}"))
+        with pytest.raises(
+            ValueError,
+            match=f"a teacher with {key}={cached}, and this run's teacher 'cnn_small' has teacher.{key}={given}",
+        ):
+            build_distiller(cfg, Placement.of("fp32", True, CPU))
+
+    older = tmp_path / "older"
+    shutil.copytree(cache, older)
+    rewrite_meta(older, lambda m: [m["teacher"].pop(key) for key in ("feature", "input_size")])
+    assert "feature" not in json.loads((older / "meta.json").read_text())["teacher"]
+    distiller = bind(older, data, teacher_file, tmp_path)
+    torch.testing.assert_close(distiller.teachers[0].features, torch.from_numpy(np.load(cache / "features.npy")))
+    cfg = compose_cfg(*overrides(data, teacher_file, tmp_path, f"teacher.cache={older}", "teacher.input_size=64"))
+    with pytest.raises(ValueError, match="a teacher with input_size=None, and .* has teacher.input_size=64"):
+        build_distiller(cfg, Placement.of("fp32", True, CPU))
+
+
 def test_training_against_the_cache_runs_through_the_cli(data, cache, tmp_path):
     out = tmp_path / "run"
     base = [o for o in tiny_overrides(data, out) if o != "teacher.checkpoint=random"]  # no teacher weights needed
@@ -185,6 +216,51 @@ def test_training_against_the_cache_runs_through_the_cli(data, cache, tmp_path):
     assert "teacher cnn_small: 14 cached 128-d features from" in (out / "train.log").read_text()
     losses = [m["loss"] for m in logged_lines(out) if "loss" in m]
     assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3])  # 14 images, batch 4: 3 steps an epoch
+
+
+# A DINOv3 ViT-S (random weights: the trainer's seed builds the same ones in every process) seeing the 32-px
+# crops resized to 48 px: 3 x 3 patches of 16 px and 5 prefix tokens
+DINOV3 = ("teacher.arch=vit_small_patch16_dinov3", "teacher.input_size=48", "data.loader=torchvision")
+TWO_EPOCHS = ("trainer.epochs=2", "data.batch_size=4")
+
+
+def test_a_dinov3_teacher_trains_online_and_from_its_cache(data, tmp_path, caplog):
+    """Online, the loss falls in 2 epochs; python -m fastreg.cache_teacher writes its class token of each center
+    crop resized to teacher.input_size, as timm's own model gives it and as the online teacher does; a run on the
+    cache trains too."""
+    from fastreg.distributed import seed_everything
+    from fastreg.train import train
+
+    def run(out, *extra):
+        with initialize_config_module("fastreg.configs", version_base="1.3"):
+            raw = compose("config", overrides=[*overrides(data, "random", out, *DINOV3, *extra), *TWO_EPOCHS])
+        train(raw)
+        losses = [m["loss"] for m in logged_lines(out) if "loss" in m]
+        assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), losses  # 14 images, batch 4: 3 steps an epoch
+        return out
+
+    run(tmp_path / "online")
+
+    out = tmp_path / "cache"
+    cache_teacher.main([str(out), "--dtype", "float32", *cache_overrides(data, "random", *DINOV3)])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["teacher"]["input_size"] == 48 and meta["teacher"]["feature"] == "cls" and meta["dim"] == 384
+    seed_everything(0, -1, 0)  # trainer.seed's default, as the writer (and the trainer) seed the random teacher
+    teacher = build_teacher(TeacherConfig(arch="vit_small_patch16_dinov3", checkpoint="random", input_size=48))
+    timm_vit = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, dynamic_img_size=True)
+    timm_vit.load_state_dict(teacher.backbone.state_dict())
+    transform, index = eval_transform(32), load_index(data)
+    crops = torch.stack([transform(Image.open(index.root / rel).convert("RGB")) for rel, _ in index.samples])
+    with torch.no_grad():  # resized by hand (bilinear, antialiased), then timm's class token after the final norm
+        resized = F.interpolate(crops, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
+        expected = timm_vit.eval().forward_features(resized)[:, 0]
+    rows = torch.from_numpy(np.load(out / "features.npy"))
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows, teacher(crops), rtol=1e-4, atol=1e-4)  # the online teacher, the same crops
+
+    with caplog.at_level(logging.INFO):
+        run(tmp_path / "cached", f"teacher.cache={out}")
+    assert "teacher vit_small_patch16_dinov3: 14 cached 384-d features" in caplog.text
 
 
 # ------------------------------------------------------------------ the cache is bound to the images' bytes

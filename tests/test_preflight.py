@@ -5,6 +5,7 @@ test_bad_input.py's table; here the parts: the memory estimate, what the check c
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import fastreg.eval.feature_cache
 import fastreg.index
 import fastreg.trainer
 from fastreg import preflight
-from fastreg.config import to_config
+from fastreg.config import TeacherConfig, to_config
 from fastreg.students import STUDENTS, Student
 
 
@@ -93,6 +94,122 @@ def test_the_activations_are_a_lower_bound_of_what_the_gpu_holds(arch):
     held = torch.cuda.memory_allocated() - before
     assert estimate <= held < 2 * estimate  # a lower bound, and close: the estimate counts what is there
     features.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+def refusal(cfg) -> str:
+    with pytest.raises(ValueError) as error:
+        preflight.check_teacher_inputs(cfg)
+    return str(error.value)
+
+
+def test_a_vit_teacher_sees_multiples_of_its_patch_size(tmp_path):
+    """timm's patch embedding asserts that the side is a multiple of the patch (its own check, on the meta network
+    here), which stopped the first step: refused before the work instead, naming the key and the fix."""
+    network = preflight.teacher_network("vit_small_patch14_dinov2")
+    with pytest.raises(AssertionError, match="divisible by patch size"):
+        network(torch.empty(1, 3, 40, 40, device="meta"))
+    network(torch.empty(1, 3, 42, 42, device="meta"))  # a multiple of 14 passes
+
+    dinov2 = ("teacher.arch=vit_small_patch14_dinov2", "data.crop_size=40")
+    assert refusal(tiny(tmp_path, *dinov2)) == (
+        "teacher.arch=vit_small_patch14_dinov2 cuts its input into 14 x 14 px patches, and data.crop_size=40 is not "
+        "a multiple of 14: set teacher.input_size=224 (a multiple of 14: the teacher resizes every image to it), or "
+        "data.crop_size to a multiple of 14 (42 is the nearest)"
+    )
+    preflight.check_teacher_inputs(tiny(tmp_path, *dinov2, "teacher.input_size=224"))  # the fix it names
+    preflight.check_teacher_inputs(tiny(tmp_path, "teacher.arch=vit_small_patch14_dinov2", "data.crop_size=42"))
+    assert (
+        "teacher.input_size=100 is not a multiple of 14: set teacher.input_size=224 or another multiple of 14 "
+        "(98 is the nearest)" in refusal(tiny(tmp_path, *dinov2, "teacher.input_size=100"))
+    )
+    # SEED's small patches go through the teachers too (resized to teacher.input_size, when set)
+    seed = ("loss=seed", "data.loader=dali", "data.small_patches=2")
+    patches = tiny(tmp_path, "teacher.arch=vit_small_patch16_dinov3", *seed, "data.small_patch_size=20")
+    assert "and data.small_patch_size=20 is not a multiple of 16: " in refusal(patches)
+    patches = tiny(
+        tmp_path, "teacher.arch=vit_small_patch16_dinov3", *seed, "data.small_patch_size=20", "teacher.input_size=32"
+    )
+    preflight.check_teacher_inputs(patches)
+    # two teachers: each named by its key; a conv teacher and a cached one have no patches to fit
+    (tmp_path / "features").mkdir()
+    teachers = [
+        TeacherConfig(arch="vit_base_patch16_dinov3", checkpoint="random"),
+        TeacherConfig(arch="cnn_small", checkpoint="random"),
+        TeacherConfig(arch="vit_small_patch14_dinov2", checkpoint="random", cache=str(tmp_path / "features")),
+    ]
+    two = replace(tiny(tmp_path, *dinov2), teacher=None, teachers=teachers)
+    assert refusal(two).startswith(
+        "teachers.0.arch=vit_base_patch16_dinov3 cuts its input into 16 x 16 px patches, and"
+    )
+    assert "teachers.1" not in refusal(two) and "teachers.2" not in refusal(two)
+
+
+VIT_7B_PARAMS = 6_716_030_976  # timm's vit_7b_patch16_dinov3, counted on the meta device
+GPU_80GB = (80 * 10**9, "cuda:0 (an 80 GB GPU)")
+
+
+def test_a_teacher_too_big_for_the_gpu_is_refused_naming_its_cache(tmp_path):
+    """The 7B at batch 6144, teacher.input_size=224, the student at 64 px, in a bf16 run on an 80 GB GPU. Its
+    forward's lower bound: per image 14^2 patches + the class and 4 register tokens = 201 tokens, each holding the
+    residual stream (4096 values) and the SwiGLU's fc1_g and fc1_x outputs (2 x 8192). Its weights in float32 with
+    the student's step go over 80 GB; stored in bf16, they fit."""
+    assert sum(p.numel() for p in preflight.teacher_network("vit_7b_patch16_dinov3").parameters()) == VIT_7B_PARAMS
+    overrides = ["teacher.arch=vit_7b_patch16_dinov3", "teacher.input_size=224", "data.crop_size=64"]
+    overrides += ["data.batch_size=6144", "trainer.precision=bf16"]
+    cfg = tiny(tmp_path, *overrides, "teacher.dtype=fp32")
+    cuda = torch.device("cuda")  # no GPU is touched: the capacity is given
+    student = sum(preflight.step_bytes(cfg, cuda))
+    batch, tokens = 6144, 14**2 + 5
+    fp32 = VIT_7B_PARAMS * 4 + batch * tokens * (4096 * 4 + 2 * 8192 * 2)  # autocast: a float32 residual stream
+    bf16 = VIT_7B_PARAMS * 2 + batch * tokens * (4096 * 2 + 2 * 8192 * 2)  # stored in bf16: all of it in bf16
+    assert student + bf16 <= GPU_80GB[0] < student + fp32  # 70.8 GB, 94.3 GB
+    with pytest.raises(ValueError) as error:
+        preflight.check_memory(cfg, cuda, GPU_80GB)
+    message = str(error.value)
+    assert message.startswith(f"one training step needs at least {preflight.gb(student + fp32)}: ")
+    assert "'vit_7b_patch16_dinov3': weights 26.9 GB (6.72B parameters in float32), forward " in message
+    assert "more than the 80.0 GB of cuda:0 (an 80 GB GPU)" in message
+    assert message.endswith(
+        "Lower data.batch_size, store it in bf16 (teacher.dtype=bf16: half its weights), or train without teacher "
+        "'vit_7b_patch16_dinov3''s forward: cache its features: python -m fastreg.cache_teacher OUT <same "
+        "overrides>, then train with teacher.cache=OUT"
+    )
+    for dtype in ("bf16", "auto"):  # auto: bf16 for a 1B+ transformer in a bf16 run
+        preflight.check_memory(tiny(tmp_path, *overrides, f"teacher.dtype={dtype}"), cuda, GPU_80GB)
+    with pytest.raises(ValueError, match="cache_teacher OUT <same overrides>"):  # auto keeps float32 in fp32 runs
+        preflight.check_memory(tiny(tmp_path, *overrides[:-1], "teacher.dtype=auto"), cuda, GPU_80GB)
+    (tmp_path / "features").mkdir()  # a cached teacher: no weights, no forward
+    preflight.check_memory(tiny(tmp_path, *overrides, f"teacher.cache={tmp_path / 'features'}"), cuda, GPU_80GB)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_teachers_forward_is_a_lower_bound_of_what_the_gpu_holds(tmp_path, dtype):
+    """The peak the CUDA allocator sees during a DINOv3 ViT-S forward (weights on the device already) is at least
+    the estimate of its forward."""
+    from fastreg.teachers import build_teacher
+
+    cfg = tiny(
+        tmp_path,
+        "teacher.arch=vit_small_patch16_dinov3",
+        "teacher.input_size=224",
+        "data.batch_size=64",
+        "trainer.precision=bf16",
+        f"teacher.dtype={dtype}",
+    )
+    [estimate] = preflight.teacher_bytes(cfg)
+    teacher = build_teacher(cfg.teachers[0], amp_dtype=torch.bfloat16, device="cuda")
+    assert sum(p.numel() * p.element_size() for p in teacher.parameters()) == estimate.weights
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    teacher(images)
+    torch.cuda.synchronize()
+    assert estimate.forward <= torch.cuda.max_memory_allocated() - before
 
 
 # ---------------------------------------------------------------------------------------------- the check

@@ -42,6 +42,8 @@ VARIANTS = {
         "data.small_patches=2",
         "data.small_patch_size=16",
     ],
+    # a DINOv3 ViT-S (random: built from the trainer's seed in each process) seeing the crops resized to 48 px
+    "dinov3": ["data.loader=torchvision", "teacher.arch=vit_small_patch16_dinov3", "teacher.input_size=48"],
     # the teacher's rows looked up by dataset position (the data fixture writes the cache beside the images)
     "cached": ["data.loader=dali", "teacher.cache={data}.teacher_cache"],
 }
@@ -106,6 +108,7 @@ def assert_same_as_straight(resumed: Path, straight: Path) -> None:
         ("seed_fp16", 7, "ckpt_epoch0001_step00000006.pt"),
         ("views", 7, "ckpt_epoch0001_step00000006.pt"),
         ("cached", 7, "ckpt_epoch0001_step00000006.pt"),
+        ("dinov3", 4, "ckpt_epoch0001.pt"),  # killed right after epoch 1's save
     ],
 )
 def test_a_killed_run_resumes_exactly(data, straight, tmp_path, variant, killed_at, resumes_from):
