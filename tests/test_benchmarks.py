@@ -326,20 +326,8 @@ def test_distill_rows_runs_a_dinov3_teacher_online_and_cached(tmp_path):
         "teacher=vit_small_patch16_dinov3",
         "teacher.input_size=32",  # 2 x 2 patches of 16: the path of 224, at a CPU test's cost
     ]
-    args = [
-        "--modes",
-        "e2e",
-        "--distill-modes",
-        "--distill-rows",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--window",
-        "1",
-    ]
-    main([*args, "--out", str(tmp_path / "out"), *overrides])
+    args = ["--modes", "e2e", "--distill-modes", "--distill-rows", "2", "--steps", "2", "--warmup", "1"]
+    main([*args, "--window", "1", "--out", str(tmp_path / "out"), *overrides])
     saved = json.loads(next((tmp_path / "out" / "cpu").glob("*distill-modes.json")).read_text())
     assert [t["arch"] for t in saved["config"]["teachers"]] == ["vit_small_patch16_dinov3"]
     rows = saved["distill_modes"]
