@@ -27,7 +27,7 @@ from fastreg.placement import AMP_DTYPES, pick_device
 from fastreg.run_log import make_out_dir
 from fastreg.step_graph import check_device
 from fastreg.students import Student
-from fastreg.teachers import TEACHERS, Teacher, _stored_dtype
+from fastreg.teachers import TEACHERS, stored_dtype
 
 
 def check_before_work(cfg: TrainConfig) -> None:
@@ -360,7 +360,7 @@ def teacher_bytes(cfg: TrainConfig) -> list[TeacherBytes]:
             stored = torch.bfloat16 if t.dtype == "bf16" else amp
             out.append(TeacherBytes(key, t.name or t.arch, params, 2 if stored else 4, 0, ""))
             continue
-        stored = _stored_dtype(t, Teacher(t.arch, t.arch, network, arch.dim, amp_dtype=amp), False)
+        stored = stored_dtype(t, params, amp, conv=False)
         per_weight = 2 if stored else 4
         residual, hidden_bytes = (2, 2) if stored else (4, 2) if amp else (4, 4)
         patch, dim = patch_size(t.arch), network.embed_dim

@@ -650,13 +650,13 @@ class Teacher(nn.Module):
 BIG_TEACHER_PARAMS = 10**9  # teacher.dtype=auto stores a transformer this big in bf16 in a bf16 run
 
 
-def _stored_dtype(cfg: TeacherConfig, teacher: Teacher, conv: bool) -> torch.dtype | None:
+def stored_dtype(cfg: TeacherConfig, params: int, amp_dtype: torch.dtype | None, conv: bool) -> torch.dtype | None:
     """bf16 where teacher.dtype asks for it, or (auto) for a transformer of 1B+ parameters under bf16 autocast:
     ViT-g's fp32 weights take 4.5 GB, the 7B's 27 GB; in bf16, half. None: the run's autocast decides."""
     if cfg.dtype == "bf16":
         return torch.bfloat16
-    big = sum(p.numel() for p in teacher.backbone.parameters()) >= BIG_TEACHER_PARAMS
-    if cfg.dtype == "auto" and not conv and big and teacher.amp_dtype == torch.bfloat16:
+    big = params >= BIG_TEACHER_PARAMS
+    if cfg.dtype == "auto" and not conv and big and amp_dtype == torch.bfloat16:
         return torch.bfloat16
     return None
 
@@ -687,7 +687,8 @@ def build_teacher(
     dim = _projection_dim(projection) if projection is not None else arch.dim * (1 + (cfg.feature == "cls_avgpool"))
     feature = None if arch.conv else cfg.feature
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype, feature, cfg.input_size)
-    if stored := _stored_dtype(cfg, teacher, arch.conv):
+    params = sum(p.numel() for p in backbone.parameters())
+    if stored := stored_dtype(cfg, params, amp_dtype, arch.conv):
         teacher.store_in(stored)
         log.info("teacher %s: weights stored and run in %s (teacher.dtype=%s), no autocast", name, stored, cfg.dtype)
     if arch.conv and (
