@@ -108,8 +108,9 @@ class TeacherConfig:
     # evaluation's input. Register (storage) tokens never enter it.
     feature: str = "cls"
     # The side of the square image the teacher sees: the student's crop is resized to it once on the device
-    # (bilinear, antialiased), not decoded twice. None: the crop as the pipeline gives it. DINOv2 and DINOv3 were
-    # trained at 224 (16 x 16 patches of 14 px, 14 x 14 of 16 px): their configs set 224.
+    # (bilinear, antialiased), not decoded twice; so are SEED's small patches (data.small_patches), each one costing
+    # a full-size forward. None: the crop as the pipeline gives it. DINOv2 and DINOv3 were trained at 224 (16 x 16
+    # patches of 14 px, 14 x 14 of 16 px): their configs set 224. A ViT's input side must be a multiple of its patch.
     input_size: int | None = None
     # The teacher's weights and compute dtype. auto: bf16 for a transformer of 1B+ parameters (ViT-g, 7B) when
     # trainer.precision is bf16, stored so with no autocast around it (half the memory of fp32 weights); every
