@@ -237,6 +237,12 @@ def _dinov2_keys(weights: StateDict, model: nn.Module, where: str) -> StateDict:
             f"{where}: {has} has register tokens (register_tokens), {lacks} none: set teacher.arch to the DINOv2 "
             f"ViT {arch} registers"
         )
+    grid = math.isqrt(flat["pos_embed"].shape[1] - 1) if "pos_embed" in flat else None  # official: 1 + g^2 rows
+    if grid and (grid, grid) != tuple(model.patch_embed.grid_size):
+        # The hub's grid is 37 x 37 (518 px), a training checkpoint's its global crop's (224 px: 16 x 16). Take the
+        # checkpoint's, so that the position embedding is resampled once, to the input's grid, as DINOv2's own
+        # forward does; timm's filter would resample it to 37 x 37 first, and the forward back: not the same.
+        model.set_input_size(img_size=grid * model.patch_embed.patch_size[0])
     return vision_transformer.checkpoint_filter_fn(flat, model)
 
 
@@ -542,6 +548,7 @@ def _load_backbone(cfg: TeacherConfig) -> tuple[nn.Module, nn.Sequential | None]
     layout = _layout(fmt, cfg.momentum_encoder)
     if layout.convert is not None:
         weights = _timm_keys(weights, layout, backbone, where)
+        model_keys = backbone.state_dict()  # the conversion may size the network to the checkpoint (its pos_embed)
     split = _split(weights, layout, model_keys, cfg.projection)
     _check_backbone(split, model_keys, cfg.arch, where)
     _check_network(cfg.arch, fmt, split.backbone, where)

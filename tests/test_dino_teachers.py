@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import re
 
 import pytest
@@ -56,8 +57,13 @@ def _timm_filter(arch: str):
 
 
 def timm_reference(arch: str, hub: dict) -> torch.nn.Module:
-    """timm's model holding `hub` (the official hub layout) through timm's own checkpoint filter, strictly."""
-    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    """timm's model holding `hub` (the official hub layout) through timm's own checkpoint filter, strictly; a DINOv2
+    one built at the checkpoint's resolution (its pos_embed's grid x the patch: 518 for the hub, a training run's crop
+    for its checkpoint), so that the forward resamples the position embedding once, as DINOv2's own does."""
+    size = {}
+    if "pos_embed" in hub:
+        size = {"img_size": math.isqrt(hub["pos_embed"].shape[1] - 1) * OFFICIAL[arch].patch}
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **size)
     with contextlib.redirect_stdout(io.StringIO()):  # eva's filter prints a line per block it drops a qkv bias of
         weights = _timm_filter(arch)(dict(hub), model)  # dict(): timm's DINOv2 converter pops keys
     model.load_state_dict(weights, strict=True)
@@ -147,6 +153,17 @@ def test_official_layout_equals_timm(name, explicit, layout_files, caplog):
     _close(out, expected)
     if not explicit:  # both families have a mask_token: DINOv3 files must not be taken for DINOv2's
         assert f"format {fmt}, detected" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["dinov2_training_chunked", "dinov2_training_chunked_registers"])
+def test_a_training_checkpoints_position_embedding_loads_as_saved(name, layout_files):
+    """At its own grid (16 x 16: 224 px crops), not resampled to the hub's 37 x 37 on the way in: a 224 px input
+    then uses it unchanged, as DINOv2's forward does. (Registers: timm keeps the class token's row in cls_token.)"""
+    arch, fmt, _ = LAYOUTS[name]
+    path, hub, _ = layout_files[name]
+    loaded = _teacher(arch, path, fmt).backbone.pos_embed
+    assert hub["pos_embed"].shape[1] == 1 + 16 * 16
+    assert torch.equal(loaded, hub["pos_embed"][:, 1:] if "register_tokens" in hub else hub["pos_embed"])
 
 
 def test_the_reference_tells_the_weights_apart(layout_files):
