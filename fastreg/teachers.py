@@ -654,6 +654,29 @@ class Teacher(nn.Module):
         return vit_feature(self.backbone, images, self.feature)
 
 
+# DINOv2's own forward resamples its 37 x 37 position embedding to the input's grid g by bicubic interpolation at a
+# scale factor of (g + 0.1) / 37, not antialiased (interpolate_offset=0.1, interpolate_antialias=False: its models
+# without registers); timm's resamples to the size g, antialiased, which its models with registers were made with
+# (offset 0, antialias on). At a fixed teacher.input_size the first are resampled once, DINOv2's way, at build time.
+DINOV2_OFFSET_INTERPOLATION = {f"vit_{size}_patch14_dinov2" for size in ("small", "base", "large", "giant")}
+
+
+def resample_as_dinov2(vit: nn.Module, side: int) -> None:
+    """Size a timm DINOv2 ViT (class token in pos_embed, no registers) to side x side inputs, its position embedding
+    resampled as DINOv2's interpolate_pos_encoding does: then its forward resamples nothing."""
+    grid, (old, _) = side // vit.patch_embed.patch_size[0], vit.patch_embed.grid_size
+    if grid == old:
+        return
+    cls_pos, patch_pos = vit.pos_embed[:, :1], vit.pos_embed[:, 1:]  # (1, 1, D), (1, old^2, D)
+    image = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+    scale = (grid + 0.1) / old  # the offset makes the output grid x grid after flooring
+    image = F.interpolate(image.float(), scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    assert image.shape[-2:] == (grid, grid), image.shape
+    patch_pos = image.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(vit.pos_embed.dtype)
+    vit.patch_embed.set_input_size(img_size=side)  # its grid: dynamic_img_size then finds nothing to resample
+    vit.pos_embed = nn.Parameter(torch.cat([cls_pos, patch_pos], dim=1), requires_grad=False)
+
+
 BIG_TEACHER_PARAMS = 10**9  # teacher.dtype=auto stores a transformer this big in bf16 in a bf16 run
 
 
@@ -691,6 +714,8 @@ def build_teacher(
             backbone, projection = arch.build(), None
     else:
         backbone, projection = _load_backbone(cfg)
+    if cfg.arch in DINOV2_OFFSET_INTERPOLATION and cfg.input_size is not None:
+        resample_as_dinov2(backbone, cfg.input_size)
     dim = _projection_dim(projection) if projection is not None else arch.dim * (1 + (cfg.feature == "cls_avgpool"))
     feature = None if arch.conv else cfg.feature
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype, feature, cfg.input_size)

@@ -6,6 +6,8 @@ teacher in fp32.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ def test_dinov3_cls_is_the_class_token_not_timms_average():
         assert not torch.allclose(teacher(x), teacher.backbone(x))
 
 
-@pytest.mark.parametrize("arch, side", [("cnn_small", 24), ("vit_small_patch14_dinov2", 28)])
+@pytest.mark.parametrize("arch, side", [("cnn_small", 24), ("vit_small_patch14_reg4_dinov2", 28)])
 def test_input_size_resizes_once_on_the_device(arch, side):
     teacher = _random(arch, input_size=side)
     x = torch.randn(2, 3, 40, 40)
@@ -103,3 +105,60 @@ def test_dino_teachers_attend_with_sdpa(arch, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     teacher(torch.randn(1, 3, 112, 112))
     assert len(calls) == len(teacher.backbone.blocks)
+
+
+def _resampled_pos_embed(arch: str, side: int, channel0: torch.Tensor) -> torch.Tensor:
+    """Channel 0 of a DINOv2 teacher's position embedding at input_size=side, given its 37 x 37 source values."""
+    torch.manual_seed(0)
+    vit = build_teacher(TeacherConfig(arch=arch, checkpoint="random")).backbone
+    with torch.no_grad():
+        vit.pos_embed[0, -37 * 37 :, 0] = channel0.flatten()
+    teachers.resample_as_dinov2(vit, side)
+    grid = side // 14
+    return vit.pos_embed[0, -grid * grid :, 0].reshape(grid, grid).detach()
+
+
+def _bicubic_1d(values: torch.Tensor, x: float, a: float = -0.75) -> float:
+    """Cubic convolution (Keys, a = -0.75 as PyTorch's bicubic) of a 1-D sequence at coordinate x, written out."""
+
+    def weight(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    base = math.floor(x)
+    return sum(values[base + k].item() * weight(x - base - k) for k in range(-1, 3))
+
+
+def test_dinov2_without_registers_resamples_its_position_embedding_as_dinov2_does():
+    """DINOv2's interpolate_pos_encoding samples row i of the 16 x 16 grid at the source coordinate
+    (i + 0.5) * 37 / (16 + 0.1) - 0.5 (scale factor (16 + 0.1) / 37, no antialiasing); timm's at
+    (i + 0.5) * 37 / 16 - 0.5, antialiased. Channel 0 varies along the rows only, so each row of the result is the
+    1-D cubic convolution of the source column at that coordinate."""
+    source = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    rows = source[:, None].expand(37, 37)
+    grid = _resampled_pos_embed("vit_small_patch14_dinov2", 224, rows)  # (16, 16)
+    for i in range(2, 14):  # away from the border, where bicubic clamps the indices
+        expected = _bicubic_1d(source, (i + 0.5) * 37 / 16.1 - 0.5)
+        assert grid[i, 8].item() == pytest.approx(expected, abs=1e-5)
+    assert grid[8, 8].item() != pytest.approx(_bicubic_1d(source, 8.5 * 37 / 16 - 0.5), abs=1e-3)
+
+
+def test_the_dinov2_teacher_at_its_input_size_resamples_nothing_more(monkeypatch):
+    torch.manual_seed(0)
+    teacher = _random("vit_small_patch14_dinov2", input_size=224)
+    assert teacher.backbone.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    import timm.models.vision_transformer as timm_vit
+
+    sizes, resample = [], timm_vit.resample_abs_pos_embed
+    monkeypatch.setattr(timm_vit, "resample_abs_pos_embed", lambda p, **k: sizes.append(k) or resample(p, **k))
+    teacher(torch.randn(1, 3, 224, 224))
+    assert [tuple(k["new_size"]) == tuple(k["old_size"]) for k in sizes] == [True]  # a no-op
+
+
+def test_registers_models_keep_timms_resampling():
+    """DINOv2 with registers was made with antialiasing and no offset: timm's own resampling, left alone."""
+    torch.manual_seed(0)
+    teacher = _random("vit_small_patch14_reg4_dinov2", input_size=224)
+    assert teacher.backbone.pos_embed.shape == (1, 37 * 37, 384)
