@@ -303,6 +303,9 @@ LATER_KEYS = {
     "data.small_patches": 0,
     "data.small_patch_size": 96,
     "data.small_patch_scale": [0.05, 0.14],
+    # auto runs every teacher of those days as they ran (under autocast): only 1B+ transformers change
+    **{f"{t}.{k}": v for t in ("teacher", "teachers.*") for k, v in (("feature", "cls"), ("input_size", None))},
+    **{f"{t}.dtype": "auto" for t in ("teacher", "teachers.*")},
 }
 
 

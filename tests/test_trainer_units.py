@@ -198,6 +198,17 @@ def test_a_checkpoint_from_before_teacher_folding_resumes_only_with_eager_teache
         )
 
 
+def test_a_checkpoint_from_before_the_teachers_feature_size_and_dtype_resumes_with_their_defaults(tmp_path):
+    saved = {"teachers": [{"arch": "vit_small_patch16"}], "trainer": {"resume_force": False}}
+    keys = {"feature": "cls", "input_size": None, "dtype": "auto"}
+    current = {"teachers": [{"arch": "vit_small_patch16", **keys}], "trainer": {"resume_force": False}}
+    ckpt.compare_configs(saved, current, tmp_path)
+    for key, value in (("feature", "cls_avgpool"), ("input_size", 224), ("dtype", "bf16")):
+        changed = {**current, "teachers": [{**current["teachers"][0], key: value}]}
+        with pytest.raises(ValueError, match=f"teachers.0.{key} "):
+            ckpt.compare_configs(saved, changed, tmp_path)
+
+
 def test_a_checkpoint_from_before_the_views_and_the_cache_resumes_with_one_view_and_an_online_teacher(tmp_path):
     saved = {"data": {"augment": "weak"}, "teachers": [{"arch": "resnet50"}], "trainer": {"resume_force": False}}
     views = {
