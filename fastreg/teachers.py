@@ -620,11 +620,11 @@ class Teacher(nn.Module):
         self.backbone_dtype = dtype
         self.backbone.to(dtype)
 
-    def fold(self) -> int:
-        """The backbone as inference code (fastreg.teacher_inference): BatchNorms folded into the convolutions,
-        weights stored in the autocast dtype. Returns how many BatchNorms were folded."""
+    def fold(self, dtype: torch.dtype | None = None) -> int:
+        """The backbone as inference code (fastreg.teacher_inference): BatchNorms folded into the convolutions (in
+        the weights' fp32), then weights stored in `dtype`, else the autocast dtype. Returns how many were folded."""
         folded = fold_batch_norms(self.backbone)
-        self.store_in(self.amp_dtype or torch.float32)
+        self.store_in(dtype or self.amp_dtype or torch.float32)
         return folded
 
     def train(self, mode: bool = True) -> Teacher:
@@ -719,17 +719,14 @@ def build_teacher(
     dim = _projection_dim(projection) if projection is not None else arch.dim * (1 + (cfg.feature == "cls_avgpool"))
     feature = None if arch.conv else cfg.feature
     teacher = Teacher(name, cfg.arch, backbone, dim, projection, amp_dtype, feature, cfg.input_size)
-    params = sum(p.numel() for p in backbone.parameters())
-    if stored := stored_dtype(cfg, params, amp_dtype, arch.conv):
-        teacher.store_in(stored)
-        log.info("teacher %s: weights stored and run in %s (teacher.dtype=%s), no autocast", name, stored, cfg.dtype)
+    stored = stored_dtype(cfg, sum(p.numel() for p in backbone.parameters()), amp_dtype, arch.conv)
     if arch.conv and (
         cfg.inference == "folded" or (cfg.inference == "auto" and torch.device(device).type == "cuda") or cfg.compile
     ):
         log.info(
             "teacher %s: %d BatchNorms folded into their convolutions, weights in %s%s",
             name,
-            teacher.fold(),
+            teacher.fold(stored),
             teacher.backbone_dtype,
             ", compiled with inductor's freezing" if cfg.compile else "",
         )
@@ -737,6 +734,9 @@ def build_teacher(
             teacher.backbone = torch.compile(
                 teacher.backbone, fullgraph=True, dynamic=False, options={"freezing": True}
             )
+    elif stored:
+        teacher.store_in(stored)
+        log.info("teacher %s: weights stored and run in %s (teacher.dtype=%s), no autocast", name, stored, cfg.dtype)
     else:
         log.info(
             "teacher %s: run as loaded, under autocast (%s)",

@@ -96,6 +96,16 @@ def test_dtype_auto_stores_big_transformers_in_bf16(arch, dtype, amp, stored, mo
     torch.testing.assert_close(out, reference, rtol=0.1, atol=0.1)  # bf16 keeps 8 bits
 
 
+def test_a_folded_conv_teacher_is_stored_in_teacher_dtype():
+    """Folding stores the weights too: in teacher.dtype=bf16, not back in the run's fp32; folded from fp32 weights."""
+    torch.manual_seed(0)
+    cfg = TeacherConfig(arch="cnn_small", checkpoint="random", dtype="bf16", inference="folded")
+    teacher = build_teacher(cfg, amp_dtype=None)
+    assert teacher.backbone_dtype == torch.bfloat16
+    assert {p.dtype for p in teacher.backbone.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.backbone.modules())
+
+
 @pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch16_dinov3"])
 def test_dino_teachers_attend_with_sdpa(arch, monkeypatch):
     """One fused scaled_dot_product_attention per block (flash / memory-efficient kernels on a GPU), the same
